@@ -1,0 +1,16 @@
+"""Shared test setup: makes the template's vendored ``cdk`` importable in place."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Importing cdk from the template must not leave __pycache__ inside the template,
+# where cookiecutter would copy it into every generated project.
+sys.dont_write_bytecode = True
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
+
+if str(TEMPLATE_PROJECT) not in sys.path:
+    sys.path.insert(0, str(TEMPLATE_PROJECT))

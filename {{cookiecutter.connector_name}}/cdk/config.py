@@ -1,0 +1,250 @@
+"""Configuration: where config.yml and secret.yml come from, and what they may say.
+
+``load_config`` finds the files (flag, then environment variable, then default path),
+deep-merges the secret over the config, applies environment fallbacks, and validates
+the result with the connector's pydantic model. Every problem becomes one line in a
+:class:`ConfigError` naming the field; secret values never appear in those lines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "ConnectorConfig",
+    "ServerConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "WebhookSourceConfig",
+    "load_config",
+    "resolve_paths",
+]
+
+DEFAULT_CONFIG_PATH = "config.yml"
+DEFAULT_SECRET_PATH = "secret.yml"
+
+#: Environment variables consulted when a key is absent from both files, in order.
+ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
+    "target": ("CONNECTOR_TARGET", "K_SINK"),
+    "port": ("CONNECTOR_PORT",),
+    "log_level": ("LOG_LEVEL",),
+}
+
+C = TypeVar("C", bound="ConnectorConfig")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class ConnectorConfig(BaseModel):
+    """Keys every connector understands. Unknown keys are errors, so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level (fallback `$LOG_LEVEL`)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`text` for people, `json` for one JSON object per line."
+    )
+    grace_period: float = Field(
+        10.0, ge=0, description="Seconds a shutdown may take to finish in-flight work."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class ServerConfig(ConnectorConfig):
+    """Keys of the HTTP server a sink (or a webhook source) runs."""
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")  # noqa: S104
+    port: int = Field(
+        8080, ge=0, le=65535, description="Port to listen on (fallback `$CONNECTOR_PORT`)."
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="When set, every POST needs `Authorization: Bearer <token>` "
+        "or `?access_token=<token>`. Keep it in secret.yml.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=64 * 1024, description="Largest request body accepted (413 above)."
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head accepted (431 above)."
+    )
+    read_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client may take to send one whole request."
+    )
+    keepalive_timeout: float = Field(
+        75.0, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    max_concurrency: int = Field(
+        256,
+        ge=1,
+        description="Requests handled at once; beyond it the server answers 429 with Retry-After.",
+    )
+
+
+class SourceConfig(ConnectorConfig):
+    """Keys of a source: where events go and how hard delivery tries."""
+
+    target: str = Field(
+        ..., description="URL events are POSTed to (fallback `$CONNECTOR_TARGET`, then `$K_SINK`)."
+    )
+    send_event_attempts: int = Field(
+        3, description="Attempts per event; 0 or less retries until delivered or shut down."
+    )
+    batch_size: int = Field(
+        1, ge=1, le=10_000, description="Events per request; above 1 sends batched mode."
+    )
+    content_mode: Literal["binary", "structured"] = Field(
+        "binary", description="How single events are sent: `binary` or `structured`."
+    )
+    max_in_flight: int = Field(
+        16, ge=1, le=1024, description="Requests in flight at once; 1 keeps strict order."
+    )
+    batch_linger: float = Field(
+        0.005, ge=0, le=10, description="Seconds a partial batch waits for more events."
+    )
+    attempt_timeout: float = Field(5.0, gt=0, description="Seconds one delivery attempt may take.")
+    retry_backoff: float = Field(
+        0.5, ge=0, description="Seconds before the first retry; doubles each time, with jitter."
+    )
+    retry_backoff_max: float = Field(5.0, ge=0, description="Longest wait between two attempts.")
+    retry_after_max: float = Field(
+        60.0, ge=0, description="Longest `Retry-After` honoured, in seconds."
+    )
+    queue_size: int = Field(
+        1000, ge=1, description="Events `chan` holds before the producer waits (backpressure)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port."
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {value!r}") from exc
+        return value
+
+
+class SinkConfig(ServerConfig):
+    """Keys of a sink."""
+
+
+class WebhookSourceConfig(SourceConfig, ServerConfig):
+    """Keys of a webhook source: a source that also serves HTTP."""
+
+
+def resolve_paths(
+    config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[Path, Path, bool]:
+    """Return (config path, secret path, whether the secret file was asked for explicitly)."""
+    env = os.environ if environ is None else environ
+    config_path = config or env.get("CONNECTOR_CONFIG") or DEFAULT_CONFIG_PATH
+    explicit_secret = secret or env.get("CONNECTOR_SECRET")
+    return Path(config_path), Path(explicit_secret or DEFAULT_SECRET_PATH), bool(explicit_secret)
+
+
+def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError([f"{what} file not found: {path}"]) from None
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{what} file {path} cannot be read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{what} file {path} is not valid YAML{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"{what} file {path} must hold a mapping of keys, not {type(data).__name__}"]
+        )
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``; nested mappings merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(root)"
+    kind = error["type"]
+    if kind == "missing":
+        hint = ""
+        env_names = ENV_FALLBACKS.get(str(error["loc"][0]))
+        if env_names:
+            hint = " (or set " + " / ".join(f"${name}" for name in env_names) + ")"
+        return f"{field}: required but missing{hint}"
+    if kind == "extra_forbidden":
+        return f"{field}: unknown key (check the spelling; the config model does not define it)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{field}: {message}"
+
+
+def load_config(
+    model: type[C],
+    config: str | os.PathLike[str] | None = None,
+    secret: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Load, merge and validate the connector's configuration, or raise ConfigError."""
+    env = os.environ if environ is None else environ
+    config_path, secret_path, secret_explicit = resolve_paths(
+        None if config is None else os.fspath(config),
+        None if secret is None else os.fspath(secret),
+        env,
+    )
+    data = deep_merge(
+        _read_yaml(config_path, "config", required=True),
+        _read_yaml(secret_path, "secret", required=secret_explicit),
+    )
+    for key, names in ENV_FALLBACKS.items():
+        if key in model.model_fields and data.get(key) is None:
+            for name in names:
+                if env.get(name):
+                    data[key] = env[name]
+                    break
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [f"config: {_describe(error)}" for error in exc.errors(include_input=False)]
+        ) from None
