@@ -14,3 +14,9 @@ TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
 
 if str(TEMPLATE_PROJECT) not in sys.path:
     sys.path.insert(0, str(TEMPLATE_PROJECT))
+
+
+def pytest_configure(config) -> None:  # type: ignore[no-untyped-def]
+    config.addinivalue_line(
+        "markers", "slow: builds virtual environments or runs whole processes (deselect: -m 'not slow')"
+    )
