@@ -8,7 +8,8 @@ Public API (everything else is private and may change):
 - ``SourceConfig``, ``SinkConfig``, ``WebhookSourceConfig``: config models to extend.
 - ``Request``, ``HTTPError``: what a webhook source's ``make_event`` receives and raises.
 - ``run_source``, ``run_sink``: the entry points ``cmd/main.py`` calls.
-- ``PositionStore``: where a polling source keeps its position across restarts.
+- ``PositionStore``, ``Checkpoint``: where a polling source keeps its position across
+  restarts, advanced only past acknowledged events.
 """
 
 from cloudevents.core.v1.event import CloudEvent
@@ -17,10 +18,11 @@ from cdk.config import ConfigError, SinkConfig, SourceConfig, WebhookSourceConfi
 from cdk.connector import SUCCESS, Result, Sink, Source, Tuple, WebhookSource
 from cdk.http import HTTPError, Request
 from cdk.runtime import run_sink, run_source
-from cdk.store import PositionStore
+from cdk.store import Checkpoint, PositionStore, StoreError
 
 __all__ = [
     "SUCCESS",
+    "Checkpoint",
     "CloudEvent",
     "ConfigError",
     "HTTPError",
@@ -31,6 +33,7 @@ __all__ = [
     "SinkConfig",
     "Source",
     "SourceConfig",
+    "StoreError",
     "Tuple",
     "WebhookSource",
     "WebhookSourceConfig",

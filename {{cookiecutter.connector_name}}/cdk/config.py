@@ -11,11 +11,19 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -25,6 +33,7 @@ __all__ = [
     "SourceConfig",
     "WebhookSourceConfig",
     "load_config",
+    "redact_url",
     "resolve_paths",
 ]
 
@@ -39,6 +48,29 @@ ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
 }
 
 C = TypeVar("C", bound="ConnectorConfig")
+
+#: Secret values shorter than this are not searched for in messages: too short to be
+#: secrets worth the name, and masking them would garble ordinary words.
+_MIN_REDACTED_LENGTH = 4
+_MASK = "**********"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password in it masked, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal keeps its brackets
+            host = f"[{host}]"
+        netloc = f"{user}:{_MASK}@{host}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:
+        return _MASK
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class ConfigError(Exception):
@@ -73,7 +105,7 @@ class ConnectorConfig(BaseModel):
 class ServerConfig(ConnectorConfig):
     """Keys of the HTTP server a sink (or a webhook source) runs."""
 
-    host: str = Field("0.0.0.0", description="Address to listen on.")  # noqa: S104
+    host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(
         8080, ge=0, le=65535, description="Port to listen on (fallback `$CONNECTOR_PORT`)."
     )
@@ -136,17 +168,23 @@ class SourceConfig(ConnectorConfig):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port."
     )
+    position_store: str | None = Field(
+        None,
+        description="SQLite file that keeps the source's position across restarts; "
+        "unset keeps it in memory.",
+    )
 
     @field_validator("target")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        shown = redact_url(value)
         try:
+            parts = urlsplit(value)
             parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError as exc:
-            raise ValueError(f"has a bad port: {value!r}") from exc
+        except ValueError:
+            raise ValueError(f"is not a valid URL (bad host or port): {shown!r}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
         return value
 
 
@@ -204,19 +242,58 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(root)"
+def _describe(error: Mapping[str, Any], from_env: Mapping[str, str]) -> str:
+    loc = error["loc"]
+    field = ".".join(str(part) for part in loc) or "(root)"
     kind = error["type"]
     if kind == "missing":
         hint = ""
-        env_names = ENV_FALLBACKS.get(str(error["loc"][0]))
+        env_names = ENV_FALLBACKS.get(str(loc[0]))
         if env_names:
             hint = " (or set " + " / ".join(f"${name}" for name in env_names) + ")"
         return f"{field}: required but missing{hint}"
     if kind == "extra_forbidden":
         return f"{field}: unknown key (check the spelling; the config model does not define it)"
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{field}: {message}"
+    origin = from_env.get(str(loc[0])) if loc else None
+    # A value taken from the environment is not in any file: say where it came from.
+    suffix = f" (value from ${origin})" if origin and len(loc) == 1 else ""
+    return f"{field}: {message}{suffix}"
+
+
+def _is_secret_type(annotation: Any) -> bool:
+    if annotation in (SecretStr, SecretBytes):
+        return True
+    return any(_is_secret_type(arg) for arg in get_args(annotation))
+
+
+def _leaf_values(data: Any) -> list[str]:
+    if isinstance(data, Mapping):
+        return [leaf for value in data.values() for leaf in _leaf_values(value)]
+    if isinstance(data, list):
+        return [leaf for value in data for leaf in _leaf_values(value)]
+    if data is None or isinstance(data, bool):
+        return []
+    return [str(data)]
+
+
+def _secret_values(
+    model: type[BaseModel], config: Mapping[str, Any], secret: Mapping[str, Any]
+) -> list[str]:
+    """Every value that must not be echoed: all of secret.yml, and secret-typed fields."""
+    values = _leaf_values(secret)
+    for name, info in model.model_fields.items():
+        if _is_secret_type(info.annotation) and name in config:
+            values.extend(_leaf_values([config[name]]))
+    # Longest first, so a secret containing another one is masked whole.
+    unique = {value for value in values if len(value) >= _MIN_REDACTED_LENGTH}
+    return sorted(unique, key=len, reverse=True)
+
+
+def _redact(line: str, secrets: list[str]) -> str:
+    for value in secrets:
+        line = line.replace(value, _MASK)
+    return line
 
 
 def load_config(
@@ -232,19 +309,24 @@ def load_config(
         None if secret is None else os.fspath(secret),
         env,
     )
-    data = deep_merge(
-        _read_yaml(config_path, "config", required=True),
-        _read_yaml(secret_path, "secret", required=secret_explicit),
-    )
+    config_data = _read_yaml(config_path, "config", required=True)
+    secret_data = _read_yaml(secret_path, "secret", required=secret_explicit)
+    data = deep_merge(config_data, secret_data)
+    from_env: dict[str, str] = {}
     for key, names in ENV_FALLBACKS.items():
         if key in model.model_fields and data.get(key) is None:
             for name in names:
                 if env.get(name):
                     data[key] = env[name]
+                    from_env[key] = name
                     break
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        secrets = _secret_values(model, config_data, secret_data)
         raise ConfigError(
-            [f"config: {_describe(error)}" for error in exc.errors(include_input=False)]
+            [
+                _redact(f"config: {_describe(error, from_env)}", secrets)
+                for error in exc.errors(include_input=False, include_url=False)
+            ]
         ) from None

@@ -1,0 +1,345 @@
+"""PositionStore (memory and SQLite) and Checkpoint, up to a source killed mid-stream."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cdk.store import Checkpoint, PositionStore, StoreError
+
+Factory = Callable[[str], PositionStore]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
+    """Opens stores of one backend; the SQLite ones share one file, like real connectors."""
+    opened: list[PositionStore] = []
+    shared_memory: dict[str, PositionStore] = {}
+
+    def factory(namespace: str) -> PositionStore:
+        if request.param == "memory":
+            store = shared_memory.setdefault(namespace, PositionStore(namespace))
+        else:
+            store = PositionStore(namespace, tmp_path / "state" / "positions.db")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+# --- PositionStore ---------------------------------------------------------------------
+
+
+def test_get_set_delete_round_trip_json_values(open_store: Factory) -> None:
+    store = open_store("source-a")
+    assert store.get("offset") is None
+    assert store.get("offset", 0) == 0
+    values = [0, 2**53, -1.5, "cursor-é😀", True, None, [1, "two"], {"page": 3, "ids": [1]}]
+    for value in values:
+        store.set("offset", value)
+        assert store.get("offset", "absent") == value
+    store.delete("offset")
+    assert store.get("offset", "absent") == "absent"
+    store.delete("offset")  # deleting what is not there is fine
+
+
+def test_get_returns_a_copy(open_store: Factory) -> None:
+    store = open_store("source-a")
+    store.set("cursor", {"ids": [1]})
+    store.get("cursor")["ids"].append(2)
+    assert store.get("cursor") == {"ids": [1]}
+
+
+def test_namespaces_are_isolated(open_store: Factory) -> None:
+    a, b = open_store("source-a"), open_store("source-b")
+    a.set("offset", 10)
+    b.set("offset", 20)
+    assert (a.get("offset"), b.get("offset")) == (10, 20)
+    a.delete("offset")
+    assert (a.get("offset"), b.get("offset")) == (None, 20)
+
+
+@pytest.mark.parametrize("value", [datetime.now(UTC), {1: "int key"}, object(), {"x"}])
+def test_values_that_would_not_round_trip_are_refused(open_store: Factory, value: object) -> None:
+    store = open_store("source-a")
+    with pytest.raises(TypeError, match="'offset' must be a JSON value"):
+        store.set("offset", value)
+    assert store.get("offset") is None
+
+
+def test_closed_store_refuses_calls(open_store: Factory) -> None:
+    store = open_store("source-a")
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get("offset")
+
+
+def test_sqlite_values_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "positions.db"
+    with PositionStore("source-a", path) as store:
+        store.set("offset", 41)
+        store.set("offset", 42)
+        store.set("cursor", "abc")
+        store.delete("cursor")
+    with PositionStore("source-a", path) as store:
+        assert store.get("offset") == 42
+        assert store.get("cursor") is None
+    with PositionStore("source-b", path) as other:
+        assert other.get("offset") is None
+
+
+def test_sqlite_file_is_wal_with_one_table(tmp_path: Path) -> None:
+    path = tmp_path / "positions.db"
+    with PositionStore("source-a", path) as store:
+        store.set("offset", 1)
+        db = sqlite3.connect(path)
+        try:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            rows = db.execute("SELECT namespace, key, value FROM positions").fetchall()
+        finally:
+            db.close()
+    assert rows == [("source-a", "offset", "1")]
+
+
+def test_sqlite_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match=r"position store .*file.*cannot be opened"):
+        PositionStore("source-a", blocker / "positions.db")
+
+
+def test_empty_namespace_is_refused() -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        PositionStore("")
+
+
+def test_from_config_uses_position_store_key(tmp_path: Path) -> None:
+    from cdk.config import SourceConfig
+
+    path = tmp_path / "p.db"
+    target = "http://127.0.0.1:1/"
+    config = SourceConfig.model_validate({"target": target, "position_store": str(path)})
+    with PositionStore.from_config(config, "source-a") as store:
+        store.set("offset", 7)
+    assert path.exists()
+    memory = PositionStore.from_config(SourceConfig.model_validate({"target": target}), "a")
+    assert memory.path is None
+
+
+def test_sqlite_writes_from_several_threads(tmp_path: Path) -> None:
+    with PositionStore("source-a", tmp_path / "p.db") as store:
+
+        def write(worker: int) -> None:
+            for i in range(50):
+                store.set(f"w{worker}", i)
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert [store.get(f"w{n}") for n in range(4)] == [49] * 4
+
+
+# --- Checkpoint ------------------------------------------------------------------------
+
+
+def test_checkpoint_advances_only_over_acknowledged_prefix(open_store: Factory) -> None:
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "offset")
+    assert checkpoint.position is None
+    callbacks = [checkpoint.track(n) for n in range(6)]
+    # Acknowledgements arrive out of order, as with several requests in flight.
+    written = []
+    for n in (2, 1, 4, 0, 3, 5):
+        callbacks[n][0]()
+        written.append(store.get("offset"))
+    assert written == [None, None, None, 2, 4, 5]
+    assert checkpoint.position == 5
+    assert checkpoint.pending == 0
+
+
+def test_failed_event_stops_the_checkpoint(
+    open_store: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "offset")
+    callbacks = [checkpoint.track(n) for n in range(5)]
+    callbacks[0][0]()
+    error = RuntimeError("target said 400")
+    with caplog.at_level(logging.ERROR, logger="cdk.store"):
+        callbacks[2][1](error)
+    for n in (1, 3, 4):
+        callbacks[n][0]()
+    later_success, _ = checkpoint.track(5)
+    later_success()
+    assert store.get("offset") == 0
+    assert checkpoint.failed is error
+    assert checkpoint.pending == 0  # nothing piles up behind the failure
+    assert "stopped at 0" in caplog.text and "position 2 failed" in caplog.text
+
+
+def test_checkpoint_resumes_from_stored_position(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    with PositionStore("source-a", path) as store:
+        checkpoint = Checkpoint(store, "cursor")
+        for cursor in ("a", "b", "c"):
+            checkpoint.track(cursor)[0]()
+    with PositionStore("source-a", path) as store:
+        assert Checkpoint(store, "cursor").position == "c"
+
+
+def test_checkpoint_tuple_chains_the_sources_callbacks(open_store: Factory) -> None:
+    from cloudevents.core.v1.event import CloudEvent
+
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "offset")
+    seen: list[object] = []
+    event = CloudEvent({"id": "1", "source": "/t", "type": "t"})
+    ok = checkpoint.tuple(event, 1, success=lambda: seen.append(store.get("offset")))
+    bad = checkpoint.tuple(event, 2, failed=seen.append)
+    plain = checkpoint.tuple(event, 3)
+    assert ok.event is event and plain.success is not None and plain.failed is not None
+    assert ok.success is not None and bad.failed is not None
+    ok.success()  # the position is written before the source's own callback runs
+    error = RuntimeError("gone")
+    bad.failed(error)
+    assert seen == [1, error]
+    assert checkpoint.position == 1
+
+
+def test_checkpoint_survives_a_store_that_cannot_write(
+    open_store: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "offset")
+    success, _ = checkpoint.track(1)
+    store.close()
+    with caplog.at_level(logging.ERROR, logger="cdk.store"):
+        success()
+    assert checkpoint.position is None
+    assert "could not be written" in caplog.text
+
+
+# --- a source killed mid-stream ----------------------------------------------------------
+
+TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
+
+NUMBERS_SOURCE = '''
+"""Emits events numbered 0..N-1 and keeps its position with a Checkpoint."""
+
+import os
+
+import cdk
+from cdk.store import Checkpoint
+
+COUNT = int(os.environ["NUMBERS_COUNT"])
+RUN = os.environ["NUMBERS_RUN"]
+
+
+class Config(cdk.SourceConfig):
+    pass
+
+
+class Numbers(cdk.Source):
+    def initialize(self, config: Config) -> None:
+        self.store = cdk.PositionStore.from_config(config, "numbers")
+        self.checkpoint = Checkpoint(self.store, "n")
+        last = self.checkpoint.position
+        self.start = 0 if last is None else last + 1
+
+    async def loop_produce_event(self) -> None:
+        for n in range(self.start, COUNT):
+            event = cdk.CloudEvent(
+                {"id": str(n), "source": "/numbers", "type": "test.number", "run": RUN}, {"n": n}
+            )
+            await self.chan.put(self.checkpoint.tuple(event, n))
+
+    def destroy(self) -> None:
+        self.store.close()
+
+
+cdk.run_source(Config, Numbers)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_source_killed_mid_stream_resumes_without_losing_events(tmp_path: Path) -> None:
+    import signal
+
+    from cdk.testing import CaptureTarget
+    from cdk.testing.runner import ConnectorProcess
+
+    count, workers = 300, 4
+    project = tmp_path / "numbers"
+    (project / "cmd").mkdir(parents=True)
+    (project / "cmd" / "main.py").write_text(NUMBERS_SOURCE, encoding="utf-8")
+    db = tmp_path / "state" / "positions.db"
+
+    def refused_ids(target: CaptureTarget) -> set[int]:
+        return {int(r.headers["ce-id"]) for r in target.all_requests if r.status == 503}
+
+    with CaptureTarget.in_thread() as target:
+        config = {
+            "target": target.url,
+            "position_store": str(db),
+            "max_in_flight": workers,
+            "send_event_attempts": 0,  # retry until delivered: only the kill stops it
+            "retry_backoff": 0.02,
+            "retry_backoff_max": 0.1,
+        }
+
+        def run(label: str) -> ConnectorProcess:
+            env = {"PYTHONPATH": str(TEMPLATE_PROJECT), "NUMBERS_COUNT": str(count)}
+            return ConnectorProcess(project, config, env={**env, "NUMBERS_RUN": label})
+
+        # Run 1, by request arrival: 50 accepted, one held unanswered (so later events
+        # are acknowledged before it: acks out of order), 50 more accepted, then 503 for
+        # everything, so events are in flight and queued when the process dies.
+        target.delay_next(50, 0.0)  # accepted, after no delay
+        target.delay_next(1, 60.0)  # held past the kill
+        target.delay_next(50, 0.0)
+        target.fail_with(503)
+        first = run("1").start()
+        try:
+            # Once every other delivery worker is stuck on a refused event, each has
+            # acknowledged all the events it took before.
+            target.wait_until(lambda: len(refused_ids(target)) >= workers - 1, timeout=60)
+        finally:
+            assert first.stop(signal.SIGKILL, timeout=10) == -signal.SIGKILL
+        seen_first = {int(e.get_id()) for e in target.events}
+        assert len(seen_first) == 100
+        first_gap = min(set(range(count)) - seen_first)  # the held event
+        assert first_gap < max(seen_first)  # later events were acknowledged before it
+
+        with PositionStore("numbers", db) as store:
+            position = store.get("n")
+        # Every event before the gap was acknowledged; the gap and whatever the target
+        # took after it must not count.
+        assert position == first_gap - 1
+
+        # Run 2: the target is healthy again; the source resumes and runs to its end.
+        target.fail_with(None)
+        second = run("2").start()
+        try:
+            assert second.wait(timeout=60) == 0, second.output
+        finally:
+            second.stop(timeout=10)
+        events = target.events
+
+    numbers = [int(e.get_id()) for e in events]
+    missing = set(range(count)) - set(numbers)
+    assert not missing, f"events lost across the kill: {sorted(missing)[:20]}"
+    resumed = [int(e.get_id()) for e in events if e.get_extension("run") == "2"]
+    assert min(resumed) == first_gap
+    with PositionStore("numbers", db) as store:
+        assert store.get("n") == count - 1

@@ -1,0 +1,275 @@
+"""The webhook source end to end: real HTTP in, the runtime's delivery out to a CaptureTarget."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import cdk
+from cdk.http import Request
+from cdk.testing import CaptureTarget
+from cdk.testing.client import SinkClient
+from cdk.testing.runner import RunningSource, run_source_in_thread
+from cdk.webhook import RETRY_AFTER_SHUTDOWN
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class JSONWebhook(cdk.WebhookSource):
+    """Turns a JSON body into events, with a few switches for the tests.
+
+    ``{"events": n}`` makes n events, ``{"events": 0}`` none, ``{"refuse": status}``
+    raises HTTPError, ``{"crash": true}`` raises, ``{"wrong": true}`` returns no event.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+
+    def make_event(self, request: Request) -> cdk.CloudEvent | list[cdk.CloudEvent] | None:
+        self.requests.append(request)
+        body = request.json()
+        if "refuse" in body:
+            raise cdk.HTTPError(body["refuse"], "refused by make_event", {"X-Why": "test"})
+        if body.get("crash"):
+            raise RuntimeError("secret internal detail")
+        if body.get("wrong"):
+            return "not an event"  # type: ignore[return-value]
+        count = body.get("events", 1)
+        events = [_event(f"{body.get('id', 'e')}-{n}", body) for n in range(count)]
+        return events[0] if count == 1 and "events" not in body else events
+
+
+class AsyncWebhook(cdk.WebhookSource):
+    """An ``async def make_event``: awaited on the event loop."""
+
+    async def make_event(self, request: Request) -> cdk.CloudEvent | None:
+        await asyncio.sleep(0)
+        if not request.body:
+            return None
+        return _event(request.query_params()["name"][0], {})
+
+
+def _event(event_id: str, data: dict[str, Any]) -> cdk.CloudEvent:
+    return cdk.CloudEvent({"id": event_id, "source": "/webhook-test", "type": "test.webhook"}, data)
+
+
+def _config(target: CaptureTarget, **extra: Any) -> cdk.WebhookSourceConfig:
+    # Fast retries keep failure tests short; two attempts show a retry happened.
+    values: dict[str, Any] = {
+        "target": target.url,
+        "send_event_attempts": 2,
+        "retry_backoff": 0.01,
+        "retry_backoff_max": 0.02,
+        "attempt_timeout": 2.0,
+        "grace_period": 2.0,
+    }
+    values.update(extra)
+    return cdk.WebhookSourceConfig.model_validate(values)
+
+
+@pytest.fixture
+def target() -> Iterator[CaptureTarget]:
+    with CaptureTarget.in_thread() as capture:
+        yield capture
+
+
+@pytest.fixture
+def webhook(target: CaptureTarget) -> Iterator[tuple[JSONWebhook, RunningSource]]:
+    source = JSONWebhook()
+    with run_source_in_thread(source, _config(target)) as running:
+        yield source, running
+
+
+def test_json_post_is_delivered_before_the_answer(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    source, running = webhook
+    reply = SinkClient(running.url).post_json({"id": "order", "total": 3})
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"ids": ["order-0"]}
+    # Answered only after delivery: the target already holds the event.
+    events = target.events
+    assert [e.get_id() for e in events] == ["order-0"]
+    assert events[0].get_data() == {"id": "order", "total": 3}
+    request = source.requests[0]
+    assert (request.method, request.path) == ("POST", "/")
+    assert request.headers["content-type"] == "application/json"
+
+
+def test_a_list_of_events_is_delivered_in_full(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    _, running = webhook
+    reply = SinkClient(running.url).post_json({"id": "batch", "events": 5})
+    assert reply.status == 200
+    ids = [f"batch-{n}" for n in range(5)]
+    assert reply.json() == {"ids": ids}
+    assert sorted(e.get_id() for e in target.events) == ids
+
+
+def test_no_event_answers_202_and_sends_nothing(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    _, running = webhook
+    reply = SinkClient(running.url).post_json({"events": 0})
+    assert (reply.status, reply.json()) == (202, {"ids": []})
+    # A later event arriving first would mean the empty request sent something.
+    assert SinkClient(running.url).post_json({"id": "after"}).status == 200
+    assert [e.get_id() for e in target.events] == ["after-0"]
+    assert target.attempts == 1
+
+
+def test_http_error_from_make_event_is_the_answer(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    _, running = webhook
+    client = SinkClient(running.url)
+    reply = client.post_json({"refuse": 422})
+    assert (reply.status, reply.json()) == (422, {"error": "refused by make_event"})
+    assert reply.headers["x-why"] == "test"
+    bad_json = client.post(b"{not json", {"Content-Type": "application/json"})
+    assert bad_json.status == 400
+    assert "not valid JSON" in bad_json.json()["error"]
+    assert target.attempts == 0
+
+
+def test_make_event_raising_answers_500_without_details(
+    target: CaptureTarget,
+    webhook: tuple[JSONWebhook, RunningSource],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, running = webhook
+    client = SinkClient(running.url)
+    with caplog.at_level("ERROR", logger="cdk.webhook"):
+        crashed = client.post_json({"crash": True})
+        wrong = client.post_json({"wrong": True})
+    assert crashed.status == 500 and wrong.status == 500
+    assert "secret internal detail" not in crashed.text
+    assert "secret internal detail" in caplog.text  # the operator sees it in the log
+    assert "not str" in caplog.text
+    assert target.attempts == 0
+
+
+def test_rejecting_target_answers_502_with_the_reason(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    _, running = webhook
+    target.reject_next(1, 400, "schema mismatch")
+    reply = SinkClient(running.url).post_json({"id": "bad"})
+    assert reply.status == 502
+    body = reply.json()
+    assert body["delivered"] == []
+    assert body["failed"][0]["id"] == "bad-0"
+    assert "400" in body["error"] and "schema mismatch" in body["error"]
+    assert target.events == []
+
+
+def test_failing_target_answers_502_after_retries_then_recovers(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    _, running = webhook
+    client = SinkClient(running.url)
+    target.fail_next(2, 503)
+    reply = client.post_json({"id": "flaky"})
+    assert reply.status == 502
+    assert "gave up after 2 attempt(s)" in reply.json()["error"]
+    assert target.attempts == 2
+    # The caller retries, as webhook senders do, and this time it goes through.
+    retry = client.post_json({"id": "flaky"})
+    assert retry.status == 200
+    assert [e.get_id() for e in target.events] == ["flaky-0"]
+
+
+def test_partly_delivered_request_names_what_got_through(target: CaptureTarget) -> None:
+    source = JSONWebhook()
+    # One request in flight at a time makes "which event failed" deterministic.
+    with run_source_in_thread(source, _config(target, max_in_flight=1)) as running:
+        target.delay_next(1, 0.0)  # event 0: accepted (after no delay)
+        target.reject_next(1, 400, "no")  # event 1: rejected; event 2: accepted
+        reply = SinkClient(running.url).post_json({"id": "mix", "events": 3})
+    assert reply.status == 502
+    body = reply.json()
+    assert body["delivered"] == ["mix-0", "mix-2"]
+    assert [f["id"] for f in body["failed"]] == ["mix-1"]
+
+
+def test_timeouts_answer_504(target: CaptureTarget) -> None:
+    source = JSONWebhook()
+    config = _config(target, send_event_attempts=1, attempt_timeout=0.2)
+    with run_source_in_thread(source, config) as running:
+        target.delay_next(1, 2.0)
+        reply = SinkClient(running.url).post_json({"id": "slow"})
+    assert reply.status == 504
+    assert reply.json()["failed"][0]["id"] == "slow-0"
+
+
+def test_shutdown_before_delivery_answers_503_with_retry_after(target: CaptureTarget) -> None:
+    source = JSONWebhook()
+    config = _config(target, send_event_attempts=0, grace_period=1.0)
+    target.fail_with(503)  # the target never takes it: only shutdown ends the retries
+    replies: list[Any] = []
+    with run_source_in_thread(source, config, grace=1.0) as running:
+        url = running.url
+        thread = threading.Thread(
+            target=lambda: replies.append(SinkClient(url).post_json({"id": "late"}))
+        )
+        thread.start()
+        target.wait_until(lambda: target.attempts >= 1, timeout=10)
+        # Leaving the block stops the service while the request waits for its delivery.
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    (reply,) = replies
+    assert reply.status == 503
+    assert reply.headers["retry-after"] == str(RETRY_AFTER_SHUTDOWN)
+    assert reply.json()["failed"][0]["id"] == "late-0"
+
+
+def test_auth_token_is_required_when_configured(target: CaptureTarget) -> None:
+    source = JSONWebhook()
+    with run_source_in_thread(source, _config(target, auth_token="s3cret")) as running:
+        anonymous = SinkClient(running.url).post_json({"id": "anon"})
+        wrong = SinkClient(running.url, token="nope").post_json({"id": "wrong"})
+        good = SinkClient(running.url, token="s3cret").post_json({"id": "good"})
+        query = SinkClient(running.url).post_json({"id": "query"}, path="/?access_token=s3cret")
+    assert (anonymous.status, wrong.status, good.status, query.status) == (401, 401, 200, 200)
+    assert source.requests[0].headers["authorization"] == "Bearer s3cret"
+    assert sorted(e.get_id() for e in target.events) == ["good-0", "query-0"]
+
+
+def test_async_make_event_and_metrics(target: CaptureTarget) -> None:
+    source = AsyncWebhook()
+    with run_source_in_thread(source, _config(target)) as running:
+        client = SinkClient(running.url)
+        assert client.post(b"x", path="/?name=hook").json() == {"ids": ["hook"]}
+        assert client.post(b"").status == 202
+        metrics = client.get("/metrics").text
+    assert 'cdk_events_received_total{mode="webhook"} 1.0' in metrics
+    assert "cdk_arrived_latency_seconds_count 2.0" in metrics
+    assert "cdk_arrived_in_flight 0.0" in metrics
+    assert [e.get_id() for e in target.events] == ["hook"]
+
+
+def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarget) -> None:
+    source = JSONWebhook()
+    # A small queue makes producers wait on it (backpressure) while deliveries proceed.
+    with run_source_in_thread(source, _config(target, queue_size=2)) as running:
+        url = running.url
+        replies: dict[int, Any] = {}
+
+        def post(n: int) -> None:
+            replies[n] = SinkClient(url).post_json({"id": f"r{n}", "events": 3})
+
+        threads = [threading.Thread(target=post, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert all(reply.status == 200 for reply in replies.values())
+    for n, reply in replies.items():
+        assert reply.json() == {"ids": [f"r{n}-{k}" for k in range(3)]}
+    assert len({e.get_id() for e in target.events}) == 24

@@ -1,0 +1,318 @@
+"""Positions: where a polling source remembers how far it got, across restarts.
+
+:class:`PositionStore` is a small key-value store scoped to one connector (its
+``namespace``): ``get``, ``set`` and ``delete`` JSON values. Without a path it keeps
+them in memory; with one it keeps them in an SQLite file (standard library), one row
+per key, each ``set`` committed on its own.
+
+:class:`Checkpoint` decides *when* a position may be written: only once every event
+tracked before it was acknowledged by the target. Deliveries complete out of order
+(``max_in_flight`` > 1), so the checkpoint advances to the highest position whose
+predecessors are all acknowledged, and a failed event stops it from advancing at all.
+A source killed at any moment therefore resumes at or before the first event the
+target has not acknowledged: it may send some events again, never skip one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from cdk.connector import Tuple
+
+if TYPE_CHECKING:
+    from cloudevents.core.v1.event import CloudEvent
+
+    from cdk.config import SourceConfig
+
+__all__ = ["Checkpoint", "PositionStore", "StoreError"]
+
+# Values must round-trip: a datetime or dataclass would come back as a string or a
+# dict, so they are refused instead of silently changing type.
+_DUMP_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS positions (
+    namespace TEXT NOT NULL,
+    key       TEXT NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+) WITHOUT ROWID
+"""
+
+
+class StoreError(Exception):
+    """The position store cannot be opened, read or written; the message names the file."""
+
+
+class _Backend(Protocol):
+    def get(self, namespace: str, key: str) -> bytes | None: ...
+    def set(self, namespace: str, key: str, value: bytes) -> None: ...
+    def delete(self, namespace: str, key: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class _MemoryBackend:
+    """Values live as long as the process: for tests and sources that need no resume."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], bytes] = {}
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return self._rows.get((namespace, key))
+
+    def set(self, namespace: str, key: str, value: bytes) -> None:
+        self._rows[(namespace, key)] = value
+
+    def delete(self, namespace: str, key: str) -> None:
+        self._rows.pop((namespace, key), None)
+
+    def close(self) -> None:
+        self._rows.clear()
+
+
+class _SQLiteBackend:
+    """One SQLite file in WAL mode; every ``set`` is its own committed transaction.
+
+    ``synchronous=NORMAL``: in WAL mode a commit is written to the log before ``set``
+    returns, so a killed process (SIGKILL, OOM, crash) loses nothing; only an OS crash
+    or power loss may drop the last commits, never corrupt the file. A lost commit only
+    moves the resume point back, so events are sent again (at-least-once allows it).
+    ``FULL`` would add an fsync per commit, milliseconds each on real disks, and cap
+    how many events a second a checkpointing source can acknowledge.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Callbacks may run on the event loop or in worker threads; one lock serialises
+        # access to the single connection.
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"position store {path} cannot be opened: {exc}") from None
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        row = self._run(
+            "SELECT value FROM positions WHERE namespace = ? AND key = ?", (namespace, key)
+        ).fetchone()
+        return None if row is None else str(row[0]).encode()
+
+    def set(self, namespace: str, key: str, value: bytes) -> None:
+        self._run(
+            "INSERT INTO positions (namespace, key, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value",
+            (namespace, key, value.decode()),
+        )
+
+    def delete(self, namespace: str, key: str) -> None:
+        self._run("DELETE FROM positions WHERE namespace = ? AND key = ?", (namespace, key))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, params: tuple[str, ...]) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params)
+            except sqlite3.Error as exc:
+                raise StoreError(f"position store {self.path}: {exc}") from None
+
+
+class PositionStore:
+    """A key-value store of JSON values, scoped to one connector by ``namespace``.
+
+    ``PositionStore("source-x")`` keeps values in memory; ``PositionStore("source-x",
+    "state/positions.db")`` keeps them in an SQLite file that several connectors may
+    share (each sees only its own namespace). Calls are synchronous and fast (tens of
+    microseconds for a write), so they are fine on the event loop.
+    """
+
+    def __init__(self, namespace: str, path: str | os.PathLike[str] | None = None) -> None:
+        if not namespace:
+            raise ValueError("PositionStore needs a non-empty namespace (the connector's name)")
+        self.namespace = namespace
+        self.path = None if path is None else Path(path)
+        self._backend: _Backend = (
+            _MemoryBackend() if self.path is None else _SQLiteBackend(self.path)
+        )
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: SourceConfig, namespace: str) -> PositionStore:
+        """The store ``config.position_store`` names, or an in-memory one when it is unset."""
+        return cls(namespace, config.position_store)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key``, or ``default`` when there is none."""
+        raw = self._backend_checked().get(self.namespace, key)
+        return default if raw is None else orjson.loads(raw)
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` (JSON: None, bool, int, float, str, list, dict with str keys)."""
+        try:
+            raw = orjson.dumps(value, option=_DUMP_OPTIONS)
+        except TypeError as exc:
+            raise TypeError(f"position {key!r} must be a JSON value: {exc}") from None
+        self._backend_checked().set(self.namespace, key, raw)
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``; nothing happens when it is not stored."""
+        self._backend_checked().delete(self.namespace, key)
+
+    def close(self) -> None:
+        """Release the file; later calls raise :class:`StoreError`. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> PositionStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = "memory" if self.path is None else str(self.path)
+        return f"PositionStore(namespace={self.namespace!r}, {where})"
+
+    def _backend_checked(self) -> _Backend:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        return self._backend
+
+
+@dataclass(slots=True)
+class _Pending:
+    position: Any
+    acked: bool = False
+
+
+class Checkpoint:
+    """Writes a position to the store only once every event before it was acknowledged.
+
+    Call :meth:`track` (or :meth:`tuple`) for each event *in the order the source
+    produces them*, with the position to resume after once that event is delivered::
+
+        checkpoint = cdk.Checkpoint(store, "offset")
+        start = checkpoint.position          # None on the first run
+        ...
+        await self.chan.put(checkpoint.tuple(event, offset))
+
+    When an event fails (the delivery engine already retried it), the checkpoint stops
+    advancing for good: :attr:`failed` holds the error, the stored position stays
+    before that event, and tracking further events changes nothing. The source decides
+    what to do (log it and go on, or stop); after a restart it resumes from the stored
+    position and produces the failed event again.
+    """
+
+    def __init__(
+        self, store: PositionStore, key: str = "position", logger: logging.Logger | None = None
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.log = logger or logging.getLogger("cdk.store")
+        #: The last position written (or read back from the store at start).
+        self.position: Any = store.get(key)
+        #: The error of the first event that failed; the checkpoint no longer advances.
+        self.failed: BaseException | None = None
+        self._pending: deque[_Pending] = deque()
+
+    @property
+    def pending(self) -> int:
+        """Events tracked but not yet part of the written position."""
+        return len(self._pending)
+
+    def track(self, position: Any) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
+        """Register the next event; returns its ``(success, failed)`` callbacks."""
+        entry = _Pending(position)
+        if self.failed is None:
+            self._pending.append(entry)
+
+        def success() -> None:
+            entry.acked = True
+            self._advance()
+
+        def failed(error: BaseException) -> None:
+            self._fail(entry, error)
+
+        return success, failed
+
+    def tuple(
+        self,
+        event: CloudEvent,
+        position: Any,
+        success: Callable[[], Any] | None = None,
+        failed: Callable[[BaseException], Any] | None = None,
+    ) -> Tuple:
+        """A :class:`cdk.Tuple` for ``event`` whose callbacks feed the checkpoint first,
+        then call the given ``success`` / ``failed``, if any."""
+        on_success, on_failed = self.track(position)
+        if success is None and failed is None:
+            return Tuple(event, on_success, on_failed)
+
+        def both_success() -> None:
+            on_success()
+            if success is not None:
+                success()
+
+        def both_failed(error: BaseException) -> None:
+            on_failed(error)
+            if failed is not None:
+                failed(error)
+
+        return Tuple(event, both_success, both_failed)
+
+    def _advance(self) -> None:
+        if self.failed is not None:
+            return
+        newest: _Pending | None = None
+        while self._pending and self._pending[0].acked:
+            newest = self._pending.popleft()
+        if newest is not None:
+            self._write(newest.position)
+
+    def _fail(self, entry: _Pending, error: BaseException) -> None:
+        if self.failed is not None:
+            return
+        self.failed = error
+        # Nothing after the failed event may ever be written: drop what is queued so a
+        # source that goes on producing does not grow this deque without bound.
+        self._pending.clear()
+        self.log.error(
+            "checkpoint %r stopped at %r: the event at position %r failed: %s",
+            self.key,
+            self.position,
+            entry.position,
+            error,
+        )
+
+    def _write(self, position: Any) -> None:
+        try:
+            self.store.set(self.key, position)
+        except (StoreError, TypeError) as exc:
+            # A lost write only moves the resume point back (more duplicates after a
+            # restart), so delivery goes on; the operator sees why.
+            self.log.error("checkpoint %r could not be written: %s", self.key, exc)
+            return
+        self.position = position

@@ -1,0 +1,202 @@
+"""The webhook source's request handler: one HTTP request in, its events delivered, one answer.
+
+:class:`WebhookHandler` is the ``POST`` handler the runtime mounts in a
+:class:`cdk.receiver.Receiver` for a :class:`cdk.WebhookSource` (the receiver has
+already checked auth, size limits and concurrency). For each request it calls the
+user's ``make_event(request)``, puts every event it returns into the source's
+``chan`` (waiting when it is full: backpressure reaches the caller), and answers only
+once each of those events was delivered or given up on by the delivery engine.
+
+How the caller is answered:
+
+==========================================  ======  =======================================
+what happened                               status  body (JSON)
+==========================================  ======  =======================================
+every event delivered                       200     ``{"ids": [...]}``
+``make_event`` returned ``None`` or ``[]``  202     ``{"ids": []}``; nothing sent
+``make_event`` raised ``cdk.HTTPError``     its     ``{"error": message}``, its headers
+``make_event`` raised anything else         500     generic; the traceback is logged
+``make_event`` returned something else      500     generic; logged
+the target rejected it or kept failing      502     ``{"error", "delivered", "failed"}``
+the last attempt timed out                  504     same
+the event could not be encoded              500     same (``make_event`` built a bad event)
+the connector shut down first               503     same, with ``Retry-After``
+==========================================  ======  =======================================
+
+Every status the kit chooses for a failed delivery (5xx) is one webhook callers and
+Knative retry. The events of a request that did reach the target are listed under
+``delivered``; a retry sends them again, which the at-least-once contract allows.
+
+``make_event`` may be ``async def`` (awaited on the event loop) or a plain ``def``,
+which is called directly on the event loop: it is meant to be quick, CPU-only work
+(read the request, build an event). One that does blocking I/O should be
+``async def`` and use ``await asyncio.to_thread(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from cloudevents.core.v03.event import CloudEvent as CloudEventV03
+from cloudevents.core.v1.event import CloudEvent
+
+from cdk.connector import Tuple, WebhookSource
+from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
+from cdk.http import HTTPError, Request, Response
+
+if TYPE_CHECKING:
+    from cdk.metrics import Metrics
+
+__all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
+
+#: Seconds a caller is asked to wait after the connector shut down before delivering.
+RETRY_AFTER_SHUTDOWN = 5
+
+_JSON = "application/json"
+_EVENT_TYPES = (CloudEvent, CloudEventV03)
+
+
+class _Outcome:
+    """The fates of one request's events; resolves ``done`` once every event has one."""
+
+    __slots__ = ("done", "errors", "loop", "remaining")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.remaining = count
+        self.errors: dict[int, BaseException] = {}
+
+    def tuple(self, index: int, event: Any) -> Tuple:
+        return Tuple(event, lambda: self._resolve(index, None), lambda e: self._resolve(index, e))
+
+    def _resolve(self, index: int, error: BaseException | None) -> None:
+        # The delivery engine calls back on the event loop; anything else must hop onto it.
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._settle(index, error)
+        else:
+            self.loop.call_soon_threadsafe(self._settle, index, error)
+
+    def _settle(self, index: int, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors[index] = error
+        self.remaining -= 1
+        # The caller may have gone away (handler cancelled): then nobody awaits `done`,
+        # which is harmless because it only ever holds a result, never an exception.
+        if self.remaining == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+class WebhookHandler:
+    """``await handler(request) -> Response``: make the events, deliver them, answer."""
+
+    def __init__(
+        self,
+        source: WebhookSource,
+        chan: asyncio.Queue[Tuple],
+        metrics: Metrics,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.source = source
+        self.chan = chan
+        self.metrics = metrics
+        self.log = logger or logging.getLogger("cdk.webhook")
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            events = await self._make_events(request)
+        except HTTPError as exc:
+            return _http_error_response(exc)
+        if not events:
+            return _json_response(202, {"ids": []})
+        self.metrics.received.labels("webhook").inc(len(events))
+        outcome = _Outcome(asyncio.get_running_loop(), len(events))
+        for index, event in enumerate(events):
+            await self.chan.put(outcome.tuple(index, event))
+        await outcome.done
+        if not outcome.errors:
+            return _json_response(200, {"ids": [event.get_id() for event in events]})
+        return self._failure_response(events, outcome.errors)
+
+    async def _make_events(self, request: Request) -> list[Any]:
+        """Call ``make_event`` and normalise its answer to a list of events."""
+        self.metrics.handler_in_flight.inc()
+        started = time.perf_counter()
+        try:
+            made = self.source.make_event(request)
+            if inspect.isawaitable(made):
+                made = await made
+        except HTTPError:
+            raise
+        except Exception:
+            self.log.exception("make_event raised; answering 500")
+            raise HTTPError(500, "internal error while making the event") from None
+        finally:
+            self.metrics.handler_latency.observe(time.perf_counter() - started)
+            self.metrics.handler_in_flight.dec()
+        if made is None:
+            return []
+        if isinstance(made, _EVENT_TYPES):
+            return [made]
+        if isinstance(made, Sequence) and all(isinstance(e, _EVENT_TYPES) for e in made):
+            return list(made)
+        self.log.error(
+            "make_event must return a CloudEvent, a list of them or None, not %s; answering 500",
+            type(made).__name__,
+        )
+        raise HTTPError(500, "internal error while making the event")
+
+    def _failure_response(self, events: list[Any], errors: dict[int, BaseException]) -> Response:
+        failures = list(errors.values())
+        headers: list[tuple[str, str]] = []
+        if any(isinstance(e, ShutdownError) for e in failures):
+            status = 503
+            headers.append(("Retry-After", str(RETRY_AFTER_SHUTDOWN)))
+        elif any(isinstance(e, EncodeError) for e in failures):
+            status = 500
+        elif all(_timed_out(e) for e in failures):
+            status = 504
+        else:
+            status = 502
+        first = failures[0]
+        self.log.warning(
+            "%d of %d event(s) not delivered, answering %d: %s",
+            len(failures),
+            len(events),
+            status,
+            first,
+        )
+        body = {
+            "error": f"delivery failed: {first}",
+            "delivered": [e.get_id() for i, e in enumerate(events) if i not in errors],
+            "failed": [{"id": events[i].get_id(), "error": str(err)} for i, err in errors.items()],
+        }
+        return _json_response(status, body, headers)
+
+
+def _timed_out(error: BaseException) -> bool:
+    if isinstance(error, AttemptsExhausted):
+        return isinstance(error.last_error, TimeoutError)
+    return isinstance(error, TimeoutError)
+
+
+def _json_response(
+    status: int, body: Any, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    return Response(
+        status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers or []
+    )
+
+
+def _http_error_response(error: HTTPError) -> Response:
+    return _json_response(error.status, {"error": error.message}, list(error.headers))
