@@ -1,0 +1,953 @@
+"""The wire format: CloudEvents to and from HTTP messages (pure functions, no I/O).
+
+This module owns the CloudEvents 1.0 HTTP protocol binding and JSON event format:
+it writes 1.0 (and re-writes 0.3 events it was given) and reads 1.0 and 0.3.
+
+Reading (``from_http``)
+    The mode comes from Content-Type, case-insensitive, parameters allowed:
+    ``application/cloudevents-batch+json`` is batched, ``application/cloudevents+json``
+    is structured (``ce-`` headers on such a request are ignored), any other
+    ``application/cloudevents...`` format is refused with 415, anything else is binary.
+    Header names in the mapping must be lower-case (the HTTP layer lower-cases them).
+
+    Every event is validated as the core spec says, and nothing missing is invented:
+    ``id``, ``source`` (URI-reference), ``specversion`` and ``type`` are required and
+    non-empty; ``time`` is an RFC 3339 timestamp with an offset and becomes an aware
+    ``datetime``; ``dataschema`` is an absolute URI; ``subject`` is non-empty;
+    ``datacontenttype`` is an RFC 2046 media type; attribute names are ``[a-z0-9]+`` and
+    not ``data`` (longer than 20 characters is accepted); strings must not hold control
+    characters, lone surrogates or noncharacters; extension values are strings, booleans
+    or 32-bit integers, and a JSON ``null`` means the attribute is unset.
+
+    Binary mode: attributes come from ``ce-*`` headers, ``datacontenttype`` from
+    Content-Type (an empty one counts as none; a ``ce-datacontenttype`` header is a 400).
+    Binary data (the body):
+      - empty body: no data (``None``), so empty text or bytes do not survive binary mode;
+      - ``*/json`` or ``*/*+json`` content type: parsed JSON value (bad JSON is a 400);
+      - ``text/*``: ``str``, decoded with the ``charset`` parameter (UTF-8 by default);
+        bytes invalid in that charset are a 400, a charset Python does not know is a 415;
+      - anything else, or no Content-Type at all: the body ``bytes`` as they are.
+    Header values are unescaped from an RFC 7230 quoted-string when quoted, then
+    percent-decoded once (either hex case); the bytes must be valid UTF-8, and a ``%``
+    not followed by two hex digits is a 400. Extension values arrive as strings.
+
+    Structured and batched data: ``data_base64`` (valid base64) becomes ``bytes``;
+    ``data`` is kept as the parsed JSON value when ``datacontenttype`` is JSON or absent
+    (a string is never parsed again), and must be a string for any other content type.
+    ``data: null`` is no data. Both ``data`` and ``data_base64`` is a 400. A batch is a
+    JSON array (``[]`` included) of such objects, all of one ``specversion``.
+
+    CloudEvents 0.3: ``schemaurl`` (URI-reference) and ``datacontentencoding`` are
+    context attributes; in structured mode ``datacontentencoding: base64`` (any case)
+    means ``data`` is a base64 string and it becomes ``bytes`` (the attribute is kept).
+    A binary body is never base64-decoded. The event type is
+    ``cloudevents.core.v03.event.CloudEvent``.
+
+    Data nested deeper than ``MAX_DATA_DEPTH`` (252) levels is refused, so that anything
+    accepted can be written out again in any mode (orjson writes at most 254 levels,
+    and a batch adds two).
+
+Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``)
+    ``bytes`` data goes out as is in binary mode and as ``data_base64`` in structured
+    mode (0.3: base64 ``data`` with ``datacontentencoding: base64``, which is set then
+    and dropped otherwise; binary mode never writes it). With a JSON content
+    type, or none, any other value is written as JSON (so a ``str`` becomes a JSON
+    string; pass ``bytes`` to send an already serialised document); binary mode then
+    sets ``Content-Type: application/json`` explicitly, as the JSON format asks. With
+    another content type the data must be ``str`` (encoded with the ``text/*`` charset,
+    UTF-8 otherwise) or ``bytes``. Header values are percent-encoded: space, ``"``,
+    ``%`` and everything outside U+0021-U+007E, as UTF-8 bytes, upper-case hex.
+    Booleans are written ``true``/``false``, timestamps in RFC 3339 with ``Z`` for UTC
+    (an offset with seconds is written in UTC; a naive time, which the SDK forbids, is
+    taken as UTC). Extension values that are not strings, booleans or integers (bytes:
+    base64, datetime: RFC 3339) are written as their canonical string; others are a
+    ``CodecError``, as is data that cannot be written as the content type says.
+
+Every refusal is a ``CodecError`` (a ``ValueError``) whose message names the attribute
+or the rule, with ``.attribute`` and ``.status`` (400, or 415) for the HTTP answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, NamedTuple
+from urllib.parse import quote
+
+import orjson
+from cloudevents.core.v03.event import CloudEvent as CloudEventV03
+from cloudevents.core.v1.event import CloudEvent
+
+__all__ = [
+    "MAX_DATA_DEPTH",
+    "CodecError",
+    "InvalidEvent",
+    "Mode",
+    "UnsupportedContentType",
+    "encode",
+    "from_dict",
+    "from_http",
+    "to_batch",
+    "to_binary",
+    "to_dict",
+    "to_structured",
+    "with_extensions",
+]
+
+Mode = Literal["binary", "structured", "batch"]
+AnyCloudEvent = CloudEvent | CloudEventV03
+
+STRUCTURED_CONTENT_TYPE: Final = "application/cloudevents+json; charset=utf-8"
+BATCH_CONTENT_TYPE: Final = "application/cloudevents-batch+json; charset=utf-8"
+MAX_DATA_DEPTH: Final = 252  # orjson writes 254 levels; a batch adds two
+
+_STRUCTURED_MEDIA: Final = "application/cloudevents+json"
+_BATCH_MEDIA: Final = "application/cloudevents-batch+json"
+_CE_MEDIA_PREFIX: Final = "application/cloudevents"
+_JSON_MEDIA: Final = "application/json"
+_INT_MIN: Final = -(2**31)
+_INT_MAX: Final = 2**31 - 1
+_CACHE_LIMIT: Final = 512
+
+
+class CodecError(ValueError):
+    """A message that is not a CloudEvent this codec can read or write."""
+
+    status: int = 400
+
+    def __init__(self, message: str, attribute: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.attribute = attribute
+
+
+class InvalidEvent(CodecError):
+    """Not a valid CloudEvent (HTTP 400); the message names the attribute or rule."""
+
+
+class UnsupportedContentType(CodecError):
+    """An event format or charset this codec does not read (HTTP 415)."""
+
+    status = 415
+
+
+def _invalid(attribute: str, problem: str) -> InvalidEvent:
+    return InvalidEvent(f"'{attribute}' {problem}", attribute)
+
+
+def _show(value: Any) -> str:
+    """A short rendering of an offending value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- strings
+
+# Control characters, surrogates and noncharacters are not allowed in any String.
+# ``str.isprintable()`` is true for nearly every valid value, so this regex only runs
+# on the rare string containing a non-printable (but perhaps allowed) character.
+_BAD_CHARS: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
+    + "]"
+)
+
+
+def _check_chars(attribute: str, value: str) -> None:
+    if not value.isprintable() and _BAD_CHARS.search(value) is not None:
+        raise _invalid(attribute, "contains a control character, surrogate or noncharacter")
+
+
+def _nonempty_str(attribute: str, value: Any) -> str:
+    if type(value) is not str or not value:
+        raise _invalid(attribute, f"must be a non-empty string, got {_show(value)}")
+    if not value.isprintable():
+        _check_chars(attribute, value)
+    return value
+
+
+# Names, URIs and media types repeat from event to event: remember the good ones.
+_GOOD_NAMES: set[str] = set()
+_GOOD_URI_REFS: set[str] = set()
+_GOOD_URIS: set[str] = set()
+
+
+def _remember(cache: set[str], value: str) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache.add(value)
+
+
+def _check_name(name: str) -> None:
+    """Attribute names: lower-case ASCII letters and digits, not ``data``."""
+    if name in _GOOD_NAMES:
+        return
+    if not name:
+        raise InvalidEvent("attribute names must not be empty", name)
+    if not (name.isascii() and name.isalnum()) or name != name.lower():
+        raise InvalidEvent(
+            f"attribute name {_show(name)} must be lower-case letters a-z and digits 0-9",
+            name,
+        )
+    if name == "data":
+        raise InvalidEvent("'data' is reserved and cannot be an attribute name", name)
+    _remember(_GOOD_NAMES, name)
+
+
+# RFC 3986: the characters a URI-reference may hold (percent signs checked apart).
+_URI_CHARS: Final = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def _uri_problem(value: str, absolute: bool) -> str | None:
+    if not value:
+        return "must be a non-empty URI" if absolute else "must be a non-empty URI-reference"
+    if _URI_CHARS.fullmatch(value) is None:
+        return f"is not a valid URI: bad character in {_show(value)}"
+    for part in value.split("%")[1:]:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+            return f"is not a valid URI: bad percent-encoding in {_show(value)}"
+    # A colon before any '/', '?' or '#' ends a scheme, which has its own syntax.
+    head = value
+    for stop in "/?#":
+        head = head.split(stop, 1)[0]
+    if ":" in head:
+        if _SCHEME.fullmatch(head.split(":", 1)[0]) is None:
+            return f"is not a valid URI: bad scheme in {_show(value)}"
+    elif absolute:
+        return f"must be an absolute URI (with a scheme), got {_show(value)}"
+    return None
+
+
+def _uri_reference(attribute: str, value: Any) -> str:
+    if type(value) is str and value in _GOOD_URI_REFS:
+        return value
+    if type(value) is not str:
+        raise _invalid(attribute, f"must be a non-empty URI-reference, got {_show(value)}")
+    problem = _uri_problem(value, absolute=False)
+    if problem is not None:
+        raise _invalid(attribute, problem)
+    _remember(_GOOD_URI_REFS, value)
+    return value
+
+
+def _uri(attribute: str, value: Any) -> str:
+    if type(value) is str and value in _GOOD_URIS:
+        return value
+    if type(value) is not str:
+        raise _invalid(attribute, f"must be a non-empty URI, got {_show(value)}")
+    problem = _uri_problem(value, absolute=True)
+    if problem is not None:
+        raise _invalid(attribute, problem)
+    _remember(_GOOD_URIS, value)
+    return value
+
+
+# --------------------------------------------------------------------------- media types
+
+_TOKEN_CHARS: Final = frozenset(
+    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+
+
+class _Media(NamedTuple):
+    """What the codec needs to know about a ``datacontenttype``."""
+
+    is_json: bool
+    is_text: bool
+    charset: str | None
+
+
+_MEDIA_CACHE: dict[str, _Media] = {}
+
+
+def _is_token(text: str) -> bool:
+    return bool(text) and all(c in _TOKEN_CHARS for c in text)
+
+
+def _parse_media(value: str) -> _Media | None:
+    """Parse an RFC 2046 media type; None when it is not one."""
+    main, _, params = value.partition(";")
+    kind, slash, subtype = main.strip().lower().partition("/")
+    if not slash or not _is_token(kind) or not _is_token(subtype):
+        return None
+    charset: str | None = None
+    rest = params
+    while rest.strip():
+        if rest.lstrip().startswith(";"):  # tolerate empty parameters ("text/plain;;")
+            rest = rest.lstrip()[1:]
+            continue
+        name, eq, rest = rest.partition("=")
+        name = name.strip().lower()
+        if not eq or not _is_token(name):
+            return None
+        rest = rest.lstrip()
+        if rest.startswith('"'):
+            end = 1
+            while end < len(rest) and rest[end] != '"':
+                end += 2 if rest[end] == "\\" else 1
+            if end >= len(rest):
+                return None
+            param, rest = rest[1:end], rest[end + 1 :]
+        else:
+            param, _, rest = rest.partition(";")
+            param = param.strip()
+            if not _is_token(param):
+                return None
+            rest = ";" + rest if rest else ""
+        rest = rest.strip()
+        if rest and not rest.startswith(";"):
+            return None
+        rest = rest[1:]
+        if name == "charset":
+            charset = param
+    is_json = subtype == "json" or subtype.endswith("+json")
+    return _Media(is_json, kind == "text", charset)
+
+
+def _media(attribute: str, value: str) -> _Media:
+    info = _MEDIA_CACHE.get(value)
+    if info is None:
+        parsed = _parse_media(value) if value.isprintable() else None
+        if parsed is None:
+            raise _invalid(attribute, f"must be an RFC 2046 media type, got {_show(value)}")
+        if len(_MEDIA_CACHE) >= _CACHE_LIMIT:
+            _MEDIA_CACHE.clear()
+        _MEDIA_CACHE[value] = info = parsed
+    return info
+
+
+def _content_type(attribute: str, value: Any) -> str:
+    if type(value) is not str or not value:
+        raise _invalid(attribute, f"must be a non-empty media type, got {_show(value)}")
+    _media(attribute, value)
+    return value
+
+
+def _media_of(datacontenttype: str | None) -> _Media:
+    """The media of an event already built (absent means application/json)."""
+    if datacontenttype is None:
+        return _media("datacontenttype", _JSON_MEDIA)
+    return _media("datacontenttype", datacontenttype)
+
+
+# --------------------------------------------------------------------------- time
+
+
+def _timestamp(attribute: str, value: Any) -> datetime:
+    """RFC 3339 ``date-time``: full date, ``T``, full time, fraction, ``Z`` or offset."""
+    # datetime.fromisoformat is fast but takes more than RFC 3339 (week dates, ','
+    # fractions, empty fractions, no offset, offsets without ':' or with seconds):
+    # the shape around it is checked here.
+    # (fromisoformat itself refuses non-ASCII digits.)
+    if type(value) is str and value[4:17:3] == "--T::":
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            after_seconds = value[19]
+            if value[-1] == "Z":
+                if after_seconds == "Z" or (after_seconds == "." and len(value) > 21):
+                    return parsed
+            elif (
+                value[-6] in "+-"
+                and value[-3] == ":"
+                and ((after_seconds == "." and len(value) > 26) or len(value) == 25)
+            ):
+                return parsed
+    elif isinstance(value, datetime) and value.tzinfo is not None:
+        return value  # a native value handed to from_dict
+    if type(value) is str and len(value) > 10 and (value[10] == "t" or value[-1] == "z"):
+        return _timestamp(attribute, value.upper())  # RFC 3339 allows lower-case t and z
+    raise _invalid(attribute, f"must be an RFC 3339 timestamp, got {_show(value)}")
+
+
+def _format_time(value: datetime) -> str:
+    """RFC 3339, ``Z`` for UTC (orjson formats it four times faster than isoformat)."""
+    offset = value.utcoffset()
+    if offset is None:  # the SDK forbids naive times; should one come, it is UTC
+        value = value.replace(tzinfo=UTC)
+    elif offset.seconds % 60:  # RFC 3339 has no seconds in offsets: write it in UTC
+        value = value.astimezone(UTC)
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
+
+
+# --------------------------------------------------------------------------- attributes
+
+_Check = Callable[[str, Any], Any]
+
+
+_CHECKS_V1: Final[dict[str, _Check]] = {
+    "specversion": _nonempty_str,
+    "id": _nonempty_str,
+    "source": _uri_reference,
+    "type": _nonempty_str,
+    "datacontenttype": _content_type,
+    "dataschema": _uri,
+    "subject": _nonempty_str,
+    "time": _timestamp,
+}
+_CHECKS_V03: Final[dict[str, _Check]] = {
+    "specversion": _nonempty_str,
+    "id": _nonempty_str,
+    "source": _uri_reference,
+    "type": _nonempty_str,
+    "datacontenttype": _content_type,
+    "datacontentencoding": _nonempty_str,
+    "schemaurl": _uri_reference,
+    "subject": _nonempty_str,
+    "time": _timestamp,
+}
+_REQUIRED: Final = ("id", "source", "type")
+
+
+# How the hot loops handle each context attribute without a call in the common case.
+_STR, _URI_REF, _MEDIA_TYPE, _TIME, _ABS_URI = range(5)
+_KIND_OF_CHECK: Final[dict[_Check, int]] = {
+    _nonempty_str: _STR,
+    _uri_reference: _URI_REF,
+    _content_type: _MEDIA_TYPE,
+    _timestamp: _TIME,
+    _uri: _ABS_URI,
+}
+
+
+class _Spec(NamedTuple):
+    version: str
+    checks: dict[str, _Check]
+    kinds: dict[str, int]
+    # Typed as the 1.0 class, the type callers see; the 0.3 class has the same methods.
+    event_type: type[CloudEvent]
+
+
+def _make_spec(version: str, checks: dict[str, _Check], event_type: Any) -> _Spec:
+    kinds = {name: _KIND_OF_CHECK[check] for name, check in checks.items()}
+    return _Spec(version, checks, kinds, event_type)
+
+
+_SPEC_V1: Final = _make_spec("1.0", _CHECKS_V1, CloudEvent)
+_SPEC_V03: Final = _make_spec("0.3", _CHECKS_V03, CloudEventV03)
+_SPECS: Final = {"1.0": _SPEC_V1, "0.3": _SPEC_V03}
+
+
+def _spec_for(value: Any) -> _Spec:
+    if value == "1.0":
+        return _SPEC_V1
+    spec = _SPECS.get(value) if type(value) is str else None
+    if spec is None:
+        if value is None:
+            raise _invalid("specversion", "is required")
+        raise _invalid("specversion", f"{_show(value)} is not supported (use 1.0 or 0.3)")
+    return spec
+
+
+def _extension(name: str, value: Any) -> Any:
+    """An extension value: String, Boolean or Integer (URIs and times are strings)."""
+    _check_name(name)
+    kind = type(value)
+    if kind is str:
+        if not value.isprintable():
+            _check_chars(name, value)
+        return value
+    if kind is bool:
+        return value
+    if kind is int:
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise _invalid(name, f"integer {value} is outside the 32-bit range")
+        return value
+    raise _invalid(name, f"must be a string, boolean or integer, got {_show(value)}")
+
+
+def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> CloudEvent:
+    # The SDK constructor fills in a missing id, specversion and time; a receiver must
+    # not invent them, so the attributes (validated here) are set without it.
+    event: CloudEvent = object.__new__(event_type)
+    event._attributes = attributes
+    event._data = data
+    return event
+
+
+# --------------------------------------------------------------------------- JSON format
+
+
+class _Missing:
+    pass
+
+
+_MISSING: Final = _Missing()
+
+
+def _loads(body: bytes | str, what: str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(
+            f"{what} is not valid JSON: {exc}", "data" if what == "data" else None
+        ) from None
+
+
+def _check_depth(data: Any) -> None:
+    """Refuse data nested deeper than orjson can write back inside a batch."""
+    if type(data) is dict or type(data) is list:
+        try:
+            # Writing is the exact test, and C-fast; what orjson read it can otherwise
+            # write, so only the nesting depth makes this fail for data off the wire
+            # (from_dict may also be handed values that are not JSON at all).
+            orjson.dumps([[data]])
+        except TypeError as exc:
+            if "ecursion" in str(exc):
+                raise _invalid("data", f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
+            raise _invalid("data", f"is not a JSON value: {exc}") from None
+
+
+def _b64decode(attribute: str, value: Any) -> bytes:
+    if type(value) is not str:
+        raise _invalid(attribute, "must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(attribute, "is not valid base64") from None
+
+
+def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> CloudEvent:
+    """One event of the JSON format, parsed; ``deep`` when nesting must be checked.
+
+    ``batch_spec`` is the specversion every event of a batch must share.
+    """
+    if type(obj) is not dict:
+        raise InvalidEvent(f"a CloudEvent must be a JSON object, got {type(obj).__name__}")
+    spec = _spec_for(obj.get("specversion"))
+    if batch_spec is not None and spec is not batch_spec:
+        raise InvalidEvent("all events of a batch must have the same specversion", "specversion")
+    kinds = spec.kinds
+    attributes: dict[str, Any] = {}
+    data: Any = _MISSING
+    data_base64: Any = _MISSING
+    # This loop is the hot path of a sink: the common cases (printable strings, names,
+    # URIs and media types seen before) are inlined; anything else goes to its check.
+    for name, value in obj.items():
+        kind = kinds.get(name)
+        if type(value) is str:
+            if kind == _STR:
+                if value and value.isprintable():
+                    attributes[name] = value
+                    continue
+            elif kind is None:
+                if name in _GOOD_NAMES and value.isprintable():
+                    attributes[name] = value
+                    continue
+            elif kind == _TIME:
+                attributes[name] = _timestamp(name, value)
+                continue
+            elif kind == _URI_REF:
+                if value in _GOOD_URI_REFS:
+                    attributes[name] = value
+                    continue
+            elif kind == _MEDIA_TYPE and value in _MEDIA_CACHE:
+                attributes[name] = value
+                continue
+        elif value is None:
+            continue  # null is unset
+        # Not a common case: the full check (which raises when the value is bad).
+        if kind is not None:
+            attributes[name] = spec.checks[name](name, value)
+        elif name == "data":
+            data = value
+        elif name == "data_base64" and spec is _SPEC_V1:
+            data_base64 = value
+        else:
+            attributes[name] = _extension(name, value)
+    if data_base64 is not _MISSING:
+        if data is not _MISSING:
+            raise InvalidEvent("'data' and 'data_base64' are mutually exclusive", "data")
+        data = _b64decode("data_base64", data_base64)
+    elif data is _MISSING:
+        data = None
+    else:
+        contenttype = attributes.get("datacontenttype")
+        if spec is _SPEC_V03 and _is_base64_encoded(attributes):
+            data = _b64decode("data", data)
+        elif contenttype is not None and not _media("datacontenttype", contenttype).is_json:
+            if type(data) is not str:
+                raise _invalid("data", f"must be a string for datacontenttype {_show(contenttype)}")
+        elif deep:
+            _check_depth(data)
+    if "id" not in attributes or "source" not in attributes or "type" not in attributes:
+        _missing_required(attributes)
+    event = object.__new__(spec.event_type)
+    event._attributes = attributes
+    event._data = data
+    return event
+
+
+def _missing_required(attributes: dict[str, Any]) -> None:
+    for name in _REQUIRED:
+        if name not in attributes:
+            raise _invalid(name, "is required")
+
+
+def _is_base64_encoded(attributes: dict[str, Any]) -> bool:
+    encoding = attributes.get("datacontentencoding")
+    return encoding is not None and encoding.lower() == "base64"
+
+
+def _might_be_deep(body: bytes) -> bool:
+    # Nesting depth never exceeds the number of opening brackets: a cheap upper bound.
+    return len(body) > 2 * MAX_DATA_DEPTH and (body.count(b"[") + body.count(b"{") > MAX_DATA_DEPTH)
+
+
+def _decode_structured(body: bytes) -> CloudEvent:
+    return _event_from_json(_loads(body, "structured event"), _might_be_deep(body))
+
+
+def _decode_batch(body: bytes) -> list[CloudEvent]:
+    items = _loads(body, "batch")
+    if type(items) is not list:
+        raise InvalidEvent(f"a batch must be a JSON array, got {type(items).__name__}")
+    if not items:
+        return []
+    # The bracket count of a whole batch is nearly always past the bound: check each
+    # event's data (cheap) instead of counting.
+    deep = True
+    first = items[0]
+    spec = _spec_for(first.get("specversion")) if type(first) is dict else None
+    return [_event_from_json(item, deep, spec) for item in items]
+
+
+# --------------------------------------------------------------------------- binary mode
+
+
+def _unquote(attribute: str, value: str) -> str:
+    """Undo an RFC 7230 quoted-string (backslash escapes)."""
+    if len(value) < 2 or value[-1] != '"':
+        raise _invalid(attribute, "header has an unterminated quoted-string")
+    inner = value[1:-1]
+    if "\\" not in inner:
+        if '"' in inner:
+            raise _invalid(attribute, "header has a malformed quoted-string")
+        return inner
+    out: list[str] = []
+    i = 0
+    while i < len(inner):
+        char = inner[i]
+        if char == "\\":
+            if i + 1 == len(inner):
+                raise _invalid(attribute, "header has a malformed quoted-string")
+            out.append(inner[i + 1])
+            i += 2
+            continue
+        if char == '"':
+            raise _invalid(attribute, "header has a malformed quoted-string")
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _percent_decode(attribute: str, value: str) -> str:
+    first, *rest = value.split("%")
+    raw = bytearray(first.encode("utf-8", "surrogatepass"))
+    for part in rest:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+            raise _invalid(attribute, "header has a malformed percent-encoding")
+        raw.append(int(part[:2], 16))
+        raw += part[2:].encode("utf-8", "surrogatepass")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid(attribute, "header is not valid UTF-8 once percent-decoded") from None
+
+
+def _header_value(attribute: str, value: str) -> str:
+    if value[:1] == '"':
+        value = _unquote(attribute, value)
+    if "%" in value:
+        value = _percent_decode(attribute, value)
+    return value
+
+
+def _decode_binary(headers: Mapping[str, str], contenttype: str | None, body: bytes) -> CloudEvent:
+    raw_version = headers.get("ce-specversion")
+    if raw_version is None:
+        raise InvalidEvent(
+            "not a CloudEvent: the 'ce-specversion' header is missing", "specversion"
+        )
+    spec = _spec_for(_header_value("specversion", raw_version))
+    kinds = spec.kinds
+    attributes: dict[str, Any] = {}
+    for key, value in headers.items():
+        if key[:3] != "ce-":
+            continue
+        name = key[3:]
+        # Fast path: a value with no '%' and no quotes needs no decoding.
+        if "%" in value or value[:1] == '"':
+            value = _header_value(name, value)
+        kind = kinds.get(name)
+        if kind is None:
+            if name in _GOOD_NAMES and value.isprintable():
+                attributes[name] = value
+            else:
+                attributes[name] = _extension(name, value)
+        elif kind == _STR and value and value.isprintable():
+            attributes[name] = value
+        elif kind == _TIME:
+            attributes[name] = _timestamp(name, value)
+        elif kind == _URI_REF and value in _GOOD_URI_REFS:
+            attributes[name] = value
+        elif kind == _MEDIA_TYPE:
+            raise _invalid(name, "must travel as Content-Type, not as ce-datacontenttype")
+        else:
+            attributes[name] = spec.checks[name](name, value)
+    data: Any = None
+    if contenttype is not None:
+        media = _media("datacontenttype", contenttype)
+        attributes["datacontenttype"] = contenttype
+        if body:
+            data = _binary_data(media, body)
+    elif body:
+        data = body
+    if "id" not in attributes or "source" not in attributes or "type" not in attributes:
+        _missing_required(attributes)
+    event = object.__new__(spec.event_type)
+    event._attributes = attributes
+    event._data = data
+    return event
+
+
+def _binary_data(media: _Media, body: bytes) -> Any:
+    if media.is_json:
+        data = _loads(body, "data")
+        if _might_be_deep(body):
+            _check_depth(data)
+        return data
+    if media.is_text:
+        try:
+            return body.decode(media.charset or "utf-8")
+        except LookupError:
+            raise UnsupportedContentType(
+                f"unknown charset {_show(media.charset)} in Content-Type", "datacontenttype"
+            ) from None
+        except UnicodeDecodeError:
+            raise _invalid("data", f"is not valid {media.charset or 'utf-8'} text") from None
+    return body
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
+    """Decode an HTTP request (lower-case header names) into its mode and events.
+
+    Binary and structured give one event, batch gives a list (maybe empty). A 0.3 event
+    is the SDK's v0.3 ``CloudEvent`` (same methods). Raises ``InvalidEvent`` (400) or
+    ``UnsupportedContentType`` (415).
+    """
+    contenttype = headers.get("content-type")
+    if contenttype is None:
+        return "binary", [_decode_binary(headers, None, body)]
+    # The usual values are matched exactly before anything is parsed.
+    if contenttype in (STRUCTURED_CONTENT_TYPE, _STRUCTURED_MEDIA):
+        return "structured", [_decode_structured(body)]
+    if contenttype == BATCH_CONTENT_TYPE:
+        return "batch", _decode_batch(body)
+    if contenttype[:23].lower() == _CE_MEDIA_PREFIX:
+        media = contenttype.split(";", 1)[0].strip().lower()
+        if media == _STRUCTURED_MEDIA:
+            return "structured", [_decode_structured(body)]
+        if media == _BATCH_MEDIA:
+            return "batch", _decode_batch(body)
+        raise UnsupportedContentType(
+            f"event format {_show(media)} is not supported; "
+            f"use {_STRUCTURED_MEDIA} or {_BATCH_MEDIA}"
+        )
+    # An empty Content-Type says nothing: the same as none.
+    return "binary", [_decode_binary(headers, contenttype or None, body)]
+
+
+def from_dict(obj: Mapping[str, Any]) -> CloudEvent:
+    """Build an event from a JSON-format mapping, validated as in structured mode."""
+    return _event_from_json(dict(obj), True)
+
+
+def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> CloudEvent:
+    """A copy of ``event`` with these extension attributes set (``None`` removes one).
+
+    Names must follow the attribute naming rule and not be a context attribute of the
+    event's version; values are strings, booleans or 32-bit integers.
+    """
+    attributes = dict(event.get_attributes())
+    spec = _spec_for(attributes.get("specversion"))
+    for name, value in extensions.items():
+        if type(name) is not str:
+            raise InvalidEvent(f"extension names must be strings, got {_show(name)}")
+        if name in spec.checks:
+            raise _invalid(name, "is a context attribute, not an extension")
+        if value is None:
+            _check_name(name)
+            attributes.pop(name, None)
+        else:
+            attributes[name] = _extension(name, value)
+    return _new_event(type(event), attributes, event.get_data())
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _text_of(attribute: str, value: Any) -> str:
+    """The canonical string of an attribute value."""
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[no-any-return]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if isinstance(value, datetime):
+        return _format_time(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    raise _invalid(attribute, f"cannot be written: {type(value).__name__} is not a CE type")
+
+
+# RFC 3986 unreserved characters are always safe for quote(); add the rest of
+# U+0021-U+007E except '"' and '%'.
+_HEADER_SAFE: Final = "".join(
+    c for c in map(chr, range(0x21, 0x7F)) if c not in '"%' and not c.isalnum() and c not in "_.-~"
+)
+
+
+def _needs_no_encoding(ascii_value: str) -> bool:
+    # For ASCII, isprintable() is exactly U+0020-U+007E.
+    return (
+        ascii_value.isprintable()
+        and " " not in ascii_value
+        and '"' not in ascii_value
+        and "%" not in ascii_value
+    )
+
+
+def _encode_header(attribute: str, value: str) -> str:
+    if value.isascii() and _needs_no_encoding(value):
+        return value
+    try:
+        return quote(value, safe=_HEADER_SAFE)
+    except UnicodeEncodeError:
+        raise _invalid(attribute, "contains a lone surrogate") from None
+
+
+def _dumps(value: Any, what: str) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        raise _invalid("data", f"cannot be written as JSON ({what}): {exc}") from None
+
+
+def _body_of(event: AnyCloudEvent) -> tuple[str | None, bytes]:
+    """Content-Type and body of binary mode."""
+    data = event.get_data()
+    contenttype = event.get_datacontenttype()
+    if data is None:
+        return contenttype, b""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return contenttype, bytes(data)
+    media = _media_of(contenttype)
+    if media.is_json:
+        return contenttype or _JSON_MEDIA, _dumps(data, "binary body")
+    if type(data) is not str:
+        raise _invalid("data", f"must be str or bytes for datacontenttype {_show(contenttype)}")
+    charset = (media.charset or "utf-8") if media.is_text else "utf-8"
+    try:
+        return contenttype, data.encode(charset)
+    except LookupError:
+        raise UnsupportedContentType(
+            f"unknown charset {_show(charset)} in datacontenttype", "datacontenttype"
+        ) from None
+    except UnicodeEncodeError:
+        raise _invalid("data", f"cannot be encoded as {charset}") from None
+
+
+def to_binary(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
+    """Headers (lower-case names) and body of ``event`` in binary mode."""
+    headers: dict[str, str] = {}
+    for name, value in event.get_attributes().items():
+        # 0.3's datacontentencoding describes the JSON form of data; the body of binary
+        # mode is always the raw bytes.
+        if value is None or name == "datacontenttype" or name == "datacontentencoding":
+            continue
+        if type(value) is str and value.isascii() and _needs_no_encoding(value):
+            headers["ce-" + name] = value
+        else:
+            headers["ce-" + name] = _encode_header(name, _text_of(name, value))
+    contenttype, body = _body_of(event)
+    if contenttype is not None:
+        headers["content-type"] = contenttype
+    return headers, body
+
+
+def to_dict(event: AnyCloudEvent) -> dict[str, Any]:
+    """The JSON-format object of ``event`` (as written in structured mode)."""
+    attributes = event.get_attributes()
+    out: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is str or kind is bool or kind is int:
+            out[name] = value
+        else:
+            out[name] = _text_of(name, value)
+    data = event.get_data()
+    v03 = attributes.get("specversion") == "0.3"
+    if v03:
+        out.pop("datacontentencoding", None)
+    if data is None:
+        return out
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        encoded = base64.b64encode(data).decode("ascii")
+        if v03:
+            out["datacontentencoding"] = "base64"
+            out["data"] = encoded
+        else:
+            out["data_base64"] = encoded
+        return out
+    contenttype = attributes.get("datacontenttype")
+    if (
+        contenttype is not None
+        and not _media("datacontenttype", contenttype).is_json
+        and type(data) is not str
+    ):
+        raise _invalid("data", f"must be str or bytes for datacontenttype {_show(contenttype)}")
+    out["data"] = data
+    return out
+
+
+def to_structured(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
+    """Headers and body of ``event`` in structured mode (JSON format)."""
+    return {"content-type": STRUCTURED_CONTENT_TYPE}, _dumps(to_dict(event), "structured")
+
+
+def to_batch(events: Sequence[AnyCloudEvent]) -> tuple[dict[str, str], bytes]:
+    """Headers and body of ``events`` as one JSON batch (all of one specversion)."""
+    objects = [to_dict(event) for event in events]
+    if objects:
+        version = objects[0].get("specversion")
+        if any(obj.get("specversion") != version for obj in objects):
+            raise InvalidEvent(
+                "all events of a batch must have the same specversion", "specversion"
+            )
+    return {"content-type": BATCH_CONTENT_TYPE}, _dumps(objects, "batch")
+
+
+def encode(events: Sequence[AnyCloudEvent], mode: Mode) -> tuple[dict[str, str], bytes]:
+    """Headers and body for ``events`` in ``mode`` (binary and structured take one)."""
+    if mode == "batch":
+        return to_batch(events)
+    if mode != "binary" and mode != "structured":
+        raise CodecError(f"unknown mode {_show(mode)}; use binary, structured or batch")
+    if len(events) != 1:
+        raise CodecError(f"{mode} mode carries exactly one event, got {len(events)}")
+    return to_binary(events[0]) if mode == "binary" else to_structured(events[0])
