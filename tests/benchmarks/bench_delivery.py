@@ -1,0 +1,293 @@
+"""Source delivery throughput: the cdk Deliverer against the one-request-in-flight pattern.
+
+Run: ``.venv/bin/python tests/benchmarks/bench_delivery.py [--seconds 4]``
+
+A fast receiver (asyncio Protocol + httptools on uvloop, reads each body, answers 200)
+runs in its own process pinned to one core; each scenario runs in a fresh sender
+process pinned to the other core, so its peak RSS is its own. Every scenario drains a
+bounded queue that a producer keeps full with ``cdk.Tuple`` objects, and counts events
+whose ``success`` callback ran during the measured window. Ratios are against the
+baseline measured in the same run: one aiohttp request in flight, one event per request,
+binary mode (the cdk-go pattern).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
+if str(TEMPLATE_PROJECT) not in sys.path:
+    sys.path.insert(0, str(TEMPLATE_PROJECT))
+sys.dont_write_bytecode = True  # keep __pycache__ out of the template
+
+RECEIVER_CORE = 0
+SENDER_CORE = 1
+WARMUP = 0.3
+
+#: name -> (kind, Deliverer config overrides)
+SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline: 1 in flight, binary": ("baseline", {}),
+    "Deliverer binary, 16 in flight": ("deliverer", {"max_in_flight": 16}),
+    "Deliverer binary, 32 in flight": ("deliverer", {"max_in_flight": 32}),
+    "Deliverer structured, 16 in flight": (
+        "deliverer",
+        {"max_in_flight": 16, "content_mode": "structured"},
+    ),
+    "Deliverer batch 100, 16 in flight": ("deliverer", {"max_in_flight": 16, "batch_size": 100}),
+}
+
+
+def pin(core: int) -> None:
+    cores = os.sched_getaffinity(0)
+    if core in cores and len(cores) > 1:
+        os.sched_setaffinity(0, {core})
+
+
+def install_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+# -- receiver ------------------------------------------------------------------------
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+class _Receiver(asyncio.Protocol):
+    """Parses requests with httptools, reads each body, answers 200 (keep-alive)."""
+
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: Any = None
+        self.body_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception:  # noqa: BLE001 - a broken client just loses its connection
+            if self.transport is not None:
+                self.transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        self.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.transport is not None:
+            self.transport.write(_OK)
+            if not self.parser.should_keep_alive():
+                self.transport.close()
+
+
+def serve() -> None:
+    pin(RECEIVER_CORE)
+    install_uvloop()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_Receiver, "127.0.0.1", 0, backlog=1024)
+        port = server.sockets[0].getsockname()[1]
+        print(port, flush=True)
+        # Runs until the parent closes our stdin.
+        await loop.run_in_executor(None, sys.stdin.read)
+        server.close()
+
+    asyncio.run(main())
+
+
+# -- senders -------------------------------------------------------------------------
+
+
+class _Count:
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def hit(self) -> None:
+        self.n += 1
+
+
+def _events(n: int) -> list[Any]:
+    from cdk import CloudEvent
+
+    return [
+        CloudEvent(
+            {
+                "id": f"bench-{i}",
+                "source": "/bench/delivery",
+                "type": "com.example.bench",
+                "specversion": "1.0",
+                "datacontenttype": "application/json",
+                "subject": f"item-{i % 97}",
+            },
+            {"n": i, "message": "hello world", "tags": ["a", "b"]},
+        )
+        for i in range(n)
+    ]
+
+
+async def _produce(chan: asyncio.Queue[Any], events: list[Any], count: _Count) -> None:
+    from cdk import Tuple
+
+    hit = count.hit
+    i = 0
+    size = len(events)
+    while True:
+        await chan.put(Tuple(events[i % size], hit))
+        i += 1
+
+
+async def _baseline(url: str, chan: asyncio.Queue[Any]) -> None:
+    """The cdk-go pattern: take one event, POST it in binary mode, wait, repeat."""
+    import aiohttp
+
+    from cdk.codec import to_binary
+
+    async with aiohttp.ClientSession() as session:
+        while True:
+            item = await chan.get()
+            headers, body = to_binary(item.event)
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if 200 <= response.status < 300:
+                    item.success()
+
+
+async def _measure(
+    kind: str, url: str, overrides: dict[str, Any], seconds: float
+) -> tuple[float, float]:
+    from cdk.config import SourceConfig
+    from cdk.delivery import Deliverer
+    from cdk.metrics import Metrics
+
+    count = _Count()
+    chan: asyncio.Queue[Any] = asyncio.Queue(1000)
+    producer = asyncio.create_task(_produce(chan, _events(1000), count))
+    deliverer: Deliverer | None = None
+    if kind == "baseline":
+        sender = asyncio.create_task(_baseline(url, chan))
+    else:
+        config = SourceConfig(target=url, batch_linger=0.002, **overrides)
+        deliverer = Deliverer(config, Metrics())
+        sender = asyncio.create_task(deliverer.run(chan))
+    await asyncio.sleep(WARMUP)
+    start_count, started, cpu = count.n, time.perf_counter(), time.process_time()
+    await asyncio.sleep(seconds)
+    delivered, elapsed = count.n - start_count, time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    producer.cancel()
+    if deliverer is not None:
+        await deliverer.stop(grace=2.0)
+    sender.cancel()
+    await asyncio.gather(producer, sender, return_exceptions=True)
+    return delivered / elapsed, cpu / max(delivered, 1)
+
+
+def run_scenario(name: str, url: str, seconds: float) -> None:
+    pin(SENDER_CORE)
+    loop_name = install_uvloop()
+    kind, overrides = SCENARIOS[name]
+    import aiohttp  # noqa: F401 - loaded before the memory reference point
+
+    import cdk.delivery  # noqa: F401
+
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rate, cpu = asyncio.run(_measure(kind, url, overrides, seconds))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {
+        "rate": rate,
+        "cpu": cpu,
+        "peak_kib": peak_kib,
+        "growth_kib": peak_kib - before_kib,
+        "loop": loop_name,
+    }
+    print(json.dumps(result), flush=True)
+
+
+# -- driver --------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="measured time per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per scenario (best kept)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve()
+        return
+    if args.scenario:
+        run_scenario(args.scenario, args.url, args.seconds)
+        return
+
+    me = [sys.executable, "-B", __file__]
+    receiver = subprocess.Popen(
+        [*me, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}
+    try:
+        assert receiver.stdout is not None
+        url = f"http://127.0.0.1:{receiver.stdout.readline().strip()}/"
+        print(
+            f"receiver {url} on core {RECEIVER_CORE}; senders on core {SENDER_CORE}; "
+            f"{args.rounds} rounds of {args.seconds:g} s per scenario (after {WARMUP:g} s "
+            "warm-up), interleaved; best round kept, as other load only slows a run down"
+        )
+        for _ in range(args.rounds):
+            for name in SCENARIOS:
+                out = subprocess.run(
+                    [*me, "--scenario", name, "--url", url, "--seconds", str(args.seconds)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=60,
+                )
+                runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        if receiver.stdin is not None:
+            receiver.stdin.close()
+        receiver.wait(timeout=10)
+    report(runs)
+
+
+def report(runs: dict[str, list[dict[str, Any]]]) -> None:
+    best = {name: max(results, key=lambda r: r["rate"]) for name, results in runs.items()}
+    baseline_name = next(iter(SCENARIOS))
+    baseline = best[baseline_name]
+    print(f"sender loop: {baseline['loop']}")
+    print(
+        f"{'scenario':<36} {'events/s':>9} {'x base':>7} {'all rounds (events/s)':>22} "
+        f"{'CPU/event':>10} {'peak RSS (growth while sending)':>31}"
+    )
+    for name, result in best.items():
+        rounds = "/".join(f"{r['rate'] / 1000:.1f}k" for r in runs[name])
+        peak = max(r["peak_kib"] for r in runs[name]) / 1024
+        growth = max(r["growth_kib"] for r in runs[name]) / 1024
+        print(
+            f"{name:<36} {result['rate']:>9,.0f} {result['rate'] / baseline['rate']:>6.1f}x "
+            f"{rounds:>22} {result['cpu'] * 1e6:>7.1f} us {peak:>12.1f} MiB (+{growth:.1f} MiB)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,675 @@
+"""Delivery engine over real HTTP on loopback, against a CaptureTarget that misbehaves on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from cloudevents.core.v1.event import CloudEvent
+
+from cdk.config import SourceConfig
+from cdk.connector import Tuple
+from cdk.delivery import (
+    AttemptsExhausted,
+    Deliverer,
+    DeliveryError,
+    ShutdownError,
+    TargetRejected,
+    TargetUnavailable,
+    parse_ce_overrides,
+    retry_after_seconds,
+)
+from cdk.metrics import Metrics
+from cdk.testing import CaptureTarget, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def make_event(i: int) -> CloudEvent:
+    return CloudEvent(
+        {
+            "id": f"e{i}",
+            "source": "/tests/delivery",
+            "type": "com.example.test",
+            "specversion": "1.0",
+            "datacontenttype": "application/json",
+        },
+        {"n": i},
+    )
+
+
+def data_n(event: CloudEvent) -> int:
+    data = event.get_data()
+    assert isinstance(data, dict)
+    return int(data["n"])
+
+
+def config(target: str, **overrides: Any) -> SourceConfig:
+    values: dict[str, Any] = {
+        "target": target,
+        "retry_backoff": 0.01,
+        "retry_backoff_max": 0.05,
+        "attempt_timeout": 5.0,
+    }
+    values.update(overrides)
+    return SourceConfig(**values)
+
+
+class Fates:
+    """Records every callback; ``wait`` returns once ``expected`` tuples were settled."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.ok: list[str] = []
+        self.failed: dict[str, BaseException] = {}
+        self.calls: Counter[str] = Counter()
+        self.done = asyncio.Event()
+
+    def tuple(self, event: CloudEvent) -> Tuple:
+        event_id = event.get_id()
+        return Tuple(event, lambda: self._ok(event_id), lambda exc: self._fail(event_id, exc))
+
+    def _ok(self, event_id: str) -> None:
+        self.ok.append(event_id)
+        self._count(event_id)
+
+    def _fail(self, event_id: str, exc: BaseException) -> None:
+        self.failed[event_id] = exc
+        self._count(event_id)
+
+    def _count(self, event_id: str) -> None:
+        self.calls[event_id] += 1
+        if sum(self.calls.values()) >= self.expected:
+            self.done.set()
+
+    async def wait(self, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            await self.done.wait()
+
+    def assert_exactly_once(self, ids: list[str]) -> None:
+        assert sorted(self.calls) == sorted(ids)
+        assert set(self.calls.values()) == {1}, self.calls.most_common(3)
+        assert not set(self.ok) & set(self.failed)
+
+
+@asynccontextmanager
+async def delivering(
+    cfg: SourceConfig,
+    chan: asyncio.Queue[Tuple] | None = None,
+    *,
+    grace: float = 5.0,
+    overrides: dict[str, Any] | None = None,
+    logger: logging.Logger | None = None,
+) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
+    chan = chan if chan is not None else asyncio.Queue(cfg.queue_size)
+    metrics = Metrics()
+    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger)
+    task = asyncio.create_task(deliverer.run(chan))
+    try:
+        yield deliverer, chan, metrics
+    finally:
+        await deliverer.stop(grace)
+        await asyncio.wait_for(task, 5)
+
+
+def value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    result = metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if result is None else result
+
+
+async def send(chan: asyncio.Queue[Tuple], fates: Fates, ids: range) -> list[str]:
+    for i in ids:
+        await chan.put(fates.tuple(make_event(i)))
+    return [f"e{i}" for i in ids]
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+# -- delivery and callbacks ----------------------------------------------------------
+
+
+def test_every_event_gets_one_callback_and_every_success_arrived() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(300)
+            async with delivering(config(target.url, max_in_flight=8)) as (_, chan, metrics):
+                ids = await send(chan, fates, range(300))
+                await fates.wait()
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            received = [e.get_id() for e in target.events]
+            assert sorted(received) == sorted(ids)
+            assert value(metrics, "cdk_events_delivered_total") == 300
+            assert value(metrics, "cdk_delivery_in_flight") == 0
+            assert value(metrics, "cdk_delivery_latency_seconds_count") == 300
+
+    run(main)
+
+
+def test_one_in_flight_keeps_strict_order_across_retries() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(2, status=503)
+            target.drop_next(1)
+            target.fail_next(1, status=500)
+            fates = Fates(60)
+            cfg = config(target.url, max_in_flight=1, send_event_attempts=10)
+            async with delivering(cfg) as (_, chan, _metrics):
+                ids = await send(chan, fates, range(60))
+                await fates.wait()
+            assert fates.ok == ids
+            assert [e.get_id() for e in target.events] == ids
+            assert target.attempts == 64
+
+    run(main)
+
+
+def test_async_callbacks_are_awaited() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            done: list[str] = []
+            all_done = asyncio.Event()
+
+            async def success(event_id: str) -> None:
+                await asyncio.sleep(0)
+                done.append(event_id)
+                if len(done) == 20:
+                    all_done.set()
+
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                for i in range(20):
+                    await chan.put(Tuple(make_event(i), functools.partial(success, f"e{i}")))
+                async with asyncio.timeout(10):
+                    await all_done.wait()
+            assert sorted(done) == sorted(f"e{i}" for i in range(20))
+
+    run(main)
+
+
+def test_raising_callbacks_do_not_stop_delivery(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            delivered: list[str] = []
+
+            def success(event_id: str) -> None:
+                delivered.append(event_id)
+                raise RuntimeError(f"callback of {event_id} broke")
+
+            async with delivering(config(target.url, max_in_flight=2)) as (_, chan, _metrics):
+                for i in range(30):
+                    await chan.put(Tuple(make_event(i), functools.partial(success, f"e{i}")))
+                await target.wait_for(30)
+                await target.wait_until_async(lambda: len(delivered) == 30)
+            assert sorted(delivered) == sorted(f"e{i}" for i in range(30))
+
+    with caplog.at_level(logging.ERROR, logger="cdk.delivery"):
+        run(main)
+    assert "success callback of event e0 raised" in caplog.text
+
+
+# -- content modes and batches -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "content_type"),
+    [("binary", "application/json"), ("structured", "application/cloudevents+json")],
+)
+def test_content_mode_on_the_wire(mode: str, content_type: str) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            async with delivering(config(target.url, content_mode=mode)) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+            for request in target.requests:
+                assert request.mode == mode
+                assert request.headers["content-type"].startswith(content_type)
+                assert ("ce-id" in request.headers) == (mode == "binary")
+                assert len(request.events) == 1
+            assert sorted(data_n(e) for e in target.events) == [0, 1, 2]
+
+    run(main)
+
+
+def test_fast_producer_fills_batches() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(25)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(100)
+            ids = await send(chan, fates, range(25))  # queued before delivery starts
+            cfg = config(target.url, batch_size=10, max_in_flight=1, batch_linger=0.05)
+            async with delivering(cfg, chan) as (_, _chan, metrics):
+                await fates.wait()
+            assert [len(r.events) for r in target.requests] == [10, 10, 5]
+            assert {r.mode for r in target.requests} == {"batch"}
+            for request in target.requests:
+                assert request.headers["content-type"].startswith(
+                    "application/cloudevents-batch+json"
+                )
+            assert [e.get_id() for e in target.events] == ids
+            assert value(metrics, "cdk_events_delivered_total") == 25
+
+    run(main)
+
+
+def test_batches_with_many_in_flight_take_from_chan_in_order() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(500)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(1000)
+            ids = await send(chan, fates, range(500))
+            cfg = config(target.url, batch_size=50, max_in_flight=4)
+            async with delivering(cfg, chan):
+                await fates.wait()
+            assert all(len(r.events) == 50 for r in target.requests)
+            # Each request holds a contiguous run of the queue, whatever order they landed in.
+            runs = sorted(int(r.events[0].get_id()[1:]) for r in target.requests)
+            assert runs == list(range(0, 500, 50))
+            assert sorted(fates.ok) == sorted(ids)
+
+    run(main)
+
+
+def test_linger_flushes_a_partial_batch() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            cfg = config(target.url, batch_size=100, batch_linger=0.02)
+            async with delivering(cfg) as (_, chan, _metrics):
+                started = time.monotonic()
+                await send(chan, fates, range(3))
+                await fates.wait(within=5)
+                elapsed = time.monotonic() - started
+            assert [len(r.events) for r in target.requests] == [3]
+            assert elapsed < 2.0
+
+    run(main)
+
+
+# -- retries -------------------------------------------------------------------------
+
+
+def test_503_burst_is_retried() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(6, status=503)
+            fates = Fates(10)
+            cfg = config(target.url, max_in_flight=2, send_event_attempts=10)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(10))
+                await fates.wait()
+            assert sorted(fates.ok) == sorted(ids)
+            assert target.attempts == 16
+            assert value(metrics, "cdk_delivery_retries_total") == 6
+
+    run(main)
+
+
+def test_429_retry_after_is_honoured() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(1, status=429, retry_after=1)
+            fates = Fates(1)
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            first, second = target.all_requests
+            assert first.status == 429 and second.status == 200
+            assert second.arrived - first.arrived >= 0.95  # 1 s asked, backoff is 0.01 s
+
+    run(main)
+
+
+def test_retry_after_is_capped() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(1, status=503, retry_after=3600)
+            fates = Fates(1)
+            cfg = config(target.url, retry_after_max=0.05)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait(within=5)
+            assert fates.ok == ["e0"]
+
+    run(main)
+
+
+def test_dropped_connections_are_retried() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.drop_next(3)
+            fates = Fates(4)
+            cfg = config(target.url, max_in_flight=1, send_event_attempts=5)
+            async with delivering(cfg) as (_, chan, _metrics):
+                ids = await send(chan, fates, range(4))
+                await fates.wait()
+            assert fates.ok == ids
+            assert [r.status for r in target.all_requests[:3]] == [None, None, None]
+
+    run(main)
+
+
+def test_slow_answer_over_attempt_timeout_is_retried() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.delay_next(1, 1.0)
+            fates = Fates(1)
+            cfg = config(target.url, attempt_timeout=0.2)
+            async with delivering(cfg) as (_, chan, metrics):
+                started = time.monotonic()
+                await send(chan, fates, range(1))
+                await fates.wait()
+                elapsed = time.monotonic() - started
+            assert fates.ok == ["e0"]
+            assert 0.2 <= elapsed < 1.0  # the retry did not wait for the slow answer
+            assert value(metrics, "cdk_delivery_retries_total") == 1
+
+    run(main)
+
+
+def test_target_that_starts_late_gets_everything() -> None:
+    async def main() -> None:
+        port = free_port()
+        retried = asyncio.Event()
+
+        class OnRetry(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage().startswith("retrying"):
+                    retried.set()
+
+        logger = logging.getLogger("tests.delivery.late")
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(OnRetry())
+        fates = Fates(5)
+        cfg = config(f"http://127.0.0.1:{port}/", send_event_attempts=0, max_in_flight=1)
+        async with delivering(cfg, logger=logger) as (_, chan, _metrics):
+            ids = await send(chan, fates, range(5))
+            async with asyncio.timeout(10):
+                await retried.wait()  # at least one attempt failed: nobody listened yet
+            async with CaptureTarget(port=port) as target:
+                await fates.wait()
+                assert [e.get_id() for e in target.events] == ids
+        assert fates.ok == ids
+
+    run(main)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 413, 415, 422])
+def test_non_retryable_status_fails_at_once(status: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.reject_next(1, status=status, body=f"no thanks ({status})")
+            fates = Fates(1)
+            cfg = config(target.url, send_event_attempts=5)
+            async with delivering(cfg) as (_, chan, metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, TargetRejected)
+            assert error.status == status
+            assert str(status) in str(error) and f"no thanks ({status})" in str(error)
+            assert target.attempts == 1
+            assert value(metrics, "cdk_events_failed_total", {"reason": "rejected"}) == 1
+            assert value(metrics, "cdk_delivery_retries_total") == 0
+
+    run(main)
+
+
+def test_rejection_excerpt_is_short() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.reject_next(1, status=400, body="x" * 5000)
+            fates = Fates(1)
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, TargetRejected)
+            assert 0 < len(error.excerpt) <= 200
+
+    run(main)
+
+
+def test_attempts_exhausted(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503, body="down for maintenance")
+            fates = Fates(1)
+            cfg = config(target.url, send_event_attempts=3)
+            async with delivering(cfg) as (_, chan, metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, AttemptsExhausted)
+            assert isinstance(error.last_error, TargetUnavailable)
+            assert error.last_error.status == 503
+            assert "3 attempt" in str(error) and "down for maintenance" in str(error)
+            assert target.attempts == 3
+            assert value(metrics, "cdk_events_failed_total", {"reason": "exhausted"}) == 1
+
+    with caplog.at_level(logging.WARNING, logger="cdk.delivery"):
+        run(main)
+    assert "e0" in caplog.text
+
+
+def test_zero_attempts_retries_until_delivered() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(12, status=502)
+            fates = Fates(1)
+            cfg = config(target.url, send_event_attempts=0, retry_backoff_max=0.02)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            assert fates.ok == ["e0"]
+            assert target.attempts == 13
+
+    run(main)
+
+
+# -- shutdown and backpressure -------------------------------------------------------
+
+
+def test_stop_delivers_what_is_queued() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(3, status=503)
+            fates = Fates(200)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(1000)
+            ids = await send(chan, fates, range(200))
+            deliverer = Deliverer(config(target.url, max_in_flight=4, batch_size=7), Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.stop(grace=10)  # the producer is done; drain and finish
+            await task
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+
+    run(main)
+
+
+def test_stop_with_a_dead_target_fails_the_rest_with_shutdown_error() -> None:
+    async def main() -> None:
+        dead = f"http://127.0.0.1:{free_port()}/"
+        fates = Fates(40)
+        chan: asyncio.Queue[Tuple] = asyncio.Queue(100)
+        ids = await send(chan, fates, range(40))
+        metrics = Metrics()
+        cfg = config(dead, send_event_attempts=0, max_in_flight=3, batch_size=2)
+        deliverer = Deliverer(cfg, metrics)
+        task = asyncio.create_task(deliverer.run(chan))
+        started = time.monotonic()
+        await deliverer.stop(grace=0.3)
+        await task
+        assert time.monotonic() - started < 3
+        fates.assert_exactly_once(ids)
+        assert not fates.ok
+        assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+        assert chan.empty()
+        assert value(metrics, "cdk_events_failed_total", {"reason": "shutdown"}) == 40
+
+    run(main)
+
+
+def test_stop_fails_a_request_stuck_past_the_grace_period() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.delay_next(1, 3.0)
+            fates = Fates(3)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            cfg = config(target.url, max_in_flight=1, attempt_timeout=10)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            ids = await send(chan, fates, range(3))
+            await target.wait_until_async(lambda: target.attempts >= 1)
+            await deliverer.stop(grace=0.2)
+            await task
+            fates.assert_exactly_once(ids)
+            assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+
+    run(main)
+
+
+def test_bounded_queue_blocks_the_producer_while_the_target_is_down() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            fates = Fates(100)
+            queued = 0
+            cfg = config(target.url, queue_size=5, max_in_flight=2, send_event_attempts=0)
+            async with delivering(cfg) as (_, chan, metrics):
+
+                async def produce() -> None:
+                    nonlocal queued
+                    for i in range(100):
+                        await chan.put(fates.tuple(make_event(i)))
+                        queued += 1
+
+                producer = asyncio.create_task(produce())
+                await target.wait_until_async(lambda: target.attempts >= 20)
+                assert chan.full()
+                assert not producer.done()
+                # Only the queue plus one event per in-flight slot ever left the producer.
+                assert queued <= 5 + 2 * 1
+                assert value(metrics, "cdk_source_queue_depth") == 5
+                assert 0 <= value(metrics, "cdk_delivery_in_flight") <= 2
+                target.fail_with(None)
+                await fates.wait()
+                await producer
+            assert sorted(fates.ok) == sorted(f"e{i}" for i in range(100))
+
+    run(main)
+
+
+# -- K_CE_OVERRIDES ------------------------------------------------------------------
+
+
+def test_overrides_are_set_on_every_event() -> None:
+    async def main() -> None:
+        overrides = parse_ce_overrides('{"extensions": {"cluster": "east", "tier": 2}}')
+        async with CaptureTarget() as target:
+            for batch_size in (1, 4):
+                fates = Fates(4)
+                cfg = config(target.url, batch_size=batch_size)
+                async with delivering(cfg, overrides=overrides) as (_, chan, _metrics):
+                    await send(chan, fates, range(4))
+                    await fates.wait()
+            assert len(target.events) == 8
+            for event in target.events:
+                assert event.get_extension("cluster") == "east"
+                assert str(event.get_extension("tier")) == "2"  # binary headers are text
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "JSON object"),
+        ('{"extensions": "x"}', '"extensions"'),
+        ('{"extensions": {"Bad-Name": "x"}}', "Bad-Name"),
+        ('{"extensions": {"id": "x"}}', "id"),
+    ],
+)
+def test_bad_overrides_are_a_clear_value_error(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="K_CE_OVERRIDES") as info:
+        parse_ce_overrides(text)
+    assert problem in str(info.value)
+
+
+def test_empty_overrides() -> None:
+    assert parse_ce_overrides(None) == {}
+    assert parse_ce_overrides("  ") == {}
+    assert parse_ce_overrides('{"extensions": {}}') == {}
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def test_retry_after_values() -> None:
+    now = time.time()
+    later = datetime.fromtimestamp(now, UTC) + timedelta(seconds=30)
+    assert retry_after_seconds("2") == 2.0
+    assert retry_after_seconds(" 0 ") == 0.0
+    assert retry_after_seconds("-5") == 0.0
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("soon") is None
+    date_value = retry_after_seconds(format_datetime(later, usegmt=True), now=now)
+    assert date_value is not None and 29 <= date_value <= 31
+
+
+def test_error_messages_name_the_cause() -> None:
+    rejected = TargetRejected(413, "body too large")
+    assert str(rejected) == "target rejected the request with HTTP 413: body too large"
+    exhausted = AttemptsExhausted(3, ConnectionRefusedError())
+    assert str(exhausted) == "gave up after 3 attempt(s): ConnectionRefusedError"
+    assert isinstance(ShutdownError("x"), DeliveryError)
+
+
+def test_capture_target_in_a_thread_serves_sync_code() -> None:
+    with CaptureTarget.in_thread() as target:
+        fates_holder: list[Fates] = []
+
+        async def main() -> None:
+            fates = Fates(5)
+            fates_holder.append(fates)
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                await send(chan, fates, range(5))
+                await fates.wait()
+
+        asyncio.run(main())
+        events = target.wait_for_sync(5, timeout=5)
+        assert sorted(e.get_id() for e in events) == [f"e{i}" for i in range(5)]
+        assert len(fates_holder[0].ok) == 5
+
+
+def test_capture_target_answers_malformed_requests_like_a_strict_receiver() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, aiohttp.ClientSession() as session:
+            bad = {"content-type": "application/cloudevents+json"}
+            async with session.post(target.url, data=b"{not json", headers=bad) as response:
+                assert response.status == 400
+            async with session.get(target.url) as response:
+                assert response.status == 405
+            target.fail_next(1, status=503, retry_after=7)
+            async with session.post(target.url, data=b"x") as response:
+                assert response.status == 503
+                assert response.headers["Retry-After"] == "7"
+            assert target.requests == [] and target.events == []
+            assert [r.status for r in target.all_requests] == [400, 405, 503]
+            assert target.all_requests[0].error
+
+    run(main)
