@@ -1,0 +1,159 @@
+"""Trim the generated project to its variant, then check what was generated.
+
+Runs in the new project's directory. Removes the files that belong to another variant
+(a source has no sink code and the reverse; files already absent are fine) and any
+cache directory, then checks that every ``.py`` file compiles and that no template
+marker was left in a text file outside the vendored ``cdk/``. On a problem it prints one
+line and exits 1. Answers arrive as JSON text, so no answer can change this script.
+"""
+
+# The Jinja expressions below read as Python sets of undefined names until rendered.
+# ruff: noqa: F821
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import ModuleType
+
+HOOKS_DIR: str = json.loads({{ template_hooks_dir | tojson | tojson }})
+VARIANT: str = json.loads({{ cookiecutter.__variant | tojson | tojson }})
+FREE_TEXT: list[str] = [
+    json.loads({{ cookiecutter.description | tojson | tojson }}),
+    json.loads({{ cookiecutter.author_name | tojson | tojson }}),
+    json.loads({{ cookiecutter.author_email | tojson | tojson }}),
+]
+
+SOURCES = frozenset({"source-poll", "source-webhook"})
+SERVES_HTTP = frozenset({"sink", "source-webhook"})
+#: Files that exist only in some variants (paths relative to the project root).
+ONLY_IN: Mapping[str, frozenset[str]] = {
+    "internal/source.py": SOURCES,
+    "internal/sink.py": frozenset({"sink"}),
+    "deploy/kubernetes/service.yaml": SERVES_HTTP,
+    "deploy/knative/service.yaml": frozenset({"sink"}),
+    "deploy/knative/sinkbinding.yaml": SOURCES,
+    "tests/test_source.py": frozenset({"source-poll"}),
+    "tests/test_webhook.py": frozenset({"source-webhook"}),
+    "tests/test_sink.py": frozenset({"sink"}),
+}
+#: Directories whose files are copied verbatim, so they are not checked for markers.
+VERBATIM = ("cdk",)
+CACHE_DIRS = ("__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis")
+# Spelled with escapes: the literal markers would be read by Jinja when the hook is rendered.
+MARKERS = ("\x7b\x7b", "\x7b%")
+
+
+def files_to_remove(variant: str, only_in: Mapping[str, frozenset[str]] = ONLY_IN) -> list[str]:
+    """The paths that do not belong to ``variant``."""
+    return sorted(path for path, variants in only_in.items() if variant not in variants)
+
+
+def remove_paths(root: Path, paths: Iterable[str]) -> None:
+    """Delete ``paths`` under ``root``; a path that is already gone is not an error."""
+    paths = list(paths)
+    for relative in paths:
+        (root / relative).unlink(missing_ok=True)
+    # Leave no empty directory behind, at any depth.
+    for relative in paths:
+        directory = (root / relative).parent
+        while directory != root and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+            directory = directory.parent
+
+
+def remove_caches(root: Path) -> None:
+    """Delete every cache directory (``__pycache__``, tool caches) under ``root``.
+
+    They appear in the template when its code is run or checked in place, and
+    cookiecutter would copy them into the project.
+    """
+    for name in CACHE_DIRS:
+        for cache in sorted(root.rglob(name), reverse=True):
+            if cache.is_dir():
+                shutil.rmtree(cache, ignore_errors=True)
+
+
+def syntax_error(path: Path) -> str | None:
+    """Why ``path`` does not compile as Python, or None."""
+    try:
+        compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        return f"{path.name} does not compile: {exc}"
+    return None
+
+
+def load_filters(hooks_dir: str) -> ModuleType:
+    """Import ``naming`` (the template's filters) from the hooks directory."""
+    if hooks_dir not in sys.path:
+        sys.path.insert(0, hooks_dir)
+    return importlib.import_module("naming")
+
+
+def answer_forms(answers: Iterable[str], filters: ModuleType | None = None) -> list[str]:
+    """Every way an answer may appear in a file: as typed, or as the filters embed it."""
+    forms: set[str] = set()
+    for answer in answers:
+        forms.add(answer)
+        for ascii_only in (True, False):
+            forms.add(json.dumps(answer, ensure_ascii=ascii_only)[1:-1])
+        if filters is not None:
+            forms.add(filters.one_line(answer))
+            forms.add(filters.toml_string(answer)[1:-1])
+            forms.add(filters.yaml_string(answer)[1:-1])
+    # Longest first, so a longer form is removed before a shorter one inside it.
+    return sorted((form for form in forms if form), key=len, reverse=True)
+
+
+def leftover_marker(text: str, forms: Iterable[str] = ()) -> str | None:
+    """The first template marker in ``text`` that did not come from an answer, or None."""
+    for form in forms:
+        text = text.replace(form, "")
+    for line in text.splitlines():
+        for marker in MARKERS:
+            if marker in line:
+                return line.strip()
+    return None
+
+
+def check_project(
+    root: Path, answers: Iterable[str] = (), filters: ModuleType | None = None
+) -> list[str]:
+    """One line per problem in the generated project under ``root``."""
+    forms = answer_forms(answers, filters)
+    problems = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if relative.parts[0] in (".git", *VERBATIM):
+            continue
+        if path.suffix == ".py":
+            error = syntax_error(path)
+            if error:
+                problems.append(f"{relative}: {error}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # not a text file
+        marker = leftover_marker(text, forms)
+        if marker is not None:
+            problems.append(f"{relative}: template marker left in {marker!r}")
+    return problems
+
+
+def main(root: Path | None = None) -> int:
+    project = Path.cwd() if root is None else root
+    remove_paths(project, files_to_remove(VARIANT))
+    remove_caches(project)
+    problems = check_project(project, FREE_TEXT, load_filters(HOOKS_DIR))
+    if problems:
+        print("Error: generated project is broken: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

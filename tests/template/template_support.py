@@ -1,0 +1,245 @@
+"""Rendering the template for its own tests, and keeping its README tables current.
+
+``render`` runs cookiecutter's Python API with a private user config (no replay files
+in the home directory). ``python tests/template/template_support.py`` rewrites the
+configuration tables in the generated README's template from the config models, after
+a change to ``cdk/config.py`` or ``internal/config.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cookiecutter.environment import StrictEnvironment
+from cookiecutter.main import cookiecutter
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
+CACHE_DIRS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
+
+#: Every supported combination of the questions that change the generated files.
+VARIANTS: dict[str, dict[str, str]] = {
+    "source-poll": {"connector_type": "source", "source_style": "poll"},
+    "source-webhook": {"connector_type": "source", "source_style": "webhook"},
+    "sink": {"connector_type": "sink"},
+}
+LICENSES = ("Apache-2.0", "MIT", "BSD-3-Clause", "Proprietary")
+#: The license each variant is rendered with, so every license is covered somewhere.
+VARIANT_LICENSE = {"source-poll": "Apache-2.0", "source-webhook": "MIT", "sink": "BSD-3-Clause"}
+
+#: The files of each variant outside cdk/ and tests/ (those two are checked apart).
+#: pyproject.toml is named ``{{cookiecutter.__pyproject_toml}}`` in the template, so
+#: that tools run inside the template (ruff, pytest) do not read its Jinja as config.
+COMMON_FILES = frozenset(
+    {
+        ".cookiecutter.json",
+        ".dockerignore",
+        ".github/workflows/ci.yml",
+        ".gitignore",
+        "Dockerfile",
+        "LICENSE",
+        "README.md",
+        "cmd/main.py",
+        "config.yml",
+        "deploy/kubernetes/configmap.yaml",
+        "deploy/kubernetes/deployment.yaml",
+        "deploy/kubernetes/secret.yaml",
+        "internal/__init__.py",
+        "internal/config.py",
+        "pyproject.toml",
+        "tools/config_table.py",
+    }
+)
+VARIANT_FILES: dict[str, frozenset[str]] = {
+    "source-poll": frozenset({"internal/source.py", "deploy/knative/sinkbinding.yaml"}),
+    "source-webhook": frozenset(
+        {
+            "internal/source.py",
+            "deploy/knative/sinkbinding.yaml",
+            "deploy/kubernetes/service.yaml",
+        }
+    ),
+    "sink": frozenset(
+        {"internal/sink.py", "deploy/knative/service.yaml", "deploy/kubernetes/service.yaml"}
+    ),
+}
+
+
+def write_user_config(directory: Path) -> Path:
+    """A cookiecutter user config that keeps replay files and clones under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "cookiecutter-config.yaml"
+    config.write_text(
+        f"cookiecutters_dir: {json.dumps(str(directory / 'cookiecutters'))}\n"
+        f"replay_dir: {json.dumps(str(directory / 'replay'))}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def render(output_dir: Path, **answers: str) -> Path:
+    """Render the template with ``answers`` (no prompts) into ``output_dir``; the project."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = write_user_config(output_dir.parent / f".cc-{output_dir.name}")
+    return Path(
+        cookiecutter(
+            str(REPO),
+            no_input=True,
+            extra_context=answers,
+            output_dir=str(output_dir),
+            config_file=str(config),
+        )
+    )
+
+
+def files_under(root: Path) -> set[str]:
+    """Relative paths of the files under ``root``, without cache directories."""
+    return {
+        path.relative_to(root).as_posix()
+        for path in root.rglob("*")
+        if path.is_file() and not CACHE_DIRS & set(path.relative_to(root).parts)
+    }
+
+
+def render_text(text: str, cookiecutter_context: Mapping[str, Any]) -> str:
+    """Render ``text`` as cookiecutter renders a hook, with the template's extensions."""
+    context = {"cookiecutter": dict(cookiecutter_context)}
+    context["cookiecutter"].setdefault(
+        "_extensions", json.loads((REPO / "cookiecutter.json").read_text())["_extensions"]
+    )
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+    env = StrictEnvironment(context=context, keep_trailing_newline=True)
+    return str(env.from_string(text).render(**context))
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool installed next to this Python, or on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed: pip install -r tests/requirements.txt")
+    return found
+
+
+def declared_requirements(pyproject: Path) -> list[str]:
+    """A project's runtime dependencies followed by its ``test`` extras."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["test"]]
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_venv(cache: Path, requirements: list[str]) -> Path:
+    """A virtual environment with exactly ``requirements``, reused while they are unchanged."""
+    key = hashlib.sha256(
+        "\n".join([sys.version, *sorted(requirements)]).encode("utf-8")
+    ).hexdigest()[:16]
+    venv = cache / key
+    complete = venv / ".complete"
+    if complete.exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    listing = venv / "requirements.txt"
+    listing.write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    subprocess.run(
+        [
+            str(venv_python(venv)),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-r",
+            str(listing),
+        ],
+        check=True,
+        timeout=1200,
+        env=clean_env(),
+    )
+    complete.write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    return venv
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for a subprocess that must not see this test run's Python setup."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PYTEST"))}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+# --- README tables -------------------------------------------------------------------
+
+README_TEMPLATE = TEMPLATE_PROJECT / "README.md"
+_BLOCKS = {
+    "sink": ("{%- if is_sink %}\n", "{%- elif is_webhook %}\n"),
+    "source-webhook": ("{%- elif is_webhook %}\n", "{%- else %}\n"),
+    "source-poll": ("{%- else %}\n", "{%- endif %}\n<!-- config-table:end -->"),
+}
+
+
+def table_in_template(readme_template: str, variant: str) -> str:
+    """The configuration table the README template holds for ``variant``."""
+    start, end = _BLOCKS[variant]
+    region = readme_template[readme_template.index("<!-- config-table:begin") :]
+    return region[region.index(start) + len(start) : region.index(end)].rstrip("\n")
+
+
+def with_template_table(readme_template: str, variant: str, table: str) -> str:
+    start, end = _BLOCKS[variant]
+    offset = readme_template.index("<!-- config-table:begin")
+    head, region = readme_template[:offset], readme_template[offset:]
+    pattern = re.escape(start) + r".*?(?=" + re.escape(end) + ")"
+    region = re.sub(pattern, lambda _: start + table + "\n", region, count=1, flags=re.DOTALL)
+    return head + region
+
+
+def table_from_model(project: Path, python: str = sys.executable) -> str:
+    """The table ``tools/config_table.py`` makes from a rendered project's config model."""
+    code = (
+        "import sys; sys.path.insert(0, '.'); sys.path.insert(0, 'tools');"
+        "import config_table; from internal.config import Config;"
+        "print(config_table.config_table(Config))"
+    )
+    result = subprocess.run(
+        [python, "-c", code],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    )
+    return result.stdout.rstrip("\n")
+
+
+def update_readme_template() -> bool:
+    """Rewrite the README template's tables from the models; True when it changed."""
+    text = README_TEMPLATE.read_text(encoding="utf-8")
+    updated = text
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, answers in VARIANTS.items():
+            project = render(Path(tmp) / variant, **answers)
+            updated = with_template_table(updated, variant, table_from_model(project))
+    if updated != text:
+        README_TEMPLATE.write_text(updated, encoding="utf-8")
+    return updated != text
+
+
+if __name__ == "__main__":
+    changed = update_readme_template()
+    print("README template tables " + ("updated" if changed else "already current"))

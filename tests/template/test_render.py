@@ -1,0 +1,258 @@
+"""Every supported combination renders to exactly its files, valid and lint-clean."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from template_support import (
+    COMMON_FILES,
+    LICENSES,
+    README_TEMPLATE,
+    REPO,
+    TEMPLATE_PROJECT,
+    VARIANT_FILES,
+    VARIANT_LICENSE,
+    VARIANTS,
+    clean_env,
+    files_under,
+    render,
+    table_from_model,
+    table_in_template,
+    tool,
+)
+
+MARKER = re.compile(r"\{\{|\{%")
+TEST_EXTRAS = {"pytest", "pytest-timeout", "ruff", "mypy", "types-pyyaml"}
+
+
+def runtime_requirements() -> list[Requirement]:
+    """The generated project's runtime part of tests/requirements.txt (its first block)."""
+    lines = (REPO / "tests" / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if "runtime dependencies" in line) + 1
+    block = []
+    for line in lines[start:]:
+        if line.startswith("#"):
+            break
+        if line.strip():
+            block.append(Requirement(line))
+    return block
+
+
+def generated_tests(variant: str) -> set[str]:
+    """The template's tests/ files that the post-generation hook keeps for ``variant``."""
+    only_in = {
+        "tests/test_source.py": {"source-poll"},
+        "tests/test_webhook.py": {"source-webhook"},
+        "tests/test_sink.py": {"sink"},
+    }
+    files = {f"tests/{p}" for p in files_under(TEMPLATE_PROJECT / "tests")}
+    return {f for f in files if variant in only_in.get(f, {variant})}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exactly_the_expected_files(rendered: dict[str, Path], variant: str) -> None:
+    project = rendered[variant]
+    cdk = {f"cdk/{p}" for p in files_under(TEMPLATE_PROJECT / "cdk")}
+    expected = COMMON_FILES | VARIANT_FILES[variant] | cdk | generated_tests(variant)
+    actual = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()}
+    assert sorted(actual - expected) == [], "unexpected files"
+    assert sorted(expected - actual) == [], "missing files"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_kit_is_copied_verbatim(rendered: dict[str, Path], variant: str) -> None:
+    for relative in files_under(TEMPLATE_PROJECT / "cdk"):
+        original = (TEMPLATE_PROJECT / "cdk" / relative).read_bytes()
+        assert (rendered[variant] / "cdk" / relative).read_bytes() == original, relative
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_template_marker_left_and_all_python_compiles(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    project = rendered[variant]
+    for path in project.rglob("*"):
+        relative = path.relative_to(project)
+        if not path.is_file() or relative.parts[0] == "cdk":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert not MARKER.search(text), f"{relative}: {MARKER.search(text)}"
+        if path.suffix == ".py":
+            compile(text, str(path), "exec")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pyproject_declares_the_runtime_dependencies_of_the_kit(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    pyproject = tomllib.loads((rendered[variant] / "pyproject.toml").read_text(encoding="utf-8"))
+    project = pyproject["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    assert [str(r) for r in declared] == [str(r) for r in runtime_requirements()]
+    assert {Requirement(r).name for r in project["optional-dependencies"]["test"]} >= TEST_EXTRAS
+    assert project["name"] == rendered[variant].name
+    assert project["license"] == VARIANT_LICENSE[variant]
+    assert pyproject["tool"]["ruff"]["line-length"] == 100
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_entry_point_runs_the_right_connector(rendered: dict[str, Path], variant: str) -> None:
+    main = (rendered[variant] / "cmd" / "main.py").read_text(encoding="utf-8")
+    if variant == "sink":
+        assert "cdk.run_sink(Config, ExampleSink)" in main
+    else:
+        assert "cdk.run_source(Config, ExampleSource)" in main
+    assert not (rendered[variant] / "cmd" / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_model_extends_the_right_base(rendered: dict[str, Path], variant: str) -> None:
+    text = (rendered[variant] / "internal" / "config.py").read_text(encoding="utf-8")
+    base = {"sink": "SinkConfig", "source-poll": "SourceConfig"}.get(variant, "WebhookSourceConfig")
+    assert f"class Config(cdk.{base}):" in text
+    assert "password: SecretStr | None" in text and "secret: SecretStr | None" in text
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_yml_is_valid_for_the_config_model(rendered: dict[str, Path], variant: str) -> None:
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from cdk.config import load_config; from internal.config import Config;"
+        "c = load_config(Config, 'config.yml', environ={});"
+        "print(c.model_dump_json())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=rendered[variant],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads(result.stdout)
+    if variant == "sink":
+        assert config["port"] == 8080
+    else:
+        assert config["target"] == "http://127.0.0.1:8080"
+    if variant == "source-webhook":
+        assert config["port"] != 8080  # leaves 8080 to a local sink
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_readme_table_matches_the_config_model(rendered: dict[str, Path], variant: str) -> None:
+    project = rendered[variant]
+    check = subprocess.run(
+        [sys.executable, "tools/config_table.py", "--check"],
+        cwd=project,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert check.returncode == 0, check.stderr + "\nrun: python tests/template/template_support.py"
+    template_text = README_TEMPLATE.read_text(encoding="utf-8")
+    assert table_in_template(template_text, variant) == table_from_model(project)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_recorded_answers(rendered: dict[str, Path], variant: str) -> None:
+    answers = json.loads((rendered[variant] / ".cookiecutter.json").read_text(encoding="utf-8"))
+    assert answers["connector_type"] == VARIANTS[variant]["connector_type"]
+    assert answers["license"] == VARIANT_LICENSE[variant]
+    assert answers["_template_version"]
+    assert not any(key.startswith("__") for key in answers)
+
+
+@pytest.mark.parametrize("license_id", LICENSES)
+def test_each_license(tmp_path: Path, license_id: str) -> None:
+    project = render(tmp_path / "out", license=license_id, author_name="Ada Lovelace")
+    text = (project / "LICENSE").read_text(encoding="utf-8")
+    first_words = {
+        "Apache-2.0": "Apache License",
+        "MIT": "MIT License",
+        "BSD-3-Clause": "BSD 3-Clause License",
+        "Proprietary": "All rights reserved.",
+    }[license_id]
+    assert first_words in text
+    assert re.search(r"Copyright (\(c\) )?\d{4},? Ada Lovelace", text)
+    assert "[yyyy]" not in text
+    if license_id == "Apache-2.0":
+        assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 190
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    expected = "LicenseRef-Proprietary" if license_id == "Proprietary" else license_id
+    assert pyproject["project"]["license"] == expected
+
+
+def test_sink_ignores_source_style(tmp_path: Path) -> None:
+    project = render(tmp_path / "out", connector_type="sink", source_style="webhook")
+    assert (project / "internal" / "sink.py").exists()
+    assert not (project / "internal" / "source.py").exists()
+
+
+def test_class_names_follow_the_connector_name(tmp_path: Path) -> None:
+    project = render(tmp_path / "out", connector_type="sink", connector_name="sink-my-db")
+    assert "class MyDbSink(cdk.Sink):" in (project / "internal" / "sink.py").read_text()
+    assert "cdk.run_sink(Config, MyDbSink)" in (project / "cmd" / "main.py").read_text()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_yaml_file_parses(rendered: dict[str, Path], variant: str) -> None:
+    for path in rendered[variant].rglob("*.y*ml"):
+        if "cdk" not in path.relative_to(rendered[variant]).parts:
+            assert list(yaml.safe_load_all(path.read_text(encoding="utf-8"))), path
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ruff_is_clean(rendered: dict[str, Path], variant: str) -> None:
+    result = subprocess.run(
+        [tool("ruff"), "check", "--no-cache", "."],
+        cwd=rendered[variant],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mypy_is_clean(rendered: dict[str, Path], variant: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy")],
+        cwd=rendered[variant],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cmd/main.py" in result.stdout or "Success" in result.stdout
+
+
+@pytest.mark.parametrize("connector_type", ["source", "sink"])
+def test_the_longest_name_is_still_lint_clean(tmp_path: Path, connector_type: str) -> None:
+    name = "-".join(["a" * 31, "b" * 31])  # 63 characters, the most the rule allows
+    project = render(tmp_path / "out", connector_type=connector_type, connector_name=name)
+    result = subprocess.run(
+        [tool("ruff"), "check", "--no-cache", "."],
+        cwd=project,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
