@@ -1,0 +1,418 @@
+"""Benchmark: the cdk sink receiver against a naive aiohttp + cloudevents-SDK receiver.
+
+Run: ``python tests/benchmarks/bench_sink.py [--seconds N] [--rounds N]`` (needs ``wrk``:
+``apt-get install wrk``). Each receiver runs in its own process on uvloop, pinned to
+CPU 0; wrk runs pinned to CPU 1 with 64 connections. Two loads:
+
+- ``single``: one small binary-mode CloudEvent per POST;
+- ``batch``: 100 events per POST in ``application/cloudevents-batch+json``.
+
+Both receivers hand the events to the same trivial ``async def arrived``. The naive one
+is what a user would write by hand: ``aiohttp.web`` and the SDK's ``from_http_event``.
+The SDK has no batch support, so for batches the naive receiver parses the JSON array
+and builds each event with the SDK's ``CloudEvent`` (parsing ``time`` with dateutil, as
+the SDK's own JSON reader does): the cheapest SDK path, which makes that ratio a lower
+bound. Batches are also compared with the naive receiver's one-event-per-request rate,
+which is what its users get without batch support.
+
+For each load the two receivers take turns in short rounds, so outside load on a
+shared machine hits both. Printed: requests/s and events/s (best round), p99 latency,
+server CPU time per request over all rounds (barely affected by outside load, unlike
+throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against the
+targets (>= 2.5x with one event per request, >= 15x with batches of 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.dont_write_bytecode = True  # keep __pycache__ out of the template directory
+TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
+if str(TEMPLATE_PROJECT) not in sys.path:
+    sys.path.insert(0, str(TEMPLATE_PROJECT))
+
+BATCH = 100
+CONNECTIONS = 64
+TARGETS = {"single": 2.5, "batch": 15.0}
+SERVER_CPU = 0
+LOAD_CPU = 1
+
+
+# -- the two receivers (run in a child process: ``--serve KIND --port N``) --------------
+
+
+def _event_json(i: int) -> dict[str, object]:
+    return {
+        "specversion": "1.0",
+        "id": f"8d3c1a2e-5b7f-4c1e-9a0b-{i:012d}",
+        "source": "https://example.com/connectors/source-bench",
+        "type": "com.example.bench.created",
+        "time": "2026-11-26T12:30:15.123Z",
+        "datacontenttype": "application/json",
+        "subject": "orders/42",
+        "data": {"order": i, "customer": "ada", "items": [1, 2, 3], "paid": True},
+    }
+
+
+def serve_cdk(port: int) -> None:
+    import asyncio
+
+    import uvloop
+
+    import cdk
+    from cdk.config import SinkConfig
+    from cdk.http import HTTPServer
+    from cdk.metrics import Metrics
+    from cdk.receiver import Receiver, SinkHandler
+
+    class Bench(cdk.Sink):
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            return cdk.SUCCESS
+
+    async def main() -> None:
+        config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
+        metrics = Metrics("bench")
+        receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
+        server = HTTPServer(
+            receiver.handle,
+            host=config.host,
+            port=config.port,
+            max_body_bytes=config.max_body_bytes,
+            on_reject=receiver.record_status,
+        )
+        await server.start()
+        receiver.ready = True
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def serve_naive(port: int) -> None:
+    import json
+
+    import uvloop
+    from aiohttp import web
+    from cloudevents.core.base import BaseCloudEvent
+    from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+    from cloudevents.core.v1.event import CloudEvent
+    from dateutil.parser import isoparse
+
+    async def arrived(*events: BaseCloudEvent) -> None:
+        return None
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        try:
+            if headers.get("content-type", "").startswith("application/cloudevents-batch"):
+                events: list[BaseCloudEvent] = []
+                for item in json.loads(body):
+                    data = item.pop("data", None)
+                    if "time" in item:
+                        item["time"] = isoparse(item["time"])
+                    events.append(CloudEvent(item, data))
+            else:
+                events = [from_http_event(HTTPMessage(headers, body))]
+        except Exception as exc:  # what a hand-written receiver typically does
+            return web.Response(status=400, text=str(exc))
+        await arrived(*events)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/", handle)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def _lua_string(value: str) -> str:
+    return "[==[" + value + "]==]"
+
+
+def write_scripts(directory: Path) -> dict[str, Path]:
+    import orjson
+
+    single_body = orjson.dumps(_event_json(0)["data"]).decode()
+    single = directory / "post.lua"
+    single.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["ce-specversion"] = "1.0"\n'
+        'wrk.headers["ce-id"] = "8d3c1a2e-5b7f-4c1e-9a0b-000000000000"\n'
+        'wrk.headers["ce-source"] = "https://example.com/connectors/source-bench"\n'
+        'wrk.headers["ce-type"] = "com.example.bench.created"\n'
+        'wrk.headers["ce-time"] = "2026-11-26T12:30:15.123Z"\n'
+        'wrk.headers["ce-subject"] = "orders/42"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {_lua_string(single_body)}\n"
+    )
+    batch_body = orjson.dumps([_event_json(i) for i in range(BATCH)]).decode()
+    batch = directory / "post_batch.lua"
+    batch.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/cloudevents-batch+json"\n'
+        f"wrk.body = {_lua_string(batch_body)}\n"
+    )
+    return {"single": single, "batch": batch}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout} s")
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > max(SERVER_CPU, LOAD_CPU):
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+@dataclass
+class Round:
+    """One wrk run against one server."""
+
+    requests_per_s: float
+    requests: int
+    p99_ms: float
+    bad_answers: int
+    socket_errors: str
+    cpu_s: float = float("nan")
+
+
+def run_wrk(port: int, script: Path, seconds: int) -> Round:
+    argv = pinned(
+        LOAD_CPU,
+        [
+            "wrk",
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            "--latency",
+            f"http://127.0.0.1:{port}/",
+        ],
+    )
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+    def find(pattern: str) -> re.Match[str] | None:
+        return re.search(pattern, out, re.MULTILINE)
+
+    rps = find(r"Requests/sec:\s+([\d.]+)")
+    count = find(r"(\d+) requests in")
+    p99 = find(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$")
+    bad = find(r"Non-2xx or 3xx responses:\s+(\d+)")
+    errors = find(r"Socket errors:\s+(.*)")
+    return Round(
+        requests_per_s=float(rps.group(1)) if rps else 0.0,
+        requests=int(count.group(1)) if count else 0,
+        p99_ms=float(p99.group(1)) * _UNITS[p99.group(2)] if p99 else float("nan"),
+        bad_answers=int(bad.group(1)) if bad else 0,
+        socket_errors=errors.group(1) if errors else "none",
+    )
+
+
+@dataclass
+class Run:
+    """A receiver under one load: its best round, and totals over all rounds."""
+
+    receiver: str
+    load: str
+    best: Round
+    cpu_us_per_request: float
+    peak_rss_mib: float
+    bad_answers: int
+
+    @property
+    def per_request(self) -> int:
+        return BATCH if self.load == "batch" else 1
+
+    @property
+    def events_per_s(self) -> float:
+        return self.best.requests_per_s * self.per_request
+
+    @property
+    def events_per_cpu_s(self) -> float:
+        return self.per_request * 1e6 / self.cpu_us_per_request
+
+
+class Server:
+    """A receiver in a child process pinned to the server CPU."""
+
+    def __init__(self, receiver: str) -> None:
+        self.receiver = receiver
+        self.port = free_port()
+        argv = [sys.executable, __file__, "--serve", receiver, "--port", str(self.port)]
+        self.proc = subprocess.Popen(pinned(SERVER_CPU, argv))
+        wait_listening(self.port, self.proc)
+
+    def load(self, script: Path, seconds: int) -> Round:
+        before = cpu_seconds(self.proc.pid)
+        result = run_wrk(self.port, script, seconds)
+        result.cpu_s = cpu_seconds(self.proc.pid) - before
+        return result
+
+    def stop(self) -> float:
+        """Stop the process; return its peak RSS in MiB."""
+        rss = peak_rss_mib(self.proc.pid)
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return rss
+
+
+def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
+    """Both receivers under one load, in alternating rounds.
+
+    The two servers run side by side (only one is loaded at a time) and take turns, so
+    a burst of outside load on the shared machine hits both rather than one of them.
+    Throughput is the best round's; CPU time per request is over all rounds, which
+    outside load barely changes.
+    """
+    servers = [Server("cdk"), Server("naive")]
+    rounds_of: dict[str, list[Round]] = {"cdk": [], "naive": []}
+    try:
+        for server in servers:
+            if warmup > 0:
+                server.load(script, warmup)
+        for _ in range(rounds):
+            for server in servers:
+                result = server.load(script, seconds)
+                rounds_of[server.receiver].append(result)
+                print(
+                    f"  {server.receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
+                    f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request",
+                    flush=True,
+                )
+    finally:
+        rss = {server.receiver: server.stop() for server in servers}
+    runs = []
+    for name, results in rounds_of.items():
+        requests = sum(result.requests for result in results)
+        cpu = sum(result.cpu_s for result in results)
+        runs.append(
+            Run(
+                receiver=name,
+                load=load,
+                best=max(results, key=lambda result: result.requests_per_s),
+                cpu_us_per_request=cpu * 1e6 / max(requests, 1),
+                peak_rss_mib=rss[name],
+                bad_answers=sum(result.bad_answers for result in results),
+            )
+        )
+    return runs
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")
+
+
+def report(runs: list[Run]) -> None:
+    print()
+    print(
+        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'events/s':>10} {'p99 ms':>8} "
+        f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
+    )
+    for run in runs:
+        print(
+            f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
+            f"{run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
+            f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
+            f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
+        )
+    by = {(run.receiver, run.load): run for run in runs}
+    comparisons = [
+        ("single: cdk vs naive, one event per request", "single", "single", TARGETS["single"]),
+        # Like for like: the naive receiver given batch parsing it does not have built in.
+        ("batch:  cdk vs naive, both taking batches of 100", "batch", "batch", TARGETS["batch"]),
+        # The naive receiver as users write it has no batch mode: one event per request.
+        ("batch:  cdk batches vs naive one event per request", "batch", "single", TARGETS["batch"]),
+    ]
+    print()
+    print(f"{'comparison':<52} {'events/s':>9} {'events/CPU-s':>13}  target")
+    for label, cdk_load, naive_load, target in comparisons:
+        ours, theirs = by[("cdk", cdk_load)], by[("naive", naive_load)]
+        ratio = _ratio(ours.events_per_s, theirs.events_per_s)
+        cpu_ratio = _ratio(ours.events_per_cpu_s, theirs.events_per_cpu_s)
+        verdict = "PASS" if ratio >= target and ours.bad_answers == 0 else "FAIL"
+        print(f"{label:<52} {ratio:>8.1f}x {cpu_ratio:>12.1f}x  >= {target:g}x {verdict}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", choices=["cdk", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per load")
+    args = parser.parse_args(argv)
+    if args.serve:
+        (serve_cdk if args.serve == "cdk" else serve_naive)(args.port)
+        return 0
+    if shutil.which("wrk") is None:
+        print(
+            "bench_sink: the load generator `wrk` is not installed; "
+            "install it (Debian/Ubuntu: apt-get install -y wrk) and run again.",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"server pinned to CPU {SERVER_CPU} (uvloop), wrk pinned to CPU {LOAD_CPU}, "
+        f"{CONNECTIONS} connections; per load, {args.rounds} alternating rounds of "
+        f"{args.seconds} s per receiver (best round shown) after {args.warmup} s warm-up"
+    )
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scripts = write_scripts(Path(tmp))
+        for load in ("single", "batch"):
+            runs += measure_load(load, scripts[load], args.seconds, args.warmup, args.rounds)
+    report(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

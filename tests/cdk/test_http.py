@@ -1,0 +1,763 @@
+"""cdk.http: the HTTP/1.1 server against real clients on a loopback port.
+
+Protocol edge cases go over raw sockets (asyncio streams) and are read back with
+httptools' response parser; ordinary requests use aiohttp. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import httptools
+import pytest
+
+from cdk.http import HTTPError, HTTPServer, Request, Response, encode_response
+
+pytestmark = pytest.mark.timeout(30)
+
+T = TypeVar("T")
+WAIT = 5.0
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    """Run one async test body with an overall bound."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RawClient:
+    """A raw TCP client that writes bytes and reads back parsed HTTP answers in order."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    answers: deque[Answer] = field(default_factory=deque)
+    eof: bool = False
+
+    def __post_init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers = {}
+        self._body = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self.answers.append(Answer(status, self._headers, b"".join(self._body)))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _read_more(self, timeout: float) -> None:
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        if not data:
+            self.eof = True
+            raise ConnectionError("connection closed by the server")
+        self._parser.feed_data(data)
+
+    async def answer(self, timeout: float = WAIT) -> Answer:
+        """The next whole answer (interim 1xx answers included)."""
+        while not self.answers:
+            await self._read_more(timeout)
+        return self.answers.popleft()
+
+    async def closed(self, timeout: float = WAIT) -> bool:
+        """Wait until the server closes the connection; True once it did."""
+        while not self.eof:
+            try:
+                await self._read_more(timeout)
+            except ConnectionError:
+                return True
+        return True
+
+    async def aclose(self) -> None:
+        self.writer.close()
+        with suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+async def echo(request: Request) -> Response:
+    """Answers with what it saw, as JSON-ish text."""
+    if request.path == "/http-error":
+        raise HTTPError(418, "short and stout", {"X-Kind": "teapot"})
+    if request.path == "/crash":
+        raise RuntimeError("secret detail /etc/passwd")
+    text = f"{request.method} {request.path} q={request.query} len={len(request.body)}"
+    return Response(200, text.encode() + b"|" + request.body, headers=[("x-echo", "1")])
+
+
+@asynccontextmanager
+async def serving(
+    handler: Callable[[Request], Awaitable[Response]] = echo, **options: Any
+) -> AsyncIterator[HTTPServer]:
+    server = HTTPServer(handler, port=0, **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close(1.0)
+
+
+def request_bytes(
+    method: str = "GET",
+    path: str = "/",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    version: str = "1.1",
+) -> bytes:
+    lines = [f"{method} {path} HTTP/{version}", "Host: test"]
+    all_headers = dict(headers or {})
+    if body and "Transfer-Encoding" not in all_headers:
+        all_headers.setdefault("Content-Length", str(len(body)))
+    lines += [f"{name}: {value}" for name, value in all_headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# -- ordinary requests --------------------------------------------------------------------
+
+
+def test_request_fields_reach_the_handler_and_the_answer_is_well_formed() -> None:
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return Response(201, b'{"ok":true}', "application/json", [("X-Id", "7")])
+
+    async def body() -> None:
+        async with serving(handler) as server, aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.port}/a%20b/c?x=1&y=&x=2"
+            headers = {"X-Multi": "one", "Content-Type": "text/plain"}
+            async with session.post(url, data=b"payload", headers=headers) as reply:
+                assert reply.status == 201
+                assert reply.headers["Content-Type"] == "application/json"
+                assert reply.headers["Content-Length"] == "11"
+                assert reply.headers["X-Id"] == "7"
+                assert await reply.read() == b'{"ok":true}'
+        (request,) = seen
+        assert request.method == "POST"
+        assert request.path == "/a b/c"
+        assert request.query == "x=1&y=&x=2"
+        assert request.query_params() == {"x": ["1", "2"], "y": [""]}
+        assert request.headers["x-multi"] == "one"
+        assert request.headers["content-type"] == "text/plain"
+        assert request.body == b"payload"
+        assert request.client is not None and request.client[0] == "127.0.0.1"
+
+    run(body())
+
+
+def test_repeated_headers_are_joined_and_names_lower_cased() -> None:
+    async def body() -> None:
+        seen: list[dict[str, str]] = []
+
+        async def handler(request: Request) -> Response:
+            seen.append(request.headers)
+            return Response(204)
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nHOST: h\r\n\r\n")
+            answer = await client.answer()
+            assert answer.status == 204
+            assert "content-length" not in answer.headers  # none on 204 (RFC 9110)
+            await client.aclose()
+        assert seen[0]["x-a"] == "1, 2"
+        assert seen[0]["host"] == "h"
+
+    run(body())
+
+
+def test_request_json_parses_and_rejects_with_400() -> None:
+    request = Request("POST", "/", "", {}, b'{"a": [1, 2]}')
+    assert request.json() == {"a": [1, 2]}
+    with pytest.raises(HTTPError) as caught:
+        Request("POST", "/", "", {}, b"{nope").json()
+    assert caught.value.status == 400
+    deep = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(HTTPError):
+        Request("POST", "/", "", {}, deep).json()
+
+
+def test_encode_response_head_only_and_http10_keep_alive() -> None:
+    data = encode_response(Response(200, b"hello"), keep_alive=True, http10=True, head=True)
+    assert data.endswith(b"\r\n\r\n")
+    assert b"content-length: 5\r\n" in data
+    assert b"connection: keep-alive\r\n" in data
+    assert b"hello" not in data
+    with pytest.raises(ValueError, match="line break"):
+        encode_response(Response(200, b"x", headers=[("x-a", "1\r\nSet-Cookie: a=b")]))
+
+
+def test_handler_http_error_answers_its_status_message_and_headers() -> None:
+    async def body() -> None:
+        async with (
+            serving() as server,
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{server.port}/http-error") as reply,
+        ):
+            assert reply.status == 418
+            assert reply.headers["X-Kind"] == "teapot"
+            assert await reply.text() == "short and stout"
+
+    run(body())
+
+
+def test_handler_crash_answers_500_without_details_and_logs_the_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/crash") + request_bytes("GET", "/after"))
+            crashed = await client.answer()
+            assert crashed.status == 500
+            assert crashed.body == b"internal error"
+            # The connection survives a handler crash.
+            after = await client.answer()
+            assert after.status == 200
+            assert after.body.startswith(b"GET /after")
+            await client.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="cdk.http"):
+        run(body())
+    assert "secret detail" in caplog.text  # in the log, never on the wire
+    assert "Traceback" in caplog.text
+
+
+def test_head_request_gets_headers_only() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            # A HEAD answer has no body, so the next answer must follow right after it.
+            await client.send(request_bytes("HEAD", "/h") + request_bytes("GET", "/g"))
+            raw = b""
+            while raw.count(b"HTTP/1.1") < 2 or not raw.endswith(b"|"):
+                chunk = await asyncio.wait_for(client.reader.read(4096), WAIT)
+                assert chunk
+                raw += chunk
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert b"content-length: 17" in head.lower()
+            assert rest.startswith(b"HTTP/1.1 200 OK")
+            await client.aclose()
+
+    run(body())
+
+
+# -- keep-alive and pipelining ------------------------------------------------------------
+
+
+def test_keep_alive_serves_several_requests_on_one_connection() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            for n in range(3):
+                await client.send(request_bytes("POST", f"/{n}", b"x" * n))
+                answer = await client.answer()
+                assert answer.status == 200
+                assert answer.body.startswith(f"POST /{n}".encode())
+                assert "connection" not in answer.headers
+            await client.aclose()
+
+    run(body())
+
+
+def test_http10_closes_unless_keep_alive_is_asked_for() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes(version="1.0", headers={"Connection": "keep-alive"}))
+            answer = await client.answer()
+            assert answer.headers.get("connection") == "keep-alive"
+            await client.send(request_bytes(version="1.0"))
+            answer = await client.answer()
+            assert answer.headers.get("connection") == "close"
+            assert await client.closed()
+
+    run(body())
+
+
+def test_connection_close_from_the_client_is_honoured() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes(headers={"Connection": "close"}))
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.headers.get("connection") == "close"
+            assert await client.closed()
+
+    run(body())
+
+
+def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
+    async def body() -> None:
+        release_first = asyncio.Event()
+        first_started = asyncio.Event()
+        running: list[str] = []
+        overlap: list[bool] = []
+
+        async def handler(request: Request) -> Response:
+            running.append(request.path)
+            overlap.append(len(running) > 1)
+            if request.path == "/slow":
+                first_started.set()
+                await release_first.wait()
+            running.remove(request.path)
+            return Response(200, request.path.encode())
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(
+                request_bytes("POST", "/slow", b"a")
+                + request_bytes("GET", "/fast")
+                + request_bytes("POST", "/third", b"ccc", {"Transfer-Encoding": "chunked"})[:-3]
+                + b"3\r\nccc\r\n0\r\n\r\n"
+            )
+            await asyncio.wait_for(first_started.wait(), WAIT)
+            release_first.set()
+            bodies = [(await client.answer()).body for _ in range(3)]
+            assert bodies == [b"/slow", b"/fast", b"/third"]
+            await client.aclose()
+        assert overlap == [False, False, False]
+
+    run(body())
+
+
+def test_many_pipelined_requests_in_one_write() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"".join(request_bytes("GET", f"/{n}") for n in range(200)))
+            for n in range(200):
+                answer = await client.answer()
+                assert answer.body.startswith(f"GET /{n} ".encode())
+            await client.aclose()
+
+    run(body())
+
+
+# -- bodies and limits --------------------------------------------------------------------
+
+
+def test_chunked_body_is_decoded() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            head = b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            await client.send(head + b"5\r\nhello\r\n")
+            await client.send(b"6\r\n world\r\n0\r\n\r\n")
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.body.endswith(b"|hello world")
+            await client.aclose()
+
+    run(body())
+
+
+def test_body_over_the_limit_by_content_length_gets_413_before_the_body() -> None:
+    async def body() -> None:
+        rejected: list[int] = []
+        async with serving(max_body_bytes=1000, on_reject=rejected.append) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n")
+            answer = await client.answer()
+            assert answer.status == 413
+            assert answer.headers["connection"] == "close"
+            assert await client.closed()
+            # Exactly at the limit is fine.
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("POST", "/", b"y" * 1000))
+            assert (await client.answer()).status == 200
+            await client.aclose()
+        assert rejected == [413]
+
+    run(body())
+
+
+def test_chunked_body_over_the_limit_gets_413_and_close() -> None:
+    async def body() -> None:
+        calls: list[str] = []
+
+        async def handler(request: Request) -> Response:
+            calls.append(request.path)
+            return Response()
+
+        async with serving(handler, max_body_bytes=1000) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(
+                b"POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            await client.send(b"3e8\r\n" + b"z" * 1000 + b"\r\n")
+            await client.send(b"1\r\nz\r\n")
+            answer = await client.answer()
+            assert answer.status == 413
+            assert await client.closed()
+        assert calls == []
+
+    run(body())
+
+
+def expect_head(length: int) -> bytes:
+    return request_bytes(
+        "POST", "/e", headers={"Content-Length": str(length), "Expect": "100-continue"}
+    )
+
+
+def test_expect_100_continue() -> None:
+    async def body() -> None:
+        async with serving(max_body_bytes=1000) as server:
+            client = await RawClient.connect(server.port)
+            head = expect_head(4)
+            await client.send(head)
+            interim = await client.answer()
+            assert interim.status == 100
+            await client.send(b"data")
+            final = await client.answer()
+            assert final.status == 200
+            assert final.body.endswith(b"|data")
+            # Declared too large: 413 straight away, no 100 Continue, then close.
+            head = expect_head(5000)
+            await client.send(head)
+            rejected = await client.answer()
+            assert rejected.status == 413
+            assert await client.closed()
+
+    run(body())
+
+
+def test_expect_100_continue_behind_a_pipelined_request_waits_its_turn() -> None:
+    async def body() -> None:
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            if request.path == "/slow":
+                started.set()
+                await release.wait()
+            return Response(200, request.path.encode())
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/slow") + expect_head(2))
+            await asyncio.wait_for(started.wait(), WAIT)
+            release.set()
+            assert (await client.answer()).body == b"/slow"
+            assert (await client.answer()).status == 100
+            await client.send(b"ok")
+            assert (await client.answer()).body == b"/e"
+            await client.aclose()
+
+    run(body())
+
+
+def test_header_over_the_limit_gets_431() -> None:
+    async def body() -> None:
+        async with serving(max_header_bytes=2048) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes(headers={"X-Big": "v" * 3000}))
+            answer = await client.answer()
+            assert answer.status == 431
+            assert await client.closed()
+            # Many small headers add up too.
+            client = await RawClient.connect(server.port)
+            many = {f"X-H{n}": "v" * 20 for n in range(200)}
+            await client.send(request_bytes(headers=many))
+            assert (await client.answer()).status == 431
+            assert await client.closed()
+            # Just under the limit is fine.
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes(headers={"X-Big": "v" * 1500}))
+            assert (await client.answer()).status == 200
+            await client.aclose()
+
+    run(body())
+
+
+def test_an_endless_header_line_sent_in_pieces_gets_431() -> None:
+    async def body() -> None:
+        async with serving(max_header_bytes=2048) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"GET / HTTP/1.1\r\nX-Endless: ")
+            for _ in range(40):
+                if client.reader.at_eof():
+                    break
+                try:
+                    await client.send(b"a" * 512)
+                except (ConnectionError, OSError):
+                    break
+            answer = await client.answer()
+            assert answer.status == 431
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+)
+def test_malformed_requests_get_400_and_close(raw: bytes) -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(raw)
+            answer = await client.answer()
+            assert answer.status == 400
+            assert answer.headers["connection"] == "close"
+            assert await client.closed()
+
+    run(body())
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closed() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(
+                request_bytes(headers={"Upgrade": "websocket", "Connection": "upgrade"})
+                + b"\x81\x05hello"
+            )
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.headers["connection"] == "close"
+            assert await client.closed()
+
+    run(body())
+
+
+# -- timeouts and connection limits -------------------------------------------------------
+
+
+def test_a_stalled_client_gets_408_while_others_are_served_promptly() -> None:
+    async def body() -> None:
+        async with serving(read_timeout=0.3, keepalive_timeout=5.0) as server:
+            loop = asyncio.get_running_loop()
+            stalled = await RawClient.connect(server.port)
+            started = loop.time()
+            await stalled.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+            stalled_answer = asyncio.ensure_future(stalled.answer())
+            # A normal request beside it is answered at once, long before the stalled
+            # one times out.
+            normal = await RawClient.connect(server.port)
+            await normal.send(request_bytes("GET", "/ok"))
+            assert (await normal.answer()).status == 200
+            assert not stalled_answer.done()
+            answer = await stalled_answer
+            waited = loop.time() - started
+            assert answer.status == 408
+            assert 0.3 <= waited < 2.0
+            assert await stalled.closed()
+            await normal.aclose()
+
+    run(body())
+
+
+def test_a_client_dribbling_its_head_is_cut_off_after_read_timeout() -> None:
+    async def body() -> None:
+        async with serving(read_timeout=0.3) as server:
+            loop = asyncio.get_running_loop()
+            client = await RawClient.connect(server.port)
+            started = loop.time()
+            await client.send(b"GET / HTTP/1.1\r\n")
+            closed = asyncio.ensure_future(client.answer(timeout=3.0))
+            # Keep sending a byte now and then: the deadline is per request, not per read.
+            for n in range(100):
+                done, _ = await asyncio.wait({closed}, timeout=0.05)
+                if done:
+                    break
+                try:
+                    await client.send(f"X-{n}: y\r\n".encode())
+                except (ConnectionError, OSError):
+                    break
+            answer = await closed
+            assert answer.status == 408
+            assert loop.time() - started < 2.0
+
+    run(body())
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() -> None:
+    async def body() -> None:
+        async with serving(read_timeout=5.0, keepalive_timeout=0.3) as server:
+            loop = asyncio.get_running_loop()
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes())
+            assert (await client.answer()).status == 200
+            started = loop.time()
+            assert await client.closed(timeout=3.0)
+            assert 0.2 <= loop.time() - started < 2.0
+            assert not client.answers  # closed quietly: no 408 for an idle connection
+
+    run(body())
+
+
+def test_connections_beyond_max_connections_get_503() -> None:
+    async def body() -> None:
+        rejected: list[int] = []
+        async with serving(max_connections=2, on_reject=rejected.append) as server:
+            first = await RawClient.connect(server.port)
+            second = await RawClient.connect(server.port)
+            await first.send(request_bytes())
+            await second.send(request_bytes())
+            assert (await first.answer()).status == 200
+            assert (await second.answer()).status == 200
+            third = await RawClient.connect(server.port)
+            answer = await third.answer()
+            assert answer.status == 503
+            assert await third.closed()
+            await first.aclose()
+            # Once a slot frees up, connections are accepted again.
+            assert await first.closed()
+            fourth = await RawClient.connect(server.port)
+            await fourth.send(request_bytes())
+            assert (await fourth.answer()).status == 200
+            await fourth.aclose()
+            await second.aclose()
+        assert rejected == [503]
+
+    run(body())
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+def test_close_lets_in_flight_requests_finish_and_refuses_new_connections() -> None:
+    async def body() -> None:
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            if request.path == "/slow":
+                entered.set()
+                await release.wait()
+            return Response(200, b"done " + request.path.encode())
+
+        server = HTTPServer(handler, port=0)
+        await server.start()
+        port = server.port
+        idle = await RawClient.connect(port)
+        await idle.send(request_bytes("GET", "/warm"))
+        assert (await idle.answer()).status == 200
+        busy = await RawClient.connect(port)
+        await busy.send(request_bytes("POST", "/slow", b"x"))
+        await asyncio.wait_for(entered.wait(), WAIT)
+
+        closing = asyncio.ensure_future(server.close(grace=5.0))
+        await asyncio.sleep(0)  # let close() run up to its first wait
+        assert server.draining
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        assert await idle.closed()  # idle connections go at once
+        assert not closing.done()
+
+        release.set()
+        answer = await busy.answer()
+        assert answer.status == 200
+        assert answer.body == b"done /slow"
+        assert answer.headers["connection"] == "close"
+        assert await busy.closed()
+        await asyncio.wait_for(closing, WAIT)
+
+    run(body())
+
+
+def test_close_drops_handlers_that_outlive_the_grace_period() -> None:
+    async def body() -> None:
+        entered = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return Response()
+
+        server = HTTPServer(handler, port=0)
+        await server.start()
+        client = await RawClient.connect(server.port)
+        await client.send(request_bytes())
+        await asyncio.wait_for(entered.wait(), WAIT)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await server.close(grace=0.2)
+        assert loop.time() - started < 2.0
+        assert cancelled.is_set()
+        assert await client.closed()
+        assert not client.answers
+
+    run(body())
+
+
+def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
+    async def body() -> None:
+        big = b"b" * (1 << 20)
+        handled: list[str] = []
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.path)
+            return Response(200, big)
+
+        async with serving(handler, read_timeout=0.3) as server:
+            loop = asyncio.get_running_loop()
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            # Ask for far more than the socket buffers hold, and never read.
+            writer.write(request_bytes() * 64)
+            await writer.drain()
+            started = loop.time()
+            await until(lambda: bool(handled) and not server.connections)
+            assert 0.25 <= loop.time() - started < 3.0
+            assert len(handled) < 64  # it stopped handling once the client stopped reading
+            writer.close()
+
+    run(body())
+
+
+async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait for a condition on the server's state, checking it every few milliseconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)

@@ -1,0 +1,737 @@
+"""cdk.receiver: routes, auth, limits and the sink's POST handler, over real HTTP.
+
+Each test runs a real :class:`cdk.http.HTTPServer` with a :class:`Receiver` and a
+:class:`SinkHandler` on a free loopback port and talks to it with aiohttp (or raw
+sockets where the wire matters). The fuzz test runs the server in a thread and sends
+random requests with blocking sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import httptools
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cdk
+from cdk.codec import to_batch, to_binary, to_structured
+from cdk.config import SinkConfig
+from cdk.http import HTTPError, HTTPServer, Request, Response
+from cdk.metrics import CONTENT_TYPE, Metrics
+from cdk.receiver import RETRY_AFTER, Receiver, SinkHandler
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+WAIT = 5.0
+TOKEN = "s3cret-t0ken"
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def event(event_id: str = "e-1", **extra: Any) -> cdk.CloudEvent:
+    attributes = {"id": event_id, "source": "/test", "type": "test.event", **extra}
+    return cdk.CloudEvent(attributes, {"n": event_id})
+
+
+class RecordingSink(cdk.Sink):
+    """Async ``arrived``: records each call and answers ``result``."""
+
+    def __init__(self, result: Any = cdk.SUCCESS) -> None:
+        self.calls: list[tuple[cdk.CloudEvent, ...]] = []
+        self.result = result
+
+    async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+        self.calls.append(events)
+        return self.result  # type: ignore[no-any-return]
+
+
+@dataclass
+class Served:
+    server: HTTPServer
+    receiver: Receiver
+    metrics: Metrics
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def post(
+        self, headers: Mapping[str, str], body: bytes, path: str = "/"
+    ) -> tuple[int, dict[str, str], bytes]:
+        async with self.session.post(self.url + path, headers=dict(headers), data=body) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    async def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        async with self.session.request(method, self.url + path) as reply:
+            return reply.status, dict(reply.headers), await reply.read()
+
+    def counted(self, status: int) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "cdk_http_responses_total", {"status": str(status)}
+        )
+        return value or 0.0
+
+
+def make_config(**values: Any) -> SinkConfig:
+    return SinkConfig.model_validate({"port": 0, **values})
+
+
+def build(
+    sink: cdk.Sink, config: SinkConfig, metrics: Metrics | None = None
+) -> tuple[HTTPServer, Receiver, Metrics]:
+    metrics = metrics or Metrics("test")
+    receiver = Receiver(SinkHandler(sink, metrics), config, metrics)
+    server = HTTPServer(
+        receiver.handle,
+        host="127.0.0.1",
+        port=0,
+        max_body_bytes=config.max_body_bytes,
+        max_header_bytes=config.max_header_bytes,
+        read_timeout=config.read_timeout,
+        keepalive_timeout=config.keepalive_timeout,
+        on_reject=receiver.record_status,
+    )
+    return server, receiver, metrics
+
+
+@asynccontextmanager
+async def serving(sink: cdk.Sink, **config: Any) -> AsyncIterator[Served]:
+    server, receiver, metrics = build(sink, make_config(**config))
+    await server.start()
+    receiver.ready = True
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Served(server, receiver, metrics, session)
+    finally:
+        await server.close(2.0)
+
+
+# -- modes and statuses -----------------------------------------------------------------
+
+
+def test_binary_structured_and_batch_reach_arrived() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            status, _, _ = await s.post(*to_binary(event("b-1", subject="sub")))
+            assert status == 200
+            status, _, _ = await s.post(*to_structured(event("s-1")))
+            assert status == 200
+            status, _, _ = await s.post(*to_batch([event(f"m-{n}") for n in range(5)]))
+            assert status == 200
+            sample = s.metrics.registry.get_sample_value
+            assert sample("cdk_events_received_total", {"mode": "binary"}) == 1
+            assert sample("cdk_events_received_total", {"mode": "structured"}) == 1
+            assert sample("cdk_events_received_total", {"mode": "batch"}) == 5
+            assert sample("cdk_arrived_latency_seconds_count") == 3
+            assert sample("cdk_arrived_in_flight") == 0
+            assert s.counted(200) == 3
+        ids = [[e.get_id() for e in call] for call in sink.calls]
+        assert ids == [["b-1"], ["s-1"], [f"m-{n}" for n in range(5)]]  # a batch in one call
+        assert sink.calls[0][0].get_subject() == "sub"
+
+    run(body())
+
+
+def test_hand_written_binary_request_is_decoded() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            headers = {
+                "ce-specversion": "1.0",
+                "CE-ID": "hand-1",
+                "ce-source": "/hand",
+                "ce-type": "t",
+                "ce-comment": "Euro%20%E2%82%AC%20%F0%9F%98%80",
+                "content-type": "application/json",
+            }
+            status, _, _ = await s.post(headers, b'{"a": 1}')
+            assert status == 200
+        (received,) = sink.calls[0]
+        assert received.get_id() == "hand-1"
+        assert received.get_extension("comment") == "Euro € 😀"
+        assert received.get_data() == {"a": 1}
+
+    run(body())
+
+
+def test_invalid_event_gets_400_with_the_codec_message() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            headers = {"ce-specversion": "1.0", "ce-source": "/x", "ce-type": "t"}
+            status, _, text = await s.post(headers, b"data")
+            assert status == 400
+            assert b"id" in text  # names the missing attribute
+            status, _, text = await s.post(
+                {"content-type": "application/cloudevents+json"}, b'{"specversion": "1.0"'
+            )
+            assert status == 400
+            assert text
+            assert s.counted(400) == 2
+        assert sink.calls == []
+
+    run(body())
+
+
+def test_unsupported_event_format_gets_415() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            status, _, text = await s.post(
+                {"content-type": "application/cloudevents+avro"}, b"\x00\x01"
+            )
+            assert status == 415
+            assert b"avro" in text
+        assert sink.calls == []
+
+    run(body())
+
+
+def test_empty_batch_is_accepted_without_calling_arrived() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            status, _, _ = await s.post(
+                {"content-type": "application/cloudevents-batch+json"}, b"[]"
+            )
+            assert status == 202
+        assert sink.calls == []
+
+    run(body())
+
+
+def test_a_failed_result_answers_its_code_and_message() -> None:
+    async def body() -> None:
+        sink = RecordingSink(cdk.Result(503, "database down"))
+        async with serving(sink) as s:
+            status, _, text = await s.post(*to_binary(event()))
+            assert status == 503
+            assert text == b"database down"
+            assert s.counted(503) == 1
+
+    run(body())
+
+
+def test_arrived_raising_answers_500_without_details_and_logs_the_ids(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Crashing(cdk.Sink):
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            raise RuntimeError("password=hunter2")
+
+    async def body() -> None:
+        async with serving(Crashing()) as s:
+            status, _, text = await s.post(*to_batch([event("crash-1"), event("crash-2")]))
+            assert status == 500
+            assert text == b"internal error"
+            # Still serving.
+            assert (await s.get("/healthz"))[0] == 200
+
+    with caplog.at_level(logging.ERROR):
+        run(body())
+    assert "hunter2" in caplog.text and "Traceback" in caplog.text
+    assert "crash-1" in caplog.text and "crash-2" in caplog.text
+
+
+def test_arrived_returning_something_else_is_a_logged_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body() -> None:
+        async with serving(RecordingSink(result="fine")) as s:
+            status, _, text = await s.post(*to_binary(event("odd-1")))
+            assert status == 500
+            assert text == b"internal error"
+
+    with caplog.at_level(logging.ERROR, logger="cdk.sink"):
+        run(body())
+    assert "not a cdk.Result" in caplog.text
+    assert "odd-1" in caplog.text
+
+
+def test_a_sync_arrived_runs_off_the_loop_and_does_not_block_health() -> None:
+    entered = threading.Event()
+    release = threading.Event()
+    threads: list[str] = []
+
+    class Blocking(cdk.Sink):
+        def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            threads.append(threading.current_thread().name)
+            entered.set()
+            if not release.wait(WAIT):
+                return cdk.Result(500, "never released")
+            return cdk.SUCCESS
+
+    async def body() -> None:
+        async with serving(Blocking()) as s:
+            post = asyncio.ensure_future(s.post(*to_binary(event())))
+            assert await asyncio.to_thread(entered.wait, WAIT)
+            status, _, text = await asyncio.wait_for(s.get("/healthz"), 1.0)
+            assert (status, text) == (200, b"ok")
+            assert not post.done()
+            release.set()
+            status, _, _ = await asyncio.wait_for(post, WAIT)
+            assert status == 200
+        assert threads and threads[0] != threading.main_thread().name
+
+    run(body())
+
+
+def test_an_async_arrived_runs_on_the_loop() -> None:
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    class OnLoop(cdk.Sink):
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            loops.append(asyncio.get_running_loop())
+            await asyncio.sleep(0)
+            return cdk.SUCCESS
+
+    async def body() -> None:
+        async with serving(OnLoop()) as s:
+            assert (await s.post(*to_binary(event())))[0] == 200
+        assert loops == [asyncio.get_running_loop()]
+
+    run(body())
+
+
+def test_body_over_the_limit_gets_413_and_is_counted() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink, max_body_bytes=64 * 1024) as s:
+            headers, _ = to_binary(event())
+            status, _, _ = await s.post(headers, b"x" * (64 * 1024 + 1))
+            assert status == 413
+            assert s.counted(413) == 1
+            # The spec's minimum (64 KiB) is accepted.
+            status, _, _ = await s.post(
+                {**headers, "content-type": "application/octet-stream"}, b"x" * (64 * 1024)
+            )
+            assert status == 200
+        assert len(sink.calls) == 1
+
+    run(body())
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            deep = b'{"specversion":"1.0","id":"1","source":"/s","type":"t","data":'
+            deep += b"[" * 20000 + b"]" * 20000 + b"}"
+            status, _, _ = await s.post({"content-type": "application/cloudevents+json"}, deep)
+            assert status == 400
+            assert (await s.get("/healthz"))[0] == 200
+
+    run(body())
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+
+def test_wrong_method_gets_405_with_allow_and_unknown_path_404() -> None:
+    async def body() -> None:
+        async with serving(RecordingSink()) as s:
+            for method in ("GET", "PUT", "DELETE", "PATCH"):
+                status, headers, _ = await s.get("/", method)
+                assert status == 405
+                assert headers["Allow"] == "POST, OPTIONS"
+            status, headers, _ = await s.get("/healthz", "POST")
+            assert status == 405
+            assert (await s.get("/nowhere"))[0] == 404
+            assert (await s.post(*to_binary(event()), path="/other"))[0] == 404
+            assert s.counted(405) == 5
+            assert s.counted(404) == 2
+
+    run(body())
+
+
+def test_health_readiness_and_metrics() -> None:
+    async def body() -> None:
+        async with serving(RecordingSink()) as s:
+            assert (await s.get("/healthz"))[:3:2] == (200, b"ok")
+            assert (await s.get("/readyz"))[0] == 200
+            s.receiver.ready = False
+            assert (await s.get("/readyz"))[0] == 503
+            assert (await s.get("/healthz"))[0] == 200
+            s.receiver.ready = True
+            assert (await s.post(*to_binary(event())))[0] == 200
+            status, headers, text = await s.get("/metrics")
+            assert status == 200
+            assert headers["Content-Type"] == CONTENT_TYPE
+            assert b'cdk_events_received_total{mode="binary"} 1.0' in text
+            assert b'cdk_http_responses_total{status="503"} 1.0' in text
+            assert b"cdk_arrived_latency_seconds_bucket" in text
+            status, _, text = await s.get("/healthz", "HEAD")
+            assert (status, text) == (200, b"")
+
+    run(body())
+
+
+def test_options_webhook_handshake() -> None:
+    async def body() -> None:
+        async with serving(RecordingSink(), auth_token=TOKEN) as s:
+            headers = {"WebHook-Request-Origin": "eventemitter.example.com"}
+            async with s.session.options(s.url + "/", headers=headers) as reply:
+                assert reply.status == 200
+                assert reply.headers["WebHook-Allowed-Origin"] == "eventemitter.example.com"
+                assert reply.headers["WebHook-Allowed-Rate"] == "*"
+                assert reply.headers["Allow"] == "POST"
+            async with s.session.options(s.url + "/") as reply:
+                assert reply.status == 200
+                assert "POST" in reply.headers["Allow"]
+
+    run(body())
+
+
+# -- auth -------------------------------------------------------------------------------------
+
+
+def test_bearer_auth_by_header_or_query_parameter() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink, auth_token=TOKEN) as s:
+            headers, data = to_binary(event())
+            status, reply_headers, _ = await s.post(headers, data)
+            assert status == 401
+            assert reply_headers["WWW-Authenticate"].startswith("Bearer")
+            wrong = {**headers, "Authorization": "Bearer nope"}
+            assert (await s.post(wrong, data))[0] == 401
+            basic = {**headers, "Authorization": "Basic " + TOKEN}
+            assert (await s.post(basic, data))[0] == 401
+            assert (await s.post(headers, data, path="/?access_token=nope"))[0] == 401
+            assert not sink.calls
+
+            good = {**headers, "Authorization": f"Bearer {TOKEN}"}
+            assert (await s.post(good, data))[0] == 200
+            lower = {**headers, "authorization": f"bearer {TOKEN}"}
+            assert (await s.post(lower, data))[0] == 200
+            assert (await s.post(headers, data, path=f"/?access_token={TOKEN}"))[0] == 200
+            assert len(sink.calls) == 3
+            assert s.counted(401) == 4
+            # Health, readiness and metrics need no token.
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert (await s.get(path))[0] == 200
+
+    run(body())
+
+
+# -- concurrency cap ------------------------------------------------------------------------
+
+
+def test_beyond_max_concurrency_answers_429_with_retry_after() -> None:
+    class Gate(cdk.Sink):
+        def __init__(self) -> None:
+            self.inside = 0
+            self.full = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            self.inside += 1
+            if self.inside == 2:
+                self.full.set()
+            await self.release.wait()
+            return cdk.SUCCESS
+
+    async def body() -> None:
+        sink = Gate()
+        async with serving(sink, max_concurrency=2) as s:
+            first = asyncio.ensure_future(s.post(*to_binary(event("c-1"))))
+            second = asyncio.ensure_future(s.post(*to_binary(event("c-2"))))
+            await asyncio.wait_for(sink.full.wait(), WAIT)
+            status, headers, _ = await s.post(*to_binary(event("c-3")))
+            assert status == 429
+            assert headers["Retry-After"] == str(RETRY_AFTER) == "1"
+            assert (await s.get("/healthz"))[0] == 200  # health is not capped
+            sink.release.set()
+            assert [r[0] for r in await asyncio.gather(first, second)] == [200, 200]
+            assert s.receiver.in_flight == 0
+            assert (await s.post(*to_binary(event("c-4"))))[0] == 200
+            assert s.counted(429) == 1
+
+    run(body())
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+def test_shutdown_lets_an_in_flight_arrived_finish() -> None:
+    class Slow(cdk.Sink):
+        def __init__(self) -> None:
+            self.entered = asyncio.Event()
+            self.release = asyncio.Event()
+            self.done: list[str] = []
+
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            self.entered.set()
+            await self.release.wait()
+            self.done.extend(e.get_id() for e in events)
+            return cdk.SUCCESS
+
+    async def body() -> None:
+        sink = Slow()
+        server, receiver, _ = build(sink, make_config())
+        await server.start()
+        receiver.ready = True
+        port = server.port
+        async with aiohttp.ClientSession() as session:
+            headers, data = to_binary(event("late-1"))
+            post = asyncio.ensure_future(
+                session.post(f"http://127.0.0.1:{port}/", headers=headers, data=data)
+            )
+            await asyncio.wait_for(sink.entered.wait(), WAIT)
+            receiver.ready = False
+            closing = asyncio.ensure_future(server.close(grace=5.0))
+            await asyncio.sleep(0)  # let close() stop the listener
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+            assert not post.done()
+            sink.release.set()
+            reply = await asyncio.wait_for(post, WAIT)
+            assert reply.status == 200
+            reply.release()
+            await asyncio.wait_for(closing, WAIT)
+        assert sink.done == ["late-1"]
+
+    run(body())
+
+
+# -- fuzz ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def threaded_sink(sink: cdk.Sink, **config: Any) -> Iterator[tuple[int, Receiver]]:
+    """The sink's server on its own loop in a thread, for blocking clients."""
+    loop = asyncio.new_event_loop()
+    server, receiver, _ = build(sink, make_config(**config))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(WAIT)
+    receiver.ready = True
+    try:
+        yield server.port, receiver
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(1.0), loop).result(WAIT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(WAIT)
+        loop.close()
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        if self.status is None:
+            self.status = self.parser.get_status_code()
+
+
+def exchange(port: int, raw: bytes) -> int | None:
+    """Send ``raw``, half-close, and return the first answer's status (None if none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        try:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may close early on a request it already refused
+        parsed = _Parsed()
+        try:
+            while parsed.status is None:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                parsed.parser.feed_data(data)
+        except (ConnectionResetError, httptools.HttpParserError):
+            pass
+        return parsed.status
+
+
+_TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+_FRAMING = {"content-length", "transfer-encoding", "connection", "upgrade", "expect", "host"}
+
+header_names = st.one_of(
+    st.sampled_from(
+        [
+            "Content-Type",
+            "ce-specversion",
+            "ce-id",
+            "ce-source",
+            "ce-type",
+            "ce-time",
+            "ce-subject",
+            "ce-dataschema",
+            "ce-datacontenttype",
+            "ce-data",
+            "CE-Ext",
+            "Authorization",
+            "WebHook-Request-Origin",
+        ]
+    ),
+    st.text(_TOKEN_CHARS, min_size=1, max_size=20),
+).filter(lambda name: name.lower() not in _FRAMING)
+
+header_values = st.one_of(
+    st.sampled_from(
+        [
+            "1.0",
+            "0.3",
+            "2.0",
+            "",
+            "%",
+            "%C0%A0",
+            "%E2%82%AC",
+            '"quoted \\" value"',
+            "2024-02-30T25:00:00Z",
+            "2024-01-01T00:00:00Z",
+            "application/json",
+            "application/cloudevents+json",
+            "application/cloudevents+json; charset=latin-1",
+            "application/cloudevents-batch+json",
+            "application/cloudevents-batch+json; charset=utf-16",
+            "text/plain; charset=utf-8",
+            "application/octet-stream",
+            "application/cloudevents",
+            "x" * 300,
+        ]
+    ),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40),
+    st.text(st.characters(min_codepoint=0xA0, max_codepoint=0xFF), max_size=10),
+)
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+event_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "specversion": st.sampled_from(["1.0", "0.3", "2", 1.0]) | json_values,
+        "id": st.text(max_size=10) | json_values,
+        "source": st.sampled_from(["/s", "", "http://x y", "urn:a"]) | json_values,
+        "type": st.text(max_size=10) | json_values,
+        "time": st.sampled_from(["2024-01-01T00:00:00Z", "yesterday"]) | json_values,
+        "datacontenttype": st.sampled_from(["application/json", "text/plain", "a/b+json", ""]),
+        "data": json_values,
+        "data_base64": st.sampled_from(["aGk=", "not base64!", ""]) | json_values,
+        "Bad-Name": json_values,
+        "ext1": json_values,
+    },
+)
+
+
+def _dumps(value: Any) -> bytes:
+    # The standard library writes integers of any size, which orjson refuses to.
+    return json.dumps(value).encode("utf-8")
+
+
+bodies = st.one_of(
+    st.binary(max_size=512),
+    json_values.map(_dumps),
+    event_like.map(_dumps),
+    st.lists(event_like, max_size=4).map(_dumps),
+)
+
+
+printable = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12)
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of an event that is valid or one random detail away from it."""
+    required = {"id": draw(printable), "source": "/fuzz", "type": draw(printable)}
+    extras = draw(st.lists(st.tuples(header_names, header_values), max_size=3))
+    if draw(st.booleans()):
+        headers = [("ce-specversion", "1.0")] + [(f"ce-{k}", v) for k, v in required.items()]
+        return headers + extras, draw(bodies)
+    document = {"specversion": "1.0", **required, **draw(event_like)}
+    structured = [("Content-Type", "application/cloudevents+json")]
+    if draw(st.booleans()):
+        structured = [("Content-Type", "application/cloudevents-batch+json")]
+        return structured, _dumps([document, {"specversion": "1.0", **required}])
+    return structured + extras, _dumps(document)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(min_size=1, max_size=200))  # not HTTP at all
+    method = draw(st.sampled_from(["POST"] * 6 + ["GET", "PUT", "OPTIONS", "DELETE", "HEAD"]))
+    path = draw(st.sampled_from(["/", "/", "/", "/healthz", "/metrics", "/x", "/?a=%zz", "//"]))
+    if method == "POST" and path == "/" and draw(st.booleans()):
+        headers, body = draw(near_valid())
+    else:
+        headers = draw(st.lists(st.tuples(header_names, header_values), max_size=8))
+        body = draw(bodies)
+    head = [f"{method} {path} HTTP/1.1", "Host: fuzz", f"Content-Length: {len(body)}"]
+    head += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body
+
+
+def test_fuzzed_requests_never_get_5xx_and_the_server_keeps_serving() -> None:
+    sink = RecordingSink()
+    with threaded_sink(sink, read_timeout=2.0) as (port, receiver):
+
+        @settings(
+            max_examples=200,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(raw=requests())
+        def check(raw: bytes) -> None:
+            status = exchange(port, raw)
+            assert status is None or status < 500, (status, raw[:300])
+            # Still serving after whatever that was.
+            assert exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+
+        check()
+        assert receiver.in_flight == 0
+    # Some of the random requests were valid events, so the success path was exercised too.
+    assert sink.calls
+
+
+def test_http_error_from_the_post_handler_is_answered_and_counted() -> None:
+    async def refuse(request: Request) -> Response:
+        raise HTTPError(422, "no thanks", {"X-Reason": "test"})
+
+    async def body() -> None:
+        metrics = Metrics("test")
+        receiver = Receiver(refuse, make_config(), metrics)
+        server = HTTPServer(receiver.handle, port=0)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{server.port}/"
+                async with session.post(url, data=b"x") as reply:
+                    assert reply.status == 422
+                    assert reply.headers["X-Reason"] == "test"
+                    assert await reply.text() == "no thanks"
+        finally:
+            await server.close(1.0)
+        value = metrics.registry.get_sample_value("cdk_http_responses_total", {"status": "422"})
+        assert value == 1
+
+    run(body())

@@ -1,0 +1,745 @@
+"""HTTP/1.1 server: an asyncio Protocol driving the ``httptools`` (llhttp) parser directly.
+
+This module owns the wire-level HTTP work of a receiver: parsing, keep-alive, pipelining,
+chunked request bodies, ``Expect: 100-continue``, size limits, timeouts, connection
+limits and graceful shutdown. It knows nothing about CloudEvents; the application is one
+async :data:`Handler` that maps a :class:`Request` to a :class:`Response`.
+
+Why not a framework: a Protocol on top of httptools answers several times more requests
+per second than an ASGI server on the same parser, and a receiver's cost is dominated by
+that per-request overhead. The hot path therefore avoids per-request closures and timers,
+builds each answer in one join and hands it to ``transport.write`` once.
+
+Behaviour, as clients see it:
+
+- Keep-alive by default for HTTP/1.1, and for HTTP/1.0 with ``Connection: keep-alive``.
+  Pipelined requests are answered in order; while a request is being handled, reading
+  from that connection is paused, so one client cannot queue unbounded work.
+- Limits answer and then close the connection: a request head over ``max_header_bytes``
+  gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
+  running total of a chunked body says so (``Expect: 100-continue`` with a declared length
+  over the limit gets 413 instead of ``100 Continue``), a request that is not valid HTTP
+  gets 400. A client that takes longer than ``read_timeout`` to send a whole request gets
+  408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
+  stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
+  a new connection gets 503.
+- A handler raising :class:`HTTPError` answers with its status and message; any other
+  exception answers 500 with a generic body (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote
+
+import httptools
+import orjson
+
+__all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response"]
+
+_LOG = logging.getLogger("cdk.http")
+
+_TEXT = "text/plain; charset=utf-8"
+_REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
+_NO_BODY_STATUSES = frozenset({204, 304})
+#: After an answer that rejects a request, how long (at most) the server keeps reading and
+#: discarding what the client still sends, so that closing does not reset the connection
+#: before the client has read the answer (a "lingering close").
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request. Header names are lower-case; repeated headers are joined by ", "."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    client: tuple[str, int] | None = None
+
+    def query_params(self) -> dict[str, list[str]]:
+        """The query string decoded into name -> values (blank values kept)."""
+        return parse_qs(self.query, keep_blank_values=True)
+
+    def json(self) -> Any:
+        """The body parsed as JSON; a body that is not JSON raises ``HTTPError(400)``."""
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+
+
+@dataclass(slots=True)
+class Response:
+    """An answer. ``content_type`` is sent only with a non-empty body."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str | None = _TEXT
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class HTTPError(Exception):
+    """Raised by a handler to answer with ``status``, ``message`` as the body and ``headers``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str = "",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.message = message or _REASONS.get(status, "error")
+        if headers is None:
+            self.headers: list[tuple[str, str]] = []
+        elif isinstance(headers, Mapping):
+            self.headers = list(headers.items())
+        else:
+            self.headers = list(headers)
+        super().__init__(status, self.message)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+    def to_response(self) -> Response:
+        """The answer this error stands for."""
+        return Response(self.status, self.message.encode("utf-8"), _TEXT, list(self.headers))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_HEAD_CACHE: dict[tuple[int, bool, bool], bytes] = {}
+
+
+def _status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+
+
+def encode_response(
+    response: Response, keep_alive: bool = True, http10: bool = False, head: bool = False
+) -> bytes:
+    """The bytes of ``response`` on the wire, head and body joined.
+
+    ``keep_alive`` False adds ``Connection: close``; an HTTP/1.0 client that asked for
+    keep-alive gets ``Connection: keep-alive``; ``head`` leaves the body out.
+    """
+    status = response.status
+    body = response.body
+    headers = response.headers
+    if not body and not headers:
+        # The common answers (200/202 with nothing to say) are cached whole.
+        key = (status, keep_alive, http10)
+        cached = _HEAD_CACHE.get(key)
+        if cached is None:
+            cached = _HEAD_CACHE.setdefault(
+                key, _encode_head(status, b"", None, (), keep_alive, http10)
+            )
+        return cached
+    data = _encode_head(status, body, response.content_type, headers, keep_alive, http10)
+    if body and not head and status not in _NO_BODY_STATUSES:
+        return data + body
+    return data
+
+
+def _encode_head(
+    status: int,
+    body: bytes,
+    content_type: str | None,
+    headers: Iterable[tuple[str, str]],
+    keep_alive: bool,
+    http10: bool,
+) -> bytes:
+    parts = [_status_line(status)]
+    if status not in _NO_BODY_STATUSES and status >= 200:
+        if body and content_type:
+            parts.append(f"content-type: {content_type}\r\n")
+        parts.append(f"content-length: {len(body)}\r\n")
+    for name, value in headers:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"response header {name!r} contains a line break")
+        parts.append(f"{name}: {value}\r\n")
+    if not keep_alive:
+        parts.append("connection: close\r\n")
+    elif http10:
+        parts.append("connection: keep-alive\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
+
+
+def _error_bytes(status: int, message: str) -> bytes:
+    return encode_response(Response(status, message.encode("utf-8")), keep_alive=False)
+
+
+_INTERNAL_ERROR = Response(500, b"internal error")
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing; the reason is on the connection."""
+
+
+# Deadline kinds of a connection (what happens when it passes).
+_IDLE = 0  # no request started: close quietly
+_READING = 1  # a request is arriving too slowly: 408 and close
+_WRITING = 2  # the client does not read its answers: drop
+_LINGER = 3  # a rejected client is still sending: drop
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: feeds the parser, queues whole requests, answers them in order.
+
+    A queue item is ``(request, keep_alive, http10, canned)``: ``canned`` is a finished
+    rejection (then ``request`` is None) to be written once the answers before it went out.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_len",
+        "_busy",
+        "_closed",
+        "_expect_continue",
+        "_head_bytes",
+        "_head_fresh",
+        "_head_raw",
+        "_headers",
+        "_in_head",
+        "_in_message",
+        "_linger_bytes",
+        "_lingering",
+        "_lost",
+        "_no_more",
+        "_reading_paused",
+        "_reject",
+        "_task",
+        "_url",
+        "_writing_paused",
+        "client",
+        "deadline",
+        "deadline_kind",
+        "loop",
+        "parser",
+        "queue",
+        "server",
+        "transport",
+    )
+
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client: tuple[str, int] | None = None
+        self.queue: deque[tuple[Request | None, bool, bool, bytes]] = deque()
+        self.deadline = math.inf
+        self.deadline_kind = _IDLE
+        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._closed = False
+        self._lost = False
+        self._no_more = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._lingering = False
+        self._linger_bytes = 0
+        self._reject: tuple[int, str] | None = None
+        self._in_message = False
+        self._in_head = False
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._head_fresh = False
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._expect_continue = False
+
+    # -- transport events -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = (str(peer[0]), int(peer[1]))
+        if server.draining:
+            self._closed = True
+            transport.abort()
+            return
+        if len(server.connections) >= server.max_connections:
+            server.rejected(503)
+            self._closed = True
+            transport.write(_error_bytes(503, "too many connections"))
+            transport.close()
+            return
+        server.connections.add(self)
+        # A fresh connection must start its request promptly.
+        self.deadline = self.loop.time() + min(server.read_timeout, server.keepalive_timeout)
+        self.deadline_kind = _IDLE
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closed = True
+        self.queue.clear()
+        self.deadline = math.inf
+        if not self._busy:
+            self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self.deadline = self.loop.time() + self.server.read_timeout
+        self.deadline_kind = _WRITING
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._lingering:
+            return
+        self.deadline = math.inf
+        if not self._busy:
+            self._next()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > _LINGER_BYTES:
+                self._abort()
+            return
+        if self._no_more:
+            return
+        self._head_fresh = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The request before the upgrade was answered normally; the rest of the stream
+            # speaks another protocol, which this server does not: close after answering.
+            self._no_more = True
+            if self.queue:
+                request, _, http10, canned = self.queue[-1]
+                self.queue[-1] = (request, False, http10, canned)
+        except httptools.HttpParserError:
+            self._reject_request(*(self._reject or (400, "malformed HTTP request")))
+        else:
+            if self._in_head:
+                if not self._head_fresh:
+                    # The whole chunk belongs to a head begun earlier and still unfinished.
+                    # httptools buffers a header line until it ends, so raw bytes count
+                    # too: one endless header line must not grow memory without limit.
+                    self._head_raw += len(data)
+                limit = self.server.max_header_bytes
+                if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
+                    self._reject_request(431, "request header fields too large")
+        if not self._busy and self.queue:
+            self._next()
+        if (
+            self._busy
+            and (self.queue or self._in_message)
+            and not self._reading_paused
+            and not self._closed
+        ):
+            # More arrived while a request is being handled (pipelining): stop reading
+            # until the answers are out, so one client cannot queue unbounded work.
+            self._reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: answer what was received, then close.
+        self._no_more = True
+        if not self._busy and not self.queue:
+            self._close()
+        return True
+
+    # -- parser callbacks (called by httptools from feed_data) ------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._in_head = True
+        self._url = b""
+        self._headers = {}
+        self._head_bytes = 0
+        self._head_raw = 0
+        self._head_fresh = True
+        self._body = []
+        self._body_len = 0
+        self._expect_continue = False
+        if not self._busy and not self.queue and not self._writing_paused:
+            self.deadline = self.loop.time() + self.server.read_timeout
+            self.deadline_kind = _READING
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # The size limit is checked once per chunk and at the end of the head, not here:
+        # this runs for every header of every request.
+        self._head_bytes += len(name) + len(value)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self._headers
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        headers = self._headers
+        # Each header line costs at least 4 bytes beyond its name and value (": ", CRLF).
+        size = self._head_bytes + len(self._url) + 4 * len(headers)
+        if size > self.server.max_header_bytes:
+            self._reject = (431, "request header fields too large")
+            raise _Stop
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                self._reject = (400, "bad Content-Length")
+                raise _Stop from None
+            if declared > self.server.max_body_bytes:
+                self._reject = (413, "request body too large")
+                raise _Stop
+        expect = headers.get("expect")
+        if (
+            expect is not None
+            and expect.lower() == "100-continue"
+            and self.parser.get_http_version() == "1.1"
+        ):
+            if self._busy or self.queue:
+                # Written once the answers before this request are out.
+                self._expect_continue = True
+            else:
+                assert self.transport is not None
+                self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.server.max_body_bytes:
+            self._reject = (413, "request body too large")
+            raise _Stop
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._expect_continue = False
+        parser = self.parser
+        url = self._url
+        if url[:1] == b"/":
+            raw_path, _, raw_query = url.partition(b"?")
+            raw_query = raw_query.partition(b"#")[0]
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raw_path, raw_query = url, b""
+            else:
+                raw_path, raw_query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        body = self._body
+        request = Request(
+            parser.get_method().decode("ascii"),
+            path,
+            raw_query.decode("latin-1"),
+            self._headers,
+            body[0] if len(body) == 1 else b"".join(body),
+            self.client,
+        )
+        self._body = []
+        self.queue.append(
+            (request, parser.should_keep_alive(), parser.get_http_version() == "1.0", b"")
+        )
+
+    # -- answering ----------------------------------------------------------------------
+
+    def _reject_request(self, status: int, message: str) -> None:
+        """Queue a rejection after the answers already due, and stop reading requests."""
+        self._no_more = True
+        self._reject = None
+        self.server.rejected(status)
+        self.queue.append((None, False, False, _error_bytes(status, message)))
+
+    def _next(self) -> None:
+        """Start the next queued request, or go back to reading when there is none."""
+        if self._closed or self._busy or self._writing_paused:
+            return
+        queue = self.queue
+        if queue:
+            request, keep_alive, http10, canned = queue.popleft()
+            if request is None:
+                self._write_and_linger(canned)
+                return
+            self._busy = True
+            self.deadline = math.inf
+            self._task = self.loop.create_task(self._respond(request, keep_alive, http10))
+            return
+        if self._no_more or (self.server.draining and not self._in_message):
+            self._close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        if self._in_message:
+            if self._expect_continue:
+                self._expect_continue = False
+                assert self.transport is not None
+                self.transport.write(_CONTINUE)
+            self.deadline = self.loop.time() + self.server.read_timeout
+            self.deadline_kind = _READING
+        else:
+            self.deadline = self.loop.time() + self.server.keepalive_timeout
+            self.deadline_kind = _IDLE
+
+    async def _respond(self, request: Request, keep_alive: bool, http10: bool) -> None:
+        server = self.server
+        try:
+            response = await server.handler(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"handler returned {type(response).__name__}, not a Response")
+        except HTTPError as exc:
+            response = exc.to_response()
+        except asyncio.CancelledError:
+            self._busy = False
+            self._task = None
+            if self._lost:
+                server.forget(self)
+            raise
+        except Exception:
+            server.logger.exception("handler failed on %s %s", request.method, request.path)
+            response = _INTERNAL_ERROR
+        self._busy = False
+        self._task = None
+        if self._closed:
+            # Dropped while the handler ran (client gone, or it stopped reading).
+            if self._lost:
+                server.forget(self)
+            return
+        if server.draining or (self._no_more and not self.queue):
+            keep_alive = False
+        try:
+            data = encode_response(response, keep_alive, http10, request.method == "HEAD")
+        except (ValueError, UnicodeError):
+            server.logger.exception(
+                "handler answer cannot be sent on %s %s", request.method, request.path
+            )
+            data = encode_response(_INTERNAL_ERROR, keep_alive, http10)
+        assert self.transport is not None
+        self.transport.write(data)
+        if keep_alive:
+            self._next()
+        else:
+            self._close()
+
+    def _write_and_linger(self, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(data)
+        self.queue.clear()
+        if not transport.can_write_eof():
+            self._close()
+            return
+        # Half-close, then read and drop what the client still sends for a short while:
+        # closing with unread data would reset the connection and could destroy the answer.
+        transport.write_eof()
+        self._lingering = True
+        self.deadline = self.loop.time() + min(_LINGER_SECONDS, self.server.read_timeout)
+        self.deadline_kind = _LINGER
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.deadline = math.inf
+            self.queue.clear()
+            if self.transport is not None:
+                self.transport.close()
+
+    def _abort(self) -> None:
+        self._closed = True
+        self.deadline = math.inf
+        self.queue.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- server-driven events -----------------------------------------------------------
+
+    def expire(self) -> None:
+        """The connection's deadline passed (called by the server's sweep)."""
+        kind = self.deadline_kind
+        self.deadline = math.inf
+        if self._closed:
+            return
+        if self._writing_paused:
+            # The client stopped reading its answers: nothing more can reach it.
+            self._abort()
+            return
+        if self._busy:
+            return
+        if kind == _READING and self._in_message and not self.queue:
+            self.server.rejected(408)
+            self._no_more = True
+            self._write_and_linger(_error_bytes(408, "request not received in time"))
+        elif kind in (_WRITING, _LINGER):
+            self._abort()
+        else:
+            self._close()
+
+    def drain(self) -> None:
+        """Shutdown began: close now if idle, else after the answer in progress."""
+        if self._lingering:
+            self._abort()
+        elif not self._busy and not self.queue and not self._in_message:
+            self._close()
+
+    def kill(self) -> None:
+        """The grace period is over: drop the connection and cancel its handler."""
+        self._abort()
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+
+class HTTPServer:
+    """An HTTP/1.1 server calling ``handler`` for every request; see the module docstring."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_body_bytes: int = 1 << 20,
+        max_header_bytes: int = 16384,
+        read_timeout: float = 10.0,
+        keepalive_timeout: float = 75.0,
+        max_connections: int = 10_000,
+        backlog: int = 1024,
+        on_reject: Callable[[int], None] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        """``on_reject`` is called with the status of every answer the server makes itself
+        (400, 408, 413, 431, 503), so the application can count them."""
+        self.handler = handler
+        self.host = host
+        self.requested_port = port
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.read_timeout = read_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.backlog = backlog
+        self.on_reject = on_reject
+        self.logger = logger or _LOG
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all_gone: asyncio.Event | None = None
+        # Deadlines are checked by one periodic sweep rather than a timer per request;
+        # a deadline fires at most a quarter of the shortest timeout late.
+        self._tick = max(0.005, min(1.0, read_timeout / 4, keepalive_timeout / 4))
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "HTTPServer.start() was not called"
+        return self._loop
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        if self._server is not None:
+            raise RuntimeError("HTTPServer already started")
+        self._loop = asyncio.get_running_loop()
+        self._all_gone = asyncio.Event()
+        self._server = await self._loop.create_server(
+            functools.partial(_Connection, self),
+            self.host,
+            self.requested_port,
+            backlog=self.backlog,
+            reuse_address=True,
+        )
+        self._sweeper = self._loop.call_later(self._tick, self._sweep)
+
+    @property
+    def port(self) -> int:
+        """The bound port (``port=0`` picks a free one)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("HTTPServer is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None and not self.draining
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight handlers finish within ``grace``, close every
+        connection (idle ones at once), then drop whatever is left."""
+        if self._server is None or self.draining:
+            return
+        self.draining = True
+        self._server.close()
+        for conn in list(self.connections):
+            conn.drain()
+        assert self._all_gone is not None
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), grace)
+            except TimeoutError:
+                self.logger.warning(
+                    "%d connection(s) still busy after the %.1f s grace period; closing them",
+                    len(self.connections),
+                    grace,
+                )
+        tasks = [conn.task for conn in self.connections if conn.task is not None]
+        for conn in list(self.connections):
+            conn.kill()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await self._server.wait_closed()
+
+    # -- used by connections ------------------------------------------------------------
+
+    def forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections and self._all_gone is not None:
+            self._all_gone.set()
+
+    def rejected(self, status: int) -> None:
+        if self.on_reject is not None:
+            try:
+                self.on_reject(status)
+            except Exception:
+                self.logger.exception("on_reject callback failed")
+
+    def _sweep(self) -> None:
+        loop = self.loop
+        now = loop.time()
+        expired = [conn for conn in self.connections if conn.deadline <= now]
+        for conn in expired:
+            conn.expire()
+        self._sweeper = loop.call_later(self._tick, self._sweep)

@@ -1,0 +1,275 @@
+"""Receiving: the HTTP application of a sink (or a webhook source) on top of ``cdk.http``.
+
+:class:`Receiver` owns routing, auth, the concurrency cap and the answer counters;
+:class:`SinkHandler` is a sink's ``POST /``: decode the CloudEvents, call the user's
+``arrived``, turn its :class:`~cdk.connector.Result` into an HTTP answer.
+
+Routes:
+
+==================  ==================================================================
+``POST /``          the connector's handler (needs the token when ``auth_token`` is set)
+``OPTIONS /``       the CloudEvents webhook handshake (``WebHook-Request-Origin`` in,
+                    ``WebHook-Allowed-Origin``, ``WebHook-Allowed-Rate`` and ``Allow`` out)
+``GET /healthz``    200 while the process serves
+``GET /readyz``     200 while :attr:`Receiver.ready` is True (after ``initialize``, until
+                    shutdown begins), else 503
+``GET /metrics``    Prometheus text format
+other method, /     405 with ``Allow: POST, OPTIONS``
+other path          404
+==================  ==================================================================
+
+Auth: with ``auth_token`` set, a POST needs ``Authorization: Bearer <token>`` or
+``?access_token=<token>`` (compared in constant time), else 401 with
+``WWW-Authenticate: Bearer``. Health, readiness, metrics and OPTIONS need no token.
+
+Concurrency cap: at most ``max_concurrency`` POSTs are handled at once. Beyond that the
+receiver answers **429 with ``Retry-After: 1`` instead of queueing**: a queue would hide
+overload from the sender while holding its connection and memory, whereas 429 with
+``Retry-After`` is what the CloudEvents webhook spec prescribes and what Knative and
+the cdk's own delivery retry on. Over-capacity requests cost the server almost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from cdk.codec import CodecError, from_http
+from cdk.connector import Result, Sink
+from cdk.http import Handler, HTTPError, Request, Response
+from cdk.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from cdk.config import ServerConfig
+    from cdk.metrics import Metrics
+
+__all__ = ["RETRY_AFTER", "Receiver", "SinkHandler"]
+
+#: Seconds a client is asked to wait (``Retry-After``) when the concurrency cap is reached.
+RETRY_AFTER = 1
+
+_POST_ALLOW = "POST, OPTIONS"
+_READ_ALLOW = "GET, HEAD"
+
+
+# Shared answers of the hot path (answers are never mutated once returned).
+_OK = Response(200)
+_ACCEPTED = Response(202)
+
+
+def _text(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, text.encode("utf-8"), headers=headers or [])
+
+
+class _StatusCounter:
+    """Counts answers by status, caching one prometheus child per status (labels() is slow)."""
+
+    __slots__ = ("_children", "_counter")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[int, Any] = {}
+
+    def __call__(self, status: int) -> None:
+        child = self._children.get(status)
+        if child is None:
+            child = self._children.setdefault(status, self._counter.labels(str(status)))
+        child.inc()
+
+
+class Receiver:
+    """Routes requests to the POST handler, health, readiness and metrics; see the module doc.
+
+    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`. Pass :meth:`record_status` as
+    ``HTTPServer(on_reject=...)`` so the answers the server makes itself (400, 408, 413,
+    431, 503) are counted too.
+    """
+
+    def __init__(
+        self,
+        post: Handler,
+        config: ServerConfig,
+        metrics: Metrics,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.ready = False
+        self._post = post
+        self._metrics = metrics
+        self._log = logger or logging.getLogger("cdk.receiver")
+        secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
+        self._token: bytes | None = secret.encode("utf-8") if secret else None
+        self._max_concurrency = config.max_concurrency
+        self._in_flight = 0
+        self.record_status = _StatusCounter(metrics.responses)
+
+    @property
+    def in_flight(self) -> int:
+        """POST requests being handled right now."""
+        return self._in_flight
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request and count the answer."""
+        if request.method == "POST" and request.path == "/":
+            response = await self._handle_post(request)
+        else:
+            response = self._route(request)
+        self.record_status(response.status)
+        return response
+
+    def _route(self, request: Request) -> Response:
+        """Every route but ``POST /``: all answered without waiting on anything."""
+        path = request.path
+        method = request.method
+        if path == "/":
+            if method == "OPTIONS":
+                return self._options(request)
+            return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
+        if path in ("/healthz", "/readyz", "/metrics"):
+            if method not in ("GET", "HEAD"):
+                return _text(405, "method not allowed", [("allow", _READ_ALLOW)])
+            if path == "/healthz":
+                return _text(200, "ok")
+            if path == "/readyz":
+                return _text(200, "ready") if self.ready else _text(503, "not ready")
+            return Response(200, self._metrics.render(), CONTENT_TYPE)
+        return _text(404, "not found")
+
+    def _options(self, request: Request) -> Response:
+        origin = request.headers.get("webhook-request-origin")
+        if origin is None:
+            return Response(200, headers=[("allow", _POST_ALLOW)])
+        return Response(
+            200,
+            headers=[
+                ("allow", "POST"),
+                ("webhook-allowed-origin", origin.strip() or "*"),
+                ("webhook-allowed-rate", "*"),
+            ],
+        )
+
+    async def _handle_post(self, request: Request) -> Response:
+        if self._token is not None and not self._authorized(request):
+            return _text(
+                401,
+                "missing or wrong bearer token",
+                [("www-authenticate", 'Bearer realm="connector"')],
+            )
+        if self._in_flight >= self._max_concurrency:
+            return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
+        self._in_flight += 1
+        try:
+            response = await self._post(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"POST handler returned {type(response).__name__}, not a Response")
+            return response
+        except HTTPError as exc:
+            return exc.to_response()
+        except Exception:
+            self._log.exception("POST handler failed")
+            return _text(500, "internal error")
+        finally:
+            self._in_flight -= 1
+
+    def _authorized(self, request: Request) -> bool:
+        token = self._token
+        assert token is not None
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, credentials = header.strip().partition(" ")
+            # Header values arrive decoded as latin-1: encoding back gives the raw bytes.
+            if scheme.lower() == "bearer" and hmac.compare_digest(
+                credentials.strip().encode("latin-1"), token
+            ):
+                return True
+        if "access_token" in request.query:
+            for value in request.query_params().get("access_token", ()):
+                if hmac.compare_digest(value.encode("utf-8"), token):
+                    return True
+        return False
+
+
+def _ids(events: tuple[Any, ...] | list[Any]) -> str:
+    ids = [str(event.get_id()) for event in events[:20]]
+    more = f" (+{len(events) - 20} more)" if len(events) > 20 else ""
+    return ", ".join(ids) + more
+
+
+class SinkHandler:
+    """A sink's ``POST /``: decode, call ``arrived`` (a plain ``def`` in a worker thread),
+    and answer.
+
+    ======================================  ====================================
+    what happened                           answer
+    ======================================  ====================================
+    not a valid CloudEvent                  400, the codec's message
+    unsupported event format or charset     415, the codec's message
+    an empty batch                          202; ``arrived`` is not called
+    ``arrived`` returned ``SUCCESS``        200
+    ``arrived`` returned a failed Result    its code, its message as the body
+    ``arrived`` raised                      500 ``internal error`` (traceback and event ids
+                                            go to the log, never to the client)
+    ``arrived`` returned something else     500, logged as a programming error
+    ======================================  ====================================
+    """
+
+    def __init__(self, sink: Sink, metrics: Metrics, logger: logging.Logger | None = None) -> None:
+        self._sink = sink
+        self._arrived = sink.arrived
+        self._is_async = inspect.iscoroutinefunction(self._arrived)
+        self._metrics = metrics
+        self._log = logger or logging.getLogger("cdk.sink")
+        self._received: dict[str, Any] = {}
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            mode, events = from_http(request.headers, request.body)
+        except CodecError as exc:
+            return _text(exc.status, str(exc))
+        if not events:
+            return _ACCEPTED
+        counter = self._received.get(mode)
+        if counter is None:
+            counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
+        counter.inc(len(events))
+        return await self._deliver(events)
+
+    async def _deliver(self, events: list[Any]) -> Response:
+        metrics = self._metrics
+        metrics.handler_in_flight.inc()
+        started = time.perf_counter()
+        try:
+            if self._is_async:
+                result = await self._arrived(*events)  # type: ignore[misc]
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(None, self._call_sync, events)
+                if inspect.isawaitable(result):
+                    # A plain def that returned an awaitable: finish it here, on the loop.
+                    result = await result
+        except Exception:
+            self._log.exception("arrived raised; event ids: %s", _ids(events))
+            return _text(500, "internal error")
+        finally:
+            metrics.handler_in_flight.dec()
+            metrics.handler_latency.observe(time.perf_counter() - started)
+        if not isinstance(result, Result):
+            self._log.error(
+                "%s.arrived returned %r, not a cdk.Result (return cdk.SUCCESS or "
+                "cdk.Result(code, message)); event ids: %s",
+                type(self._sink).__name__,
+                type(result).__name__,
+                _ids(events),
+            )
+            return _text(500, "internal error")
+        if result.code == 0:
+            return _OK
+        return _text(result.code, result.message)
+
+    def _call_sync(self, events: list[Any]) -> Any:
+        return self._arrived(*events)
