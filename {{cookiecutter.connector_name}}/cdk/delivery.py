@@ -1,11 +1,12 @@
 """Delivery: drains ``Source.chan`` and POSTs every event to the source's ``target``.
 
 A :class:`Deliverer` runs ``max_in_flight`` workers over one keep-alive connection
-pool. Each worker takes one event (or up to ``batch_size`` events, waiting at most
-``batch_linger`` for a partial batch to fill), encodes the request once, and sends it
-until the target answers 2xx, answers a status that is not worth retrying, the attempts
-run out, or shutdown ends. Every :class:`~cdk.connector.Tuple` gets exactly one
-callback: ``success()`` or ``failed(error)`` with one of the errors defined here.
+pool (:class:`cdk.client.Client`). Each worker takes one event (or up to ``batch_size``
+events, waiting at most ``batch_linger`` for a partial batch to fill), encodes the
+request once, and sends it until the target answers 2xx, answers a status that is not
+worth retrying, the attempts run out, or shutdown ends. Every
+:class:`~cdk.connector.Tuple` gets exactly one callback: ``success()`` or
+``failed(error)`` with one of the errors defined here.
 
 Retried: transport errors, timeouts, 404, 408, 409, 429 and 5xx (``Retry-After`` is
 honoured on 429 and 503). Never retried: any other status, notably 400, 401, 403, 413
@@ -26,11 +27,10 @@ from email.utils import parsedate_to_datetime
 from time import time as wall_clock
 from typing import Any
 
-import aiohttp
 import orjson
-import yarl
 from cloudevents.core.v1.event import CloudEvent
 
+from cdk.client import Client, ClientError
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
 from cdk.config import SourceConfig
 from cdk.connector import Tuple
@@ -55,7 +55,7 @@ RETRYABLE_4XX = frozenset({404, 408, 409, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 #: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
-#: Most bytes of an answer body read; a longer body closes the connection instead.
+#: Most bytes of an answer body kept (the rest is read and dropped).
 _READ_LIMIT = 64 * 1024
 
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
@@ -214,12 +214,11 @@ class Deliverer:
         self.metrics = metrics
         self.overrides = dict(overrides) if overrides else None
         self.log = logger or _log
-        self._url = yarl.URL(config.target)  # parsed once, not per request
         self._attempts = config.send_event_attempts
         self._batch_size = config.batch_size
         self._linger = config.batch_linger
         self._encode_one = to_structured if config.content_mode == "structured" else to_binary
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
         self._chan: asyncio.Queue[Tuple] | None = None
         self._workers: list[asyncio.Task[None]] = []
         # Only one worker fills a batch at a time, so at most one batch is ever partial
@@ -244,7 +243,7 @@ class Deliverer:
             # stop() finished before run() began: nothing is sent, nothing dropped silently.
             await self._fail_queued()
             return
-        self._session = self._new_session()
+        self._client = self._new_client()
         # Both gauges are read when scraped, which costs nothing per request.
         self.metrics.queue_depth.set_function(chan.qsize)
         self.metrics.delivery_in_flight.set_function(self._requests_in_flight)
@@ -296,23 +295,22 @@ class Deliverer:
             if pending:
                 await asyncio.wait(pending)
             await self._fail_queued()
-            if self._session is not None:
-                await self._session.close()
+            if self._client is not None:
+                await self._client.close()
         finally:
             self._stopped.set()
 
     def _requests_in_flight(self) -> float:
         return self._in_flight
 
-    def _new_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=self.config.max_in_flight, keepalive_timeout=30)
-        return aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.config.attempt_timeout),
-            # A target's answer matters only by its status (and an excerpt on errors):
-            # no cookies to keep, nothing to decompress.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
+    def _new_client(self) -> Client:
+        # One connection per worker: a worker never has more than one request out.
+        return Client(
+            self.config.target,
+            limit=self.config.max_in_flight,
+            timeout=self.config.attempt_timeout,
+            keepalive=30.0,
+            max_body=_READ_LIMIT,
         )
 
     def _wake_idle(self) -> None:
@@ -446,7 +444,7 @@ class Deliverer:
             if self._batch_size == 1:
                 return self._encode_one(events[0]), 0
             return to_batch(events), 0
-        except Exception:  # noqa: BLE001 - a user's event may break the encoder in any way
+        except Exception:  # a user's event may break the encoder in any way
             if len(events) == 1:
                 return None, 1
         bad: list[Tuple] = []
@@ -455,7 +453,7 @@ class Deliverer:
         for item, event in zip(tuples, events, strict=True):
             try:
                 to_batch([event])
-            except Exception:  # noqa: BLE001 - see above
+            except Exception:  # see above
                 bad.append(item)
             else:
                 good.append(item)
@@ -472,7 +470,7 @@ class Deliverer:
                     event = with_extensions(event, self.overrides)
                 to_batch([event]) if self._batch_size > 1 else self._encode_one(event)
                 reason = "unknown encoding error"
-            except Exception as exc:  # noqa: BLE001 - see _encode
+            except Exception as exc:  # see _encode
                 reason = _describe(exc)
             await self._give_up(
                 batch, EncodeError(f"event cannot be encoded: {reason}"), "rejected", count=1
@@ -495,7 +493,7 @@ class Deliverer:
             self._in_flight += 1
             try:
                 status, answer, retry_after = await self._post(headers, body)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (ClientError, OSError, TimeoutError) as exc:
                 status, answer, retry_after = 0, b"", None
                 error: BaseException = exc
             finally:
@@ -543,20 +541,13 @@ class Deliverer:
         return backoff, wait
 
     async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes, float | None]:
-        assert self._session is not None
-        async with self._session.post(
-            self._url, data=body, headers=headers, allow_redirects=False
-        ) as response:
-            status = response.status
-            length = response.content_length
-            if length is None or length <= _READ_LIMIT:
-                answer = await response.read()
-            else:  # read a little; release() then closes the connection
-                answer = await response.content.read(EXCERPT_CHARS * 4)
-            retry_after = None
-            if status in RETRY_AFTER_STATUSES:
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            return status, answer, retry_after
+        assert self._client is not None
+        response = await self._client.post(body, headers)
+        status = response.status
+        retry_after = None
+        if status in RETRY_AFTER_STATUSES:
+            retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        return status, response.body, retry_after
 
     # -- callbacks -------------------------------------------------------------------
 

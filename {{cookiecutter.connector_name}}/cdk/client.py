@@ -1,0 +1,584 @@
+"""HTTP/1.1 client for POSTing to one target: asyncio Protocols driving ``httptools`` directly.
+
+This module owns the wire-level work of sending: a keep-alive connection pool, the
+request bytes, parsing the answer, timeouts, and turning every failure into one of the
+errors defined here. It knows nothing about CloudEvents; :mod:`cdk.delivery` decides
+what to send and what an answer means.
+
+Why not aiohttp: a source's throughput is bounded by the sender's CPU per request, and a
+Protocol feeding llhttp spends a fraction of what a general-purpose client does. The hot
+path therefore builds each request in one join, writes it once, and waits on one future
+resolved from the parser's callbacks.
+
+Behaviour:
+
+- At most ``limit`` connections are open; idle ones are reused last-in first-out, so a
+  burst's extra connections age out instead of being kept warm. A connection is dropped
+  after any error, a ``Connection: close`` answer, an answer the parser says ends the
+  connection, or ``keepalive`` seconds idle.
+- A reused connection the server closed while it sat idle fails before any byte of the
+  answer arrives; that request is sent again, once, on a fresh connection. A failure
+  after part of the answer arrived is never repeated here.
+- ``timeout`` covers everything: waiting for a connection, connecting, sending and
+  receiving. On expiry the connection is dropped and :class:`RequestTimeout` raised.
+- Interim (1xx) answers are skipped; chunked answers are decoded; at most ``max_body``
+  bytes of an answer's body are kept (enough for an error excerpt), the rest is read
+  and dropped so the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl as _ssl
+import string
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import SplitResult, quote, unquote, urlsplit
+
+import httptools
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "ClientResponse",
+    "ConnectError",
+    "ConnectionClosed",
+    "ProtocolError",
+    "RequestTimeout",
+]
+
+#: Most bytes of an answer's head (status line and headers) accepted.
+MAX_HEAD_BYTES = 64 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Header names the client writes itself; a caller may not send them too.
+_RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "user-agent"})
+_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+class ClientError(Exception):
+    """A request got no complete answer; ``str()`` says why."""
+
+
+class ConnectError(ClientError):
+    """No connection could be made (refused, unreachable, name not found, TLS failure)."""
+
+
+class ConnectionClosed(ClientError):
+    """The connection closed or was reset before the whole answer arrived.
+
+    ``received`` says whether any byte of the answer had arrived.
+    """
+
+    def __init__(self, message: str, received: bool) -> None:
+        super().__init__(message)
+        self.received = received
+
+
+class ProtocolError(ClientError):
+    """The server's answer is not valid HTTP/1.1 (or not one this client accepts)."""
+
+
+class RequestTimeout(ClientError, TimeoutError):
+    """No complete answer within the client's timeout."""
+
+
+@dataclass(slots=True)
+class ClientResponse:
+    """An answer: status, headers (lower-case names, repeats joined by ", ") and body.
+
+    ``truncated`` is True when the body was longer than the client keeps.
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    truncated: bool = False
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _user_agent() -> str:
+    # Read when a client is made, not at import: cdk/__init__.py imports this module's
+    # users before it defines __version__.
+    import cdk
+
+    return f"cdk/{getattr(cdk, '__version__', '0')}"
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: writes a request, feeds the answer to llhttp, resolves ``waiter``."""
+
+    __slots__ = (
+        "_body",
+        "_head_raw",
+        "_headers",
+        "_headers_done",
+        "_kept",
+        "_truncated",
+        "_until_eof",
+        "closed",
+        "dropped",
+        "idle",
+        "idle_since",
+        "keep_alive",
+        "lost",
+        "parser",
+        "pool",
+        "received",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, pool: Client) -> None:
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[ClientResponse] | None = None
+        self.received = False
+        self.closed = False
+        self.dropped = False
+        self.idle = False
+        self.idle_since = 0.0
+        self.keep_alive = True
+        self.lost: asyncio.Future[None] | None = None  # made when someone waits for the end
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._kept = 0
+        self._truncated = False
+        self._head_raw = 0
+        self._headers_done = False
+        self._until_eof = False
+
+    # -- used by the pool ---------------------------------------------------------------
+
+    def send(self, data: bytes) -> asyncio.Future[ClientResponse]:
+        """Write one request; the future resolves to its answer or a ClientError."""
+        waiter: asyncio.Future[ClientResponse] = self.pool.loop.create_future()
+        if self.closed or self.transport is None:
+            # Lost between being handed out and now: nothing was sent, nothing received.
+            waiter.set_exception(ConnectionClosed("the server closed the connection", False))
+            return waiter
+        self.received = False
+        self._head_raw = 0
+        self._headers_done = False
+        self._until_eof = False
+        self.waiter = waiter
+        self.transport.write(data)
+        return waiter
+
+    def close(self) -> None:
+        """Close politely (the answer was complete) and give the slot back."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self.pool.drop(self)
+
+    def abort(self) -> None:
+        """Drop at once (state unknown: error, timeout, cancellation) and give the slot back."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.pool.drop(self)
+
+    # -- transport events ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            if exc is None and self._until_eof and self._headers_done:
+                # An answer without length or chunking ends where the connection does.
+                self.keep_alive = False
+                waiter.set_result(self._response())
+            else:
+                waiter.set_exception(self._lost_error(exc))
+        self.pool.drop(self)
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost decides what the EOF meant
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            # Bytes nobody asked for: the connection's state is unknown, so it goes.
+            self.abort()
+            return
+        self.received = True
+        if not self._headers_done:
+            self._head_raw += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError("the server switched protocols"))
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"invalid HTTP answer: {exc}"))
+            return
+        if not self._headers_done and self._head_raw > MAX_HEAD_BYTES and self.waiter is not None:
+            # llhttp keeps an unfinished header line in memory: bound what a head may cost.
+            self._fail(ProtocolError(f"answer head over {MAX_HEAD_BYTES} bytes"))
+
+    # -- parser callbacks (called by httptools from feed_data) ---------------------------
+
+    def on_message_begin(self) -> None:
+        if self.waiter is None:
+            self.keep_alive = False  # an answer to no request: out of step, never reuse
+        self._headers = {}
+        self._body = []
+        self._kept = 0
+        self._truncated = False
+        self._headers_done = False
+        self._until_eof = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers = self._headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+        self._head_raw = 0
+        headers = self._headers
+        status = self.parser.get_status_code()
+        self._until_eof = (
+            status >= 200
+            and status not in (204, 304)
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+
+    def on_body(self, body: bytes) -> None:
+        room = self.pool.max_body - self._kept
+        if room <= 0:
+            self._truncated = True
+            return
+        if len(body) > room:
+            body = body[:room]
+            self._truncated = True
+        self._body.append(body)
+        self._kept += len(body)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        waiter = self.waiter
+        if waiter is None:
+            self.keep_alive = False
+            return
+        self.waiter = None
+        self.keep_alive = (
+            self.parser.should_keep_alive()
+            and "close" not in self._headers.get("connection", "").lower()
+        )
+        if not waiter.done():
+            waiter.set_result(self._response())
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _response(self) -> ClientResponse:
+        body = self._body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        return ClientResponse(self.parser.get_status_code(), self._headers, data, self._truncated)
+
+    def _fail(self, error: ClientError) -> None:
+        waiter = self.waiter
+        self.waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.abort()
+
+    def _lost_error(self, exc: Exception | None) -> ConnectionClosed:
+        when = "before the answer was complete" if self.received else "before answering"
+        if exc is None:
+            return ConnectionClosed(f"the server closed the connection {when}", self.received)
+        return ConnectionClosed(f"connection lost {when} ({_describe(exc)})", self.received)
+
+
+class Client:
+    """POSTs to one URL over a pool of at most ``limit`` keep-alive connections.
+
+    ``await post(body, headers)`` returns a :class:`ClientResponse` for any status, or
+    raises a :class:`ClientError`: :class:`ConnectError`, :class:`ConnectionClosed`,
+    :class:`ProtocolError` or :class:`RequestTimeout`. ``headers`` may not name Host,
+    Content-Length, Transfer-Encoding, Connection or User-Agent (the client writes them).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        limit: int = 16,
+        timeout: float | None = 5.0,
+        keepalive: float = 30.0,
+        max_body: int = 64 * 1024,
+        ssl: _ssl.SSLContext | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ValueError(f"not an http:// or https:// URL with a host: {url!r}")
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        self.limit = limit
+        self.timeout = timeout
+        self.keepalive = keepalive
+        self.max_body = max_body
+        self._tls = parts.scheme == "https"
+        self._ssl_context = ssl
+        self._head = self._make_head(parts, user_agent)
+        self._head_lines = self._head.count("\n")
+        self._known_names: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: list[_Connection] = []
+        self._conns: set[_Connection] = set()
+        self._count = 0  # connections open or being opened
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def _make_head(self, parts: SplitResult, user_agent: str | None) -> str:
+        """The request head up to the per-request lines, as text."""
+        host = self.host
+        if not host.isascii():
+            host = host.encode("idna").decode("ascii")
+        if ":" in host:
+            host = f"[{host}]"
+        if self.port != _DEFAULT_PORTS[parts.scheme]:
+            host = f"{host}:{self.port}"
+        target = quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            target = f"{target}?{quote(parts.query, safe=_QUERY_SAFE)}"
+        lines = [
+            f"POST {target} HTTP/1.1\r\n",
+            f"Host: {host}\r\n",
+            f"User-Agent: {user_agent or _user_agent()}\r\n",
+        ]
+        if parts.username is not None:
+            # Credentials in the URL mean Basic auth, as most clients read them.
+            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            lines.append(f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n")
+        head = "".join(lines)
+        if head.count("\n") != len(lines) or head.count("\r") != len(lines):
+            raise ValueError("the URL or user agent contains a line break")
+        head.encode("latin-1")  # fail here rather than on the first request
+        return head
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (idle or busy)."""
+        return len(self._conns)
+
+    @property
+    def idle_connections(self) -> int:
+        """Open connections waiting for a request."""
+        return len(self._idle)
+
+    # -- requests -----------------------------------------------------------------------
+
+    def encode_request(self, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+        """The bytes of a POST of ``body`` with ``headers``, head and body in one join."""
+        parts = [self._head, "Content-Length: ", str(len(body)), "\r\n"]
+        lines = 2  # Content-Length and the blank line
+        if headers:
+            known = self._known_names
+            for name, value in headers.items():
+                if name not in known:
+                    self._check_name(name)
+                parts += (name, ": ", value, "\r\n")
+            lines += len(headers)
+        parts.append("\r\n")
+        head = "".join(parts)
+        # Two scans of the whole head instead of one per value: any line break beyond
+        # the expected ones came from a value.
+        expected = self._head_lines + lines
+        if head.count("\n") != expected or head.count("\r") != expected:
+            raise ValueError("a request header value contains a line break")
+        return b"".join((head.encode("latin-1"), body))
+
+    def _check_name(self, name: str) -> None:
+        if not name or not _TOKEN_CHARS.issuperset(name):
+            raise ValueError(f"invalid request header name {name!r}")
+        if name.lower() in _RESERVED:
+            raise ValueError(f"request header {name!r} is written by the client itself")
+        if len(self._known_names) < 1024:
+            self._known_names.add(name)
+
+    async def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> ClientResponse:
+        """POST ``body`` with ``headers``; the answer whatever its status, or a ClientError."""
+        if self._closed:
+            raise ClientError("the client is closed")
+        data = self.encode_request(body, headers)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._send(data)
+        except TimeoutError as exc:
+            if isinstance(exc, ClientError):
+                raise
+            raise RequestTimeout(f"no answer within {self.timeout:g} s") from None
+
+    async def _send(self, data: bytes) -> ClientResponse:
+        conn, reused = await self._acquire(fresh=False)
+        try:
+            return await self._exchange(conn, data)
+        except ConnectionClosed as exc:
+            if not reused or exc.received:
+                raise
+        # The server closed the idle connection while the request was on its way (the
+        # keep-alive race): nothing of it was processed, so send it once more.
+        conn, _ = await self._acquire(fresh=True)
+        return await self._exchange(conn, data)
+
+    async def _exchange(self, conn: _Connection, data: bytes) -> ClientResponse:
+        try:
+            response = await conn.send(data)
+        except BaseException:
+            conn.abort()
+            raise
+        if conn.keep_alive and not conn.closed and not self._closed:
+            self._release(conn)
+        else:
+            conn.close()
+        return response
+
+    # -- the pool -------------------------------------------------------------------------
+
+    async def _acquire(self, fresh: bool) -> tuple[_Connection, bool]:
+        """A connection (and whether it was reused); ``fresh`` always opens a new one."""
+        while True:
+            if self._closed:
+                raise ClientError("the client is closed")
+            if not fresh:
+                conn = self._pop_idle()
+                if conn is not None:
+                    return conn, True
+            if self._count < self.limit:
+                break
+            if fresh and self._idle:
+                self._idle[0].close()  # make room by closing the longest idle
+                continue
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # the turn this waiter was given goes to the next one
+                else:
+                    waiter.cancel()
+                raise
+        return await self._connect(), False
+
+    def _pop_idle(self) -> _Connection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        conn = idle.pop()
+        conn.idle = False
+        if self.loop.time() - conn.idle_since > self.keepalive:
+            # The newest idle connection is too old, so every other one is older still.
+            conn.close()
+            for old in list(idle):
+                old.close()
+            return None
+        return conn
+
+    async def _connect(self) -> _Connection:
+        self._count += 1
+        conn = _Connection(self)
+        try:
+            if self._tls:
+                context = self._ssl_context
+                if context is None:
+                    context = self._ssl_context = _ssl.create_default_context()
+                await self.loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=context, server_hostname=self.host
+                )
+            else:
+                await self.loop.create_connection(lambda: conn, self.host, self.port)
+        except BaseException as exc:
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.abort()
+            self.drop(conn)
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError)
+                where = f"{self.host}:{self.port}"
+                raise ConnectError(f"cannot connect to {where}: {_describe(exc)}") from exc
+            raise
+        if conn.closed:
+            self.drop(conn)
+            raise ConnectionClosed("the server closed the connection at once", False)
+        self._conns.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        conn.idle = True
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+        if self._waiters:
+            self._wake()
+
+    def drop(self, conn: _Connection) -> None:
+        """Forget ``conn`` (closed or closing) and free its slot; safe to call twice."""
+        if conn.dropped:
+            return
+        conn.dropped = True
+        self._count -= 1
+        self._conns.discard(conn)
+        if conn.idle:
+            conn.idle = False
+            self._idle.remove(conn)
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Close every connection; requests in flight fail, later ones raise ClientError."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # wakes into the closed check
+        self._waiters.clear()
+        conns = list(self._conns)
+        lost: list[asyncio.Future[None]] = []
+        for conn in conns:
+            if conn.transport is not None and not conn.closed:
+                conn.lost = self.loop.create_future()
+                lost.append(conn.lost)
+            if conn.idle:
+                conn.close()
+            else:
+                conn.abort()
+        if lost:
+            # Closing completes on later loop iterations (a TLS close exchanges messages).
+            await asyncio.wait(lost, timeout=1.0)
