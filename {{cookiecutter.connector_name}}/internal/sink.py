@@ -39,6 +39,6 @@ class {{ cookiecutter.__class_prefix }}Sink(cdk.Sink):
             if not isinstance(data, dict):
                 log.info("event %s: data is not a JSON object", event.get_id())
                 continue
-            for key, value in data.items():
-                print(f"{key} {value}", flush=True)
+            # One write per event, so lines of events handled at once never interleave.
+            print("".join(f"{key} {value}\n" for key, value in data.items()), end="", flush=True)
         return cdk.SUCCESS
