@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 # Importing cdk from the template must not leave __pycache__ inside the template,
 # where cookiecutter would copy it into every generated project.
 sys.dont_write_bytecode = True
@@ -16,7 +18,7 @@ if str(TEMPLATE_PROJECT) not in sys.path:
     sys.path.insert(0, str(TEMPLATE_PROJECT))
 
 
-def pytest_configure(config) -> None:  # type: ignore[no-untyped-def]
+def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "slow: builds virtual environments or runs whole processes (deselect: -m 'not slow')"
+        "markers", "slow: builds virtual environments or runs cruft (deselect: -m 'not slow')"
     )

@@ -23,7 +23,7 @@ HOSTILE_NAMES = [
     "source--example",  # double dash
     "a" * 64,  # one too long
     "sóurce",  # non-ASCII letter
-    "ｓource",  # full-width letter
+    "ｓource",  # full-width letter  # noqa: RUF001
     "source😀",  # emoji
     "source/example",  # path separator
     "../source",  # parent directory

@@ -87,7 +87,7 @@ class Source(_Connector):
     chan: asyncio.Queue[Tuple]
     queue_size: ClassVar[int] = DEFAULT_QUEUE_SIZE
 
-    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:  # noqa: D102
+    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:
         return None
 
     async def loop_produce_event(self) -> None:
@@ -102,7 +102,7 @@ class WebhookSource(_Connector):
     delivered (2xx) or given up on (an error status the caller can retry on).
     """
 
-    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:  # noqa: D102
+    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:
         return None
 
     def make_event(
@@ -122,7 +122,7 @@ class Sink(_Connector):
     (runs in a worker thread so it never blocks the server). A batch arrives in one call.
     """
 
-    def initialize(self, config: SinkConfig) -> Awaitable[None] | None:  # noqa: D102
+    def initialize(self, config: SinkConfig) -> Awaitable[None] | None:
         return None
 
     def arrived(self, *events: CloudEvent) -> Result | Awaitable[Result]:
