@@ -16,10 +16,13 @@ bound. Batches are also compared with the naive receiver's one-event-per-request
 which is what its users get without batch support.
 
 For each load the two receivers take turns in short rounds, so outside load on a
-shared machine hits both. Printed: requests/s and events/s (best round), p99 latency,
-server CPU time per request over all rounds (barely affected by outside load, unlike
-throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against the
-targets (>= 2.5x with one event per request, >= 15x with batches of 100).
+shared machine hits both. Printed per round: requests/s, server CPU time per request and
+the share of its core the server got (well under 100% means something else ran on that
+core, or the load generator was starved, and the round says little about the server);
+the load average before and after. Summary: requests/s and events/s (best round), p99
+latency, server CPU time per request over all rounds (barely affected by outside load,
+unlike throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against
+the targets (>= 2.5x with one event per request, >= 15x with batches of 100).
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def serve_cdk(port: int) -> None:
             return cdk.SUCCESS
 
     async def main() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
         receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
@@ -98,6 +102,7 @@ def serve_cdk(port: int) -> None:
 
 
 def serve_naive(port: int) -> None:
+    import asyncio
     import json
 
     import uvloop
@@ -105,7 +110,7 @@ def serve_naive(port: int) -> None:
     from cloudevents.core.base import BaseCloudEvent
     from cloudevents.core.bindings.http import HTTPMessage, from_http_event
     from cloudevents.core.v1.event import CloudEvent
-    from dateutil.parser import isoparse
+    from dateutil.parser import isoparse  # type: ignore[import-untyped, unused-ignore]
 
     async def arrived(*events: BaseCloudEvent) -> None:
         return None
@@ -128,10 +133,20 @@ def serve_naive(port: int) -> None:
         await arrived(*events)
         return web.Response(status=200)
 
+    async def check_loop(app: web.Application) -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
     app = web.Application()
     app.router.add_post("/", handle)
-    uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    app.on_startup.append(check_loop)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -198,6 +213,14 @@ def peak_rss_mib(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (other work on this machine shows there)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -218,6 +241,12 @@ class Round:
     bad_answers: int
     socket_errors: str
     cpu_s: float = float("nan")
+    wall_s: float = float("nan")
+
+    @property
+    def cpu_share(self) -> float:
+        """The share of its core the server used while loaded."""
+        return self.cpu_s / self.wall_s
 
 
 def run_wrk(port: int, script: Path, seconds: int) -> Round:
@@ -289,8 +318,10 @@ class Server:
 
     def load(self, script: Path, seconds: int) -> Round:
         before = cpu_seconds(self.proc.pid)
+        started = time.monotonic()
         result = run_wrk(self.port, script, seconds)
         result.cpu_s = cpu_seconds(self.proc.pid) - before
+        result.wall_s = time.monotonic() - started
         return result
 
     def stop(self) -> float:
@@ -315,6 +346,7 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
     """
     servers = [Server("cdk"), Server("naive")]
     rounds_of: dict[str, list[Round]] = {"cdk": [], "naive": []}
+    print(f"{load}: load average before {load_average()}", flush=True)
     try:
         for server in servers:
             if warmup > 0:
@@ -325,11 +357,13 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
                 rounds_of[server.receiver].append(result)
                 print(
                     f"  {server.receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
-                    f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request",
+                    f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
+                    f"{result.cpu_share:>6.0%} of a core",
                     flush=True,
                 )
     finally:
         rss = {server.receiver: server.stop() for server in servers}
+    print(f"{load}: load average after {load_average()}", flush=True)
     runs = []
     for name, results in rounds_of.items():
         requests = sum(result.requests for result in results)
@@ -352,15 +386,16 @@ def _ratio(a: float, b: float) -> float:
 
 
 def report(runs: list[Run]) -> None:
+    """The summary; ``core`` is the share of its core the server got in its best round."""
     print()
     print(
-        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'events/s':>10} {'p99 ms':>8} "
+        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'core':>5} {'events/s':>10} {'p99 ms':>8} "
         f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
     )
     for run in runs:
         print(
             f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
-            f"{run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
+            f"{run.best.cpu_share:>5.0%} {run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
             f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
             f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
         )
@@ -388,7 +423,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per load")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per load")
     args = parser.parse_args(argv)
     if args.serve:
         (serve_cdk if args.serve == "cdk" else serve_naive)(args.port)

@@ -7,6 +7,7 @@ httptools' response parser; ordinary requests use aiohttp. Every wait is bounded
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -270,6 +271,120 @@ def test_head_request_gets_headers_only() -> None:
             assert b"content-length: 17" in head.lower()
             assert rest.startswith(b"HTTP/1.1 200 OK")
             await client.aclose()
+
+    run(body())
+
+
+# -- handlers that answer at once and handlers that wait ----------------------------------
+
+
+def test_handlers_that_wait_and_ones_that_do_not_are_answered_in_order() -> None:
+    async def handler(request: Request) -> Response:
+        if request.path.startswith("/wait"):
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+        if request.path.endswith("/teapot"):
+            raise HTTPError(418, "short and stout")
+        if request.path.endswith("/crash"):
+            raise RuntimeError("boom")
+        return Response(200, request.path.encode())
+
+    paths = ["/now", "/wait", "/now/teapot", "/wait/teapot", "/now/crash", "/wait/crash"]
+    paths += ["/wait", "/now"]
+
+    async def body() -> None:
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            # Pipelined, and one at a time.
+            await client.send(b"".join(request_bytes("GET", path) for path in paths))
+            pipelined = [await client.answer() for _ in paths]
+            one_by_one = []
+            for path in paths:
+                await client.send(request_bytes("GET", path))
+                one_by_one.append(await client.answer())
+            await client.aclose()
+        for answers in (pipelined, one_by_one):
+            assert [a.status for a in answers] == [200, 200, 418, 418, 500, 500, 200, 200]
+            assert answers[0].body == b"/now"
+            assert answers[1].body == b"/wait"
+            assert answers[3].body == b"short and stout"
+            assert answers[5].body == b"internal error"
+
+    run(body())
+
+
+def test_each_request_runs_in_its_own_context() -> None:
+    current: contextvars.ContextVar[str] = contextvars.ContextVar("current", default="unset")
+    seen: list[tuple[str, str, str]] = []
+
+    async def handler(request: Request) -> Response:
+        before = current.get()
+        current.set(request.path)
+        if request.path.startswith("/wait"):
+            await asyncio.sleep(0)
+        seen.append((request.path, before, current.get()))
+        return Response()
+
+    async def body() -> None:
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            paths = ["/now-1", "/wait-1", "/now-2", "/wait-2"]
+            await client.send(b"".join(request_bytes("GET", path) for path in paths))
+            for _ in paths:
+                assert (await client.answer()).status == 200
+            await client.aclose()
+        assert current.get() == "unset"
+        # No request sees what an earlier one set; one that waited still sees its own.
+        assert seen == [(path, "unset", path) for path in paths]
+
+    run(body())
+
+
+def test_a_handler_returning_a_future_or_a_non_response() -> None:
+    def future_handler(request: Request) -> Awaitable[Response]:
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        if request.path == "/odd":
+            future.set_result("not a response")  # type: ignore[arg-type]
+        else:
+            asyncio.get_running_loop().call_soon(future.set_result, Response(200, b"later"))
+        return future
+
+    async def body() -> None:
+        async with serving(future_handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/f") + request_bytes("GET", "/odd"))
+            assert (await client.answer()).body == b"later"
+            assert (await client.answer()).status == 500
+            await client.aclose()
+
+    run(body())
+
+
+def test_a_waiting_handler_that_is_cancelled_sees_the_cancellation() -> None:
+    async def body() -> None:
+        entered = asyncio.Event()
+        cleaned_up = asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            await asyncio.sleep(0)  # suspends once, then waits again
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await asyncio.sleep(0)  # a handler may still wait while cleaning up
+                cleaned_up.set()
+            return Response()
+
+        server = HTTPServer(handler, port=0)
+        await server.start()
+        client = await RawClient.connect(server.port)
+        await client.send(request_bytes())
+        await asyncio.wait_for(entered.wait(), WAIT)
+        await server.close(grace=0.1)
+        assert cleaned_up.is_set()
+        assert await client.closed()
+        assert not client.answers
 
     run(body())
 

@@ -309,6 +309,34 @@ def test_an_async_arrived_runs_on_the_loop() -> None:
     run(body())
 
 
+def test_in_flight_gauge_counts_arrived_calls_in_progress() -> None:
+    class Gate(cdk.Sink):
+        def __init__(self) -> None:
+            self.entered = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            self.entered.set()
+            await self.release.wait()
+            return cdk.SUCCESS
+
+    async def body() -> None:
+        sink = Gate()
+        async with serving(sink) as s:
+            sample = s.metrics.registry.get_sample_value
+            assert sample("cdk_arrived_in_flight") == 0
+            post = asyncio.ensure_future(s.post(*to_binary(event("g-1"))))
+            await asyncio.wait_for(sink.entered.wait(), WAIT)
+            assert sample("cdk_arrived_in_flight") == 1
+            assert b"cdk_arrived_in_flight 1.0" in (await s.get("/metrics"))[2]
+            sink.release.set()
+            assert (await asyncio.wait_for(post, WAIT))[0] == 200
+            assert sample("cdk_arrived_in_flight") == 0
+            assert sample("cdk_arrived_latency_seconds_count") == 1
+
+    run(body())
+
+
 def test_body_over_the_limit_gets_413_and_is_counted() -> None:
     async def body() -> None:
         sink = RecordingSink()

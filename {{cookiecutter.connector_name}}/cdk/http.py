@@ -13,8 +13,9 @@ builds each answer in one join and hands it to ``transport.write`` once.
 Behaviour, as clients see it:
 
 - Keep-alive by default for HTTP/1.1, and for HTTP/1.0 with ``Connection: keep-alive``.
-  Pipelined requests are answered in order; while a request is being handled, reading
-  from that connection is paused, so one client cannot queue unbounded work.
+  Pipelined requests are answered in order; while a request is being handled, or while
+  the client is not reading its answers, reading from that connection is paused, so one
+  client cannot queue unbounded work.
 - Limits answer and then close the connection: a request head over ``max_header_bytes``
   gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
   running total of a chunked body says so (``Expect: 100-continue`` with a declared length
@@ -25,11 +26,16 @@ Behaviour, as clients see it:
   a new connection gets 503.
 - A handler raising :class:`HTTPError` answers with its status and message; any other
   exception answers 500 with a generic body (the traceback goes to the log only).
+
+Each request is handled in its own Task, started with a fresh copy of the context
+:meth:`HTTPServer.start` ran in: what one request's handler sets in a context variable is
+never seen by the next one on the same connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -346,13 +352,14 @@ class _Connection(asyncio.Protocol):
         if not self._busy and self.queue:
             self._next()
         if (
-            self._busy
+            (self._busy or self._writing_paused)
             and (self.queue or self._in_message)
             and not self._reading_paused
             and not self._closed
         ):
-            # More arrived while a request is being handled (pipelining): stop reading
-            # until the answers are out, so one client cannot queue unbounded work.
+            # More arrived while a request is being handled or while its answer cannot be
+            # sent yet (pipelining): stop reading until the answers are out, so one client
+            # cannot queue unbounded work.
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
@@ -487,7 +494,15 @@ class _Connection(asyncio.Protocol):
                 return
             self._busy = True
             self.deadline = math.inf
-            self._task = self.loop.create_task(self._respond(request, keep_alive, http10))
+            # A Task per request, even for handlers that never wait: running those right
+            # here would save the Task, but then every answer is written on its own
+            # instead of together with the others due in this pass of the loop, and
+            # waking the clients one write at a time costs more than the Task saves.
+            # The Task runs in a fresh copy of the server's context: this may be called
+            # from the Task of the request before, whose context is not this one's.
+            self._task = self.loop.create_task(
+                self._respond(request, keep_alive, http10), context=self.server.context.copy()
+            )
             return
         if self._no_more or (self.server.draining and not self._in_message):
             self._close()
@@ -661,6 +676,8 @@ class HTTPServer:
         # a deadline fires at most a quarter of the shortest timeout late.
         self._tick = max(0.005, min(1.0, read_timeout / 4, keepalive_timeout / 4))
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: What each request's Task starts from: the context ``start()`` was called in.
+        self.context = contextvars.Context()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -672,6 +689,7 @@ class HTTPServer:
         if self._server is not None:
             raise RuntimeError("HTTPServer already started")
         self._loop = asyncio.get_running_loop()
+        self.context = contextvars.copy_context()
         self._all_gone = asyncio.Event()
         self._server = await self._loop.create_server(
             functools.partial(_Connection, self),
