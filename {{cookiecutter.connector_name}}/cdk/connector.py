@@ -107,7 +107,7 @@ class WebhookSource(_Connector):
 
     def make_event(
         self, request: Request
-    ) -> CloudEvent | list[CloudEvent] | None | Awaitable[CloudEvent | list[CloudEvent] | None]:
+    ) -> CloudEvent | list[CloudEvent] | Awaitable[CloudEvent | list[CloudEvent] | None] | None:
         """Build the event(s) for one request; ``None`` or ``[]`` answers 202 with nothing sent.
 
         Raise ``cdk.HTTPError(status, message)`` to answer the caller with that status.
