@@ -273,3 +273,45 @@ def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarge
     for n, reply in replies.items():
         assert reply.json() == {"ids": [f"r{n}-{k}" for k in range(3)]}
     assert len({e.get_id() for e in target.events}) == 24
+
+
+def test_posts_to_any_path_reach_make_event(
+    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+) -> None:
+    source, running = webhook
+    client = SinkClient(running.url)
+    reply = client.post_json({"id": "gh"}, path="/hooks/github?delivery=7")
+    assert reply.status == 200
+    assert (source.requests[0].path, source.requests[0].query) == ("/hooks/github", "delivery=7")
+    # The read-only endpoints keep their meaning.
+    assert client.get("/healthz").status == 200
+    assert [e.get_id() for e in target.events] == ["gh-0"]
+
+
+def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
+    target: CaptureTarget,
+) -> None:
+    source = JSONWebhook()
+    # One event in flight (retried forever against a failing target), one queued, and
+    # the third request waits for room in the queue when the shutdown begins.
+    config = _config(
+        target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0
+    )
+    target.fail_with(503)
+    replies: dict[int, Any] = {}
+    with run_source_in_thread(source, config, grace=1.0) as running:
+        url = running.url
+
+        def post(n: int) -> None:
+            replies[n] = SinkClient(url).post_json({"id": f"w{n}"})
+
+        threads = [threading.Thread(target=post, args=(n,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        target.wait_until(lambda: target.attempts >= 1 and len(source.requests) == 3, timeout=10)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(replies) == [0, 1, 2]
+    assert [reply.status for reply in replies.values()] == [503, 503, 503]
+    retry_after = {reply.headers["retry-after"] for reply in replies.values()}
+    assert retry_after == {str(RETRY_AFTER_SHUTDOWN)}

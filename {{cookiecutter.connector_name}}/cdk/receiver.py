@@ -7,7 +7,8 @@
 Routes:
 
 ==================  ==================================================================
-``POST /``          the connector's handler (needs the token when ``auth_token`` is set)
+``POST /``          the connector's handler (needs the token when ``auth_token`` is set);
+                    with ``any_path=True`` (webhook sources) a POST to any path
 ``OPTIONS /``       the CloudEvents webhook handshake (``WebHook-Request-Origin`` in,
                     ``WebHook-Allowed-Origin``, ``WebHook-Allowed-Rate`` and ``Allow`` out)
 ``GET /healthz``    200 while the process serves
@@ -97,9 +98,14 @@ class Receiver:
         config: ServerConfig,
         metrics: Metrics,
         logger: logging.Logger | None = None,
+        *,
+        any_path: bool = False,
     ) -> None:
         self.ready = False
         self._post = post
+        # A webhook source takes POSTs on any path (make_event sees request.path);
+        # a sink only on "/".
+        self._any_path = any_path
         self._metrics = metrics
         self._log = logger or logging.getLogger("cdk.receiver")
         secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
@@ -115,7 +121,7 @@ class Receiver:
 
     async def handle(self, request: Request) -> Response:
         """Answer one request and count the answer."""
-        if request.method != "POST" or request.path != "/":
+        if request.method != "POST" or (request.path != "/" and not self._any_path):
             response = self._route(request)
         elif self._token is not None and not self._authorized(request):
             response = _text(

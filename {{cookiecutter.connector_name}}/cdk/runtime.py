@@ -60,6 +60,7 @@ from cdk.receiver import Receiver, SinkHandler
 
 if TYPE_CHECKING:
     from cdk.delivery import Deliverer
+    from cdk.webhook import WebhookHandler
 
 __all__ = [
     "ENVIRONMENT",
@@ -444,6 +445,7 @@ class SourceService:
         self.receiver: Receiver | None = None
         self.server: HTTPServer | None = None
         self.deliverer: Deliverer | None = None
+        self.webhook_handler: WebhookHandler | None = None
         #: The first runtime failure (producer, delivery or ``destroy`` raising).
         self.error: BaseException | None = None
         self._lifecycle = _Lifecycle(source, config, self.log)
@@ -503,8 +505,10 @@ class SourceService:
             assert isinstance(self.source, WebhookSource)  # checked by self.webhook
             assert isinstance(self.config, ServerConfig)  # checked in start()
             server_config: ServerConfig = self.config
-            handler = WebhookHandler(self.source, chan, self.metrics)
-            self.receiver = Receiver(handler, server_config, self.metrics)
+            self.webhook_handler = WebhookHandler(self.source, chan, self.metrics)
+            self.receiver = Receiver(
+                self.webhook_handler, server_config, self.metrics, any_path=True
+            )
         elif self.config.metrics_port is not None:
             server_config = _metrics_server_config(self.config, self.config.metrics_port)
             self.receiver = Receiver(_metrics_only, server_config, self.metrics)
@@ -573,6 +577,8 @@ class SourceService:
         self._stop_requested.set()
         if self.receiver is not None:
             self.receiver.ready = False
+        if self.webhook_handler is not None:
+            self.webhook_handler.close()
         await self._stop_producer(remaining())
         if self.webhook and self.server is not None and self.deliverer is not None:
             # Both at once: pending webhook requests wait for their deliveries, and the

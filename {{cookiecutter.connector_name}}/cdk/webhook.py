@@ -76,6 +76,10 @@ class _Outcome:
     def tuple(self, index: int, event: Any) -> Tuple:
         return Tuple(event, lambda: self._resolve(index, None), lambda e: self._resolve(index, e))
 
+    def fail(self, index: int, error: BaseException) -> None:
+        """Settle an event that never reached the delivery engine (on the event loop)."""
+        self._settle(index, error)
+
     def _resolve(self, index: int, error: BaseException | None) -> None:
         # The delivery engine calls back on the event loop; anything else must hop onto it.
         try:
@@ -111,6 +115,36 @@ class WebhookHandler:
         self.chan = chan
         self.metrics = metrics
         self.log = logger or logging.getLogger("cdk.webhook")
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+
+    def close(self) -> None:
+        """Shutdown began: take no more events, and release requests waiting for room.
+
+        Events already in ``chan`` are still delivered (or failed) by the delivery
+        engine's drain; events that never got in are answered 503 right away, instead of
+        waiting for a queue nobody drains any more.
+        """
+        self._closed = True
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+
+    async def _put(self, item: Tuple) -> bool:
+        """Queue ``item``, waiting while ``chan`` is full; False once shutdown began."""
+        if self._closed:
+            return False
+        if not self.chan.full():
+            self.chan.put_nowait(item)
+            return True
+        # Slow path, only under backpressure: wait for room or for shutdown.
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        put = asyncio.ensure_future(self.chan.put(item))
+        await asyncio.wait({put, self._closing}, return_when=asyncio.FIRST_COMPLETED)
+        if put.done() and not put.cancelled() and put.exception() is None:
+            return True
+        put.cancel()
+        return False
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -122,7 +156,10 @@ class WebhookHandler:
         self.metrics.received.labels("webhook").inc(len(events))
         outcome = _Outcome(asyncio.get_running_loop(), len(events))
         for index, event in enumerate(events):
-            await self.chan.put(outcome.tuple(index, event))
+            if not await self._put(outcome.tuple(index, event)):
+                for rest in range(index, len(events)):
+                    outcome.fail(rest, ShutdownError("shut down before the event was queued"))
+                break
         await outcome.done
         if not outcome.errors:
             return _json_response(200, {"ids": [event.get_id() for event in events]})
