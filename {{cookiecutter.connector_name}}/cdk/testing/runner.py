@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from signal import SIGTERM
@@ -173,14 +173,24 @@ def _loopback(config: T) -> T:
     return config
 
 
-def _stop(loop: LoopThread, stop: Awaitable[None], timeout: float) -> None:
-    async def run() -> None:
-        await stop
-
+@contextmanager
+def _started(
+    service: SinkService | SourceService, name: str, grace: float, start_timeout: float
+) -> Iterator[LoopThread]:
+    """Start ``service`` on a new loop thread; stop it and end the thread afterwards."""
+    loop = LoopThread(name)
     try:
-        loop.call(run(), timeout)
-    finally:
+        loop.call(service.start(), start_timeout)
+    except BaseException:
         loop.close()
+        raise
+    try:
+        yield loop
+    finally:
+        try:
+            loop.call(service.stop(grace), grace + 10.0)
+        finally:
+            loop.close()
 
 
 @contextmanager
@@ -193,17 +203,9 @@ def run_sink_in_thread(
     port are replaced by 127.0.0.1 and a free port. On exit the service drains and
     calls ``destroy()`` within ``grace`` seconds.
     """
-    loop = LoopThread("cdk-testing-sink")
     service = SinkService(sink, _loopback(config))
-    try:
-        loop.call(service.start(), start_timeout)
-    except BaseException:
-        loop.close()
-        raise
-    try:
+    with _started(service, "cdk-testing-sink", grace, start_timeout) as loop:
         yield RunningSink(service, loop, sink)
-    finally:
-        _stop(loop, service.stop(grace), grace + 10.0)
 
 
 @contextmanager
@@ -219,17 +221,9 @@ def run_source_in_thread(
     A webhook source serves on a free loopback port (``.url``). On exit the service
     delivers what is queued within ``grace`` seconds and calls ``destroy()``.
     """
-    loop = LoopThread("cdk-testing-source")
     service = SourceService(source, _loopback(config))
-    try:
-        loop.call(service.start(), start_timeout)
-    except BaseException:
-        loop.close()
-        raise
-    try:
+    with _started(service, "cdk-testing-source", grace, start_timeout) as loop:
         yield RunningSource(service, loop, source)
-    finally:
-        _stop(loop, service.stop(grace), grace + 10.0)
 
 
 class ConnectorProcess:
