@@ -1,15 +1,12 @@
-"""The rules an answer must follow, and the Jinja filters that embed answers safely.
+"""The Jinja filters that check answers and embed them safely.
 
-This module is the one place the connector-name rule and the e-mail check are written.
-Two callers use it:
-
-- ``NameRuleExtension``, listed in ``cookiecutter.json`` under ``_extensions``: its
-  ``connector_name`` and ``author_email`` filters run while the answers are rendered,
-  before cookiecutter creates any directory, and reject a bad value with
-  :class:`AnswerError`, which the cookiecutter CLI prints as one ``Error: ...`` line.
-- ``hooks/pre_gen_project.py``: the second line of defence (a replayed or hand-edited
-  context never passes through the filters); it imports :func:`name_problem` and
-  :func:`email_problem` from here.
+``NameRuleExtension``, listed in ``cookiecutter.json`` under ``_extensions``, adds them
+to the template's Jinja. Its ``connector_name`` and ``author_email`` filters run while
+the answers are rendered, before cookiecutter creates any directory, and reject a bad
+value with :class:`AnswerError`, which the cookiecutter CLI prints as one ``Error: ...``
+line. The rules themselves live in ``hooks/pre_gen_project.py`` (the contract's place
+for them), which also applies them again as the ``pre_gen_project`` hook; this module
+imports them from there.
 
 The other filters turn free text into literals of the target format, so an answer
 with quotes, backslashes, newlines, unicode or template markers stays data. The
@@ -23,45 +20,70 @@ import json
 import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from jinja2 import Environment, Template, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension
 
-NAME_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
-NAME_MAX_LENGTH = 63
-NAME_RULE = (
-    f"lower-case ASCII letters, digits and single dashes, starting with a letter, "
-    f"not ending with a dash, at most {NAME_MAX_LENGTH} characters ({NAME_PATTERN})"
-)
-EMAIL_RULE = "an address like name@example.com (no spaces, one @, a dot in the domain)"
+# The rules live in pre_gen_project.py; its module name follows how this one was loaded.
+if TYPE_CHECKING:  # mypy reads hooks/*.py as top-level modules (hooks/ is no package)
+    from pre_gen_project import (
+        EMAIL_RULE,
+        NAME_MAX_LENGTH,
+        NAME_PATTERN,
+        NAME_RULE,
+        email_problem,
+        name_problem,
+    )
+else:
+    try:  # cookiecutter's ``_extensions``: hooks.naming, with the template dir on sys.path
+        from hooks.pre_gen_project import (
+            EMAIL_RULE,
+            NAME_MAX_LENGTH,
+            NAME_PATTERN,
+            NAME_RULE,
+            email_problem,
+            name_problem,
+        )
+    except ModuleNotFoundError:  # post_gen_project: plain naming, with hooks/ on sys.path
+        from pre_gen_project import (
+            EMAIL_RULE,
+            NAME_MAX_LENGTH,
+            NAME_PATTERN,
+            NAME_RULE,
+            email_problem,
+            name_problem,
+        )
 
-_NAME_RE = re.compile(NAME_PATTERN)
-_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
-#: Where the hook scripts find this module: they run as copies in a temporary directory.
+__all__ = [  # the rules are re-exported: callers may take everything from here
+    "EMAIL_RULE",
+    "HOOKS_DIR",
+    "NAME_MAX_LENGTH",
+    "NAME_PATTERN",
+    "NAME_RULE",
+    "AnswerError",
+    "NameRuleExtension",
+    "answers_json",
+    "camel_case",
+    "check_email",
+    "check_name",
+    "email_problem",
+    "guard_rendering",
+    "name_problem",
+    "one_line",
+    "snake_case",
+    "toml_string",
+    "yaml_string",
+]
+
+#: Where ``post_gen_project`` finds this module: the hook scripts run as copies in a
+#: temporary directory.
 HOOKS_DIR = str(Path(__file__).resolve().parent)
 
 
 class AnswerError(click.ClickException):
     """An answer breaks a rule; the CLI prints ``Error: <message>`` and exits 1."""
-
-
-def name_problem(value: object) -> str | None:
-    """Return why ``value`` is not a valid connector name, or None when it is."""
-    if not isinstance(value, str):
-        return f"connector_name must be text, got {type(value).__name__}"
-    # fullmatch: ``$`` alone would accept a trailing newline.
-    if len(value) > NAME_MAX_LENGTH or not _NAME_RE.fullmatch(value):
-        return f"connector_name {value!r} is invalid: use {NAME_RULE}"
-    return None
-
-
-def email_problem(value: object) -> str | None:
-    """Return why ``value`` is not a plausible e-mail address, or None when it is."""
-    if not isinstance(value, str) or not _EMAIL_RE.fullmatch(value):
-        return f"author_email {value!r} is invalid: use {EMAIL_RULE}"
-    return None
 
 
 def check_name(value: str) -> str:

@@ -62,13 +62,25 @@ def test_pre_gen_accepts_good_answers(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+def test_pre_gen_is_self_contained(tmp_path: Path) -> None:
+    """cookiecutter runs a copy elsewhere: the hook needs no template file, no site-packages."""
+    script = rendered_hook(tmp_path / "hook", "pre_gen_project", connector_name="Bad")
+    args = [sys.executable, "-I", "-S", "-B", str(script)]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("Error: connector_name 'Bad' is invalid")
+
+
 @pytest.mark.parametrize(
     ("answers", "expected"),
     [
         ({"connector_name": "Bad_Name"}, "connector_name 'Bad_Name' is invalid"),
         ({"connector_name": 'x"; import os #'}, "connector_name 'x\"; import os #' is invalid"),
         ({"connector_name": "a'''\nb"}, "connector_name \"a'''\\nb\" is invalid"),
+        ({"connector_name": "a\\"}, "connector_name 'a\\\\' is invalid"),
+        ({"connector_name": f"{OPEN} x }}}}"}, f"connector_name '{OPEN} x }}}}' is invalid"),
         ({"author_email": "nobody"}, "author_email 'nobody' is invalid"),
+        ({"author_email": '"""\\'}, "author_email '\"\"\"\\\\' is invalid"),
     ],
 )
 def test_pre_gen_refuses_bad_answers_in_one_line(
@@ -83,10 +95,31 @@ def test_pre_gen_refuses_bad_answers_in_one_line(
 
 def test_pre_gen_problems_lists_each_broken_rule(tmp_path: Path) -> None:
     module = load(rendered_hook(tmp_path, "pre_gen_project"))
-    rules = module.load_rules(module.HOOKS_DIR)
-    assert module.problems({"connector_name": "ok", "author_email": "a@b.co"}, rules) == []
-    found = module.problems({"connector_name": "-x", "author_email": "x"}, rules)
+    assert module.read_answers(module.ANSWERS_JSON) == {
+        "connector_name": "source-example",
+        "author_email": "ada@example.com",
+    }
+    assert module.problems({"connector_name": "ok", "author_email": "a@b.co"}) == []
+    found = module.problems({"connector_name": "-x", "author_email": "x"})
     assert [line.split(" ")[0] for line in found] == ["connector_name", "author_email"]
+
+
+def test_pre_gen_imports_unrendered_and_holds_the_rules() -> None:
+    from hooks import naming, pre_gen_project
+
+    assert pre_gen_project.read_answers(pre_gen_project.ANSWERS_JSON) is None
+    assert pre_gen_project.NAME_PATTERN == r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+    assert pre_gen_project.NAME_MAX_LENGTH == 63
+    assert naming.name_problem is pre_gen_project.name_problem
+    assert naming.email_problem is pre_gen_project.email_problem
+    assert naming.NAME_RULE is pre_gen_project.NAME_RULE
+
+
+def test_pre_gen_run_unrendered_fails_in_one_line(tmp_path: Path) -> None:
+    result = run(HOOKS / "pre_gen_project.py", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr
 
 
 # --- post_gen_project ----------------------------------------------------------------

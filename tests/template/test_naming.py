@@ -1,9 +1,12 @@
-"""The answer rules and the safe-embedding filters of hooks/naming.py."""
+"""The answer rules (held by hooks/pre_gen_project.py) and the filters of hooks/naming.py."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,3 +139,28 @@ def test_the_extension_registers_its_filters() -> None:
     with pytest.raises(naming.AnswerError):
         env.from_string("{{ 'Bad' | connector_name }}").render()
     assert env.from_string("{{ template_hooks_dir }}").render() == naming.HOOKS_DIR
+
+
+def test_the_rules_come_from_pre_gen_project() -> None:
+    from hooks import pre_gen_project
+
+    for name in ("NAME_PATTERN", "NAME_MAX_LENGTH", "NAME_RULE", "EMAIL_RULE"):
+        assert getattr(naming, name) == getattr(pre_gen_project, name)
+    assert naming.name_problem is pre_gen_project.name_problem
+    assert naming.email_problem is pre_gen_project.email_problem
+
+
+def test_naming_imports_as_a_plain_module_from_the_hooks_dir(tmp_path: Path) -> None:
+    """post_gen_project imports ``naming`` with only hooks/ on sys.path, not the template."""
+    code = (
+        f"import sys; sys.path.insert(0, {naming.HOOKS_DIR!r}); import naming; "
+        "print(naming.name_problem.__module__, naming.check_name('a-b'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-B", "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "pre_gen_project a-b\n", "")
