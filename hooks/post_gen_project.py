@@ -35,6 +35,7 @@ ONLY_IN: Mapping[str, frozenset[str]] = {
     "internal/source.py": SOURCES,
     "internal/sink.py": frozenset({"sink"}),
     "deploy/kubernetes/service.yaml": SERVES_HTTP,
+    "deploy/kubernetes/state.yaml": frozenset({"source-poll"}),
     "deploy/knative/service.yaml": frozenset({"sink"}),
     "deploy/knative/sinkbinding.yaml": SOURCES,
     "tests/test_source.py": frozenset({"source-poll"}),

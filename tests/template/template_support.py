@@ -62,7 +62,9 @@ COMMON_FILES = frozenset(
     }
 )
 VARIANT_FILES: dict[str, frozenset[str]] = {
-    "source-poll": frozenset({"internal/source.py", "deploy/knative/sinkbinding.yaml"}),
+    "source-poll": frozenset(
+        {"internal/source.py", "deploy/knative/sinkbinding.yaml", "deploy/kubernetes/state.yaml"}
+    ),
     "source-webhook": frozenset(
         {
             "internal/source.py",

@@ -116,7 +116,13 @@ def test_deployment_probes_resources_and_mounts(rendered: dict[str, Path], varia
     assert isinstance(yaml.safe_load(secret["stringData"]["secret.yml"]), dict)
     if variant == "source-poll":
         assert deployment["spec"]["replicas"] == 1
-        assert yaml.safe_load(config_map["data"]["config.yml"])["metrics_port"] == 8080
+        config = yaml.safe_load(config_map["data"]["config.yml"])
+        assert config["metrics_port"] == 8080
+        # The position store lives on the claim of state.yaml, mounted where config says.
+        claim = load(kube / "state.yaml")
+        assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert Path(config["position_store"]).parent == Path(mounts["state"])
     else:
         assert deployment["spec"]["replicas"] >= 2
     if variant.startswith("source"):
