@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from cdk.config import (
     ConfigError,
@@ -14,6 +14,7 @@ from cdk.config import (
     SourceConfig,
     WebhookSourceConfig,
     load_config,
+    masked_dump,
     redact_url,
     resolve_paths,
 )
@@ -319,3 +320,125 @@ def test_redact_url() -> None:
     assert redact_url("http://h:1/p?q") == "http://h:1/p?q"
     assert redact_url(f"https://u:{PASSWORD}@h:8443/p") == "https://u:**********@h:8443/p"
     assert PASSWORD not in redact_url(f"http://u:{PASSWORD}@[::1]:99/")
+
+
+# -- a model's own validators, and files no parser can take -----------------------------
+
+
+@pytest.mark.parametrize("error", [TypeError, KeyError, RuntimeError])
+def test_validator_raising_any_exception_is_a_config_problem(
+    tmp_path: Path, error: type[Exception]
+) -> None:
+    # pydantic wraps only ValueError/AssertionError; anything else must not escape as a
+    # traceback, nor quote a secret.
+    class Strict(SinkConfig):
+        api_key: SecretStr | None = None
+
+        @field_validator("api_key")
+        @classmethod
+        def _check(cls, value: SecretStr | None) -> SecretStr | None:
+            raise error(f"cannot check {value.get_secret_value() if value else ''}")
+
+    config = write(tmp_path / "c.yml", f"api_key: {PASSWORD}\n")
+    [line] = problems(Strict, config)
+    assert line.startswith(f"config: Strict rejected the configuration: {error.__name__}: ")
+    assert PASSWORD not in line
+
+
+def test_deeply_nested_yaml_is_a_config_problem(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", "port: " + "[" * 20000 + "]" * 20000 + "\n")
+    assert problems(SinkConfig, config) == [
+        f"config file {config} is not valid YAML: nested too deeply"
+    ]
+
+
+def test_tab_indentation_names_line_and_column(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", "port: 8080\n\tlog_level: INFO\n")
+    [line] = problems(SinkConfig, config)
+    assert line.startswith(f"config file {config} is not valid YAML at line 2, column 1: ")
+    assert "'\\t'" in line
+
+
+def test_control_character_names_the_problem(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", "port: 8080\x00\n")
+    [line] = problems(SinkConfig, config)
+    assert line == f"config file {config} is not valid YAML: special characters are not allowed"
+
+
+def test_port_as_quoted_string_in_yaml_is_like_the_env_value(tmp_path: Path) -> None:
+    from_file = load_config(SinkConfig, write(tmp_path / "c.yml", "port: '8081'\n"), environ={})
+    from_env = load_config(
+        SinkConfig, write(tmp_path / "e.yml", "{}\n"), environ={"CONNECTOR_PORT": "8081"}
+    )
+    assert from_file.port == from_env.port == 8081
+
+
+def test_send_event_attempts_below_zero_means_until_delivered(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", "target: http://t/\nsend_event_attempts: -1\n")
+    assert load_config(SourceConfig, config, environ={}).send_event_attempts == -1
+
+
+class Database(BaseModel):
+    host: str = "db"
+    password: SecretStr
+
+    @field_validator("password")
+    @classmethod
+    def _echo(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 20:
+            raise ValueError(f"{value.get_secret_value()} is too short")
+        return value
+
+
+class WithDatabases(SinkConfig):
+    db: Database | None = None
+    replicas: list[Database] = Field(default_factory=list)
+    by_name: dict[str, Database] = Field(default_factory=dict)
+
+
+def test_secrets_of_nested_models_never_in_errors(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "c.yml",
+        f"db: {{password: {PASSWORD}}}\n"
+        f"replicas: [{{password: {PASSWORD}1}}]\n"
+        f"by_name: {{east: {{password: {PASSWORD}2}}}}\n",
+    )
+    lines = problems(WithDatabases, config)
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "db.password",
+        "replicas.0.password",
+        "by_name.east.password",
+    ]
+    assert PASSWORD not in " ".join(lines)
+
+
+def test_masked_dump_hides_every_secret(tmp_path: Path) -> None:
+    # secret.yml values are masked even in fields not typed as secrets.
+    class Plain(WithDatabases):
+        username: str = ""
+
+    config = write(tmp_path / "c.yml", f"db: {{password: {PASSWORD}-long-enough}}\n")
+    secret = write(tmp_path / "s.yml", f"username: {TOKEN}\nauth_token: {TOKEN}x\n")
+    loaded = load_config(Plain, config, secret, environ={})
+    assert loaded.username == TOKEN
+    dumped = masked_dump(loaded)
+    assert (dumped["username"], dumped["auth_token"]) == ("**********", "**********")
+    assert dumped["db"] == {"host": "db", "password": "**********"}
+    assert TOKEN not in str(dumped) and PASSWORD not in str(dumped)
+
+
+def test_multi_line_validator_message_stays_one_line(tmp_path: Path) -> None:
+    pem = "-----BEGIN KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASC\n-----END KEY-----"
+
+    class Keyed(SinkConfig):
+        key: SecretStr
+
+        @field_validator("key")
+        @classmethod
+        def _check(cls, value: SecretStr) -> SecretStr:
+            raise ValueError(f"not a key we know:\n{value.get_secret_value()}\nsee the docs")
+
+    config = write(tmp_path / "c.yml", "port: 9000\n")
+    secret = write(tmp_path / "s.yml", "key: |\n  " + pem.replace("\n", "\n  ") + "\n")
+    [line] = problems(Keyed, config, secret)
+    assert line == "config: key: not a key we know: ********** see the docs"

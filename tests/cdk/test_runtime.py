@@ -8,6 +8,7 @@ synchronise on the lines the process prints (its ready line, say), never on slee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,11 +30,12 @@ from pydantic import SecretStr
 
 import cdk
 from cdk.codec import to_binary
-from cdk.runtime import ENVIRONMENT, ServiceError, SinkService, SourceService
+from cdk.runtime import ENVIRONMENT, ServiceError, SinkService, SourceService, _Signals
 
 PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
 TOKEN = "tok-91c0d7a2b3e4f5a6"  # must never appear in any output
 API_KEY = "key-5e6f7a8b9c0d1e2f"
+NOTE = "note-0a1b2c3d4e5f6a7b"
 FLAGS = ("--config", "--secret", "--check-config", "--log-level", "--log-format")
 READY = re.compile(r"sink listening on http://[^\s:]+:(\d+)")
 SOURCE_READY = re.compile(r"source started, target=(\S+)")
@@ -52,6 +54,8 @@ class Config(cdk.SinkConfig):
     slow_initialize: float = 0.0
     slow_destroy: float = 0.0
     api_key: SecretStr | None = None
+    note: str = ""  # not typed as a secret, but may still come from secret.yml
+    stuck_arrived: bool = False
 
 
 def mark(path, line):
@@ -60,6 +64,11 @@ def mark(path, line):
 
 
 class SyncSink(cdk.Sink):
+    def __init__(self):
+        if os.environ.get("SLOW_CONSTRUCTOR"):
+            log.warning("constructor is slow")
+            time.sleep(float(os.environ["SLOW_CONSTRUCTOR"]))
+
     def initialize(self, config):
         self.config = config
         mark(config.marker, "initialize")
@@ -72,6 +81,9 @@ class SyncSink(cdk.Sink):
     def arrived(self, *events):
         for event in events:
             mark(self.config.marker, "arrived " + event.get_id())
+        if self.config.stuck_arrived:
+            log.warning("arrived is stuck")
+            time.sleep(60)  # a worker thread that outlives the shutdown
         return cdk.SUCCESS
 
     def destroy(self):
@@ -93,6 +105,10 @@ class AsyncSink(SyncSink):
             await asyncio.sleep(self.config.slow_destroy)
 
 
+if os.environ.get("SHUTDOWN_ALLOWANCE"):
+    import cdk.runtime
+
+    cdk.runtime.SHUTDOWN_ALLOWANCE = float(os.environ["SHUTDOWN_ALLOWANCE"])
 cdk.run_sink(Config, AsyncSink if os.environ.get("ASYNC_HOOKS") else SyncSink)
 """
 
@@ -213,7 +229,8 @@ class Connector:
 
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    names = {name for name, _ in ENVIRONMENT} | {"ASYNC_HOOKS"}
+    switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR"}
+    names = {name for name, _ in ENVIRONMENT} | switches
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = str(PROJECT)
     # Running the vendored cdk must not leave __pycache__ inside the template.
@@ -284,6 +301,12 @@ def post_event(port: int, event_id: str, token: str | None = None) -> int:
         while chunk := conn.recv(65536):
             answer += chunk
     return int(answer.split(b" ", 2)[1])
+
+
+def post_event_ignoring_errors(port: int, event_id: str) -> None:
+    """Post an event whose answer may never come (the process is stopped meanwhile)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        post_event(port, event_id)
 
 
 class Target:
@@ -456,6 +479,67 @@ def test_signal_during_initialize_stops_after_it(tmp_path: Path, started: list[C
     assert markers(tmp_path) == ["initialize", "destroy"]
 
 
+def test_stuck_sync_arrived_cannot_keep_the_process_alive(
+    tmp_path: Path, started: list[Connector]
+) -> None:
+    # Closing the event loop waits for its worker threads; the watchdog must cover that
+    # too, or a plain-def arrived that never returns keeps the pod alive after "stopped".
+    config = sink_dir(tmp_path, "stuck_arrived: true\ngrace_period: 0.5\n")
+    sink = start(started, config, SINK_SCRIPT, SHUTDOWN_ALLOWANCE="1")
+    port = int(sink.wait_for(READY).group(1))
+    threading.Thread(target=post_event_ignoring_errors, args=(port, "ev-1"), daemon=True).start()
+    sink.wait_for("arrived is stuck")
+    sink.send(signal.SIGTERM)
+    assert sink.wait(timeout=20) == 1
+    assert "sink stopped" in sink.stderr
+    assert "shutdown took longer than 1.5 s, stopping now" in sink.stderr
+    assert markers(tmp_path) == ["initialize", "arrived ev-1", "destroy"]
+
+
+def test_validator_raising_a_type_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    script = SINK_SCRIPT.replace(
+        "    stuck_arrived: bool = False\n",
+        "    stuck_arrived: bool = False\n\n"
+        "    @pydantic.field_validator('note')\n"
+        "    @classmethod\n"
+        "    def _note(cls, value):\n"
+        "        raise TypeError('note checker broke')\n",
+    ).replace("import asyncio,", "import pydantic, asyncio,")
+    sink_dir(tmp_path, "note: hello\n")
+    result = run(tmp_path, script)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "config: Config rejected the configuration: TypeError: note checker broke"
+    ]
+    assert markers(tmp_path) == []
+
+
+def test_signal_after_the_loop_closed_is_harmless() -> None:
+    # A SIGTERM while the process exits (loop closed, handlers not yet restored).
+    signals = _Signals()
+
+    async def attach() -> None:
+        signals.attach()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(attach())
+    loop.close()
+    signals._handle(signal.SIGTERM, None)
+    assert signals.received == "SIGTERM"
+
+
+def test_signal_while_the_connector_is_constructed_exits_0_without_starting(
+    tmp_path: Path, started: list[Connector]
+) -> None:
+    sink = start(started, sink_dir(tmp_path), SINK_SCRIPT, SLOW_CONSTRUCTOR="1.5")
+    sink.wait_for("constructor is slow")
+    sink.send(signal.SIGTERM)
+    assert sink.wait() == 0, sink.stderr
+    assert "received SIGTERM, shutting down" in sink.stderr
+    assert "sink listening" not in sink.stderr
+    assert markers(tmp_path) == []  # neither initialize nor destroy
+
+
 def test_config_model_that_does_not_fit_exits_1(tmp_path: Path) -> None:
     script = "import cdk\ncdk.run_sink(cdk.SourceConfig, cdk.Sink)\n"
     result = run(tmp_path, script, "--check-config")
@@ -515,7 +599,7 @@ def test_text_log_format(tmp_path: Path, started: list[Connector]) -> None:
 
 
 def test_secrets_never_logged_even_at_debug(tmp_path: Path, started: list[Connector]) -> None:
-    secret = f"auth_token: {TOKEN}\napi_key: {API_KEY}\n"
+    secret = f"auth_token: {TOKEN}\napi_key: {API_KEY}\nnote: {NOTE}\n"
     sink = start(
         started,
         sink_dir(tmp_path, "log_level: ERROR\n", secret),
@@ -533,6 +617,7 @@ def test_secrets_never_logged_even_at_debug(tmp_path: Path, started: list[Connec
     assert "DEBUG" in output
     assert TOKEN not in output  # ...with the secrets masked
     assert API_KEY not in output
+    assert NOTE not in output  # from secret.yml, though typed as a plain str
     assert markers(tmp_path) == ["initialize", "arrived with-token", "destroy"]
 
 

@@ -150,6 +150,64 @@ def test_sqlite_writes_from_several_threads(tmp_path: Path) -> None:
         assert [store.get(f"w{n}") for n in range(4)] == [49] * 4
 
 
+def test_sqlite_reads_from_several_threads_see_their_own_rows(tmp_path: Path) -> None:
+    # Readers and writers share one connection: each get must read its own key's row.
+    with PositionStore("source-a", tmp_path / "p.db") as store:
+        errors: list[str] = []
+
+        def work(worker: int) -> None:
+            for i in range(200):
+                store.set(f"w{worker}", i)
+                value = store.get(f"w{worker}")
+                if value != i:
+                    errors.append(f"w{worker}: wrote {i}, read {value!r}")
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
+
+
+def test_sqlite_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    path.write_bytes(b"this is not an SQLite file" * 100)
+    with pytest.raises(StoreError, match=r"position store .*p\.db cannot be opened"):
+        PositionStore("source-a", path)
+
+
+def test_sqlite_locked_by_another_writer_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    with PositionStore("source-a", path) as store:
+        store._backend._db.execute("PRAGMA busy_timeout = 50")  # type: ignore[attr-defined]
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            with pytest.raises(StoreError, match="locked"):
+                store.set("offset", 1)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        store.set("offset", 2)
+        assert store.get("offset") == 2
+
+
+def test_damaged_value_is_a_store_error(tmp_path: Path) -> None:
+    # Another program (or a damaged file) may leave a value that is not JSON.
+    path = tmp_path / "p.db"
+    with PositionStore("source-a", path) as store:
+        store.set("offset", 1)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE positions SET value = '{not json' WHERE key = 'offset'")
+    db.close()
+    with PositionStore("source-a", path) as store:
+        with pytest.raises(StoreError, match=r"'offset' is not JSON"):
+            store.get("offset")
+        with pytest.raises(StoreError):
+            Checkpoint(store, "offset")
+
+
 # --- Checkpoint ------------------------------------------------------------------------
 
 
@@ -186,6 +244,34 @@ def test_failed_event_stops_the_checkpoint(
     assert checkpoint.failed is error
     assert checkpoint.pending == 0  # nothing piles up behind the failure
     assert "stopped at 0" in caplog.text and "position 2 failed" in caplog.text
+
+
+def test_events_sharing_a_position_write_it_only_once_all_are_acknowledged(
+    open_store: Factory,
+) -> None:
+    # One record (position 7) became three events: resuming after 7 is safe only once
+    # the last of them reached the target.
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "offset")
+    callbacks = [checkpoint.track(p) for p in (6, 7, 7, 7, 8)]
+    written = []
+    for n in (0, 1, 2, 4, 3):
+        callbacks[n][0]()
+        written.append(store.get("offset"))
+    assert written == [6, 6, 6, 6, 8]
+
+
+def test_positions_need_not_grow(open_store: Factory) -> None:
+    # The order of track() calls decides, not the values: a position may go "down".
+    store = open_store("source-a")
+    checkpoint = Checkpoint(store, "cursor")
+    callbacks = [checkpoint.track(p) for p in ("m", "b", "z")]
+    callbacks[1][0]()
+    assert store.get("cursor") is None
+    callbacks[0][0]()
+    assert store.get("cursor") == "b"
+    callbacks[2][0]()
+    assert checkpoint.position == "z"
 
 
 def test_checkpoint_resumes_from_stored_position(tmp_path: Path) -> None:

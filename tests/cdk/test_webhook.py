@@ -294,9 +294,7 @@ def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
     source = JSONWebhook()
     # One event in flight (retried forever against a failing target), one queued, and
     # the third request waits for room in the queue when the shutdown begins.
-    config = _config(
-        target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0
-    )
+    config = _config(target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0)
     target.fail_with(503)
     replies: dict[int, Any] = {}
     with run_source_in_thread(source, config, grace=1.0) as running:
@@ -315,3 +313,30 @@ def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
     assert [reply.status for reply in replies.values()] == [503, 503, 503]
     retry_after = {reply.headers["retry-after"] for reply in replies.values()}
     assert retry_after == {str(RETRY_AFTER_SHUTDOWN)}
+
+
+def test_request_cancelled_while_waiting_for_room_queues_nothing() -> None:
+    # A caller that hangs up while its request waits on a full queue must not leave an
+    # event behind that is queued later, when room frees up, with nobody waiting for it.
+    from cdk.connector import Tuple
+    from cdk.metrics import Metrics
+    from cdk.webhook import WebhookHandler
+
+    async def scenario() -> None:
+        chan: asyncio.Queue[Tuple] = asyncio.Queue(maxsize=1)
+        chan.put_nowait(Tuple(_event("already-queued", {})))
+        handler = WebhookHandler(JSONWebhook(), chan, Metrics("test"))
+        request = Request("POST", "/", "", {"content-type": "application/json"}, b'{"id": "w"}')
+        waiting = asyncio.ensure_future(handler(request))
+        for _ in range(10):  # let the handler reach the full queue
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert chan.get_nowait().event.get_id() == "already-queued"
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert chan.empty()
+
+    asyncio.run(scenario())

@@ -10,6 +10,8 @@ Public API (everything else is private and may change):
 - ``run_source``, ``run_sink``: the entry points ``cmd/main.py`` calls.
 - ``PositionStore``, ``Checkpoint``: where a polling source keeps its position across
   restarts, advanced only past acknowledged events.
+- ``ConfigError``, ``StoreError``: what a bad configuration or an unusable position
+  store raises.
 """
 
 from cloudevents.core.v1.event import CloudEvent

@@ -9,9 +9,10 @@ the result with the connector's pydantic model. Every problem becomes one line i
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -19,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretBytes,
     SecretStr,
     ValidationError,
@@ -33,6 +35,7 @@ __all__ = [
     "SourceConfig",
     "WebhookSourceConfig",
     "load_config",
+    "masked_dump",
     "redact_url",
     "resolve_paths",
 ]
@@ -100,6 +103,10 @@ class ConnectorConfig(BaseModel):
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    #: Values :func:`load_config` read from secret.yml or from secret-typed fields: masked
+    #: wherever the configuration is shown, even in fields not typed as secrets.
+    _masked_values: list[str] = PrivateAttr(default_factory=list)
 
 
 class ServerConfig(ConnectorConfig):
@@ -220,8 +227,11 @@ def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
         raise ConfigError([f"{what} file {path} is not valid YAML{where}: {problem}"]) from None
+    except RecursionError:
+        # PyYAML composes recursively: thousands of nested brackets exhaust the stack.
+        raise ConfigError([f"{what} file {path} is not valid YAML: nested too deeply"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -261,10 +271,10 @@ def _describe(error: Mapping[str, Any], from_env: Mapping[str, str]) -> str:
     return f"{field}: {message}{suffix}"
 
 
-def _is_secret_type(annotation: Any) -> bool:
-    if annotation in (SecretStr, SecretBytes):
-        return True
-    return any(_is_secret_type(arg) for arg in get_args(annotation))
+def _one_line(text: str) -> str:
+    # A validator's message may span lines; each problem must stay one line. Secrets
+    # are masked before this, so a multi-line secret (a PEM key) is still found whole.
+    return " ".join(text.split())
 
 
 def _leaf_values(data: Any) -> list[str]:
@@ -277,23 +287,53 @@ def _leaf_values(data: Any) -> list[str]:
     return [str(data)]
 
 
+def _secret_leaves(annotation: Any, data: Any) -> list[str]:
+    """The values in ``data`` that ``annotation`` types as secrets, at any depth.
+
+    Follows sub-models, lists and dict values, so ``db: {password: ...}`` is found when
+    ``password`` is a ``SecretStr`` of a nested model.
+    """
+    if annotation in (SecretStr, SecretBytes):
+        return _leaf_values(data)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not isinstance(data, Mapping):
+            return []
+        found: list[str] = []
+        for name, info in annotation.model_fields.items():
+            key = info.alias if info.alias in data else name
+            if key in data:
+                found.extend(_secret_leaves(info.annotation, data[key]))
+        return found
+    origin, args = get_origin(annotation), get_args(annotation)
+    if not args:
+        return []
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        if not isinstance(data, Mapping):
+            return []
+        return [leaf for item in data.values() for leaf in _secret_leaves(args[-1], item)]
+    if isinstance(origin, type) and issubclass(origin, (Sequence, AbstractSet)):
+        if not isinstance(data, list):
+            return []
+        return [leaf for item in data for arg in args for leaf in _secret_leaves(arg, item)]
+    # A union (``X | None``) or ``Annotated[X, ...]``: any of its types may hold a secret.
+    return [leaf for arg in args for leaf in _secret_leaves(arg, data)]
+
+
 def _secret_values(
     model: type[BaseModel], config: Mapping[str, Any], secret: Mapping[str, Any]
 ) -> list[str]:
     """Every value that must not be echoed: all of secret.yml, and secret-typed fields."""
-    values = _leaf_values(secret)
-    for name, info in model.model_fields.items():
-        if _is_secret_type(info.annotation) and name in config:
-            values.extend(_leaf_values([config[name]]))
+    values = _leaf_values(secret) + _secret_leaves(model, config)
     # Longest first, so a secret containing another one is masked whole.
     unique = {value for value in values if len(value) >= _MIN_REDACTED_LENGTH}
     return sorted(unique, key=len, reverse=True)
 
 
-def _redact(line: str, secrets: list[str]) -> str:
+def _redact(text: str, secrets: list[str]) -> str:
+    """``text`` with every one of ``secrets`` masked."""
     for value in secrets:
-        line = line.replace(value, _MASK)
-    return line
+        text = text.replace(value, _MASK)
+    return text
 
 
 def load_config(
@@ -314,19 +354,48 @@ def load_config(
     data = deep_merge(config_data, secret_data)
     from_env: dict[str, str] = {}
     for key, names in ENV_FALLBACKS.items():
+        # A key left empty (``target:``) counts as absent: a ConfigMap may list it and
+        # leave the value to $K_SINK. None of these keys accepts null anyway.
         if key in model.model_fields and data.get(key) is None:
             for name in names:
                 if env.get(name):
                     data[key] = env[name]
                     from_env[key] = name
                     break
+    secrets = _secret_values(model, config_data, secret_data)
     try:
-        return model.model_validate(data)
+        loaded = model.model_validate(data)
     except ValidationError as exc:
-        secrets = _secret_values(model, config_data, secret_data)
         raise ConfigError(
             [
-                _redact(f"config: {_describe(error, from_env)}", secrets)
+                _one_line(_redact(f"config: {_describe(error, from_env)}", secrets))
                 for error in exc.errors(include_input=False, include_url=False)
             ]
         ) from None
+    except Exception as exc:
+        # pydantic turns only ValueError and AssertionError into validation errors; a
+        # validator raising anything else still means this configuration cannot be used.
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        line = f"config: {model.__name__} rejected the configuration: {detail}"
+        raise ConfigError([_one_line(_redact(line, secrets))]) from None
+    loaded._masked_values = secrets
+    return loaded
+
+
+def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
+    """``config`` as JSON-ready data fit for logs: secret-typed fields show asterisks, a
+    password in ``target`` is masked, and so is any value that came from secret.yml."""
+    data = config.model_dump(mode="json")
+    if isinstance(data.get("target"), str):
+        data["target"] = redact_url(data["target"])
+    return _mask_strings(data, config._masked_values)  # type: ignore[no-any-return]
+
+
+def _mask_strings(data: Any, secrets: list[str]) -> Any:
+    if isinstance(data, str):
+        return _redact(data, secrets)
+    if isinstance(data, dict):
+        return {key: _mask_strings(value, secrets) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_mask_strings(value, secrets) for value in data]
+    return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from cloudevents.core.v1.event import CloudEvent
 
@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from cdk.http import Request
 
 __all__ = ["SUCCESS", "Result", "Sink", "Source", "Tuple", "WebhookSource"]
-
-#: How many tuples ``Source.chan`` holds before ``put`` waits (backpressure).
-DEFAULT_QUEUE_SIZE = 1000
 
 
 @dataclass(slots=True)
@@ -85,7 +82,6 @@ class Source(_Connector):
     """
 
     chan: asyncio.Queue[Tuple]
-    queue_size: ClassVar[int] = DEFAULT_QUEUE_SIZE
 
     def initialize(self, config: SourceConfig) -> Awaitable[None] | None:
         return None

@@ -16,7 +16,9 @@ Lines other programs may wait for (logged at INFO; stable):
 Shutdown: the first SIGTERM or SIGINT clears readiness, stops accepting, and lets
 in-flight work (requests, queued deliveries) finish within ``grace_period`` seconds;
 then ``destroy`` runs. A second signal ends the process at once, and so does a
-shutdown still running ``SHUTDOWN_ALLOWANCE`` seconds after the grace period.
+shutdown still running ``SHUTDOWN_ALLOWANCE`` seconds after the grace period. A signal
+that arrives while the connector is being constructed ends the process with status 0
+before ``initialize`` runs.
 
 Exit status: 0 after a clean shutdown, 1 for a runtime failure (``initialize``,
 ``loop_produce_event`` or ``destroy`` raising, a port that cannot be bound, a forced
@@ -50,6 +52,7 @@ from cdk.config import (
     SinkConfig,
     SourceConfig,
     load_config,
+    masked_dump,
     redact_url,
     resolve_paths,
 )
@@ -253,11 +256,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _masked(config: ConnectorConfig) -> str:
-    """The effective config as JSON with secrets masked (SecretStr dumps as asterisks)."""
-    data = config.model_dump(mode="json")
-    if isinstance(data.get("target"), str):
-        data["target"] = redact_url(data["target"])
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+    """The effective config as JSON, every secret masked."""
+    return orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode()
 
 
 # -- the pieces both services share -------------------------------------------------------
@@ -672,7 +672,10 @@ class _Signals:
             _force_exit(f"received {name} again, stopping now")
         self.received = name
         if self._loop is not None and self._event is not None:
-            self._loop.call_soon_threadsafe(self._first, name)
+            # The loop may already be closed (a signal while the process exits); there is
+            # nothing left to stop then, and raising here would print a traceback.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._first, name)
 
     def _first(self, name: str) -> None:
         _log.info("received %s, shutting down", name)
@@ -689,17 +692,30 @@ def _force_exit(message: str) -> NoReturn:
     os._exit(EXIT_FAILURE)
 
 
-def _start_watchdog(seconds: float) -> threading.Timer:
-    timer = threading.Timer(
-        seconds, _force_exit, args=(f"shutdown took longer than {seconds:g} s, stopping now",)
-    )
-    timer.daemon = True
-    timer.start()
-    return timer
+class _Watchdog:
+    """Ends the process when a shutdown overruns its allowance.
+
+    Armed when the shutdown begins and disarmed only once the event loop is closed:
+    closing the loop waits for its worker threads, and a plain-``def`` ``arrived`` that
+    never returns would otherwise keep the process alive after "sink stopped".
+    """
+
+    def __init__(self) -> None:
+        self._timer: threading.Timer | None = None
+
+    def arm(self, seconds: float) -> None:
+        message = f"shutdown took longer than {seconds:g} s, stopping now"
+        self._timer = threading.Timer(seconds, _force_exit, args=(message,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def _run_service(
-    service: SinkService | SourceService, grace: float, signals: _Signals
+    service: SinkService | SourceService, grace: float, signals: _Signals, watchdog: _Watchdog
 ) -> int:
     stop_requested = signals.attach()
     try:
@@ -715,11 +731,8 @@ async def _run_service(
     finally:
         for waiter in waiters:
             waiter.cancel()
-    watchdog = _start_watchdog(grace + SHUTDOWN_ALLOWANCE)
-    try:
-        await service.stop(grace)
-    finally:
-        watchdog.cancel()
+    watchdog.arm(grace + SHUTDOWN_ALLOWANCE)
+    await service.stop(grace)
     return EXIT_FAILURE if service.error is not None else EXIT_OK
 
 
@@ -797,28 +810,47 @@ def _main(
     _log.debug("effective config: %s", _masked(config))
     if overrides:
         _log.debug("K_CE_OVERRIDES extensions: %s", orjson.dumps(overrides).decode())
+    signals = _Signals()
+    # From here on SIGTERM/SIGINT ask for a clean stop: the connector's constructor
+    # may take a while, and a signal meanwhile must not end the process abruptly.
+    signals.install()
+    try:
+        return _run(kind, config, overrides, connector_cls, signals)
+    finally:
+        signals.uninstall()
+        logging.shutdown()
+
+
+def _run(
+    kind: str,
+    config: ConnectorConfig,
+    overrides: Mapping[str, Any] | None,
+    connector_cls: type[Any],
+    signals: _Signals,
+) -> int:
+    service: SinkService | SourceService
     try:
         connector = connector_cls()
+        # _check_classes made sure the config model fits the connector kind.
+        if kind == "sink":
+            service = SinkService(connector, cast(SinkConfig, config))
+        else:
+            service = SourceService(connector, cast(SourceConfig, config), overrides=overrides)
     except Exception as exc:
         _log.debug("constructor raised", exc_info=True)
         _log.error("cannot create %s: %s", connector_cls.__name__, _one_line(exc))
         return EXIT_FAILURE
-    service: SinkService | SourceService
-    # _check_classes made sure the config model fits the connector kind.
-    if kind == "sink":
-        service = SinkService(connector, cast(SinkConfig, config))
-    else:
-        service = SourceService(connector, cast(SourceConfig, config), overrides=overrides)
-    signals = _Signals()
-    signals.install()
+    if signals.received is not None:
+        _log.info("received %s, shutting down", signals.received)
+        return EXIT_OK
+    watchdog = _Watchdog()
     try:
-        return _run_loop(_run_service(service, config.grace_period, signals))
+        return _run_loop(_run_service(service, config.grace_period, signals, watchdog))
     except Exception:
         _log.exception("unexpected failure")
         return EXIT_FAILURE
     finally:
-        signals.uninstall()
-        logging.shutdown()
+        watchdog.disarm()
 
 
 def _exit(kind: str, config_cls: type[Any], connector_cls: type[Any], argv: Any) -> NoReturn:

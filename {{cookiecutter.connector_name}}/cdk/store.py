@@ -114,7 +114,7 @@ class _SQLiteBackend:
     def get(self, namespace: str, key: str) -> bytes | None:
         row = self._run(
             "SELECT value FROM positions WHERE namespace = ? AND key = ?", (namespace, key)
-        ).fetchone()
+        )
         return None if row is None else str(row[0]).encode()
 
     def set(self, namespace: str, key: str, value: bytes) -> None:
@@ -131,10 +131,13 @@ class _SQLiteBackend:
         with self._lock:
             self._db.close()
 
-    def _run(self, sql: str, params: tuple[str, ...]) -> sqlite3.Cursor:
+    def _run(self, sql: str, params: tuple[str, ...]) -> Any:
+        """Execute ``sql`` and return its first row (None when it has none)."""
         with self._lock:
+            # fetchone() steps the statement on the shared connection: it belongs
+            # under the lock as much as execute() does.
             try:
-                return self._db.execute(sql, params)
+                return self._db.execute(sql, params).fetchone()
             except sqlite3.Error as exc:
                 raise StoreError(f"position store {self.path}: {exc}") from None
 
@@ -166,7 +169,13 @@ class PositionStore:
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
         raw = self._backend_checked().get(self.namespace, key)
-        return default if raw is None else orjson.loads(raw)
+        if raw is None:
+            return default
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            # Only a damaged file or another program writing to it gets here.
+            raise StoreError(f"{self!r}: the value of {key!r} is not JSON: {exc}") from None
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON: None, bool, int, float, str, list, dict with str keys)."""
@@ -202,6 +211,10 @@ class PositionStore:
         return self._backend
 
 
+#: Stands for "no event waiting"; equal to no position a source could give.
+_NOTHING = object()
+
+
 @dataclass(slots=True)
 class _Pending:
     position: Any
@@ -218,6 +231,10 @@ class Checkpoint:
         start = checkpoint.position          # None on the first run
         ...
         await self.chan.put(checkpoint.tuple(event, offset))
+
+    Several events may carry the same position (one record made into several events):
+    it is written once the last of them is acknowledged. Positions need not grow; what
+    counts is the order of :meth:`track` calls.
 
     When an event fails (the delivery engine already retried it), the checkpoint stops
     advancing for good: :attr:`failed` holds the error, the stored position stays
@@ -286,11 +303,16 @@ class Checkpoint:
     def _advance(self) -> None:
         if self.failed is not None:
             return
-        newest: _Pending | None = None
+        done: list[_Pending] = []
         while self._pending and self._pending[0].acked:
-            newest = self._pending.popleft()
-        if newest is not None:
-            self._write(newest.position)
+            done.append(self._pending.popleft())
+        # Several events may share a position (one record, several events): resuming
+        # after it is safe only once the last of them is acknowledged too.
+        waiting = self._pending[0].position if self._pending else _NOTHING
+        for entry in reversed(done):
+            if entry.position != waiting:
+                self._write(entry.position)
+                return
 
     def _fail(self, entry: _Pending, error: BaseException) -> None:
         if self.failed is not None:

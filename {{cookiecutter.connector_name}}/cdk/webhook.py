@@ -140,11 +140,14 @@ class WebhookHandler:
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
         put = asyncio.ensure_future(self.chan.put(item))
-        await asyncio.wait({put, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        if put.done() and not put.cancelled() and put.exception() is None:
-            return True
-        put.cancel()
-        return False
+        try:
+            await asyncio.wait({put, self._closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when this request is cancelled (its connection closed): a put left
+            # behind would queue an event nobody waits for, or linger past shutdown.
+            if not put.done():
+                put.cancel()
+        return put.done() and not put.cancelled() and put.exception() is None
 
     async def __call__(self, request: Request) -> Response:
         try:
