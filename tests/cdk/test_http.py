@@ -757,6 +757,7 @@ def test_connections_beyond_max_connections_get_503() -> None:
             third = await RawClient.connect(server.port)
             answer = await third.answer()
             assert answer.status == 503
+            assert answer.headers["retry-after"] == "1"
             assert await third.closed()
             await first.aclose()
             # Once a slot frees up, connections are accepted again.
@@ -876,3 +877,337 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+# -- framing and header rules ---------------------------------------------------------------
+
+
+def test_a_repeated_header_name_counts_every_line_toward_the_head_limit() -> None:
+    async def body() -> None:
+        handled: list[str] = []
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.path)
+            return Response(200)
+
+        async with serving(handler, max_header_bytes=1024) as server:
+            client = await RawClient.connect(server.port)
+            # 900 lines of "a:" are 3.6 KB on the wire but only 900 bytes of names.
+            await client.send(b"GET / HTTP/1.1\r\nHost: test\r\n" + b"a:\r\n" * 900 + b"\r\n")
+            answer = await client.answer()
+            assert answer.status == 431
+            assert await client.closed()
+            assert handled == []
+
+    run(body())
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "x-anything, chunked"])
+def test_a_transfer_coding_other_than_chunked_gets_501(coding: str) -> None:
+    async def body() -> None:
+        handled: list[bytes] = []
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.body)
+            return Response(200)
+
+        rejected: list[int] = []
+        async with serving(handler, on_reject=rejected.append) as server:
+            client = await RawClient.connect(server.port)
+            chunked = b"5\r\nhello\r\n0\r\n\r\n"
+            await client.send(request_bytes("POST", "/", chunked, {"Transfer-Encoding": coding}))
+            answer = await client.answer()
+            assert answer.status == 501
+            assert answer.headers["connection"] == "close"
+            assert await client.closed()
+        # The body never reaches the handler as if "hello" were the payload.
+        assert handled == []
+        assert rejected == [501]
+
+    run(body())
+
+
+def test_an_expectation_other_than_100_continue_gets_417() -> None:
+    async def body() -> None:
+        handled: list[str] = []
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.path)
+            return Response(200)
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("POST", "/", b"abc", {"Expect": "202-accepted"}))
+            answer = await client.answer()
+            assert answer.status == 417
+            assert await client.closed()
+            assert handled == []
+            # An HTTP/1.0 client's 100-continue is ignored: no interim answer, then 200.
+            client = await RawClient.connect(server.port)
+            await client.send(
+                request_bytes("POST", "/", b"abc", {"Expect": "100-continue"}, version="1.0")
+            )
+            answer = await client.answer()
+            assert answer.status == 200
+            assert handled == ["/"]
+            await client.aclose()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+    ],
+)
+def test_an_http11_request_without_exactly_one_host_gets_400(raw: bytes) -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(raw)
+            answer = await client.answer()
+            assert answer.status == 400
+            assert b"Host" in answer.body
+            assert await client.closed()
+            # HTTP/1.0 has no Host requirement.
+            client = await RawClient.connect(server.port)
+            await client.send(b"GET /old HTTP/1.0\r\n\r\n")
+            assert (await client.answer()).status == 200
+            await client.aclose()
+
+    run(body())
+
+
+def test_a_fragment_in_the_target_is_not_part_of_the_path_or_query() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(
+                request_bytes("GET", "/healthz#top")
+                + request_bytes("GET", "/x?a=1#frag")
+                + request_bytes("GET", "http://example.com/y?b=2#frag")
+            )
+            assert (await client.answer()).body.startswith(b"GET /healthz q= ")
+            assert (await client.answer()).body.startswith(b"GET /x q=a=1 ")
+            assert (await client.answer()).body.startswith(b"GET /y q=b=2 ")
+            await client.aclose()
+
+    run(body())
+
+
+def test_an_unsendable_answer_to_head_is_a_500_without_a_body() -> None:
+    async def handler(request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(200, b"x", headers=[("x-bad", "a\r\nset-cookie: injected")])
+        return Response(200, b"next")
+
+    async def body() -> None:
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("HEAD", "/") + request_bytes("GET", "/"))
+            raw = b""
+            while not raw.endswith(b"next"):
+                chunk = await asyncio.wait_for(client.reader.read(4096), WAIT)
+                assert chunk
+                raw += chunk
+            head, _, rest = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500 ")
+            assert b"injected" not in raw
+            # No body after the HEAD answer: the next answer follows at once.
+            assert rest.startswith(b"HTTP/1.1 200 OK")
+            await client.aclose()
+
+    run(body())
+
+
+def test_an_exception_inside_a_parser_callback_is_a_logged_500_not_a_400(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import cdk.http
+
+    def broken_unquote(text: str) -> str:
+        raise RuntimeError("percent decoding broke")
+
+    # A fault of the server while reading a request must not be blamed on the client.
+    monkeypatch.setattr(cdk.http, "unquote", broken_unquote)
+
+    async def body() -> None:
+        rejected: list[int] = []
+        async with serving(on_reject=rejected.append) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/a%20b"))
+            answer = await client.answer()
+            assert answer.status == 500
+            assert answer.body == b"internal error"
+            assert answer.headers["connection"] == "close"
+            assert await client.closed()
+        assert rejected == [500]
+
+    with caplog.at_level(logging.ERROR, logger="cdk.http"):
+        run(body())
+    assert "percent decoding broke" in caplog.text
+
+
+_FD_LIMITED_SERVER = """
+import asyncio, resource, sys
+sys.path.insert(0, sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from cdk.http import HTTPServer, Response
+
+async def ok(request):
+    return Response(200)
+
+async def main():
+    server = HTTPServer(ok, keepalive_timeout=30.0, read_timeout=30.0)
+    await server.start()
+    print(server.port, server.max_connections, flush=True)
+    await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+
+
+def test_connections_beyond_the_open_file_limit_get_503_not_silence() -> None:
+    import sys
+    from pathlib import Path
+
+    import cdk
+
+    async def body() -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-B",
+            "-c",
+            _FD_LIMITED_SERVER,
+            str(Path(cdk.__file__).parent.parent),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        clients: list[RawClient] = []
+        try:
+            assert process.stdout is not None
+            line = await asyncio.wait_for(process.stdout.readline(), WAIT)
+            port, cap = (int(word) for word in line.split())
+            assert cap < 200
+            # Every connection gets an answer: 200 within the cap, 503 beyond it.
+            statuses: list[int] = []
+            for _ in range(230):
+                client = await RawClient.connect(port)
+                clients.append(client)
+                await client.send(request_bytes())
+                statuses.append((await client.answer()).status)
+            assert statuses.count(200) == cap
+            assert set(statuses[cap:]) == {503}
+        finally:
+            for client in clients:
+                await client.aclose()
+            process.kill()
+            await process.wait()
+
+    run(body())
+
+
+def test_trailer_fields_are_dropped_not_merged_into_the_headers() -> None:
+    async def body() -> None:
+        seen: list[dict[str, str]] = []
+
+        async def handler(request: Request) -> Response:
+            seen.append(request.headers)
+            return Response(200, request.body)
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            trailers = b"Authorization: Bearer forged\r\nContent-Type: x/y\r\n\r\n"
+            chunked = b"5\r\nhello\r\n0\r\n" + trailers
+            head = {"Transfer-Encoding": "chunked", "Content-Type": "text/plain"}
+            await client.send(request_bytes("POST", "/", chunked, head))
+            answer = await client.answer()
+            assert (answer.status, answer.body) == (200, b"hello")
+            await client.aclose()
+        assert "authorization" not in seen[0]
+        assert seen[0]["content-type"] == "text/plain"
+
+    run(body())
+
+
+@pytest.mark.parametrize("piece", [b"x-t: " + b"a" * 200 + b"\r\n", b"a" * 200])
+def test_trailers_over_the_head_limit_get_431(piece: bytes) -> None:
+    """Many trailer lines, or one endless line sent in pieces, are cut off like a head."""
+
+    async def body() -> None:
+        async with serving(max_header_bytes=1024) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(
+                request_bytes("POST", "/", b"1\r\nx\r\n0\r\n", {"Transfer-Encoding": "chunked"})
+            )
+            answered = asyncio.ensure_future(client.answer())
+            with suppress(ConnectionError):  # the server may have half-closed already
+                for _ in range(5000):  # 1 MB at most
+                    if answered.done():
+                        break
+                    await client.send(piece)
+                    await asyncio.sleep(0)  # let the server read between pieces
+            answer = await answered
+            assert answer.status == 431
+            assert await client.closed()
+
+    run(body())
+
+
+def test_a_chunked_body_larger_than_the_head_limit_arriving_in_pieces_is_accepted() -> None:
+    async def body() -> None:
+        async with serving(max_header_bytes=1024) as server:
+            client = await RawClient.connect(server.port)
+            data = b"z" * 64 * 1024
+            await client.send(
+                request_bytes("POST", "/", b"", {"Transfer-Encoding": "chunked"})
+                + b"%x;ext=1\r\n" % len(data)
+            )
+            for start in range(0, len(data), 2048):
+                await client.send(data[start : start + 2048])
+                await asyncio.sleep(0)
+            await client.send(b"\r\n0\r\n\r\n")
+            answer = await client.answer()
+            assert answer.status == 200
+            assert answer.body.endswith(b"|" + data)
+            await client.aclose()
+
+    run(body())
+
+
+def test_close_answers_the_request_in_progress_and_leaves_pipelined_ones_unhandled() -> None:
+    async def body() -> None:
+        entered = asyncio.Event()
+        release = asyncio.Event()
+        handled: list[str] = []
+
+        async def handler(request: Request) -> Response:
+            handled.append(request.path)
+            if request.path == "/slow":
+                entered.set()
+                await release.wait()
+            return Response(200, request.path.encode())
+
+        server = HTTPServer(handler, port=0)
+        await server.start()
+        client = await RawClient.connect(server.port)
+        await client.send(
+            request_bytes("POST", "/slow", b"x") + request_bytes("GET", "/a") + request_bytes()
+        )
+        await asyncio.wait_for(entered.wait(), WAIT)
+        closing = asyncio.ensure_future(server.close(grace=5.0))
+        await asyncio.sleep(0)  # let close() run up to its first wait
+        release.set()
+        answer = await client.answer()
+        # The answer says the connection ends, so the client knows the requests after it
+        # were not processed and may send them again elsewhere.
+        assert (answer.status, answer.body) == (200, b"/slow")
+        assert answer.headers["connection"] == "close"
+        assert await client.closed()
+        assert not client.answers
+        await asyncio.wait_for(closing, WAIT)
+        assert handled == ["/slow"]
+
+    run(body())

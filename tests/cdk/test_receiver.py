@@ -763,3 +763,110 @@ def test_http_error_from_the_post_handler_is_answered_and_counted() -> None:
         assert value == 1
 
     run(body())
+
+
+def test_with_any_path_every_path_takes_the_handshake_and_other_methods_get_405() -> None:
+    async def body() -> None:
+        posted: list[str] = []
+
+        async def webhook(request: Request) -> Response:
+            posted.append(request.path)
+            return Response(202)
+
+        metrics = Metrics("test")
+        receiver = Receiver(webhook, make_config(), metrics, any_path=True)
+        server = HTTPServer(receiver.handle, port=0)
+        await server.start()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                # The handshake goes to the URL events will be sent to.
+                origin = {"WebHook-Request-Origin": "emitter.example.com"}
+                async with session.options(url + "/github", headers=origin) as reply:
+                    assert reply.status == 200
+                    assert reply.headers["WebHook-Allowed-Origin"] == "emitter.example.com"
+                    assert reply.headers["Allow"] == "POST"
+                async with session.get(url + "/github") as reply:
+                    assert reply.status == 405
+                    assert reply.headers["Allow"] == "POST, OPTIONS"
+                async with session.post(url + "/github", data=b"{}") as reply:
+                    assert reply.status == 202
+                async with session.get(url + "/healthz?verbose=1") as reply:
+                    assert reply.status == 200
+        finally:
+            await server.close(1.0)
+        assert posted == ["/github"]
+
+    run(body())
+
+
+def test_in_flight_count_returns_to_zero_after_failures_and_cancellation() -> None:
+    async def body() -> None:
+        entered = asyncio.Event()
+
+        async def post(request: Request) -> Response:
+            if request.query == "raise":
+                raise RuntimeError("boom")
+            if request.query == "refuse":
+                raise HTTPError(503, "later")
+            entered.set()
+            await asyncio.Event().wait()  # until cancelled
+            raise AssertionError("unreachable")
+
+        metrics = Metrics("test")
+        receiver = Receiver(post, make_config(max_concurrency=1), metrics)
+        server = HTTPServer(receiver.handle, port=0, on_reject=receiver.record_status)
+        await server.start()
+        url = f"http://127.0.0.1:{server.port}/"
+        async with aiohttp.ClientSession() as session:
+            # With a cap of one, a leaked count would turn every later POST into a 429.
+            for query, status in (("raise", 500), ("refuse", 503), ("raise", 500)):
+                async with session.post(f"{url}?{query}", data=b"x") as reply:
+                    assert reply.status == status
+            assert receiver.in_flight == 0
+            hanging = asyncio.ensure_future(session.post(url, data=b"x"))
+            await asyncio.wait_for(entered.wait(), WAIT)
+            assert receiver.in_flight == 1
+            # The grace period ends with the handler still waiting: it is cancelled.
+            await server.close(0.05)
+            assert receiver.in_flight == 0
+            with pytest.raises(aiohttp.ClientError):
+                await hanging
+        sample = metrics.registry.get_sample_value
+        assert sample("cdk_http_responses_total", {"status": "500"}) == 2
+        assert sample("cdk_http_responses_total", {"status": "503"}) == 1
+        assert sample("cdk_http_responses_total", {"status": "429"}) is None
+
+    run(body())
+
+
+def test_bearer_auth_edge_cases() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink, auth_token=TOKEN) as s:
+            headers, data = to_binary(event())
+            refused = [
+                {"Authorization": "Bearer"},
+                {"Authorization": "Bearer "},
+                {"Authorization": f"Bearer {TOKEN[:-1]}"},
+                {"Authorization": f"Bearer {TOKEN}x"},
+                {"Authorization": f"Token {TOKEN}"},
+                {"Authorization": TOKEN},
+            ]
+            for extra in refused:
+                assert (await s.post({**headers, **extra}, data))[0] == 401, extra
+            for path in ("/?access_token=", f"/?x_access_token={TOKEN}", f"/?a=1&token={TOKEN}"):
+                assert (await s.post(headers, data, path=path))[0] == 401, path
+            assert not sink.calls
+            # The scheme is case-insensitive (RFC 6750 via RFC 9110, 11.1); the token is not.
+            assert (await s.post({**headers, "Authorization": f"BEARER {TOKEN}"}, data))[0] == 200
+            upper = {**headers, "Authorization": f"Bearer {TOKEN.upper()}"}
+            assert (await s.post(upper, data))[0] == 401
+            # The query parameter works among others, and a wrong header does not veto it.
+            path = f"/?a=1&access_token={TOKEN}&b=2"
+            assert (await s.post(headers, data, path=path))[0] == 200
+            wrong = {**headers, "Authorization": "Bearer nope"}
+            assert (await s.post(wrong, data, path=path))[0] == 200
+            assert len(sink.calls) == 3
+
+    run(body())

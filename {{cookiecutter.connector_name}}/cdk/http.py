@@ -20,10 +20,13 @@ Behaviour, as clients see it:
   gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
   running total of a chunked body says so (``Expect: 100-continue`` with a declared length
   over the limit gets 413 instead of ``100 Continue``), a request that is not valid HTTP
-  gets 400. A client that takes longer than ``read_timeout`` to send a whole request gets
+  gets 400, as does an HTTP/1.1 request without exactly one ``Host``. A transfer coding
+  other than ``chunked`` gets 501 and an ``Expect`` other than ``100-continue`` gets 417.
+  A client that takes longer than ``read_timeout`` to send a whole request gets
   408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
   stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
-  a new connection gets 503.
+  (lowered to fit the process's open-file limit) a new connection gets 503 with
+  ``Retry-After``.
 - A handler raising :class:`HTTPError` answers with its status and message; any other
   exception answers 500 with a generic body (the traceback goes to the log only).
 
@@ -39,6 +42,7 @@ import contextvars
 import functools
 import logging
 import math
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +67,9 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 #: before the client has read the answer (a "lingering close").
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 4 * 1024 * 1024
+#: File descriptors kept free beside the connections: the listening socket, the 503 answer
+#: to one connection too many, logs, the application's own files and sockets.
+_FD_RESERVE = 64
 
 
 @dataclass(slots=True)
@@ -185,8 +192,9 @@ def _encode_head(
     return "".join(parts).encode("latin-1")
 
 
-def _error_bytes(status: int, message: str) -> bytes:
-    return encode_response(Response(status, message.encode("utf-8")), keep_alive=False)
+def _error_bytes(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> bytes:
+    response = Response(status, message.encode("utf-8"), headers=headers or [])
+    return encode_response(response, keep_alive=False)
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
@@ -222,6 +230,7 @@ class _Connection(asyncio.Protocol):
         "_headers",
         "_in_head",
         "_in_message",
+        "_in_trailers",
         "_linger_bytes",
         "_lingering",
         "_lost",
@@ -262,6 +271,7 @@ class _Connection(asyncio.Protocol):
         self._reject: tuple[int, str] | None = None
         self._in_message = False
         self._in_head = False
+        self._in_trailers = False
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
@@ -288,7 +298,8 @@ class _Connection(asyncio.Protocol):
         if len(server.connections) >= server.max_connections:
             server.rejected(503)
             self._closed = True
-            transport.write(_error_bytes(503, "too many connections"))
+            # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
+            transport.write(_error_bytes(503, "too many connections", [("retry-after", "1")]))
             transport.close()
             return
         server.connections.add(self)
@@ -337,14 +348,25 @@ class _Connection(asyncio.Protocol):
             if self.queue:
                 request, _, http10, canned = self.queue[-1]
                 self.queue[-1] = (request, False, http10, canned)
-        except httptools.HttpParserError:
-            self._reject_request(*(self._reject or (400, "malformed HTTP request")))
+        except httptools.HttpParserError as exc:
+            reject = self._reject
+            if reject is None:
+                # httptools turns an exception raised in a callback into a parser error,
+                # with the original as its context: that is a fault here, not the client's.
+                cause = exc.__context__
+                if cause is not None and not isinstance(cause, _Stop):
+                    self.server.logger.error("failed to read a request", exc_info=cause)
+                    reject = (500, "internal error")
+                else:
+                    reject = (400, "malformed HTTP request")
+            self._reject_request(*reject)
         else:
             if self._in_head:
                 if not self._head_fresh:
-                    # The whole chunk belongs to a head begun earlier and still unfinished.
-                    # httptools buffers a header line until it ends, so raw bytes count
-                    # too: one endless header line must not grow memory without limit.
+                    # The whole chunk belongs to a head (or trailers) begun earlier and
+                    # still unfinished. httptools buffers a header line until it ends, so
+                    # raw bytes count too: one endless header line must not grow memory
+                    # without limit.
                     self._head_raw += len(data)
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
@@ -376,6 +398,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_message = True
         self._in_head = True
+        self._in_trailers = False
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
@@ -392,9 +415,14 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The size limit is checked once per chunk and at the end of the head, not here:
-        # this runs for every header of every request.
-        self._head_bytes += len(name) + len(value)
+        # The size limit is checked once per read and at the end of the head, not here:
+        # this runs for every header of every request. Each line costs at least 4 bytes
+        # beyond its name and value (": ", CRLF), counted here so that a name repeated
+        # thousands of times counts as many lines, not one.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._in_trailers:
+            self._on_trailer()
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
@@ -403,13 +431,30 @@ class _Connection(asyncio.Protocol):
         else:
             headers[key] = text
 
+    def _on_trailer(self) -> None:
+        # Fields after a chunked body are dropped, not merged into the headers (RFC 9110,
+        # 6.5.1): the application decided on the head alone, and an Authorization or a
+        # Content-Type arriving after the body must not override what it checked. They
+        # still count toward the head limit, as they are held in memory until parsed.
+        if self._head_bytes + len(self._url) > self.server.max_header_bytes:
+            self._reject = (431, "request header fields too large")
+            raise _Stop
+
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._in_trailers = True
         headers = self._headers
-        # Each header line costs at least 4 bytes beyond its name and value (": ", CRLF).
-        size = self._head_bytes + len(self._url) + 4 * len(headers)
-        if size > self.server.max_header_bytes:
+        if self._head_bytes + len(self._url) > self.server.max_header_bytes:
             self._reject = (431, "request header fields too large")
+            raise _Stop
+        host = headers.get("host")
+        if (host is None and self.parser.get_http_version() == "1.1") or (
+            host is not None and "," in host
+        ):
+            # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host
+            # or with more than one; repeats are joined by ", " above, and a host never
+            # contains a comma.
+            self._reject = (400, "exactly one Host header is required")
             raise _Stop
         length = headers.get("content-length")
         if length is not None:
@@ -421,12 +466,22 @@ class _Connection(asyncio.Protocol):
             if declared > self.server.max_body_bytes:
                 self._reject = (413, "request body too large")
                 raise _Stop
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding.lower() != "chunked":
+            # llhttp accepts any codings before a final "chunked" and undoes only that
+            # one: the body would reach the handler still compressed, looking like data.
+            # RFC 9112, 6.1: an unknown transfer coding is answered 501.
+            self._reject = (501, "only the chunked transfer coding is supported")
+            raise _Stop
         expect = headers.get("expect")
-        if (
-            expect is not None
-            and expect.lower() == "100-continue"
-            and self.parser.get_http_version() == "1.1"
-        ):
+        if expect is None:
+            return
+        if expect.lower() != "100-continue":
+            # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
+            self._reject = (417, "only Expect: 100-continue is supported")
+            raise _Stop
+        if self.parser.get_http_version() == "1.1":
+            # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
             if self._busy or self.queue:
                 # Written once the answers before this request are out.
                 self._expect_continue = True
@@ -434,7 +489,18 @@ class _Connection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.write(_CONTINUE)
 
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size line come the trailers, buffered by httptools like
+        # header lines: count their raw bytes as a head's until on_chunk_complete. After
+        # any other size line, the chunk's data follows and on_body stops the count.
+        self._in_head = True
+        self._head_fresh = True
+
+    def on_chunk_complete(self) -> None:
+        self._in_head = False
+
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         self._body_len += len(body)
         if self._body_len > self.server.max_body_bytes:
             self._reject = (413, "request body too large")
@@ -447,8 +513,10 @@ class _Connection(asyncio.Protocol):
         parser = self.parser
         url = self._url
         if url[:1] == b"/":
+            if b"#" in url:
+                # Clients do not send fragments, but llhttp lets them through.
+                url = url.partition(b"#")[0]
             raw_path, _, raw_query = url.partition(b"?")
-            raw_query = raw_query.partition(b"#")[0]
         else:
             try:
                 parsed = httptools.parse_url(url)
@@ -554,7 +622,7 @@ class _Connection(asyncio.Protocol):
             server.logger.exception(
                 "handler answer cannot be sent on %s %s", request.method, request.path
             )
-            data = encode_response(_INTERNAL_ERROR, keep_alive, http10)
+            data = encode_response(_INTERNAL_ERROR, keep_alive, http10, request.method == "HEAD")
         assert self.transport is not None
         self.transport.write(data)
         if keep_alive:
@@ -636,6 +704,18 @@ class _Connection(asyncio.Protocol):
         return self._task
 
 
+def _fit_fd_limit(wanted: int) -> int:
+    """``wanted`` connections, or fewer when the open-file limit cannot hold them all.
+
+    Past that limit accept() fails: the event loop logs an error, stops accepting for a
+    while and new clients wait unanswered, instead of getting a 503 they can retry on.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - _FD_RESERVE))
+
+
 class HTTPServer:
     """An HTTP/1.1 server calling ``handler`` for every request; see the module docstring."""
 
@@ -663,7 +743,7 @@ class HTTPServer:
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.max_connections = max_connections
+        self.max_connections = _fit_fd_limit(max_connections)
         self.backlog = backlog
         self.on_reject = on_reject
         self.logger = logger or _LOG
@@ -706,10 +786,6 @@ class HTTPServer:
         if self._server is None or not self._server.sockets:
             raise RuntimeError("HTTPServer is not listening")
         return int(self._server.sockets[0].getsockname()[1])
-
-    @property
-    def serving(self) -> bool:
-        return self._server is not None and not self.draining
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight handlers finish within ``grace``, close every

@@ -10,12 +10,14 @@ Routes:
 ``POST /``          the connector's handler (needs the token when ``auth_token`` is set);
                     with ``any_path=True`` (webhook sources) a POST to any path
 ``OPTIONS /``       the CloudEvents webhook handshake (``WebHook-Request-Origin`` in,
-                    ``WebHook-Allowed-Origin``, ``WebHook-Allowed-Rate`` and ``Allow`` out)
+                    ``WebHook-Allowed-Origin``, ``WebHook-Allowed-Rate`` and ``Allow`` out);
+                    with ``any_path=True`` on any path, as the handshake goes to the URL
+                    events are sent to
 ``GET /healthz``    200 while the process serves
 ``GET /readyz``     200 while :attr:`Receiver.ready` is True (after ``initialize``, until
                     shutdown begins), else 503
 ``GET /metrics``    Prometheus text format
-other method, /     405 with ``Allow: POST, OPTIONS``
+other method, /     405 with ``Allow: POST, OPTIONS`` (any path with ``any_path=True``)
 other path          404
 ==================  ==================================================================
 
@@ -157,10 +159,6 @@ class Receiver:
         """Every route but ``POST /``: all answered without waiting on anything."""
         path = request.path
         method = request.method
-        if path == "/":
-            if method == "OPTIONS":
-                return self._options(request)
-            return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
         if path in ("/healthz", "/readyz", "/metrics"):
             if method not in ("GET", "HEAD"):
                 return _text(405, "method not allowed", [("allow", _READ_ALLOW)])
@@ -169,6 +167,12 @@ class Receiver:
             if path == "/readyz":
                 return _text(200, "ready") if self.ready else _text(503, "not ready")
             return Response(200, self._metrics.render(), CONTENT_TYPE)
+        if path == "/" or self._any_path:
+            # With any_path every path takes POSTs, so every path is a delivery target:
+            # the webhook handshake goes to that same URL, and other methods get 405.
+            if method == "OPTIONS":
+                return self._options(request)
+            return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
         return _text(404, "not found")
 
     def _options(self, request: Request) -> Response:
