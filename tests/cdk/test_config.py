@@ -442,3 +442,14 @@ def test_multi_line_validator_message_stays_one_line(tmp_path: Path) -> None:
     secret = write(tmp_path / "s.yml", "key: |\n  " + pem.replace("\n", "\n  ") + "\n")
     [line] = problems(Keyed, config, secret)
     assert line == "config: key: not a key we know: ********** see the docs"
+
+
+@pytest.mark.parametrize("token", ["''", "'   '"])
+def test_blank_auth_token_is_refused_rather_than_turning_auth_off(
+    tmp_path: Path, token: str
+) -> None:
+    config = write(tmp_path / "c.yml", "port: 8080\n")
+    secret = write(tmp_path / "s.yml", f"auth_token: {token}\n")
+    assert problems(SinkConfig, config, secret) == [
+        "config: auth_token: must not be empty (leave the key out to turn auth off)"
+    ]

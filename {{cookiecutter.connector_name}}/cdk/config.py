@@ -139,6 +139,14 @@ class ServerConfig(ConnectorConfig):
         description="Requests handled at once; beyond it the server answers 429 with Retry-After.",
     )
 
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would quietly turn auth off; leaving the key out says so plainly.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (leave the key out to turn auth off)")
+        return value
+
 
 class SourceConfig(ConnectorConfig):
     """Keys of a source: where events go and how hard delivery tries."""
