@@ -267,6 +267,27 @@ def test_pool_limit_holds_under_concurrency() -> None:
     assert len(peers) == limit  # every connection was reused, none replaced
 
 
+def test_a_request_encoded_once_can_be_sent_again() -> None:
+    bodies: list[bytes] = []
+
+    async def handler(request: Request) -> Response:
+        bodies.append(request.body)
+        return Response(200, request.headers["ce-id"].encode())
+
+    async def main() -> None:
+        async with kit_server(handler) as server:
+            client = Client(f"http://127.0.0.1:{server.port}/")
+            try:
+                request = client.encode_request(b"same", {"ce-id": "7"})
+                answers = [await client.send(request) for _ in range(3)]
+            finally:
+                await client.close()
+        assert [(a.status, a.body) for a in answers] == [(200, b"7")] * 3
+        assert bodies == [b"same"] * 3
+
+    run(main())
+
+
 def test_request_bytes() -> None:
     client = Client("https://user:p%40ss@example.com/a b/?q=é", user_agent="probe/1")
     data = client.encode_request(b"body", {"ce-id": "1"})
@@ -328,6 +349,60 @@ def test_chunked_answer_is_decoded() -> None:
         assert first.headers["retry-after"] == "7"
         assert second.body == b"slow down"
         assert len(server.conns) == 1  # a chunked answer leaves the connection usable
+
+    run(main())
+
+
+def test_trailers_are_not_headers_and_do_not_pile_up() -> None:
+    trailers = b"X-Trailer: t\r\n" * 20000  # past the head limit, were they headers
+
+    async def script(conn: Conn) -> None:
+        while await conn.read_request() is not None:
+            await conn.answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\n" + trailers + b"\r\n"
+            )
+
+    async def main() -> None:
+        async with raw_server(script) as server:
+            client = Client(server.url)
+            try:
+                answers = [await client.post(b"x") for _ in range(2)]
+            finally:
+                await client.close()
+        for answer in answers:
+            assert (answer.status, answer.body) == (200, b"ok")
+            assert "x-trailer" not in answer.headers
+        assert len(server.conns) == 1
+
+    run(main())
+
+
+def test_an_answer_before_the_whole_request_went_out_ends_the_connection() -> None:
+    body = b"x" * (16 << 20)  # far more than socket buffers hold while nobody reads
+    answered = asyncio.Event()
+
+    async def script(conn: Conn) -> None:
+        if conn.number == 0:
+            await conn.reader.readuntil(b"\r\n\r\n")
+            await conn.answer(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+            await answered.wait()
+            await conn.until_closed()  # drops the rest of the body, and anything after it
+            return
+        await keep_answering(conn)
+
+    async def main() -> None:
+        async with raw_server(script) as server:
+            client = Client(server.url, timeout=3.0)
+            try:
+                first = await client.post(body)
+                answered.set()
+                second = await client.post(b"small")
+            finally:
+                await client.close()
+        assert first.status == 413
+        assert (second.status, second.body) == (200, b"ok")
+        assert [r.body for r in server.conns[1].requests] == [b"small"]
 
     run(main())
 
@@ -603,6 +678,28 @@ def test_connection_refused_is_a_connect_error() -> None:
             assert client.connections == 0
         finally:
             await client.close()
+
+    run(main())
+
+
+def test_a_waiter_cancelled_as_its_turn_came_passes_the_turn_on() -> None:
+    async def main() -> None:
+        async with raw_server(keep_answering) as server:
+            client = Client(server.url, limit=1, timeout=3.0)
+            try:
+                second = asyncio.ensure_future(client.post(b"b"))
+                third = asyncio.ensure_future(client.post(b"c"))
+                # Takes the only connection before the others start, so both wait; on
+                # return it has handed the connection to the second, which has not run.
+                assert (await client.post(b"a")).status == 200
+                second.cancel()
+                assert (await third).status == 200
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                assert client.connections == 1 and client.idle_connections == 1
+            finally:
+                await client.close()
+        assert [r.body for r in server.requests] == [b"a", b"c"]
 
     run(main())
 

@@ -11,18 +11,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from cloudevents.core.v1.event import CloudEvent
 
+from cdk.codec import from_dict
 from cdk.config import SourceConfig
 from cdk.connector import Tuple
 from cdk.delivery import (
     AttemptsExhausted,
     Deliverer,
     DeliveryError,
+    EncodeError,
     ShutdownError,
     TargetRejected,
     TargetUnavailable,
@@ -219,6 +221,79 @@ def test_raising_callbacks_do_not_stop_delivery(caplog: pytest.LogCaptureFixture
     assert "success callback of event e0 raised" in caplog.text
 
 
+def test_a_callback_raising_cancelled_error_does_not_end_its_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(5)
+
+            async def cancelled_inside() -> None:
+                # Awaiting something that got cancelled, not a cancellation of the worker.
+                never = asyncio.get_running_loop().create_future()
+                never.cancel()
+                await never
+
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            await chan.put(Tuple(make_event(0), cancelled_inside))
+            ids = await send(chan, fates, range(1, 5))
+            fates.expected = 4
+            async with delivering(config(target.url, max_in_flight=1), chan):
+                await fates.wait()
+            assert fates.ok == ids
+            assert [e.get_id() for e in target.events] == ["e0", *ids]
+
+    with caplog.at_level(logging.ERROR, logger="cdk.delivery"):
+        run(main)
+    assert "success callback of event e0 raised" in caplog.text
+
+
+def test_cancelled_mid_callbacks_the_rest_of_a_delivered_batch_still_succeeds() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(4)
+            started = asyncio.Event()
+
+            async def stuck() -> None:
+                started.set()
+                await asyncio.Event().wait()  # outlives the grace period
+
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            await chan.put(Tuple(make_event(0), stuck, lambda exc: fates._fail("e0", exc)))
+            ids = await send(chan, fates, range(1, 5))
+            cfg = config(target.url, batch_size=5, max_in_flight=1)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            async with asyncio.timeout(10):
+                await started.wait()
+            await deliverer.stop(grace=0.1)
+            await task
+            assert [len(r.events) for r in target.requests] == [5]
+            # The target has all five: the four after the stuck callback were delivered.
+            fates.assert_exactly_once(ids)
+            assert fates.ok == ids
+
+    run(main)
+
+
+def test_an_item_that_is_not_a_tuple_fails_alone(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            await chan.put(cast(Tuple, make_event(99)))  # the event itself, not a Tuple
+            ids = await send(chan, fates, range(3))
+            async with delivering(config(target.url, max_in_flight=1), chan):
+                await fates.wait()
+            assert fates.ok == ids
+            assert [e.get_id() for e in target.events] == ids
+
+    with caplog.at_level(logging.WARNING, logger="cdk.delivery"):
+        run(main)
+    assert "not a cdk.Tuple" in caplog.text
+    assert "unexpectedly" not in caplog.text
+
+
 # -- content modes and batches -------------------------------------------------------
 
 
@@ -294,6 +369,85 @@ def test_linger_flushes_a_partial_batch() -> None:
                 elapsed = time.monotonic() - started
             assert [len(r.events) for r in target.requests] == [3]
             assert elapsed < 2.0
+
+    run(main)
+
+
+def broken_event(i: int) -> CloudEvent:
+    """An event the codec accepts but the request head cannot carry (binary mode)."""
+    return CloudEvent(
+        {
+            "id": f"e{i}",
+            "source": "/tests/delivery",
+            "type": "com.example.test",
+            "specversion": "1.0",
+            "datacontenttype": "text/plain\r\nX-Injected: 1",
+        },
+        b"raw",
+    )
+
+
+def test_an_event_the_request_head_cannot_carry_is_an_encode_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            async with delivering(config(target.url, max_in_flight=1)) as (_, chan, metrics):
+                await send(chan, fates, range(1))
+                await chan.put(fates.tuple(broken_event(1)))
+                await send(chan, fates, range(2, 3))
+                await fates.wait()
+            assert sorted(fates.ok) == ["e0", "e2"]
+            error = fates.failed["e1"]
+            assert isinstance(error, EncodeError) and "line break" in str(error)
+            assert all("x-injected" not in r.headers for r in target.all_requests)
+            assert value(metrics, "cdk_events_failed_total", {"reason": "rejected"}) == 1
+
+    with caplog.at_level(logging.WARNING, logger="cdk.delivery"):
+        run(main)
+    assert "unexpectedly" not in caplog.text
+
+
+def test_overrides_do_not_fail_a_whole_batch_for_one_bad_item() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            await send(chan, fates, range(2))
+            bad = Tuple(cast(CloudEvent, "not an event"), None, lambda e: fates._fail("bad", e))
+            await chan.put(bad)
+            await send(chan, fates, range(2, 4))
+            fates.expected = 5
+            cfg = config(target.url, batch_size=10, max_in_flight=1)
+            async with delivering(cfg, chan, overrides={"cluster": "east"}):
+                await fates.wait()
+            assert sorted(fates.ok) == ["e0", "e1", "e2", "e3"]
+            assert isinstance(fates.failed["bad"], EncodeError)
+            assert [len(r.events) for r in target.requests] == [4]
+            assert {e.get_extension("cluster") for e in target.events} == {"east"}
+
+    run(main)
+
+
+def test_a_batch_of_two_specversions_goes_in_order_one_request_per_run() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(5)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            for i, version in enumerate(["1.0", "1.0", "0.3", "0.3", "1.0"]):
+                attributes = {"id": f"e{i}", "source": "/s", "type": "t", "specversion": version}
+                await chan.put(fates.tuple(from_dict(attributes)))
+            cfg = config(target.url, batch_size=10, max_in_flight=1)
+            async with delivering(cfg, chan):
+                await fates.wait()
+            ids = [f"e{i}" for i in range(5)]
+            assert fates.ok == ids
+            assert [[e.get_id() for e in r.events] for r in target.requests] == [
+                ["e0", "e1"],
+                ["e2", "e3"],
+                ["e4"],
+            ]
 
     run(main)
 
@@ -379,6 +533,21 @@ def test_slow_answer_over_attempt_timeout_is_retried() -> None:
     run(main)
 
 
+def test_no_backoff_configured_still_does_not_spin_on_a_dead_target() -> None:
+    async def main() -> None:
+        dead = f"http://127.0.0.1:{free_port()}/"
+        fates = Fates(1)
+        cfg = config(dead, retry_backoff=0, retry_backoff_max=0, send_event_attempts=0)
+        async with delivering(cfg, grace=0) as (_, chan, metrics):
+            await send(chan, fates, range(1))
+            await asyncio.sleep(0.3)  # the span being measured, not a synchronisation
+            retries = value(metrics, "cdk_delivery_retries_total")
+        assert 1 <= retries <= 0.3 / 0.01 + 2
+        assert isinstance(fates.failed["e0"], ShutdownError)
+
+    run(main)
+
+
 def test_target_that_starts_late_gets_everything() -> None:
     async def main() -> None:
         port = free_port()
@@ -406,7 +575,22 @@ def test_target_that_starts_late_gets_everything() -> None:
     run(main)
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 413, 415, 422])
+@pytest.mark.parametrize("status", [404, 408, 409, 429, 500, 502, 504, 599])
+def test_knative_retryable_statuses_are_retried(status: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(2, status=status)
+            fates = Fates(1)
+            async with delivering(config(target.url, send_event_attempts=3)) as (_, chan, _m):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            assert fates.ok == ["e0"]
+            assert [r.status for r in target.all_requests] == [status, status, 200]
+
+    run(main)
+
+
+@pytest.mark.parametrize("status", [300, 307, 400, 401, 403, 413, 415, 422])
 def test_non_retryable_status_fails_at_once(status: int) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
@@ -523,6 +707,38 @@ def test_stop_with_a_dead_target_fails_the_rest_with_shutdown_error() -> None:
     run(main)
 
 
+def test_stop_does_not_wait_out_a_retry_after_that_ends_past_the_grace_period() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(1, status=503, retry_after=30)
+            retrying = asyncio.Event()
+
+            class OnRetry(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    if record.getMessage().startswith("retrying"):
+                        retrying.set()
+
+            logger = logging.getLogger("tests.delivery.retry_after_at_stop")
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(OnRetry())
+            fates = Fates(1)
+            deliverer = Deliverer(config(target.url), Metrics(), logger=logger)
+            chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
+            task = asyncio.create_task(deliverer.run(chan))
+            await send(chan, fates, range(1))
+            async with asyncio.timeout(10):
+                await retrying.wait()  # the worker now waits 30 s before the next attempt
+            started = time.monotonic()
+            await deliverer.stop(grace=5)
+            await task
+            assert time.monotonic() - started < 2
+            error = fates.failed["e0"]
+            assert isinstance(error, ShutdownError) and "503" in str(error)
+            assert target.attempts == 1
+
+    run(main)
+
+
 def test_stop_fails_a_request_stuck_past_the_grace_period() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
@@ -629,6 +845,10 @@ def test_retry_after_values() -> None:
     assert retry_after_seconds("soon") is None
     date_value = retry_after_seconds(format_datetime(later, usegmt=True), now=now)
     assert date_value is not None and 29 <= date_value <= 31
+    # The obsolete forms a recipient must still read (RFC 9110 5.6.7); asctime has no zone.
+    epoch = datetime(1994, 11, 6, 8, 49, 37, tzinfo=UTC).timestamp()
+    assert retry_after_seconds("Sunday, 06-Nov-94 08:49:37 GMT", now=epoch - 5) == 5.0
+    assert retry_after_seconds("Sun Nov  6 08:49:37 1994", now=epoch - 5) == 5.0
 
 
 def test_error_messages_name_the_cause() -> None:

@@ -15,7 +15,8 @@ Behaviour:
 - At most ``limit`` connections are open; idle ones are reused last-in first-out, so a
   burst's extra connections age out instead of being kept warm. A connection is dropped
   after any error, a ``Connection: close`` answer, an answer the parser says ends the
-  connection, or ``keepalive`` seconds idle.
+  connection, an answer that came before the whole request was written, or
+  ``keepalive`` seconds idle. Trailers of a chunked answer are read and ignored.
 - A reused connection the server closed while it sat idle fails before any byte of the
   answer arrives; that request is sent again, once, on a fresh connection. A failure
   after part of the answer arrived is never repeated here.
@@ -245,6 +246,10 @@ class _Connection(asyncio.Protocol):
         self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            # A trailer (after a chunked body): not part of the answer's head, and a
+            # server streaming them must not grow the headers without bound.
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
@@ -284,6 +289,9 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = (
             self.parser.should_keep_alive()
             and "close" not in self._headers.get("connection", "").lower()
+            # An answer before the whole request went out (an early 413, say): what the
+            # server makes of the rest of the body is unknown, so the connection goes.
+            and not (self.transport is not None and self.transport.get_write_buffer_size())
         )
         if not waiter.done():
             waiter.set_result(self._response())
@@ -429,9 +437,12 @@ class Client:
 
     async def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> ClientResponse:
         """POST ``body`` with ``headers``; the answer whatever its status, or a ClientError."""
+        return await self.send(self.encode_request(body, headers))
+
+    async def send(self, data: bytes) -> ClientResponse:
+        """Send a request made by :meth:`encode_request` (encode once, send many times)."""
         if self._closed:
             raise ClientError("the client is closed")
-        data = self.encode_request(body, headers)
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._send(data)
@@ -448,7 +459,8 @@ class Client:
             if not reused or exc.received:
                 raise
         # The server closed the idle connection while the request was on its way (the
-        # keep-alive race): nothing of it was processed, so send it once more.
+        # keep-alive race): it closed without reading it, as a rule, so send it once more.
+        # Rarely it was read and then the server died; a sender must expect duplicates.
         conn, _ = await self._acquire(fresh=True)
         return await self._exchange(conn, data)
 

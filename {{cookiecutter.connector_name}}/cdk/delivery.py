@@ -23,6 +23,7 @@ import logging
 import random
 import re
 from collections.abc import Mapping, Sequence
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from time import time as wall_clock
 from typing import Any
@@ -57,6 +58,9 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 EXCERPT_CHARS = 200
 #: Most bytes of an answer body kept (the rest is read and dropped).
 _READ_LIMIT = 64 * 1024
+#: Shortest wait between two attempts, whatever the config says: a ``retry_backoff`` of 0
+#: would otherwise stay 0 and spin on a target that refuses connections.
+_MIN_BACKOFF = 0.01
 
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _WHITESPACE = re.compile(r"\s+")
@@ -146,8 +150,9 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:  # RFC 7231 dates are GMT; naive means the zone was "-0000"
-        return None
+    if when.tzinfo is None:
+        # The asctime form carries no zone, yet every HTTP-date is GMT (RFC 9110 5.6.7).
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (wall_clock() if now is None else now))
 
 
@@ -185,13 +190,18 @@ def _retryable(status: int) -> bool:
 
 
 class _Batch:
-    """Tuples sent in one request, and how many of them already had their callback."""
+    """Tuples taken from ``chan`` together.
 
-    __slots__ = ("settled", "tuples")
+    ``settled`` counts the leading tuples whose callback ran; the first ``delivered``
+    reached the target, so an interrupted batch still reports those as successes.
+    """
+
+    __slots__ = ("delivered", "settled", "tuples")
 
     def __init__(self, tuples: list[Tuple]) -> None:
         self.tuples = tuples
         self.settled = 0
+        self.delivered = 0
 
 
 class Deliverer:
@@ -226,7 +236,7 @@ class Deliverer:
         self._collect_lock = asyncio.Lock()
         self._idle: set[asyncio.Task[Any]] = set()
         self._woken: set[asyncio.Task[Any]] = set()
-        self._draining = False
+        self._draining = asyncio.Event()  # set when stop() begins
         self._deadline: float | None = None
         self._started = asyncio.Event()
         self._stopped: asyncio.Event | None = None
@@ -278,8 +288,8 @@ class Deliverer:
         loop = asyncio.get_running_loop()
         grace = max(0.0, grace)
         deadline = loop.time() + grace
-        self._draining = True
         self._deadline = deadline
+        self._draining.set()
         try:
             if self._chan is None:
                 # run() may be scheduled but not started yet: let it start and drain.
@@ -355,18 +365,18 @@ class Deliverer:
             except asyncio.CancelledError:
                 # stop() reached its deadline (or run() was cancelled) mid-request.
                 error = ShutdownError("shut down while the event was being delivered")
-                await self._give_up(batch, error, "shutdown")
+                await self._settle_rest(batch, error, "shutdown")
                 raise
             except Exception as exc:  # a bug must not lose tuples or stop the worker
                 self.log.exception("delivery of %d event(s) failed unexpectedly", len(batch.tuples))
-                await self._give_up(batch, DeliveryError(_describe(exc)), "rejected")
+                await self._settle_rest(batch, DeliveryError(_describe(exc)), "rejected")
 
     async def _take_one(self, chan: asyncio.Queue[Tuple]) -> Tuple | None:
         while True:
             try:
                 return chan.get_nowait()
             except asyncio.QueueEmpty:
-                if self._draining:
+                if self._draining.is_set():
                     return None
             item = await self._wait_get(chan, None)
             if item is not None:
@@ -379,7 +389,7 @@ class Deliverer:
             try:
                 tuples.append(chan.get_nowait())
             except asyncio.QueueEmpty:
-                if self._draining:
+                if self._draining.is_set():
                     return tuples
                 item = await self._wait_get(chan, None)
                 if item is not None:
@@ -394,7 +404,7 @@ class Deliverer:
                 except asyncio.QueueEmpty:
                     pass
                 remaining = linger_until - loop.time()
-                if self._draining or remaining <= 0:
+                if self._draining.is_set() or remaining <= 0:
                     break
                 item = await self._wait_get(chan, remaining)
                 if item is None:
@@ -430,59 +440,73 @@ class Deliverer:
 
     # -- sending ---------------------------------------------------------------------
 
-    def _encode(self, batch: _Batch) -> tuple[tuple[dict[str, str], bytes] | None, int]:
-        """Encode the request once: (headers and body, how many leading tuples cannot go).
+    def _encode(self, batch: _Batch) -> tuple[list[BaseException], list[tuple[int, bytes]]]:
+        """Encode ``batch`` once: why each tuple that cannot go fails, and the requests.
 
-        Events that cannot be encoded are moved to the front of ``batch.tuples`` so they
-        are failed alone while the others still go out.
+        ``batch.tuples`` is reordered to match: the tuples that cannot go first, then the
+        tuples of each request in turn, in queue order. Most batches are one request; a
+        bad event fails alone, and a change of specversion starts another request (a
+        batch carries one specversion; splitting keeps the order a single worker keeps).
         """
         tuples = batch.tuples
-        events = [t.event for t in tuples]
-        if self.overrides:
-            events = [with_extensions(e, self.overrides) for e in events]
-        try:
-            if self._batch_size == 1:
-                return self._encode_one(events[0]), 0
-            return to_batch(events), 0
-        except Exception:  # a user's event may break the encoder in any way
-            if len(events) == 1:
-                return None, 1
-        bad: list[Tuple] = []
-        good: list[Tuple] = []
-        good_events: list[CloudEvent] = []
-        for item, event in zip(tuples, events, strict=True):
+        single = self._batch_size == 1
+        # A user's event may break the encoder in any way; the slow path below finds
+        # which events did, and why.
+        with contextlib.suppress(Exception):
+            events = [self._outbound(item) for item in tuples]
+            encoded = self._encode_one(events[0]) if single else to_batch(events)
+            return [], [(len(tuples), self._request(encoded))]
+        errors: list[BaseException] = []
+        ordered: list[Tuple] = []
+        runs: list[list[tuple[Tuple, CloudEvent, bytes]]] = []
+        run_version: Any = None
+        for item in tuples:
             try:
-                to_batch([event])
-            except Exception:  # see above
-                bad.append(item)
+                event = self._outbound(item)
+                request = self._request(self._encode_one(event) if single else to_batch([event]))
+            except Exception as exc:  # see above
+                errors.append(exc)
+                ordered.append(item)
             else:
-                good.append(item)
-                good_events.append(event)
-        batch.tuples = bad + good
-        return (to_batch(good_events) if good else None), len(bad)
+                version = event.get_attributes().get("specversion")
+                if not runs or version != run_version:
+                    runs.append([])
+                    run_version = version
+                runs[-1].append((item, event, request))
+        requests: list[tuple[int, bytes]] = []
+        for run in runs:
+            ordered.extend(item for item, _, _ in run)
+            if len(run) == 1:
+                requests.append((1, run[0][2]))
+            else:
+                requests.append((len(run), self._request(to_batch([e for _, e, _ in run]))))
+        batch.tuples = ordered
+        return errors, requests
 
-    async def _reject_unencodable(self, batch: _Batch, count: int) -> None:
-        for _ in range(count):
-            item = batch.tuples[batch.settled]
-            event = item.event
-            try:
-                if self.overrides:
-                    event = with_extensions(event, self.overrides)
-                to_batch([event]) if self._batch_size > 1 else self._encode_one(event)
-                reason = "unknown encoding error"
-            except Exception as exc:  # see _encode
-                reason = _describe(exc)
-            await self._give_up(
-                batch, EncodeError(f"event cannot be encoded: {reason}"), "rejected", count=1
-            )
+    def _outbound(self, item: Tuple) -> CloudEvent:
+        """The event of ``item`` as it goes out (with ``K_CE_OVERRIDES`` applied)."""
+        if not isinstance(item, Tuple):  # a plain event put into chan by mistake
+            raise TypeError(f"chan holds a {type(item).__name__}, not a cdk.Tuple")
+        event = item.event
+        return with_extensions(event, self.overrides) if self.overrides else event
+
+    def _request(self, encoded: tuple[dict[str, str], bytes]) -> bytes:
+        # The client refuses headers it cannot write (a line break or a non-Latin-1
+        # character in a binary-mode Content-Type): that is the event's fault, found here.
+        assert self._client is not None
+        headers, body = encoded
+        return self._client.encode_request(body, headers)
 
     async def _deliver(self, batch: _Batch) -> None:
-        encoded, unencodable = self._encode(batch)
-        if unencodable:
-            await self._reject_unencodable(batch, unencodable)
-        if encoded is None:
-            return
-        headers, body = encoded
+        errors, requests = self._encode(batch)
+        for exc in errors:
+            error = EncodeError(f"event cannot be encoded: {_describe(exc)}")
+            await self._give_up(batch, error, "rejected", count=1)
+        for count, request in requests:
+            await self._send(batch, count, request)
+
+    async def _send(self, batch: _Batch, count: int, request: bytes) -> None:
+        """Send the next ``count`` tuples of ``batch`` as ``request``, retrying as configured."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         attempt = 0
@@ -492,7 +516,7 @@ class Deliverer:
             attempt += 1
             self._in_flight += 1
             try:
-                status, answer, retry_after = await self._post(headers, body)
+                status, answer, retry_after = await self._post(request)
             except (ClientError, OSError, TimeoutError) as exc:
                 status, answer, retry_after = 0, b"", None
                 error: BaseException = exc
@@ -501,48 +525,68 @@ class Deliverer:
             if status:
                 if 200 <= status < 300:
                     metrics.delivery_latency.observe(loop.time() - started)
-                    metrics.delivered.inc(len(batch.tuples) - batch.settled)
-                    await self._succeed(batch)
+                    metrics.delivered.inc(count)
+                    batch.delivered = batch.settled + count
+                    await self._succeed(batch, count)
                     return
                 if not _retryable(status):
                     metrics.delivery_latency.observe(loop.time() - started)
-                    await self._give_up(batch, TargetRejected(status, _excerpt(answer)), "rejected")
+                    rejected = TargetRejected(status, _excerpt(answer))
+                    await self._give_up(batch, rejected, "rejected", count)
                     return
                 error = TargetUnavailable(status, _excerpt(answer), retry_after)
             if 0 < self._attempts <= attempt:
                 metrics.delivery_latency.observe(loop.time() - started)
-                await self._give_up(batch, AttemptsExhausted(attempt, error), "exhausted")
+                await self._give_up(batch, AttemptsExhausted(attempt, error), "exhausted", count)
                 return
             delay, wait = self._next_wait(delay, error)
-            if self._deadline is not None and loop.time() + wait >= self._deadline:
+            retry_at = loop.time() + wait
+            if not self._too_late(retry_at):
+                metrics.retries.inc()
+                if self.log.isEnabledFor(logging.DEBUG):
+                    self.log.debug(
+                        "retrying %d event(s) in %.3fs after attempt %d: %s",
+                        count,
+                        wait,
+                        attempt,
+                        _describe(error),
+                    )
+                await self._pause(retry_at)
+            if self._too_late(retry_at):
                 error = ShutdownError("shut down before a retry could succeed", error)
-                await self._give_up(batch, error, "shutdown")
+                await self._give_up(batch, error, "shutdown", count)
                 return
-            metrics.retries.inc()
-            if self.log.isEnabledFor(logging.DEBUG):
-                self.log.debug(
-                    "retrying %d event(s) in %.3fs after attempt %d: %s",
-                    len(batch.tuples),
-                    wait,
-                    attempt,
-                    _describe(error),
-                )
-            await asyncio.sleep(wait)
+
+    def _too_late(self, when: float) -> bool:
+        """Whether ``when`` falls after the deadline of a shutdown under way."""
+        return self._deadline is not None and when >= self._deadline
+
+    async def _pause(self, until: float) -> None:
+        """Wait until ``until``; cut short when stop() begins with a deadline before then.
+
+        A long ``Retry-After`` that began before stop() would otherwise hold shutdown
+        for the whole grace period, only to fail its events at the end of it.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(until):
+                await self._draining.wait()
+        if not self._too_late(until):
+            await asyncio.sleep(max(0.0, until - asyncio.get_running_loop().time()))
 
     def _next_wait(self, previous: float, error: BaseException) -> tuple[float, float]:
         """(new backoff state, seconds to wait) with decorrelated jitter and Retry-After."""
         base = self.config.retry_backoff
         cap = self.config.retry_backoff_max
-        backoff = min(cap, random.uniform(base, max(base, previous * 3)))
+        backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
         wait = backoff
         if isinstance(error, TargetUnavailable) and error.retry_after is not None:
             # Retry-After is a floor: never retry sooner than the target asked.
             wait = max(wait, min(error.retry_after, self.config.retry_after_max))
         return backoff, wait
 
-    async def _post(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes, float | None]:
+    async def _post(self, request: bytes) -> tuple[int, bytes, float | None]:
         assert self._client is not None
-        response = await self._client.post(body, headers)
+        response = await self._client.send(request)
         status = response.status
         retry_after = None
         if status in RETRY_AFTER_STATUSES:
@@ -551,23 +595,16 @@ class Deliverer:
 
     # -- callbacks -------------------------------------------------------------------
 
-    async def _succeed(self, batch: _Batch) -> None:
-        tuples = batch.tuples
+    async def _succeed(self, batch: _Batch, count: int) -> None:
+        """Call ``success()`` for the next ``count`` unsettled tuples."""
+        end = min(len(batch.tuples), batch.settled + count)
         chan = self._chan
-        while batch.settled < len(tuples):
-            item = tuples[batch.settled]
+        while batch.settled < end:
+            item = batch.tuples[batch.settled]
             batch.settled += 1
             if chan is not None:
                 chan.task_done()
-            callback = item.success
-            if callback is None:
-                continue
-            try:
-                result = callback()
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self.log.exception("success callback of event %s raised", _event_id(item))
+            await self._call(item, "success")
 
     async def _give_up(
         self, batch: _Batch, error: DeliveryError, reason: str, count: int | None = None
@@ -585,15 +622,33 @@ class Deliverer:
             batch.settled += 1
             if chan is not None:
                 chan.task_done()
-            callback = item.failed
+            await self._call(item, "failed", error)
+
+    async def _settle_rest(self, batch: _Batch, error: DeliveryError, reason: str) -> None:
+        """Finish a batch whose delivery was interrupted, each tuple by what became of it."""
+        if batch.delivered > batch.settled:
+            await self._succeed(batch, batch.delivered - batch.settled)
+        await self._give_up(batch, error, reason)
+
+    async def _call(self, item: Tuple, kind: str, *args: BaseException) -> None:
+        """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        try:
+            callback = getattr(item, kind, None)
             if callback is None:
-                continue
-            try:
-                result = callback(error)
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self.log.exception("failed callback of event %s raised", _event_id(item))
+                return
+            result = callback(*args)
+            if result is not None and inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            # Only a cancellation of this worker goes on; a CancelledError of the
+            # callback's own making is its failure, and must not end the worker.
+            if task is None or task.cancelling() > cancelling:
+                raise
+            self.log.exception("%s callback of event %s raised", kind, _event_id(item))
+        except Exception:
+            self.log.exception("%s callback of event %s raised", kind, _event_id(item))
 
     def _log_failure(self, tuples: Sequence[Tuple], error: DeliveryError) -> None:
         ids = [_event_id(t) for t in tuples]
