@@ -959,3 +959,13 @@ def test_from_dict_rejects_data_that_is_not_json() -> None:
     error = rejects(InvalidEvent, from_dict, {**BASE_EVENT, "data": {"a": {1, 2}}})
     assert error.attribute == "data"
     assert "JSON" in str(error)
+
+
+@pytest.mark.parametrize("data", [b"raw", None])
+def test_binary_refuses_a_content_type_that_would_inject_a_header(data: bytes | None) -> None:
+    # Built with the SDK, which checks only that datacontenttype is a string.
+    attributes = {**BASE_EVENT, "datacontenttype": "text/plain\r\nx-injected: 1"}
+    event = CloudEvent(attributes, data)
+    with pytest.raises(InvalidEvent) as info:
+        to_binary(event)
+    assert info.value.attribute == "datacontenttype"

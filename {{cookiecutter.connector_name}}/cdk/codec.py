@@ -850,11 +850,13 @@ def _body_of(event: AnyCloudEvent) -> tuple[str | None, bytes]:
     """Content-Type and body of binary mode."""
     data = event.get_data()
     contenttype = event.get_datacontenttype()
+    # Checked whatever the data: it becomes the Content-Type header, so a value with a
+    # line break or other junk in it must not reach the wire.
+    media = _media_of(contenttype)
     if data is None:
         return contenttype, b""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return contenttype, bytes(data)
-    media = _media_of(contenttype)
     if media.is_json:
         return contenttype or _JSON_MEDIA, _dumps(data, "binary body")
     if type(data) is not str:
