@@ -7,11 +7,12 @@ but does not declare makes these tests fail.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from template_support import VARIANTS, clean_env, venv_python
+from template_support import REPO, VARIANTS, clean_env, render, venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,17 @@ def test_generated_lint_and_types_pass_with_declared_tools(
     assert ruff.returncode == 0, ruff.stdout + ruff.stderr
     mypy = run(generated_venv, project, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"))
     assert mypy.returncode == 0, mypy.stdout + mypy.stderr
+
+
+def test_lint_passes_with_the_newest_python_choice(generated_venv: Path, tmp_path: Path) -> None:
+    """ruff's pyupgrade rules follow ``python_version``; the vendored kit keeps 3.11 syntax."""
+    newest = json.loads((REPO / "cookiecutter.json").read_text(encoding="utf-8"))[
+        "python_version"
+    ][-1]
+    for variant, answers in VARIANTS.items():
+        project = render(tmp_path / variant, **answers, python_version=newest)
+        ruff = run(generated_venv, project, "-m", "ruff", "check", "--no-cache", ".")
+        assert ruff.returncode == 0, f"{variant}: {ruff.stdout}{ruff.stderr}"
 
 
 def test_the_shared_environment_holds_only_declared_packages(generated_venv: Path) -> None:

@@ -165,6 +165,33 @@ def test_readme_table_matches_the_config_model(rendered: dict[str, Path], varian
     assert table_in_template(template_text, variant) == table_from_model(project)
 
 
+def test_readme_table_shows_each_kind_of_default(rendered: dict[str, Path]) -> None:
+    project = rendered["source-poll"]
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import config_table\n"
+        "from pydantic import BaseModel, Field\n"
+        "class M(BaseModel):\n"
+        "    need: str\n"
+        "    opt: int | None = None\n"
+        "    topics: list[str] = Field(default_factory=list)\n"
+        "print(config_table.config_table(M))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project,
+        capture_output=True,
+        check=True,
+        text=True,
+        env=clean_env(),
+    )
+    rows = result.stdout.splitlines()[2:]
+    assert rows == [
+        "| `need` | string | required |  |",
+        "| `opt` | integer | unset |  |",
+        "| `topics` | list | `[]` |  |",
+    ]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_recorded_answers(rendered: dict[str, Path], variant: str) -> None:
     answers = json.loads((rendered[variant] / ".cookiecutter.json").read_text(encoding="utf-8"))

@@ -110,6 +110,7 @@ class {{ cookiecutter.__class_prefix }}Source(cdk.Source):
                 "type": EVENT_TYPE,
                 "specversion": "1.0",
                 "datacontenttype": "application/json",
+                # An extension attribute, as in cdk-go's example ("time" is the standard one).
                 "t": datetime.now(UTC),
             },
             data={"number": self.number, "string": f"str-{self.number}"},

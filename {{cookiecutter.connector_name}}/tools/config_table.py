@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic.fields import FieldInfo
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- config-table:begin (made by tools/config_table.py; do not edit by hand) -->"
@@ -43,9 +43,11 @@ def type_name(annotation: Any) -> str:
     return TYPE_NAMES.get(name, name)
 
 
-def default_text(default: Any) -> str:
-    if default is PydanticUndefined:
+def default_text(field: FieldInfo) -> str:
+    if field.is_required():
         return "required"
+    # A default_factory (``Field(default_factory=list)``) counts as a default too.
+    default = field.get_default(call_default_factory=True)
     if default is None:
         return "unset"
     return f"`{default}`"
@@ -58,7 +60,7 @@ def config_table(model: type[BaseModel]) -> str:
         description = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(
             f"| `{name}` | {type_name(field.annotation)} | "
-            f"{default_text(field.default)} | {description} |"
+            f"{default_text(field)} | {description} |"
         )
     return "\n".join(rows)
 
