@@ -320,6 +320,21 @@ def test_redact_url() -> None:
     assert redact_url("http://h:1/p?q") == "http://h:1/p?q"
     assert redact_url(f"https://u:{PASSWORD}@h:8443/p") == "https://u:**********@h:8443/p"
     assert PASSWORD not in redact_url(f"http://u:{PASSWORD}@[::1]:99/")
+    # The webhook spec's query-parameter token is a secret too.
+    assert redact_url(f"http://h/p?a=1&access_token={TOKEN}&b") == "http://h/p?a=1&access_token=**********&b"
+
+
+def test_target_auth_token_is_a_secret_and_never_blank(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", "target: http://t/\n")
+    secret = write(tmp_path / "s.yml", f"target_auth_token: {TOKEN}\n")
+    loaded = load_config(SourceConfig, config, secret, environ={})
+    assert loaded.target_auth_token is not None
+    assert loaded.target_auth_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(loaded)
+    write(tmp_path / "s.yml", "target_auth_token: ''\n")
+    assert problems(SourceConfig, config, secret) == [
+        "config: target_auth_token: must not be empty (leave the key out to turn auth off)"
+    ]
 
 
 # -- a model's own validators, and files no parser can take -----------------------------

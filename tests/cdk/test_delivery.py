@@ -893,3 +893,17 @@ def test_capture_target_answers_malformed_requests_like_a_strict_receiver() -> N
             assert target.all_requests[0].error
 
     run(main)
+
+
+def test_target_auth_token_is_sent_as_a_bearer_token_on_every_request() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(3)
+            cfg = config(target.url, target_auth_token="tok-7c1e", batch_size=2)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+            assert sorted(fates.ok) == ["e0", "e1", "e2"]
+            assert [r.headers["authorization"] for r in target.requests] == ["Bearer tok-7c1e"] * 2
+
+    run(main)

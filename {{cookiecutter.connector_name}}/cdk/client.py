@@ -336,6 +336,7 @@ class Client:
         max_body: int = 64 * 1024,
         ssl: _ssl.SSLContext | None = None,
         user_agent: str | None = None,
+        authorization: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
@@ -351,7 +352,7 @@ class Client:
         self.max_body = max_body
         self._tls = parts.scheme == "https"
         self._ssl_context = ssl
-        self._head = self._make_head(parts, user_agent)
+        self._head = self._make_head(parts, user_agent, authorization)
         self._head_lines = self._head.count("\n")
         self._known_names: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -361,7 +362,9 @@ class Client:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
-    def _make_head(self, parts: SplitResult, user_agent: str | None) -> str:
+    def _make_head(
+        self, parts: SplitResult, user_agent: str | None, authorization: str | None
+    ) -> str:
         """The request head up to the per-request lines, as text."""
         host = self.host
         if not host.isascii():
@@ -378,13 +381,15 @@ class Client:
             f"Host: {host}\r\n",
             f"User-Agent: {user_agent or _user_agent()}\r\n",
         ]
-        if parts.username is not None:
+        if authorization is not None:
+            lines.append(f"Authorization: {authorization}\r\n")
+        elif parts.username is not None:
             # Credentials in the URL mean Basic auth, as most clients read them.
             secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             lines.append(f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n")
         head = "".join(lines)
         if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-            raise ValueError("the URL or user agent contains a line break")
+            raise ValueError("the URL, user agent or authorization contains a line break")
         head.encode("latin-1")  # fail here rather than on the first request
         return head
 

@@ -59,21 +59,26 @@ _MASK = "**********"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password in it masked, fit for logs and error messages."""
+    """``url`` with any password or ``access_token`` in it masked, fit for logs and errors."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:  # an IPv6 literal keeps its brackets
-            host = f"[{host}]"
-        netloc = f"{user}:{_MASK}@{host}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
+        netloc = parts.netloc
+        if parts.password is not None:
+            host = parts.hostname or ""
+            if ":" in host:  # an IPv6 literal keeps its brackets
+                host = f"[{host}]"
+            netloc = f"{parts.username or ''}:{_MASK}@{host}"
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+        query = "&".join(
+            f"{pair.partition('=')[0]}={_MASK}"
+            if pair.partition("=")[0].lower() == "access_token"
+            else pair
+            for pair in parts.query.split("&")
+        )
     except ValueError:
         return _MASK
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class ConfigError(Exception):
@@ -109,6 +114,13 @@ class ConnectorConfig(BaseModel):
     _masked_values: list[str] = PrivateAttr(default_factory=list)
 
 
+def _not_blank(value: SecretStr | None) -> SecretStr | None:
+    # An empty token would quietly turn auth off; leaving the key out says so plainly.
+    if value is not None and not value.get_secret_value().strip():
+        raise ValueError("must not be empty (leave the key out to turn auth off)")
+    return value
+
+
 class ServerConfig(ConnectorConfig):
     """Keys of the HTTP server a sink (or a webhook source) runs."""
 
@@ -142,10 +154,7 @@ class ServerConfig(ConnectorConfig):
     @field_validator("auth_token")
     @classmethod
     def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        # An empty token would quietly turn auth off; leaving the key out says so plainly.
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("must not be empty (leave the key out to turn auth off)")
-        return value
+        return _not_blank(value)
 
 
 class SourceConfig(ConnectorConfig):
@@ -153,6 +162,11 @@ class SourceConfig(ConnectorConfig):
 
     target: str = Field(
         ..., description="URL events are POSTed to (fallback `$CONNECTOR_TARGET`, then `$K_SINK`)."
+    )
+    target_auth_token: SecretStr | None = Field(
+        None,
+        description="Sent to the target as `Authorization: Bearer <token>` (a sink's "
+        "`auth_token`). Keep it in secret.yml.",
     )
     send_event_attempts: int = Field(
         3, description="Attempts per event; 0 or less retries until delivered or shut down."
@@ -188,6 +202,11 @@ class SourceConfig(ConnectorConfig):
         description="SQLite file that keeps the source's position across restarts; "
         "unset keeps it in memory.",
     )
+
+    @field_validator("target_auth_token")
+    @classmethod
+    def _target_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        return _not_blank(value)
 
     @field_validator("target")
     @classmethod

@@ -315,12 +315,14 @@ class Deliverer:
 
     def _new_client(self) -> Client:
         # One connection per worker: a worker never has more than one request out.
+        token = self.config.target_auth_token
         return Client(
             self.config.target,
             limit=self.config.max_in_flight,
             timeout=self.config.attempt_timeout,
             keepalive=30.0,
             max_body=_READ_LIMIT,
+            authorization=None if token is None else f"Bearer {token.get_secret_value()}",
         )
 
     def _wake_idle(self) -> None:

@@ -321,10 +321,12 @@ class Checkpoint:
         # Nothing after the failed event may ever be written: drop what is queued so a
         # source that goes on producing does not grow this deque without bound.
         self._pending.clear()
+        where = "its start" if self.position is None else f"position {self.position!r}"
         self.log.error(
-            "checkpoint %r stopped at %r: the event at position %r failed: %s",
+            "checkpoint %r stays at %s until a restart: the event at position %r failed "
+            "(it will be produced again after the restart): %s",
             self.key,
-            self.position,
+            where,
             entry.position,
             error,
         )
