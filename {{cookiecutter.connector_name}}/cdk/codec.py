@@ -223,28 +223,25 @@ def _uri_problem(value: str, absolute: bool) -> str | None:
     return None
 
 
-def _uri_reference(attribute: str, value: Any) -> str:
-    if type(value) is str and value in _GOOD_URI_REFS:
+def _checked_uri(attribute: str, value: Any, absolute: bool, good: set[str]) -> str:
+    if type(value) is str and value in good:
         return value
     if type(value) is not str:
-        raise _invalid(attribute, f"must be a non-empty URI-reference, got {_show(value)}")
-    problem = _uri_problem(value, absolute=False)
+        what = "URI" if absolute else "URI-reference"
+        raise _invalid(attribute, f"must be a non-empty {what}, got {_show(value)}")
+    problem = _uri_problem(value, absolute)
     if problem is not None:
         raise _invalid(attribute, problem)
-    _remember(_GOOD_URI_REFS, value)
+    _remember(good, value)
     return value
+
+
+def _uri_reference(attribute: str, value: Any) -> str:
+    return _checked_uri(attribute, value, False, _GOOD_URI_REFS)
 
 
 def _uri(attribute: str, value: Any) -> str:
-    if type(value) is str and value in _GOOD_URIS:
-        return value
-    if type(value) is not str:
-        raise _invalid(attribute, f"must be a non-empty URI, got {_show(value)}")
-    problem = _uri_problem(value, absolute=True)
-    if problem is not None:
-        raise _invalid(attribute, problem)
-    _remember(_GOOD_URIS, value)
-    return value
+    return _checked_uri(attribute, value, True, _GOOD_URIS)
 
 
 # --------------------------------------------------------------------------- media types
