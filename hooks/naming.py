@@ -28,33 +28,19 @@ from jinja2.ext import Extension
 
 # The rules live in pre_gen_project.py; its module name follows how this one was loaded.
 if TYPE_CHECKING:  # mypy reads hooks/*.py as top-level modules (hooks/ is no package)
-    from pre_gen_project import (
-        EMAIL_RULE,
-        NAME_MAX_LENGTH,
-        NAME_PATTERN,
-        NAME_RULE,
-        email_problem,
-        name_problem,
-    )
+    import pre_gen_project as _rules
 else:
     try:  # cookiecutter's ``_extensions``: hooks.naming, with the template dir on sys.path
-        from hooks.pre_gen_project import (
-            EMAIL_RULE,
-            NAME_MAX_LENGTH,
-            NAME_PATTERN,
-            NAME_RULE,
-            email_problem,
-            name_problem,
-        )
+        from hooks import pre_gen_project as _rules
     except ModuleNotFoundError:  # post_gen_project: plain naming, with hooks/ on sys.path
-        from pre_gen_project import (
-            EMAIL_RULE,
-            NAME_MAX_LENGTH,
-            NAME_PATTERN,
-            NAME_RULE,
-            email_problem,
-            name_problem,
-        )
+        import pre_gen_project as _rules
+
+EMAIL_RULE = _rules.EMAIL_RULE
+NAME_MAX_LENGTH = _rules.NAME_MAX_LENGTH
+NAME_PATTERN = _rules.NAME_PATTERN
+NAME_RULE = _rules.NAME_RULE
+email_problem = _rules.email_problem
+name_problem = _rules.name_problem
 
 __all__ = [  # the rules are re-exported: callers may take everything from here
     "EMAIL_RULE",

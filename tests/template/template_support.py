@@ -185,6 +185,21 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def run_in(
+    cwd: Path, *command: str, timeout: float = 120, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in ``cwd`` with a clean environment, capturing its text output."""
+    return subprocess.run(
+        command,
+        cwd=cwd,
+        capture_output=True,
+        check=check,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+    )
+
+
 # --- README tables -------------------------------------------------------------------
 
 README_TEMPLATE = TEMPLATE_PROJECT / "README.md"

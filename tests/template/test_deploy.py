@@ -13,21 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
-from template_support import VARIANTS, clean_env, tool
+from template_support import VARIANTS, run_in, tool
 
 SERVES_HTTP = {"sink", "source-webhook"}
 
 
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command,
-        cwd=cwd,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
+    return run_in(cwd, *command)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from template_support import REPO, VARIANTS, clean_env, render, venv_python
+from template_support import REPO, VARIANTS, render, run_in, venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,7 @@ NO_TESTS_COLLECTED = 5
 
 
 def run(venv: Path, project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(venv_python(venv)), *args],
-        cwd=project,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=900,
-        env=clean_env(),
-    )
+    return run_in(project, str(venv_python(venv)), *args, timeout=900)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -21,9 +20,9 @@ from template_support import (
     VARIANT_FILES,
     VARIANT_LICENSE,
     VARIANTS,
-    clean_env,
     files_under,
     render,
+    run_in,
     table_from_model,
     table_in_template,
     tool,
@@ -129,15 +128,7 @@ def test_config_yml_is_valid_for_the_config_model(rendered: dict[str, Path], var
         "c = load_config(Config, 'config.yml', environ={});"
         "print(c.model_dump_json())"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=rendered[variant],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    result = run_in(rendered[variant], sys.executable, "-c", code, timeout=60)
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     if variant == "sink":
@@ -151,15 +142,7 @@ def test_config_yml_is_valid_for_the_config_model(rendered: dict[str, Path], var
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_readme_table_matches_the_config_model(rendered: dict[str, Path], variant: str) -> None:
     project = rendered[variant]
-    check = subprocess.run(
-        [sys.executable, "tools/config_table.py", "--check"],
-        cwd=project,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    check = run_in(project, sys.executable, "tools/config_table.py", "--check", timeout=60)
     assert check.returncode == 0, check.stderr + "\nrun: python tests/template/template_support.py"
     template_text = README_TEMPLATE.read_text(encoding="utf-8")
     assert table_in_template(template_text, variant) == table_from_model(project)
@@ -176,14 +159,7 @@ def test_readme_table_shows_each_kind_of_default(rendered: dict[str, Path]) -> N
         "    topics: list[str] = Field(default_factory=list)\n"
         "print(config_table.config_table(M))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=project,
-        capture_output=True,
-        check=True,
-        text=True,
-        env=clean_env(),
-    )
+    result = run_in(project, sys.executable, "-c", code, check=True)
     rows = result.stdout.splitlines()[2:]
     assert rows == [
         "| `need` | string | required |  |",
@@ -242,28 +218,15 @@ def test_every_yaml_file_parses(rendered: dict[str, Path], variant: str) -> None
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ruff_is_clean(rendered: dict[str, Path], variant: str) -> None:
-    result = subprocess.run(
-        [tool("ruff"), "check", "--no-cache", "."],
-        cwd=rendered[variant],
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
+    result = run_in(rendered[variant], tool("ruff"), "check", "--no-cache", ".")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mypy_is_clean(rendered: dict[str, Path], variant: str, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy")],
-        cwd=rendered[variant],
-        capture_output=True,
-        check=False,
-        text=True,
+    result = run_in(
+        rendered[variant], sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"),
         timeout=300,
-        env=clean_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cmd/main.py" in result.stdout or "Success" in result.stdout
@@ -273,13 +236,5 @@ def test_mypy_is_clean(rendered: dict[str, Path], variant: str, tmp_path: Path) 
 def test_the_longest_name_is_still_lint_clean(tmp_path: Path, connector_type: str) -> None:
     name = "-".join(["a" * 31, "b" * 31])  # 63 characters, the most the rule allows
     project = render(tmp_path / "out", connector_type=connector_type, connector_name=name)
-    result = subprocess.run(
-        [tool("ruff"), "check", "--no-cache", "."],
-        cwd=project,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
+    result = run_in(project, tool("ruff"), "check", "--no-cache", ".")
     assert result.returncode == 0, result.stdout + result.stderr
