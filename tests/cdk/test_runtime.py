@@ -30,7 +30,8 @@ from pydantic import SecretStr
 
 import cdk
 from cdk.codec import to_binary
-from cdk.runtime import ENVIRONMENT, ServiceError, SinkService, SourceService, _Signals
+from cdk.config import ENVIRONMENT
+from cdk.runtime import ServiceError, SinkService, SourceService, _Signals
 
 PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
 TOKEN = "tok-91c0d7a2b3e4f5a6"  # must never appear in any output
@@ -230,7 +231,7 @@ class Connector:
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR"}
-    names = {name for name, _ in ENVIRONMENT} | switches
+    names = {name for name, _, _ in ENVIRONMENT} | switches
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = str(PROJECT)
     # Running the vendored cdk must not leave __pycache__ inside the template.

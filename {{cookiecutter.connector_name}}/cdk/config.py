@@ -28,8 +28,10 @@ from pydantic import (
 )
 
 __all__ = [
+    "ENVIRONMENT",
     "ConfigError",
     "ConnectorConfig",
+    "DeliveryConfig",
     "ServerConfig",
     "SinkConfig",
     "SourceConfig",
@@ -43,11 +45,27 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "config.yml"
 DEFAULT_SECRET_PATH = "secret.yml"
 
-#: Environment variables consulted when a key is absent from both files, in order.
+#: Every environment variable the kit reads: (name, config key it stands in for when the
+#: key is absent from both files, or None, what it does). ``--help`` lists them, the test
+#: kit clears them for connector processes, and fallbacks are tried in this order.
+ENVIRONMENT: tuple[tuple[str, str | None, str], ...] = (
+    ("CONNECTOR_CONFIG", None, "config file when --config is not given (default ./config.yml)"),
+    (
+        "CONNECTOR_SECRET",
+        None,
+        "secret file when --secret is not given (default ./secret.yml, used when it"
+        " exists); deep-merged over the config",
+    ),
+    ("CONNECTOR_TARGET", "target", "source: target URL when the config has no `target`"),
+    ("K_SINK", "target", "source: target URL when neither the config nor CONNECTOR_TARGET set it"),
+    ("CONNECTOR_PORT", "port", "sink, webhook source: port when the config has no `port`"),
+    ("LOG_LEVEL", "log_level", "log level when the config has no `log_level` (default INFO)"),
+    ("K_CE_OVERRIDES", None, 'source: JSON {"extensions": {"name": "value"}} set on every event'),
+)
+
+#: Config key -> the environment variables that stand in for it, in order.
 ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
-    "target": ("CONNECTOR_TARGET", "K_SINK"),
-    "port": ("CONNECTOR_PORT",),
-    "log_level": ("LOG_LEVEL",),
+    key: tuple(name for name, k, _ in ENVIRONMENT if k == key) for _, key, _ in ENVIRONMENT if key
 }
 
 C = TypeVar("C", bound="ConnectorConfig")
@@ -157,8 +175,8 @@ class ServerConfig(ConnectorConfig):
         return _not_blank(value)
 
 
-class SourceConfig(ConnectorConfig):
-    """Keys of a source: where events go and how hard delivery tries."""
+class DeliveryConfig(ConnectorConfig):
+    """Keys of every source: where events go and how hard delivery tries."""
 
     target: str = Field(
         ..., description="URL events are POSTed to (fallback `$CONNECTOR_TARGET`, then `$K_SINK`)."
@@ -194,14 +212,6 @@ class SourceConfig(ConnectorConfig):
     queue_size: int = Field(
         1000, ge=1, description="Events `chan` holds before the producer waits (backpressure)."
     )
-    metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port."
-    )
-    position_store: str | None = Field(
-        None,
-        description="SQLite file that keeps the source's position across restarts; "
-        "unset keeps it in memory.",
-    )
 
     @field_validator("target_auth_token")
     @classmethod
@@ -222,11 +232,28 @@ class SourceConfig(ConnectorConfig):
         return value
 
 
+class SourceConfig(DeliveryConfig):
+    """Keys of a polling source: delivery, plus how it polls and where it keeps positions."""
+
+    interval: float = Field(
+        1.0, ge=0, description="Seconds between two calls of `make_event` (the kit's loop)."
+    )
+    host: str = Field("0.0.0.0", description="Address `metrics_port` listens on.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port."
+    )
+    position_store: str | None = Field(
+        None,
+        description="SQLite file that keeps the source's position across restarts; "
+        "unset keeps it in memory.",
+    )
+
+
 class SinkConfig(ServerConfig):
     """Keys of a sink."""
 
 
-class WebhookSourceConfig(SourceConfig, ServerConfig):
+class WebhookSourceConfig(DeliveryConfig, ServerConfig):
     """Keys of a webhook source: a source that also serves HTTP."""
 
 

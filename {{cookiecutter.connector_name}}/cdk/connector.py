@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cloudevents.core.v1.event import CloudEvent
 
 if TYPE_CHECKING:
-    from cdk.config import SinkConfig, SourceConfig
+    from cdk.config import SinkConfig, SourceConfig, WebhookSourceConfig
     from cdk.http import Request
 
 __all__ = ["SUCCESS", "Result", "Sink", "Source", "Tuple", "WebhookSource"]
@@ -98,7 +98,7 @@ class WebhookSource(_Connector):
     delivered (2xx) or given up on (an error status the caller can retry on).
     """
 
-    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:
+    def initialize(self, config: WebhookSourceConfig) -> Awaitable[None] | None:
         return None
 
     def make_event(

@@ -33,7 +33,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from cdk.client import Client, ClientError
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
-from cdk.config import SourceConfig
+from cdk.config import DeliveryConfig
 from cdk.connector import Tuple
 from cdk.metrics import Metrics
 
@@ -214,7 +214,7 @@ class Deliverer:
 
     def __init__(
         self,
-        config: SourceConfig,
+        config: DeliveryConfig,
         metrics: Metrics,
         *,
         overrides: Mapping[str, Any] | None = None,

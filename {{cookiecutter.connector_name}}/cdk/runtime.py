@@ -46,8 +46,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 import orjson
 
 from cdk.config import (
+    ENVIRONMENT,
     ConfigError,
     ConnectorConfig,
+    DeliveryConfig,
     ServerConfig,
     SinkConfig,
     SourceConfig,
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
     from cdk.webhook import WebhookHandler
 
 __all__ = [
-    "ENVIRONMENT",
     "EXIT_CONFIG",
     "EXIT_FAILURE",
     "EXIT_OK",
@@ -87,24 +88,6 @@ EXIT_CONFIG = 2
 #: Seconds a shutdown may run past the grace period (for ``destroy``) before the process
 #: stops at once with status 1: a hung ``destroy`` must not keep a pod alive forever.
 SHUTDOWN_ALLOWANCE = 10.0
-
-#: Every environment variable the runtime reads, with what it does (shown by ``--help``).
-ENVIRONMENT: tuple[tuple[str, str], ...] = (
-    ("CONNECTOR_CONFIG", "config file when --config is not given (default ./config.yml)"),
-    (
-        "CONNECTOR_SECRET",
-        "secret file when --secret is not given (default ./secret.yml, optional);"
-        " deep-merged over the config",
-    ),
-    ("CONNECTOR_TARGET", "source: target URL when the config has no `target`"),
-    ("K_SINK", "source: target URL when neither the config nor CONNECTOR_TARGET set it"),
-    ("CONNECTOR_PORT", "sink, webhook source: port when the config has no `port` (default 8080)"),
-    ("LOG_LEVEL", "log level when the config has no `log_level` (default INFO)"),
-    (
-        "K_CE_OVERRIDES",
-        'source: JSON {"extensions": {"name": "value"}} set on every event sent',
-    ),
-)
 
 _EXIT_HELP = (
     (EXIT_OK, "clean shutdown after SIGTERM/SIGINT, or --check-config found the config valid"),
@@ -143,7 +126,8 @@ def _epilog() -> str:
             for key, text in rows
         ]
 
-    lines = ["environment variables:", *entries(ENVIRONMENT), "", "exit status:"]
+    env = [(name, text) for name, _, text in ENVIRONMENT]
+    lines = ["environment variables:", *entries(env), "", "exit status:"]
     return "\n".join([*lines, *entries(_EXIT_HELP)])
 
 
@@ -411,6 +395,7 @@ def _metrics_server_config(config: SourceConfig, port: int) -> ServerConfig:
     """Server settings for the ``metrics_port`` of a polling source (no auth: read-only)."""
     return ServerConfig.model_validate(
         {
+            "host": config.host,
             "port": port,
             "log_level": config.log_level,
             "log_format": config.log_format,
@@ -430,7 +415,7 @@ class SourceService:
     def __init__(
         self,
         source: Source | WebhookSource,
-        config: SourceConfig,
+        config: DeliveryConfig,
         metrics: Metrics | None = None,
         *,
         overrides: Mapping[str, Any] | None = None,
@@ -509,7 +494,7 @@ class SourceService:
             self.receiver = Receiver(
                 self.webhook_handler, server_config, self.metrics, any_path=True
             )
-        elif self.config.metrics_port is not None:
+        elif isinstance(self.config, SourceConfig) and self.config.metrics_port is not None:
             server_config = _metrics_server_config(self.config, self.config.metrics_port)
             self.receiver = Receiver(_metrics_only, server_config, self.metrics)
         else:
@@ -757,9 +742,9 @@ def _check_classes(kind: str, config_cls: type, connector_cls: type) -> None:
         expected = "cdk.SinkConfig"
     elif issubclass(connector_cls, WebhookSource):
         bases = (WebhookSource,)
-        needed, expected = (SourceConfig, ServerConfig), "cdk.WebhookSourceConfig"
+        needed, expected = (DeliveryConfig, ServerConfig), "cdk.WebhookSourceConfig"
     else:
-        bases = (Source, WebhookSource)
+        bases = (Source,)
         needed, expected = (SourceConfig,), "cdk.SourceConfig"
     if not issubclass(connector_cls, bases):
         names = " or ".join(f"cdk.{base.__name__}" for base in bases)
@@ -835,7 +820,7 @@ def _run(
         if kind == "sink":
             service = SinkService(connector, cast(SinkConfig, config))
         else:
-            service = SourceService(connector, cast(SourceConfig, config), overrides=overrides)
+            service = SourceService(connector, cast(DeliveryConfig, config), overrides=overrides)
     except Exception as exc:
         _log.debug("constructor raised", exc_info=True)
         _log.error("cannot create %s: %s", connector_cls.__name__, _one_line(exc))
@@ -863,7 +848,7 @@ def _exit(kind: str, config_cls: type[Any], connector_cls: type[Any], argv: Any)
 
 
 def run_source(
-    config_cls: type[SourceConfig],
+    config_cls: type[DeliveryConfig],
     source_cls: type[Source] | type[WebhookSource],
     argv: Sequence[str] | None = None,
 ) -> NoReturn:

@@ -22,8 +22,3 @@ class Config(cdk.{{ base }}):
     secret: SecretStr | None = Field(
         None, description="Any other secret the connector needs (keep it in secret.yml)."
     )
-{%- if cookiecutter.__variant == "source-poll" %}
-    interval: float = Field(
-        1.0, ge=0, description="Seconds between two events of the example `make_event`."
-    )
-{%- endif %}

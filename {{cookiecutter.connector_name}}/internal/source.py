@@ -21,7 +21,7 @@ EVENT_TYPE = "com.example.{{ cookiecutter.__package }}.received"
 class {{ cookiecutter.__class_prefix }}Source(cdk.WebhookSource):
     """Makes one CloudEvent from each JSON request it receives."""
 
-    def initialize(self, config: cdk.SourceConfig) -> None:
+    def initialize(self, config: cdk.WebhookSourceConfig) -> None:
         # The runtime passes the Config that cmd/main.py names.
         assert isinstance(config, Config)
         self.config = config

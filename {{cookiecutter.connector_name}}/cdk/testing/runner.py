@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cdk.config import ServerConfig
+from cdk.config import ENVIRONMENT, ServerConfig
 from cdk.connector import Sink, Source, WebhookSource
 from cdk.runtime import SinkService, SourceService
 from cdk.testing.target import free_port
@@ -52,18 +52,6 @@ READY_PATTERN = re.compile(
     r"(?:sink|source) listening on (?P<url>https?://(?P<host>[^\s:/]+|\[[^\]]+\]):(?P<port>\d+))"
     r"|source started"
 )
-
-#: Environment variables the runtime reads; a test's process must not inherit them.
-_CONNECTOR_ENV = (
-    "CONNECTOR_CONFIG",
-    "CONNECTOR_SECRET",
-    "CONNECTOR_TARGET",
-    "CONNECTOR_PORT",
-    "K_SINK",
-    "K_CE_OVERRIDES",
-    "LOG_LEVEL",
-)
-
 
 class LoopThread:
     """An asyncio event loop running in a daemon thread; coroutines are run on it by ``call``."""
@@ -276,7 +264,7 @@ class ConnectorProcess:
             secret_path = Path(self._tmp.name) / "secret.yml"
             secret_path.write_text(yaml.safe_dump(self.secret, sort_keys=False), "utf-8")
             args += ["--secret", str(secret_path)]
-        env = {k: v for k, v in os.environ.items() if k not in _CONNECTOR_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in ENVIRONMENT}}
         env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"})
         env.update(self._extra_env)
         self._process = subprocess.Popen(
