@@ -321,7 +321,10 @@ def test_redact_url() -> None:
     assert redact_url(f"https://u:{PASSWORD}@h:8443/p") == "https://u:**********@h:8443/p"
     assert PASSWORD not in redact_url(f"http://u:{PASSWORD}@[::1]:99/")
     # The webhook spec's query-parameter token is a secret too.
-    assert redact_url(f"http://h/p?a=1&access_token={TOKEN}&b") == "http://h/p?a=1&access_token=**********&b"
+    assert (
+        redact_url(f"http://h/p?a=1&access_token={TOKEN}&b")
+        == "http://h/p?a=1&access_token=**********&b"
+    )
 
 
 def test_target_auth_token_is_a_secret_and_never_blank(tmp_path: Path) -> None:
@@ -468,3 +471,24 @@ def test_blank_auth_token_is_refused_rather_than_turning_auth_off(
     assert problems(SinkConfig, config, secret) == [
         "config: auth_token: must not be empty (leave the key out to turn auth off)"
     ]
+
+
+def test_redact_masks_secret_fields_of_a_model_built_in_code() -> None:
+    class Nested(BaseModel):
+        password: SecretStr
+
+    class WithNested(SourceConfig):
+        db: Nested
+
+    config = WithNested(
+        target="http://x", target_auth_token="tok-123456", db={"password": "pw-98765"}
+    )
+    text = config.redact("Bearer tok-123456 and pw-98765 and tok")
+    assert text == "Bearer ********** and ********** and tok"
+
+
+def test_redact_masks_every_value_of_secret_yml(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text("target: http://x\n")
+    (tmp_path / "secret.yml").write_text("target_auth_token: tok-123456\n")
+    config = load_config(SourceConfig, tmp_path / "config.yml", tmp_path / "secret.yml")
+    assert config.redact("echo: tok-123456") == "echo: **********"

@@ -131,6 +131,17 @@ class ConnectorConfig(BaseModel):
     #: wherever the configuration is shown, even in fields not typed as secrets.
     _masked_values: list[str] = PrivateAttr(default_factory=list)
 
+    def redact(self, text: str) -> str:
+        """``text`` with every configured secret value masked: for logs, errors and answers.
+
+        Secrets are what secret.yml held and every secret-typed field, so a target that
+        echoes its request (with the bearer token) cannot leak the token through an excerpt.
+        """
+        if not self._masked_values:
+            found = {value for value in _secret_fields(self) if len(value) >= _MIN_REDACTED_LENGTH}
+            self._masked_values = sorted(found, key=len, reverse=True)
+        return _redact(text, self._masked_values)
+
 
 def _not_blank(value: SecretStr | None) -> SecretStr | None:
     # An empty token would quietly turn auth off; leaving the key out says so plainly.
@@ -381,6 +392,24 @@ def _secret_values(
     # Longest first, so a secret containing another one is masked whole.
     unique = {value for value in values if len(value) >= _MIN_REDACTED_LENGTH}
     return sorted(unique, key=len, reverse=True)
+
+
+def _secret_fields(value: Any) -> list[str]:
+    """The values of every secret-typed field in ``value``, a model, at any depth."""
+    if isinstance(value, SecretStr | SecretBytes):
+        secret = value.get_secret_value()
+        return [secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret]
+    if isinstance(value, BaseModel):
+        return [
+            leaf
+            for name in type(value).model_fields
+            for leaf in _secret_fields(getattr(value, name))
+        ]
+    if isinstance(value, Mapping):
+        return [leaf for item in value.values() for leaf in _secret_fields(item)]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [leaf for item in value for leaf in _secret_fields(item)]
+    return []
 
 
 def _redact(text: str, secrets: list[str]) -> str:
