@@ -7,6 +7,7 @@ trips and the cross-checks with the ``cloudevents`` SDK live in test_codec_round
 from __future__ import annotations
 
 import base64
+import string
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -19,6 +20,7 @@ from cdk.codec import (
     BATCH_CONTENT_TYPE,
     MAX_DATA_DEPTH,
     STRUCTURED_CONTENT_TYPE,
+    TOKEN_CHARS,
     CodecError,
     InvalidEvent,
     UnsupportedContentType,
@@ -430,6 +432,15 @@ def test_datacontenttype_accepts_rfc2046_media_types(content_type: str) -> None:
 def test_datacontenttype_must_be_a_media_type(content_type: str) -> None:
     error = rejects(InvalidEvent, structured, event_json(datacontenttype=content_type))
     assert error.attribute == "datacontenttype"
+
+
+def test_token_chars_are_rfc9110_tchar() -> None:
+    # tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" /
+    #         "`" / "|" / "~" / DIGIT / ALPHA
+    assert frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~") == TOKEN_CHARS
+    for char in sorted(set(map(chr, range(0x21, 0x7F))) - TOKEN_CHARS):
+        bad = f"application/x{char}y"
+        assert rejects(InvalidEvent, structured, event_json(datacontenttype=bad))
 
 
 def test_binary_content_type_must_be_a_media_type() -> None:

@@ -1,67 +1,54 @@
 """The wire format: CloudEvents to and from HTTP messages (pure functions, no I/O).
 
-This module owns the CloudEvents 1.0 HTTP protocol binding and JSON event format:
-it writes 1.0 (and re-writes 0.3 events it was given) and reads 1.0 and 0.3.
+This module owns the CloudEvents HTTP protocol binding and JSON event format: it reads
+1.0 and 0.3 and writes the version of the event it is given.
 
 Reading (``from_http``)
     The mode comes from Content-Type, case-insensitive, parameters allowed:
     ``application/cloudevents-batch+json`` is batched, ``application/cloudevents+json``
-    is structured (``ce-`` headers on such a request are ignored), any other
-    ``application/cloudevents...`` format is refused with 415, anything else is binary.
-    Header names in the mapping must be lower-case (the HTTP layer lower-cases them).
+    is structured (``ce-`` headers are then ignored), another ``application/cloudevents``
+    format is a 415, anything else is binary. Header names must be lower-case.
 
-    Every event is validated as the core spec says, and nothing missing is invented:
-    ``id``, ``source`` (URI-reference), ``specversion`` and ``type`` are required and
-    non-empty; ``time`` is an RFC 3339 timestamp with an offset and becomes an aware
-    ``datetime``; ``dataschema`` is an absolute URI; ``subject`` is non-empty;
-    ``datacontenttype`` is an RFC 2046 media type; attribute names are ``[a-z0-9]+`` and
-    not ``data`` (longer than 20 characters is accepted); strings must not hold control
+    Events are validated as the core spec says and nothing missing is invented: ``id``,
+    ``source`` (URI-reference), ``specversion`` and ``type`` are required and non-empty;
+    ``time`` is RFC 3339 with an offset (an aware ``datetime``); ``dataschema`` is an
+    absolute URI; ``subject`` is non-empty; ``datacontenttype`` is an RFC 2046 media type;
+    names are ``[a-z0-9]+`` and not ``data`` (any length); strings hold no control
     characters, lone surrogates or noncharacters; extension values are strings, booleans
-    or 32-bit integers, and a JSON ``null`` means the attribute is unset.
+    or 32-bit integers; a JSON ``null`` is unset.
 
-    Binary mode: attributes come from ``ce-*`` headers, ``datacontenttype`` from
-    Content-Type (an empty one counts as none; a ``ce-datacontenttype`` header is a 400).
-    Binary data (the body):
-      - empty body: no data (``None``), so empty text or bytes do not survive binary mode;
-      - ``*/json`` or ``*/*+json`` content type: parsed JSON value (bad JSON is a 400);
-      - ``text/*``: ``str``, decoded with the ``charset`` parameter (UTF-8 by default);
-        bytes invalid in that charset are a 400, a charset Python does not know is a 415;
-      - anything else, or no Content-Type at all: the body ``bytes`` as they are.
-    Header values are unescaped from an RFC 7230 quoted-string when quoted, then
-    percent-decoded once (either hex case); the bytes must be valid UTF-8, and a ``%``
-    not followed by two hex digits is a 400. Extension values arrive as strings.
+    Binary mode: attributes are ``ce-*`` headers, ``datacontenttype`` is Content-Type (an
+    empty one is none; ``ce-datacontenttype`` is a 400). An empty body is no data; a
+    ``*/json`` or ``*/*+json`` body is parsed JSON; ``text/*`` is a ``str`` in its charset
+    (UTF-8 by default; invalid text is a 400, an unknown charset a 415); anything else,
+    or no Content-Type, is the ``bytes``. Header values are unescaped from an RFC 7230
+    quoted-string, then percent-decoded once (either hex case) into UTF-8, which must be
+    valid; a ``%`` not followed by two hex digits is a 400. Extensions arrive as strings.
 
-    Structured and batched data: ``data_base64`` (valid base64) becomes ``bytes``;
-    ``data`` is kept as the parsed JSON value when ``datacontenttype`` is JSON or absent
-    (a string is never parsed again), and must be a string for any other content type.
-    ``data: null`` is no data. Both ``data`` and ``data_base64`` is a 400. A batch is a
-    JSON array (``[]`` included) of such objects, all of one ``specversion``.
+    Structured and batched: ``data_base64`` becomes ``bytes``; ``data`` stays the parsed
+    JSON value when ``datacontenttype`` is JSON or absent (a string is never parsed
+    again) and must be a string otherwise; ``data: null`` is no data; both fields is a
+    400. A batch is a JSON array (``[]`` included), all of one ``specversion``.
 
-    CloudEvents 0.3: ``schemaurl`` (URI-reference) and ``datacontentencoding`` are
-    context attributes; in structured mode ``datacontentencoding: base64`` (any case)
-    means ``data`` is a base64 string and it becomes ``bytes`` (the attribute is kept).
-    A binary body is never base64-decoded. The event type is
+    0.3: ``schemaurl`` (URI-reference) and ``datacontentencoding`` are context attributes;
+    in structured mode ``datacontentencoding: base64`` (any case) makes ``data`` base64
+    ``bytes``; a binary body is never base64-decoded. The event type is the SDK's
     ``cloudevents.core.v03.event.CloudEvent``.
 
-    Data nested deeper than ``MAX_DATA_DEPTH`` (252) levels is refused, so that anything
-    accepted can be written out again in any mode (orjson writes at most 254 levels,
-    and a batch adds two).
+    Data nested deeper than ``MAX_DATA_DEPTH`` (252) is refused, so anything read can be
+    written in any mode (orjson writes 254 levels; a batch adds two).
 
 Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``)
-    ``bytes`` data goes out as is in binary mode and as ``data_base64`` in structured
-    mode (0.3: base64 ``data`` with ``datacontentencoding: base64``, which is set then
-    and dropped otherwise; binary mode never writes it). With a JSON content
-    type, or none, any other value is written as JSON (so a ``str`` becomes a JSON
-    string; pass ``bytes`` to send an already serialised document); binary mode then
-    sets ``Content-Type: application/json`` explicitly, as the JSON format asks. With
-    another content type the data must be ``str`` (encoded with the ``text/*`` charset,
-    UTF-8 otherwise) or ``bytes``. Header values are percent-encoded: space, ``"``,
-    ``%`` and everything outside U+0021-U+007E, as UTF-8 bytes, upper-case hex.
-    Booleans are written ``true``/``false``, timestamps in RFC 3339 with ``Z`` for UTC
-    (an offset with seconds is written in UTC; a naive time, which the SDK forbids, is
-    taken as UTC). Extension values that are not strings, booleans or integers (bytes:
-    base64, datetime: RFC 3339) are written as their canonical string; others are a
-    ``CodecError``, as is data that cannot be written as the content type says.
+    ``bytes`` data goes as is in binary mode and as ``data_base64`` in structured mode
+    (0.3: base64 ``data`` with ``datacontentencoding: base64``, set then and dropped
+    otherwise). With a JSON content type, or none, other data is written as JSON (a
+    ``str`` becomes a JSON string: pass ``bytes`` for a serialised document) and binary
+    mode sends ``Content-Type: application/json``; otherwise data must be ``str``
+    (encoded in the ``text/*`` charset, else UTF-8) or ``bytes``. Header values are
+    percent-encoded (space, ``"``, ``%`` and all outside U+0021-U+007E, as UTF-8, upper-
+    case hex). Booleans are ``true``/``false``; times RFC 3339, ``Z`` for UTC (an offset
+    with seconds, or a naive time, in UTC); bytes and datetime extensions their base64 or
+    RFC 3339 string; anything else is a ``CodecError``.
 
 Every refusal is a ``CodecError`` (a ``ValueError``) whose message names the attribute
 or the rule, with ``.attribute`` and ``.status`` (400, or 415) for the HTTP answer.
@@ -82,17 +69,12 @@ from cloudevents.core.v03.event import CloudEvent as CloudEventV03
 from cloudevents.core.v1.event import CloudEvent
 
 __all__ = [
-    "MAX_DATA_DEPTH",
+    "TOKEN_CHARS",
     "CodecError",
-    "InvalidEvent",
-    "Mode",
-    "UnsupportedContentType",
     "encode",
-    "from_dict",
     "from_http",
     "to_batch",
     "to_binary",
-    "to_dict",
     "to_structured",
     "with_extensions",
 ]
@@ -246,7 +228,8 @@ def _uri(attribute: str, value: Any) -> str:
 
 # --------------------------------------------------------------------------- media types
 
-_TOKEN_CHARS: Final = frozenset(
+# RFC 9110 token characters: media types, parameter names, header names.
+TOKEN_CHARS: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 
@@ -263,7 +246,7 @@ _MEDIA_CACHE: dict[str, _Media] = {}
 
 
 def _is_token(text: str) -> bool:
-    return bool(text) and all(c in _TOKEN_CHARS for c in text)
+    return bool(text) and TOKEN_CHARS.issuperset(text)
 
 
 def _parse_media(value: str) -> _Media | None:
@@ -415,20 +398,18 @@ _KIND_OF_CHECK: Final[dict[_Check, int]] = {
 
 
 class _Spec(NamedTuple):
-    version: str
     checks: dict[str, _Check]
     kinds: dict[str, int]
     # Typed as the 1.0 class, the type callers see; the 0.3 class has the same methods.
     event_type: type[CloudEvent]
 
 
-def _make_spec(version: str, checks: dict[str, _Check], event_type: Any) -> _Spec:
-    kinds = {name: _KIND_OF_CHECK[check] for name, check in checks.items()}
-    return _Spec(version, checks, kinds, event_type)
+def _make_spec(checks: dict[str, _Check], event_type: Any) -> _Spec:
+    return _Spec(checks, {name: _KIND_OF_CHECK[c] for name, c in checks.items()}, event_type)
 
 
-_SPEC_V1: Final = _make_spec("1.0", _CHECKS_V1, CloudEvent)
-_SPEC_V03: Final = _make_spec("0.3", _CHECKS_V03, CloudEventV03)
+_SPEC_V1: Final = _make_spec(_CHECKS_V1, CloudEvent)
+_SPEC_V03: Final = _make_spec(_CHECKS_V03, CloudEventV03)
 _SPECS: Final = {"1.0": _SPEC_V1, "0.3": _SPEC_V03}
 
 
@@ -472,11 +453,7 @@ def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> 
 # --------------------------------------------------------------------------- JSON format
 
 
-class _Missing:
-    pass
-
-
-_MISSING: Final = _Missing()
+_MISSING: Final = object()
 
 
 def _loads(body: bytes | str, what: str) -> Any:
@@ -576,10 +553,7 @@ def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> C
             _check_depth(data)
     if "id" not in attributes or "source" not in attributes or "type" not in attributes:
         _missing_required(attributes)
-    event = object.__new__(spec.event_type)
-    event._attributes = attributes
-    event._data = data
-    return event
+    return _new_event(spec.event_type, attributes, data)
 
 
 def _missing_required(attributes: dict[str, Any]) -> None:
@@ -709,10 +683,7 @@ def _decode_binary(headers: Mapping[str, str], contenttype: str | None, body: by
         data = body
     if "id" not in attributes or "source" not in attributes or "type" not in attributes:
         _missing_required(attributes)
-    event = object.__new__(spec.event_type)
-    event._attributes = attributes
-    event._data = data
-    return event
+    return _new_event(spec.event_type, attributes, data)
 
 
 def _binary_data(media: _Media, body: bytes) -> Any:
