@@ -24,6 +24,7 @@ from cdk.codec import (
     CodecError,
     InvalidEvent,
     UnsupportedContentType,
+    UnwritableEvent,
     encode,
     from_dict,
     from_http,
@@ -830,15 +831,15 @@ def test_binary_text_uses_the_declared_charset() -> None:
 def test_writing_non_string_data_with_a_non_json_content_type_fails() -> None:
     event = binary(b"x", "text/plain")
     event._data = {"a": 1}  # what user code could put in an event
-    rejects(InvalidEvent, to_binary, event)
-    rejects(InvalidEvent, to_structured, event)
+    rejects(UnwritableEvent, to_binary, event)
+    rejects(UnwritableEvent, to_structured, event)
 
 
-def test_writing_unserialisable_json_data_fails_as_invalid_event() -> None:
+def test_writing_unserialisable_json_data_fails_as_unwritable_event() -> None:
     event = make({"a": 1})
     event._data = {"a": object()}
-    assert rejects(InvalidEvent, to_binary, event).attribute == "data"
-    assert rejects(InvalidEvent, to_structured, event).attribute == "data"
+    assert rejects(UnwritableEvent, to_binary, event).attribute == "data"
+    assert rejects(UnwritableEvent, to_structured, event).attribute == "data"
 
 
 def test_structured_headers_and_bytes_as_data_base64() -> None:
@@ -864,7 +865,7 @@ def test_batch_headers_and_body() -> None:
 
 def test_batch_of_mixed_specversions_cannot_be_written() -> None:
     mixed = [make(), make(specversion="0.3")]
-    assert rejects(InvalidEvent, to_batch, mixed).attribute == "specversion"
+    assert rejects(UnwritableEvent, to_batch, mixed).attribute == "specversion"
 
 
 def test_encode_dispatches_on_mode() -> None:
@@ -980,3 +981,96 @@ def test_binary_refuses_a_content_type_that_would_inject_a_header(data: bytes | 
     with pytest.raises(InvalidEvent) as info:
         to_binary(event)
     assert info.value.attribute == "datacontenttype"
+
+
+# --------------------------------------------------------------------------- writing checks
+
+ENCODERS = [to_binary, to_structured, lambda event: to_batch([event])]
+
+
+def sdk_event(**attributes: Any) -> CloudEvent:
+    """An event the SDK builds (it checks types and presence, not characters or URIs)."""
+    return CloudEvent({**BASE_EVENT, **attributes}, {"a": 1})
+
+
+@pytest.mark.parametrize("encoder", ENCODERS, ids=["binary", "structured", "batch"])
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("subject", "line\r\nbreak"),
+        ("subject", "nul\x00"),
+        ("id", "a\nb"),
+        ("type", "tab\there"),
+        ("subject", "del\x7f"),
+        ("subject", "c1\x85"),
+        ("subject", "nonchar\ufffe"),
+        ("source", "/a\r\nb"),
+        ("source", "has space"),
+        ("source", "bad%zz"),
+        ("dataschema", "relative/only"),
+        ("traceparent", "00-ab\r\n"),
+        ("myext", 2**31),
+        ("myext", 1.5),
+        ("myext", ["a"]),
+    ],
+)
+def test_what_a_receiver_refuses_is_not_written(encoder: Any, attribute: str, value: Any) -> None:
+    event = sdk_event(**{attribute: value})
+    error = rejects(UnwritableEvent, encoder, event)
+    assert error.attribute == attribute
+    assert error.status == 400
+
+
+@pytest.mark.parametrize("encoder", ENCODERS, ids=["binary", "structured", "batch"])
+@pytest.mark.parametrize("name", ["ext\n", "Upper", "da-sh", "data"])
+def test_attribute_names_a_receiver_refuses_are_not_written(encoder: Any, name: str) -> None:
+    event = sdk_event()
+    event.get_attributes()[name] = "v"  # the SDK's name check passes "ext\n"; others by hand
+    assert rejects(UnwritableEvent, encoder, event).attribute == name
+
+
+@pytest.mark.parametrize("encoder", ENCODERS, ids=["binary", "structured", "batch"])
+def test_an_event_that_was_written_once_is_still_checked_after_a_change(encoder: Any) -> None:
+    event = sdk_event(subject="fine", myext="fine")
+    encoder(event)
+    event.get_attributes()["myext"] = "now\nbroken"  # same names, so no cache hides it
+    assert rejects(UnwritableEvent, encoder, event).attribute == "myext"
+    event.get_attributes()["myext"] = "fine"
+    event.get_attributes()["source"] = "now broken"
+    assert rejects(UnwritableEvent, encoder, event).attribute == "source"
+
+
+def test_control_characters_in_data_are_written() -> None:
+    # The rule is about attributes: a JSON string in data may hold any character.
+    event = CloudEvent(dict(BASE_EVENT), {"text": "line\r\nbreak\x00\x7f é"})
+    for headers, body in (to_binary(event), to_structured(event), to_batch([event])):
+        (decoded,) = from_http(headers, body)[1]
+        assert decoded.get_data() == {"text": "line\r\nbreak\x00\x7f é"}
+
+
+def test_strings_with_escapes_in_data_still_have_their_attributes_checked() -> None:
+    # A body with a backslash or non-ASCII data takes the slow path: attributes still count.
+    event = CloudEvent({**BASE_EVENT, "subject": "a\nb"}, {"text": 'q"\\ é'})
+    assert rejects(UnwritableEvent, to_structured, event).attribute == "subject"
+    good = CloudEvent({**BASE_EVENT, "subject": "é ok"}, {"text": 'q"\\ é'})
+    (decoded,) = from_http(*to_structured(good))[1]
+    assert decoded.get_subject() == "é ok"
+
+
+def test_a_bad_event_in_a_batch_is_named() -> None:
+    events = [sdk_event(id="1"), sdk_event(id="2", subject="x\ry"), sdk_event(id="3")]
+    assert rejects(UnwritableEvent, to_batch, events).attribute == "subject"
+    assert len(orjson.loads(to_batch([events[0], events[2]])[1])) == 2
+
+
+def test_data_deeper_than_a_reader_takes_is_not_written() -> None:
+    deep: Any = 1
+    for _ in range(MAX_DATA_DEPTH + 1):
+        deep = [deep]
+    event = CloudEvent(dict(BASE_EVENT), deep)
+    for encoder in ENCODERS:
+        assert rejects(UnwritableEvent, encoder, event).attribute == "data"
+    ok = CloudEvent(dict(BASE_EVENT), deep[0])
+    for encoder in ENCODERS:
+        (decoded,) = from_http(*encoder(ok))[1]
+        assert decoded.get_data() == deep[0]

@@ -48,7 +48,9 @@ Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``)
     percent-encoded (space, ``"``, ``%`` and all outside U+0021-U+007E, as UTF-8, upper-
     case hex). Booleans are ``true``/``false``; times RFC 3339, ``Z`` for UTC (an offset
     with seconds, or a naive time, in UTC); bytes and datetime extensions their base64 or
-    RFC 3339 string; anything else is a ``CodecError``.
+    RFC 3339 string. An event the reading rules refuse (a line break in a string, a bad
+    URI, name or integer, data too deep), or whose data cannot be written as its content
+    type says, is an ``UnwritableEvent`` before anything is sent.
 
 Every refusal is a ``CodecError`` (a ``ValueError``) whose message names the attribute
 or the rule, with ``.attribute`` and ``.status`` (400, or 415) for the HTTP answer.
@@ -114,6 +116,10 @@ class UnsupportedContentType(CodecError):
     """An event format or charset this codec does not read (HTTP 415)."""
 
     status = 415
+
+
+class UnwritableEvent(InvalidEvent):
+    """An event that is not written because a receiver would refuse it (found before sending)."""
 
 
 def _invalid(attribute: str, problem: str) -> InvalidEvent:
@@ -310,9 +316,8 @@ def _content_type(attribute: str, value: Any) -> str:
 
 def _media_of(datacontenttype: str | None) -> _Media:
     """The media of an event already built (absent means application/json)."""
-    if datacontenttype is None:
-        return _media("datacontenttype", _JSON_MEDIA)
-    return _media("datacontenttype", datacontenttype)
+    value = _JSON_MEDIA if datacontenttype is None else datacontenttype
+    return _MEDIA_CACHE.get(value) or _media("datacontenttype", value)
 
 
 # --------------------------------------------------------------------------- time
@@ -347,14 +352,15 @@ def _timestamp(attribute: str, value: Any) -> datetime:
     raise _invalid(attribute, f"must be an RFC 3339 timestamp, got {_show(value)}")
 
 
-def _format_time(value: datetime) -> str:
-    """RFC 3339, ``Z`` for UTC (orjson formats it four times faster than isoformat)."""
+def _json_time(value: datetime) -> datetime:
+    """A time orjson writes as RFC 3339 (``Z`` for UTC, four times faster than isoformat)."""
+    if value.tzinfo is UTC:
+        return value
     offset = value.utcoffset()
     if offset is None:  # the SDK forbids naive times; should one come, it is UTC
-        value = value.replace(tzinfo=UTC)
-    elif offset.seconds % 60:  # RFC 3339 has no seconds in offsets: write it in UTC
-        value = value.astimezone(UTC)
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
+        return value.replace(tzinfo=UTC)
+    # RFC 3339 has no seconds in offsets (orjson would round them): write it in UTC.
+    return value.astimezone(UTC) if offset.seconds % 60 else value
 
 
 # --------------------------------------------------------------------------- attributes
@@ -764,6 +770,45 @@ def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> Clou
 
 # --------------------------------------------------------------------------- writing
 
+# Names seen in events written before whose values need no check beyond the SDK
+# constructor's and the character check of what is written (not the URIs dataschema
+# and schemaurl).
+_WRITABLE_NAMES: set[str] = set()
+
+
+def _check_writable(attributes: dict[str, Any]) -> None:
+    """Refuse what the decoder would refuse, so that a bad event fails before it is sent.
+
+    The usual event is known by its names, source and media type; the strings it holds
+    are checked for characters where they are written (header or JSON body).
+    """
+    if (
+        _WRITABLE_NAMES.issuperset(attributes)
+        and attributes.get("source") in _GOOD_URI_REFS
+        and attributes.get("datacontenttype", _JSON_MEDIA) in _MEDIA_CACHE
+    ):
+        return
+    spec = _spec_for(attributes.get("specversion"))
+    for name, value in attributes.items():
+        check = spec.checks.get(name)
+        if value is None or (check is _timestamp and isinstance(value, datetime)):
+            continue
+        if check is not None:
+            check(name, value)
+        elif isinstance(value, (bytes, bytearray, datetime)):
+            _check_name(name)  # written as its base64 or RFC 3339 string
+        else:
+            _extension(name, value)
+    _missing_required(attributes)
+    _media_of(attributes.get("datacontenttype"))
+    if len(_WRITABLE_NAMES) >= _CACHE_LIMIT:
+        _WRITABLE_NAMES.clear()
+    _WRITABLE_NAMES.update(attributes.keys() - {"dataschema", "schemaurl"})
+
+
+def _unwritable(error: CodecError) -> UnwritableEvent:
+    return UnwritableEvent(error.message, error.attribute)
+
 
 def _text_of(attribute: str, value: Any) -> str:
     """The canonical string of an attribute value."""
@@ -773,9 +818,9 @@ def _text_of(attribute: str, value: Any) -> str:
     if kind is bool:
         return "true" if value else "false"
     if kind is int:
-        return str(value)
+        return str(_extension(attribute, value))  # in the 32-bit range
     if isinstance(value, datetime):
-        return _format_time(value)
+        return orjson.dumps(_json_time(value), option=orjson.OPT_UTC_Z)[1:-1].decode()
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode("ascii")
     raise _invalid(attribute, f"cannot be written: {type(value).__name__} is not a CE type")
@@ -788,28 +833,23 @@ _HEADER_SAFE: Final = "".join(
 )
 
 
-def _needs_no_encoding(ascii_value: str) -> bool:
-    # For ASCII, isprintable() is exactly U+0020-U+007E.
-    return (
-        ascii_value.isprintable()
-        and " " not in ascii_value
-        and '"' not in ascii_value
-        and "%" not in ascii_value
+def _plain(ascii_value: str) -> bool:
+    """An ASCII header value that needs no percent-encoding (isprintable: U+0020-U+007E)."""
+    return ascii_value.isprintable() and not (
+        " " in ascii_value or '"' in ascii_value or "%" in ascii_value
     )
 
 
 def _encode_header(attribute: str, value: str) -> str:
-    if value.isascii() and _needs_no_encoding(value):
+    if value.isascii() and _plain(value):
         return value
-    try:
-        return quote(value, safe=_HEADER_SAFE)
-    except UnicodeEncodeError:
-        raise _invalid(attribute, "contains a lone surrogate") from None
+    _check_chars(attribute, value)
+    return quote(value, safe=_HEADER_SAFE)
 
 
 def _dumps(value: Any, what: str) -> bytes:
     try:
-        return orjson.dumps(value)
+        return orjson.dumps(value, option=orjson.OPT_UTC_Z)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
         raise _invalid("data", f"cannot be written as JSON ({what}): {exc}") from None
 
@@ -818,15 +858,16 @@ def _body_of(event: AnyCloudEvent) -> tuple[str | None, bytes]:
     """Content-Type and body of binary mode."""
     data = event.get_data()
     contenttype = event.get_datacontenttype()
-    # Checked whatever the data: it becomes the Content-Type header, so a value with a
-    # line break or other junk in it must not reach the wire.
     media = _media_of(contenttype)
     if data is None:
         return contenttype, b""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return contenttype, bytes(data)
     if media.is_json:
-        return contenttype or _JSON_MEDIA, _dumps(data, "binary body")
+        body = _dumps(data, "binary body")
+        if _might_be_deep(body):
+            _check_depth(data)  # orjson writes deeper data than a reader takes
+        return contenttype or _JSON_MEDIA, body
     if type(data) is not str:
         raise _invalid("data", f"must be str or bytes for datacontenttype {_show(contenttype)}")
     charset = (media.charset or "utf-8") if media.is_text else "utf-8"
@@ -843,73 +884,105 @@ def _body_of(event: AnyCloudEvent) -> tuple[str | None, bytes]:
 def to_binary(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
     """Headers (lower-case names) and body of ``event`` in binary mode."""
     headers: dict[str, str] = {}
-    for name, value in event.get_attributes().items():
-        # 0.3's datacontentencoding describes the JSON form of data; the body of binary
-        # mode is always the raw bytes.
-        if value is None or name == "datacontenttype" or name == "datacontentencoding":
-            continue
-        if type(value) is str and value.isascii() and _needs_no_encoding(value):
-            headers["ce-" + name] = value
-        else:
-            headers["ce-" + name] = _encode_header(name, _text_of(name, value))
-    contenttype, body = _body_of(event)
+    try:
+        attributes = event.get_attributes()
+        _check_writable(attributes)
+        for name, value in attributes.items():
+            # 0.3's datacontentencoding describes the JSON form of data; the body of
+            # binary mode is always the raw bytes.
+            if value is None or name == "datacontenttype" or name == "datacontentencoding":
+                continue
+            if type(value) is str and value.isascii() and _plain(value):
+                headers["ce-" + name] = value
+            else:
+                headers["ce-" + name] = _encode_header(name, _text_of(name, value))
+        contenttype, body = _body_of(event)
+    except CodecError as exc:
+        raise _unwritable(exc) from None
     if contenttype is not None:
         headers["content-type"] = contenttype
     return headers, body
 
 
-def to_dict(event: AnyCloudEvent) -> dict[str, Any]:
-    """The JSON-format object of ``event`` (as written in structured mode)."""
+def _json_object(event: AnyCloudEvent) -> dict[str, Any]:
+    """The JSON-format object of ``event``, for ``_json_body`` to write (times native)."""
     attributes = event.get_attributes()
+    _check_writable(attributes)
     out: dict[str, Any] = {}
     for name, value in attributes.items():
-        if value is None:
-            continue
         kind = type(value)
-        if kind is str or kind is bool or kind is int:
+        if (
+            kind is str
+            or kind is bool
+            or (kind is datetime and value.tzinfo is UTC)
+            or (kind is int and _INT_MIN <= value <= _INT_MAX)
+        ):
             out[name] = value
-        else:
+        elif isinstance(value, datetime):
+            out[name] = _json_time(value)
+        elif value is not None:
             out[name] = _text_of(name, value)
     data = event.get_data()
-    v03 = attributes.get("specversion") == "0.3"
-    if v03:
-        out.pop("datacontentencoding", None)
+    if "datacontentencoding" in out and attributes.get("specversion") == "0.3":
+        del out["datacontentencoding"]
     if data is None:
         return out
     if isinstance(data, (bytes, bytearray, memoryview)):
         encoded = base64.b64encode(data).decode("ascii")
-        if v03:
+        if attributes.get("specversion") == "0.3":
             out["datacontentencoding"] = "base64"
             out["data"] = encoded
         else:
             out["data_base64"] = encoded
         return out
     contenttype = attributes.get("datacontenttype")
-    if (
-        contenttype is not None
-        and not _media("datacontenttype", contenttype).is_json
-        and type(data) is not str
-    ):
+    if contenttype is not None and not _media_of(contenttype).is_json and type(data) is not str:
         raise _invalid("data", f"must be str or bytes for datacontenttype {_show(contenttype)}")
     out["data"] = data
     return out
 
 
+def _json_body(events: Sequence[AnyCloudEvent], value: Any, what: str) -> bytes:
+    """``value`` (the objects of ``events``) as JSON, its strings checked for characters."""
+    body = _dumps(value, what)
+    # orjson escapes C0 controls with a backslash and writes anything else as it is: an
+    # ASCII body with no backslash and no DEL has no bad character in any string.
+    if not body.isascii() or body.find(b"\\") >= 0 or body.find(b"\x7f") >= 0:
+        for event in events:
+            for name, text in event.get_attributes().items():
+                if type(text) is str:
+                    _check_chars(name, text)
+    return body
+
+
+def to_dict(event: AnyCloudEvent) -> dict[str, Any]:
+    """The JSON-format object of ``event`` (as written in structured mode)."""
+    return orjson.loads(to_structured(event)[1])  # type: ignore[no-any-return]
+
+
 def to_structured(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
     """Headers and body of ``event`` in structured mode (JSON format)."""
-    return {"content-type": STRUCTURED_CONTENT_TYPE}, _dumps(to_dict(event), "structured")
+    try:
+        obj = _json_object(event)
+        body = _json_body((event,), obj, "structured")
+        if _might_be_deep(body) and "data" in obj:
+            _check_depth(obj["data"])  # orjson writes deeper data than a reader takes
+    except CodecError as exc:
+        raise _unwritable(exc) from None
+    return {"content-type": STRUCTURED_CONTENT_TYPE}, body
 
 
 def to_batch(events: Sequence[AnyCloudEvent]) -> tuple[dict[str, str], bytes]:
     """Headers and body of ``events`` as one JSON batch (all of one specversion)."""
-    objects = [to_dict(event) for event in events]
-    if objects:
-        version = objects[0].get("specversion")
-        if any(obj.get("specversion") != version for obj in objects):
-            raise InvalidEvent(
-                "all events of a batch must have the same specversion", "specversion"
-            )
-    return {"content-type": BATCH_CONTENT_TYPE}, _dumps(objects, "batch")
+    try:
+        objects = [_json_object(event) for event in events]
+        if len({obj.get("specversion") for obj in objects}) > 1:
+            raise _invalid("specversion", "must be the same for all events of a batch")
+        # orjson's own limit refuses data nested deeper than a reader takes.
+        body = _json_body(events, objects, "batch")
+    except CodecError as exc:
+        raise _unwritable(exc) from None
+    return {"content-type": BATCH_CONTENT_TYPE}, body
 
 
 def encode(events: Sequence[AnyCloudEvent], mode: Mode) -> tuple[dict[str, str], bytes]:
