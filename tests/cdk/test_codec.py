@@ -236,10 +236,38 @@ def test_invalid_utf8_in_an_extension_names_the_extension() -> None:
     assert error.attribute == "traceid"
 
 
-@pytest.mark.parametrize("raw", ["50%", "%G1", "%4", "a%zzb"])
-def test_malformed_percent_encoding_is_rejected(raw: str) -> None:
-    error = rejects(InvalidEvent, binary, b"", None, subject=raw)
-    assert error.attribute == "subject"
+@pytest.mark.parametrize("raw", ["50%", "%G1", "%4", "a%zzb", "100% sure", "%%41"])
+def test_a_percent_that_starts_no_escape_is_a_literal(raw: str) -> None:
+    # sdk-go does not percent-encode, so a bare '%' reaches receivers as it is.
+    expected = raw.replace("%41", "A")
+    assert binary(subject=raw, myext=raw).get_subject() == expected
+    assert binary(subject=raw, myext=raw).get_extension("myext") == expected
+
+
+def latin1(text: str) -> str:
+    """``text`` sent as raw UTF-8 bytes, as an HTTP layer that reads Latin-1 hands it over."""
+    return text.encode().decode("latin-1")
+
+
+@pytest.mark.parametrize("text", ["héllo", "Euro € 😀", "日本語", "a%zz é"])
+def test_raw_utf8_in_a_header_is_read_as_utf8(text: str) -> None:
+    event = binary(subject=latin1(text), id=latin1(text), myext=latin1(text))
+    assert event.get_subject() == event.get_id() == event.get_extension("myext") == text
+
+
+def test_raw_utf8_and_percent_escapes_together() -> None:
+    assert binary(subject=latin1("é%20€")).get_subject() == "é €"
+
+
+def test_header_text_a_layer_already_decoded_is_taken_as_it_is() -> None:
+    # aiohttp (the capture target) decodes header bytes as UTF-8 itself.
+    assert binary(subject="héllo", myext="€ 100%").get_subject() == "héllo"
+    assert binary(subject="Latin-1 caf\xe9").get_subject() == "Latin-1 café"
+
+
+@pytest.mark.parametrize("raw", [latin1("é") + "%C0%A0", "\udcff", latin1("a\r")])
+def test_raw_headers_are_still_checked_once_decoded(raw: str) -> None:
+    assert rejects(InvalidEvent, binary, b"", None, subject=raw).attribute == "subject"
 
 
 @pytest.mark.parametrize("raw", ['"unterminated', '"', '"a"b"', '"trailing\\"'])

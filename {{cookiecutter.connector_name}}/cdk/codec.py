@@ -23,7 +23,8 @@ Reading (``from_http``)
     (UTF-8 by default; invalid text is a 400, an unknown charset a 415); anything else,
     or no Content-Type, is the ``bytes``. Header values are unescaped from an RFC 7230
     quoted-string, then percent-decoded once (either hex case) into UTF-8, which must be
-    valid; a ``%`` not followed by two hex digits is a 400. Extensions arrive as strings.
+    valid; a ``%`` that starts no escape is kept, and so is raw UTF-8 (sdk-go does not
+    percent-encode; the HTTP layer gives its bytes as Latin-1). Extensions are strings.
 
     Structured and batched: ``data_base64`` becomes ``bytes``; ``data`` stays the parsed
     JSON value when ``datacontenttype`` is JSON or absent (a string is never parsed
@@ -64,7 +65,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import orjson
 from cloudevents.core.v03.event import CloudEvent as CloudEventV03
@@ -599,42 +600,21 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
 # --------------------------------------------------------------------------- binary mode
 
 
+_QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
+
+
 def _unquote(attribute: str, value: str) -> str:
     """Undo an RFC 7230 quoted-string (backslash escapes)."""
-    if len(value) < 2 or value[-1] != '"':
-        raise _invalid(attribute, "header has an unterminated quoted-string")
-    inner = value[1:-1]
-    if "\\" not in inner:
-        if '"' in inner:
-            raise _invalid(attribute, "header has a malformed quoted-string")
-        return inner
-    out: list[str] = []
-    i = 0
-    while i < len(inner):
-        char = inner[i]
-        if char == "\\":
-            if i + 1 == len(inner):
-                raise _invalid(attribute, "header has a malformed quoted-string")
-            out.append(inner[i + 1])
-            i += 2
-            continue
-        if char == '"':
-            raise _invalid(attribute, "header has a malformed quoted-string")
-        out.append(char)
-        i += 1
-    return "".join(out)
+    match = _QUOTED.fullmatch(value)
+    if match is None:
+        raise _invalid(attribute, "header has a malformed quoted-string")
+    return _QUOTED_PAIR.sub(r"\1", match[1])
 
 
-def _percent_decode(attribute: str, value: str) -> str:
-    first, *rest = value.split("%")
-    raw = bytearray(first.encode("utf-8", "surrogatepass"))
-    for part in rest:
-        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
-            raise _invalid(attribute, "header has a malformed percent-encoding")
-        raw.append(int(part[:2], 16))
-        raw += part[2:].encode("utf-8", "surrogatepass")
+def _percent_decode(attribute: str, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8")
+        return unquote_to_bytes(raw).decode("utf-8")  # a '%' that starts no escape stays
     except UnicodeDecodeError:
         raise _invalid(attribute, "header is not valid UTF-8 once percent-decoded") from None
 
@@ -642,9 +622,14 @@ def _percent_decode(attribute: str, value: str) -> str:
 def _header_value(attribute: str, value: str) -> str:
     if value[:1] == '"':
         value = _unquote(attribute, value)
-    if "%" in value:
-        value = _percent_decode(attribute, value)
-    return value
+    if value.isascii():
+        return _percent_decode(attribute, value.encode()) if "%" in value else value
+    # Raw UTF-8 from a sender that does not percent-encode (sdk-go), which the HTTP layer
+    # hands over as Latin-1 code points; else text a layer has decoded already.
+    try:
+        return _percent_decode(attribute, value.encode("latin-1"))
+    except (UnicodeEncodeError, InvalidEvent):
+        return _percent_decode(attribute, value.encode("utf-8", "surrogatepass"))
 
 
 def _decode_binary(headers: Mapping[str, str], contenttype: str | None, body: bytes) -> CloudEvent:
@@ -660,8 +645,8 @@ def _decode_binary(headers: Mapping[str, str], contenttype: str | None, body: by
         if key[:3] != "ce-":
             continue
         name = key[3:]
-        # Fast path: a value with no '%' and no quotes needs no decoding.
-        if "%" in value or value[:1] == '"':
+        # Fast path: an ASCII value with no '%' and no quotes needs no decoding.
+        if not value.isascii() or "%" in value or value[:1] == '"':
             value = _header_value(name, value)
         kind = kinds.get(name)
         if kind is None:

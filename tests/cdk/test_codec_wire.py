@@ -1,24 +1,28 @@
-"""Events a receiver would refuse fail alone before they are sent, over real HTTP.
+"""The codec where it meets real sockets: what a source sends, what a sink reads.
 
-A source's own sink refuses control characters in string attributes (and every other
-rule of the decoder); delivery must find that when it encodes, fail that event alone
-with an encode error, and deliver the rest, in every content mode.
+- A source's own sink refuses control characters in string attributes (and every other
+  rule of the decoder); delivery must find that when it encodes, fail that event alone
+  with an encode error, and deliver the rest, in every content mode.
+- Senders that do not percent-encode ``ce-`` headers (sdk-go writes raw UTF-8 and bare
+  ``%``) reach the kit's sink, whose HTTP layer reads header bytes as Latin-1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 from typing import Any
 
 import pytest
 from cloudevents.core.v1.event import CloudEvent
 
+import cdk
 from cdk.codec import UnwritableEvent
 from cdk.config import SourceConfig
 from cdk.connector import Tuple
 from cdk.delivery import Deliverer, EncodeError
 from cdk.metrics import Metrics
-from cdk.testing import CaptureTarget
+from cdk.testing import CaptureTarget, run_sink_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,3 +96,58 @@ def test_a_bad_event_fails_alone_and_is_never_sent(config: dict[str, Any]) -> No
             assert all(r.accepted for r in target.all_requests)
 
     asyncio.run(main())
+
+
+class Recording(cdk.Sink):
+    def __init__(self) -> None:
+        self.events: list[CloudEvent] = []
+
+    async def arrived(self, *events: CloudEvent) -> cdk.Result:
+        self.events.extend(events)
+        return cdk.SUCCESS
+
+
+def post_raw(port: int, headers: dict[str, bytes]) -> int:
+    """POST a binary-mode event whose ce- header values are these exact bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.putrequest("POST", "/", skip_accept_encoding=True)
+        base = {"ce-specversion": b"1.0", "ce-id": b"raw-1", "ce-source": b"/go", "ce-type": b"t"}
+        for name, value in {**base, **headers, "content-length": b"0"}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        ("héllo wörld 😀".encode(), "héllo wörld 😀"),  # raw UTF-8, as sdk-go writes it
+        (b"100% sure", "100% sure"),  # a '%' that starts no escape is a literal
+        (b"50%zz off", "50%zz off"),
+        ("é%20x".encode(), "é x"),  # raw UTF-8 and an escape together
+        (b"Euro%20%E2%82%AC", "Euro €"),  # percent-encoded, as the binding says
+    ],
+    ids=["raw-utf8", "bare-percent", "percent-non-hex", "raw-and-escape", "encoded"],
+)
+def test_the_sink_reads_raw_utf8_and_bare_percent_in_headers(raw: bytes, read: str) -> None:
+    sink = Recording()
+    with run_sink_in_thread(sink, cdk.SinkConfig()) as running:
+        assert post_raw(running.port, {"ce-subject": raw, "ce-myext": raw}) == 200
+    (event,) = sink.events
+    assert event.get_subject() == read
+    assert event.get_extension("myext") == read
+
+
+@pytest.mark.parametrize(
+    "raw", [b"%C0%A0", "é%C0%A0".encode(), b"a%0Db"], ids=["overlong", "raw-and-overlong", "cr"]
+)
+def test_the_sink_refuses_invalid_utf8_or_control_characters_once_decoded(raw: bytes) -> None:
+    sink = Recording()
+    with run_sink_in_thread(sink, cdk.SinkConfig()) as running:
+        assert post_raw(running.port, {"ce-subject": raw}) == 400
+    assert sink.events == []
