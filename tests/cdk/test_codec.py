@@ -30,7 +30,6 @@ from cdk.codec import (
     from_http,
     to_batch,
     to_binary,
-    to_dict,
     to_structured,
     with_extensions,
 )
@@ -463,6 +462,18 @@ def test_datacontenttype_must_be_a_media_type(content_type: str) -> None:
     assert error.attribute == "datacontenttype"
 
 
+@pytest.mark.parametrize(
+    ("content_type", "text"),
+    [
+        ('text/plain; x="a\\"b;c=d"; charset=latin-1', "grüße".encode("latin-1")),
+        ("text/plain ; ; CHARSET = latin-1 ;", "grüße".encode("latin-1")),
+        ('text/plain; charset="utf-8"', "grüße".encode()),
+    ],
+)
+def test_charset_is_found_among_parameters(content_type: str, text: bytes) -> None:
+    assert binary(text, content_type).get_data() == "grüße"
+
+
 def test_token_chars_are_rfc9110_tchar() -> None:
     # tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." / "^" / "_" /
     #         "`" / "|" / "~" / DIGIT / ALPHA
@@ -806,6 +817,11 @@ def test_03_bytes_are_written_with_datacontentencoding() -> None:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def to_dict(event: CloudEvent) -> Any:
+    """The JSON-format object of ``event``, as structured mode writes it."""
+    return orjson.loads(to_structured(event)[1])
 
 
 def make(data: Any = None, **attributes: Any) -> CloudEvent:

@@ -9,13 +9,12 @@ Reading (``from_http``)
     is structured (``ce-`` headers are then ignored), another ``application/cloudevents``
     format is a 415, anything else is binary. Header names must be lower-case.
 
-    Events are validated as the core spec says and nothing missing is invented: ``id``,
-    ``source`` (URI-reference), ``specversion`` and ``type`` are required and non-empty;
-    ``time`` is RFC 3339 with an offset (an aware ``datetime``); ``dataschema`` is an
-    absolute URI; ``subject`` is non-empty; ``datacontenttype`` is an RFC 2046 media type;
-    names are ``[a-z0-9]+`` and not ``data`` (any length); strings hold no control
-    characters, lone surrogates or noncharacters; extension values are strings, booleans
-    or 32-bit integers; a JSON ``null`` is unset.
+    Events are validated as the core spec says; nothing missing is invented. ``id``,
+    ``source`` (URI-reference), ``specversion`` and ``type`` are required; strings are
+    non-empty and hold no control characters, lone surrogates or noncharacters; ``time``
+    is RFC 3339 with an offset (an aware ``datetime``); ``dataschema`` is an absolute URI;
+    ``datacontenttype`` an RFC 2046 media type; names are ``[a-z0-9]+``, not ``data``;
+    extensions are strings, booleans or 32-bit integers; a JSON ``null`` is unset.
 
     Binary mode: attributes are ``ce-*`` headers, ``datacontenttype`` is Content-Type (an
     empty one is none; ``ce-datacontenttype`` is a 400). An empty body is no data; a
@@ -31,10 +30,9 @@ Reading (``from_http``)
     again) and must be a string otherwise; ``data: null`` is no data; both fields is a
     400. A batch is a JSON array (``[]`` included), all of one ``specversion``.
 
-    0.3: ``schemaurl`` (URI-reference) and ``datacontentencoding`` are context attributes;
-    in structured mode ``datacontentencoding: base64`` (any case) makes ``data`` base64
-    ``bytes``; a binary body is never base64-decoded. The event type is the SDK's
-    ``cloudevents.core.v03.event.CloudEvent``.
+    0.3 (the SDK's ``v03`` event type): ``schemaurl`` (URI-reference) and
+    ``datacontentencoding`` are context attributes; in structured mode
+    ``datacontentencoding: base64`` (any case) makes ``data`` base64 ``bytes``.
 
     Data nested deeper than ``MAX_DATA_DEPTH`` (252) is refused, so anything read can be
     written in any mode (orjson writes 254 levels; a batch adds two).
@@ -61,6 +59,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -91,7 +90,13 @@ MAX_DATA_DEPTH: Final = 252  # orjson writes 254 levels; a batch adds two
 
 _STRUCTURED_MEDIA: Final = "application/cloudevents+json"
 _BATCH_MEDIA: Final = "application/cloudevents-batch+json"
-_CE_MEDIA_PREFIX: Final = "application/cloudevents"
+_CE_PREFIX: Final = "application/cloudevents"
+_FORMATS: Final[dict[str, Mode]] = {
+    STRUCTURED_CONTENT_TYPE: "structured",
+    _STRUCTURED_MEDIA: "structured",
+    BATCH_CONTENT_TYPE: "batch",
+    _BATCH_MEDIA: "batch",
+}
 _JSON_MEDIA: Final = "application/json"
 _INT_MIN: Final = -(2**31)
 _INT_MAX: Final = 2**31 - 1
@@ -153,8 +158,7 @@ def _check_chars(attribute: str, value: str) -> None:
 def _nonempty_str(attribute: str, value: Any) -> str:
     if type(value) is not str or not value:
         raise _invalid(attribute, f"must be a non-empty string, got {_show(value)}")
-    if not value.isprintable():
-        _check_chars(attribute, value)
+    _check_chars(attribute, value)
     return value
 
 
@@ -174,32 +178,27 @@ def _check_name(name: str) -> None:
     """Attribute names: lower-case ASCII letters and digits, not ``data``."""
     if name in _GOOD_NAMES:
         return
-    if not name:
-        raise InvalidEvent("attribute names must not be empty", name)
-    if not (name.isascii() and name.isalnum()) or name != name.lower():
-        raise InvalidEvent(
-            f"attribute name {_show(name)} must be lower-case letters a-z and digits 0-9",
-            name,
-        )
     if name == "data":
         raise InvalidEvent("'data' is reserved and cannot be an attribute name", name)
+    if not (name.isascii() and name.isalnum()) or name != name.lower():
+        what = f"attribute name {_show(name)}" if name else "an attribute name"
+        raise InvalidEvent(f"{what} must be lower-case letters a-z and digits 0-9", name)
     _remember(_GOOD_NAMES, name)
 
 
 # RFC 3986: the characters a URI-reference may hold (percent signs checked apart).
 _URI_CHARS: Final = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
-_HEX: Final = frozenset("0123456789abcdefABCDEF")
+_BAD_PERCENT: Final = re.compile("%(?![0-9A-Fa-f]{2})")
 
 
-def _uri_problem(value: str, absolute: bool) -> str | None:
-    if not value:
-        return "must be a non-empty URI" if absolute else "must be a non-empty URI-reference"
+def _uri_problem(value: Any, absolute: bool) -> str | None:
+    if type(value) is not str or not value:
+        return f"must be a non-empty {'URI' if absolute else 'URI-reference'}, got {_show(value)}"
     if _URI_CHARS.fullmatch(value) is None:
         return f"is not a valid URI: bad character in {_show(value)}"
-    for part in value.split("%")[1:]:
-        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
-            return f"is not a valid URI: bad percent-encoding in {_show(value)}"
+    if _BAD_PERCENT.search(value) is not None:
+        return f"is not a valid URI: bad percent-encoding in {_show(value)}"
     # A colon before any '/', '?' or '#' ends a scheme, which has its own syntax.
     head = value
     for stop in "/?#":
@@ -212,25 +211,19 @@ def _uri_problem(value: str, absolute: bool) -> str | None:
     return None
 
 
-def _checked_uri(attribute: str, value: Any, absolute: bool, good: set[str]) -> str:
+def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
+    good = _GOOD_URIS if absolute else _GOOD_URI_REFS
     if type(value) is str and value in good:
         return value
-    if type(value) is not str:
-        what = "URI" if absolute else "URI-reference"
-        raise _invalid(attribute, f"must be a non-empty {what}, got {_show(value)}")
     problem = _uri_problem(value, absolute)
     if problem is not None:
         raise _invalid(attribute, problem)
     _remember(good, value)
-    return value
+    return str(value)  # a str: _uri_problem said so
 
 
-def _uri_reference(attribute: str, value: Any) -> str:
-    return _checked_uri(attribute, value, False, _GOOD_URI_REFS)
-
-
-def _uri(attribute: str, value: Any) -> str:
-    return _checked_uri(attribute, value, True, _GOOD_URIS)
+_uri_reference: Final = functools.partial(_checked_uri, absolute=False)
+_uri: Final = functools.partial(_checked_uri, absolute=True)
 
 
 # --------------------------------------------------------------------------- media types
@@ -250,50 +243,27 @@ class _Media(NamedTuple):
 
 
 _MEDIA_CACHE: dict[str, _Media] = {}
-
-
-def _is_token(text: str) -> bool:
-    return bool(text) and TOKEN_CHARS.issuperset(text)
+# RFC 9110: type "/" subtype *( OWS ";" OWS [ parameter ] ), parameter values a token or
+# a quoted-string (empty parameters, as in "text/plain;", are tolerated).
+_TOKEN: Final = "[" + re.escape("".join(sorted(TOKEN_CHARS))) + "]+"
+_PARAMETER: Final = re.compile(rf'({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\]|\\.)*)")')
+_MEDIA_SYNTAX: Final = re.compile(
+    rf"\s*({_TOKEN})/({_TOKEN})\s*((?:;\s*(?:{_PARAMETER.pattern}\s*)?)*)"
+)
 
 
 def _parse_media(value: str) -> _Media | None:
     """Parse an RFC 2046 media type; None when it is not one."""
-    main, _, params = value.partition(";")
-    kind, slash, subtype = main.strip().lower().partition("/")
-    if not slash or not _is_token(kind) or not _is_token(subtype):
+    match = _MEDIA_SYNTAX.fullmatch(value)
+    if match is None:
         return None
-    charset: str | None = None
-    rest = params
-    while rest.strip():
-        if rest.lstrip().startswith(";"):  # tolerate empty parameters ("text/plain;;")
-            rest = rest.lstrip()[1:]
-            continue
-        name, eq, rest = rest.partition("=")
-        name = name.strip().lower()
-        if not eq or not _is_token(name):
-            return None
-        rest = rest.lstrip()
-        if rest.startswith('"'):
-            end = 1
-            while end < len(rest) and rest[end] != '"':
-                end += 2 if rest[end] == "\\" else 1
-            if end >= len(rest):
-                return None
-            param, rest = rest[1:end], rest[end + 1 :]
-        else:
-            param, _, rest = rest.partition(";")
-            param = param.strip()
-            if not _is_token(param):
-                return None
-            rest = ";" + rest if rest else ""
-        rest = rest.strip()
-        if rest and not rest.startswith(";"):
-            return None
-        rest = rest[1:]
-        if name == "charset":
-            charset = param
+    charset = None
+    for name, token, quoted in _PARAMETER.findall(match[3]):
+        if name.lower() == "charset":
+            charset = token or quoted
+    subtype = match[2].lower()
     is_json = subtype == "json" or subtype.endswith("+json")
-    return _Media(is_json, kind == "text", charset)
+    return _Media(is_json, match[1].lower() == "text", charset)
 
 
 def _media(attribute: str, value: str) -> _Media:
@@ -327,9 +297,8 @@ def _media_of(datacontenttype: str | None) -> _Media:
 def _timestamp(attribute: str, value: Any) -> datetime:
     """RFC 3339 ``date-time``: full date, ``T``, full time, fraction, ``Z`` or offset."""
     # datetime.fromisoformat is fast but takes more than RFC 3339 (week dates, ','
-    # fractions, empty fractions, no offset, offsets without ':' or with seconds):
-    # the shape around it is checked here.
-    # (fromisoformat itself refuses non-ASCII digits.)
+    # fractions, empty fractions, no offset, offsets without ':' or with seconds, but
+    # not non-ASCII digits): the shape around it is checked here.
     if type(value) is str and value[4:17:3] == "--T::":
         try:
             parsed = datetime.fromisoformat(value)
@@ -380,15 +349,9 @@ _CHECKS_V1: Final[dict[str, _Check]] = {
     "time": _timestamp,
 }
 _CHECKS_V03: Final[dict[str, _Check]] = {
-    "specversion": _nonempty_str,
-    "id": _nonempty_str,
-    "source": _uri_reference,
-    "type": _nonempty_str,
-    "datacontenttype": _content_type,
+    **{name: check for name, check in _CHECKS_V1.items() if name != "dataschema"},
     "datacontentencoding": _nonempty_str,
     "schemaurl": _uri_reference,
-    "subject": _nonempty_str,
-    "time": _timestamp,
 }
 _REQUIRED: Final = ("id", "source", "type")
 
@@ -421,13 +384,10 @@ _SPECS: Final = {"1.0": _SPEC_V1, "0.3": _SPEC_V03}
 
 
 def _spec_for(value: Any) -> _Spec:
-    if value == "1.0":
-        return _SPEC_V1
-    spec = _SPECS.get(value) if type(value) is str else None
+    spec = _SPEC_V1 if value == "1.0" else _SPECS.get(value) if type(value) is str else None
     if spec is None:
-        if value is None:
-            raise _invalid("specversion", "is required")
-        raise _invalid("specversion", f"{_show(value)} is not supported (use 1.0 or 0.3)")
+        problem = f"{_show(value)} is not supported (use 1.0 or 0.3)"
+        raise _invalid("specversion", "is required" if value is None else problem)
     return spec
 
 
@@ -436,15 +396,12 @@ def _extension(name: str, value: Any) -> Any:
     _check_name(name)
     kind = type(value)
     if kind is str:
-        if not value.isprintable():
-            _check_chars(name, value)
+        _check_chars(name, value)
         return value
-    if kind is bool:
+    if kind is bool or (kind is int and _INT_MIN <= value <= _INT_MAX):
         return value
     if kind is int:
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise _invalid(name, f"integer {value} is outside the 32-bit range")
-        return value
+        raise _invalid(name, f"integer {value} is outside the 32-bit range")
     raise _invalid(name, f"must be a string, boolean or integer, got {_show(value)}")
 
 
@@ -458,7 +415,6 @@ def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> 
 
 
 # --------------------------------------------------------------------------- JSON format
-
 
 _MISSING: Final = object()
 
@@ -476,9 +432,8 @@ def _check_depth(data: Any) -> None:
     """Refuse data nested deeper than orjson can write back inside a batch."""
     if type(data) is dict or type(data) is list:
         try:
-            # Writing is the exact test, and C-fast; what orjson read it can otherwise
-            # write, so only the nesting depth makes this fail for data off the wire
-            # (from_dict may also be handed values that are not JSON at all).
+            # Writing is the exact test, and C-fast: for data orjson read, only the depth
+            # can fail it (from_dict may be handed values that are not JSON at all).
             orjson.dumps([[data]])
         except TypeError as exc:
             if "ecursion" in str(exc):
@@ -487,12 +442,10 @@ def _check_depth(data: Any) -> None:
 
 
 def _b64decode(attribute: str, value: Any) -> bytes:
-    if type(value) is not str:
-        raise _invalid(attribute, "must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise _invalid(attribute, "is not valid base64") from None
+    except (binascii.Error, ValueError, TypeError):
+        raise _invalid(attribute, "must be a valid base64 string") from None
 
 
 def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> CloudEvent:
@@ -551,7 +504,8 @@ def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> C
         data = None
     else:
         contenttype = attributes.get("datacontenttype")
-        if spec is _SPEC_V03 and _is_base64_encoded(attributes):
+        encoding = attributes.get("datacontentencoding")
+        if spec is _SPEC_V03 and encoding is not None and encoding.lower() == "base64":
             data = _b64decode("data", data)
         elif contenttype is not None and not _media("datacontenttype", contenttype).is_json:
             if type(data) is not str:
@@ -569,11 +523,6 @@ def _missing_required(attributes: dict[str, Any]) -> None:
             raise _invalid(name, "is required")
 
 
-def _is_base64_encoded(attributes: dict[str, Any]) -> bool:
-    encoding = attributes.get("datacontentencoding")
-    return encoding is not None and encoding.lower() == "base64"
-
-
 def _might_be_deep(body: bytes) -> bool:
     # Nesting depth never exceeds the number of opening brackets: a cheap upper bound.
     return len(body) > 2 * MAX_DATA_DEPTH and (body.count(b"[") + body.count(b"{") > MAX_DATA_DEPTH)
@@ -589,16 +538,13 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
         raise InvalidEvent(f"a batch must be a JSON array, got {type(items).__name__}")
     if not items:
         return []
-    # The bracket count of a whole batch is nearly always past the bound: check each
-    # event's data (cheap) instead of counting.
-    deep = True
     first = items[0]
     spec = _spec_for(first.get("specversion")) if type(first) is dict else None
-    return [_event_from_json(item, deep, spec) for item in items]
+    # A whole batch is nearly always past the bracket bound: check each event's data.
+    return [_event_from_json(item, True, spec) for item in items]
 
 
 # --------------------------------------------------------------------------- binary mode
-
 
 _QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
@@ -664,14 +610,11 @@ def _decode_binary(headers: Mapping[str, str], contenttype: str | None, body: by
             raise _invalid(name, "must travel as Content-Type, not as ce-datacontenttype")
         else:
             attributes[name] = spec.checks[name](name, value)
-    data: Any = None
+    data: Any = body or None
     if contenttype is not None:
         media = _media("datacontenttype", contenttype)
         attributes["datacontenttype"] = contenttype
-        if body:
-            data = _binary_data(media, body)
-    elif body:
-        data = body
+        data = _binary_data(media, body) if body else None
     if "id" not in attributes or "source" not in attributes or "type" not in attributes:
         _missing_required(attributes)
     return _new_event(spec.event_type, attributes, data)
@@ -701,30 +644,24 @@ def _binary_data(media: _Media, body: bytes) -> Any:
 def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
     """Decode an HTTP request (lower-case header names) into its mode and events.
 
-    Binary and structured give one event, batch gives a list (maybe empty). A 0.3 event
-    is the SDK's v0.3 ``CloudEvent`` (same methods). Raises ``InvalidEvent`` (400) or
-    ``UnsupportedContentType`` (415).
+    Binary and structured give one event, batch a list (maybe empty). Raises
+    ``InvalidEvent`` (400) or ``UnsupportedContentType`` (415).
     """
-    contenttype = headers.get("content-type")
-    if contenttype is None:
-        return "binary", [_decode_binary(headers, None, body)]
-    # The usual values are matched exactly before anything is parsed.
-    if contenttype in (STRUCTURED_CONTENT_TYPE, _STRUCTURED_MEDIA):
-        return "structured", [_decode_structured(body)]
-    if contenttype == BATCH_CONTENT_TYPE:
-        return "batch", _decode_batch(body)
-    if contenttype[:23].lower() == _CE_MEDIA_PREFIX:
+    contenttype = headers.get("content-type") or None  # an empty one says nothing
+    mode = _FORMATS.get(contenttype or "")  # the usual values, before anything is parsed
+    if mode is None and contenttype is not None and contenttype[:23].lower() == _CE_PREFIX:
         media = contenttype.split(";", 1)[0].strip().lower()
-        if media == _STRUCTURED_MEDIA:
-            return "structured", [_decode_structured(body)]
-        if media == _BATCH_MEDIA:
-            return "batch", _decode_batch(body)
-        raise UnsupportedContentType(
-            f"event format {_show(media)} is not supported; "
-            f"use {_STRUCTURED_MEDIA} or {_BATCH_MEDIA}"
-        )
-    # An empty Content-Type says nothing: the same as none.
-    return "binary", [_decode_binary(headers, contenttype or None, body)]
+        mode = _FORMATS.get(media)
+        if mode is None:
+            raise UnsupportedContentType(
+                f"event format {_show(media)} is not supported; "
+                f"use {_STRUCTURED_MEDIA} or {_BATCH_MEDIA}"
+            )
+    if mode == "structured":
+        return mode, [_decode_structured(body)]
+    if mode == "batch":
+        return mode, _decode_batch(body)
+    return "binary", [_decode_binary(headers, contenttype, body)]
 
 
 def from_dict(obj: Mapping[str, Any]) -> CloudEvent:
@@ -733,10 +670,8 @@ def from_dict(obj: Mapping[str, Any]) -> CloudEvent:
 
 
 def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> CloudEvent:
-    """A copy of ``event`` with these extension attributes set (``None`` removes one).
-
-    Names must follow the attribute naming rule and not be a context attribute of the
-    event's version; values are strings, booleans or 32-bit integers.
+    """A copy of ``event`` with these extensions set (``None`` removes one), checked as
+    ``from_http`` checks them (and none may be a context attribute of the version).
     """
     attributes = dict(event.get_attributes())
     spec = _spec_for(attributes.get("specversion"))
@@ -755,9 +690,8 @@ def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> Clou
 
 # --------------------------------------------------------------------------- writing
 
-# Names seen in events written before whose values need no check beyond the SDK
-# constructor's and the character check of what is written (not the URIs dataschema
-# and schemaurl).
+# Names in events written before whose values need no check beyond the SDK's own and
+# the character check of what is written (the URIs dataschema and schemaurl do).
 _WRITABLE_NAMES: set[str] = set()
 
 
@@ -791,10 +725,6 @@ def _check_writable(attributes: dict[str, Any]) -> None:
     _WRITABLE_NAMES.update(attributes.keys() - {"dataschema", "schemaurl"})
 
 
-def _unwritable(error: CodecError) -> UnwritableEvent:
-    return UnwritableEvent(error.message, error.attribute)
-
-
 def _text_of(attribute: str, value: Any) -> str:
     """The canonical string of an attribute value."""
     kind = type(value)
@@ -816,20 +746,6 @@ def _text_of(attribute: str, value: Any) -> str:
 _HEADER_SAFE: Final = "".join(
     c for c in map(chr, range(0x21, 0x7F)) if c not in '"%' and not c.isalnum() and c not in "_.-~"
 )
-
-
-def _plain(ascii_value: str) -> bool:
-    """An ASCII header value that needs no percent-encoding (isprintable: U+0020-U+007E)."""
-    return ascii_value.isprintable() and not (
-        " " in ascii_value or '"' in ascii_value or "%" in ascii_value
-    )
-
-
-def _encode_header(attribute: str, value: str) -> str:
-    if value.isascii() and _plain(value):
-        return value
-    _check_chars(attribute, value)
-    return quote(value, safe=_HEADER_SAFE)
 
 
 def _dumps(value: Any, what: str) -> bytes:
@@ -877,13 +793,20 @@ def to_binary(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
             # binary mode is always the raw bytes.
             if value is None or name == "datacontenttype" or name == "datacontentencoding":
                 continue
-            if type(value) is str and value.isascii() and _plain(value):
-                headers["ce-" + name] = value
-            else:
-                headers["ce-" + name] = _encode_header(name, _text_of(name, value))
+            text = value if type(value) is str else _text_of(name, value)
+            # For ASCII, isprintable() is U+0020-U+007E: encode space, '"', '%' and the rest.
+            if (
+                not (text.isascii() and text.isprintable())
+                or " " in text
+                or '"' in text
+                or "%" in text
+            ):
+                _check_chars(name, text)
+                text = quote(text, safe=_HEADER_SAFE)
+            headers["ce-" + name] = text
         contenttype, body = _body_of(event)
     except CodecError as exc:
-        raise _unwritable(exc) from None
+        raise UnwritableEvent(exc.message, exc.attribute) from None
     if contenttype is not None:
         headers["content-type"] = contenttype
     return headers, body
@@ -915,8 +838,7 @@ def _json_object(event: AnyCloudEvent) -> dict[str, Any]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         encoded = base64.b64encode(data).decode("ascii")
         if attributes.get("specversion") == "0.3":
-            out["datacontentencoding"] = "base64"
-            out["data"] = encoded
+            out.update(datacontentencoding="base64", data=encoded)
         else:
             out["data_base64"] = encoded
         return out
@@ -940,11 +862,6 @@ def _json_body(events: Sequence[AnyCloudEvent], value: Any, what: str) -> bytes:
     return body
 
 
-def to_dict(event: AnyCloudEvent) -> dict[str, Any]:
-    """The JSON-format object of ``event`` (as written in structured mode)."""
-    return orjson.loads(to_structured(event)[1])  # type: ignore[no-any-return]
-
-
 def to_structured(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
     """Headers and body of ``event`` in structured mode (JSON format)."""
     try:
@@ -953,7 +870,7 @@ def to_structured(event: AnyCloudEvent) -> tuple[dict[str, str], bytes]:
         if _might_be_deep(body) and "data" in obj:
             _check_depth(obj["data"])  # orjson writes deeper data than a reader takes
     except CodecError as exc:
-        raise _unwritable(exc) from None
+        raise UnwritableEvent(exc.message, exc.attribute) from None
     return {"content-type": STRUCTURED_CONTENT_TYPE}, body
 
 
@@ -966,7 +883,7 @@ def to_batch(events: Sequence[AnyCloudEvent]) -> tuple[dict[str, str], bytes]:
         # orjson's own limit refuses data nested deeper than a reader takes.
         body = _json_body(events, objects, "batch")
     except CodecError as exc:
-        raise _unwritable(exc) from None
+        raise UnwritableEvent(exc.message, exc.attribute) from None
     return {"content-type": BATCH_CONTENT_TYPE}, body
 
 
