@@ -267,6 +267,18 @@ class SinkConfig(ServerConfig):
 class WebhookSourceConfig(DeliveryConfig, ServerConfig):
     """Keys of a webhook source: a source that also serves HTTP."""
 
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="When set, a POST needs the HMAC-SHA256 of its body under this secret in "
+        "`X-Hub-Signature-256` (`sha256=<hex>`, as GitHub signs; bare hex or base64 too), "
+        "else 401. Keep it in secret.yml.",
+    )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        return _not_blank(value)
+
 
 def resolve_paths(
     config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None
