@@ -1,20 +1,25 @@
 """Benchmark: cdk.codec against the cloudevents SDK's HTTP binding, in one run.
 
-Run: ``python tests/benchmarks/bench_codec.py [--quick]``. Prints per-event cost in
-microseconds of CPU time (best of N timeit repeats) for encoding and decoding a small JSON event in
-binary, structured and batched (100 events) mode, the SDK's figures side by side, the
-ratios, and a verdict against the targets: decoding at least 3x faster than the SDK's
-``from_http_event`` in binary and structured mode, batched decoding under 4 us per event.
+Run: ``python tests/benchmarks/bench_codec.py [--quick] [--against OTHER_CODEC.py]``.
+Prints per-event cost in microseconds of CPU time (best of N timeit repeats) for encoding
+and decoding a small JSON event in binary, structured and batched (100 events) mode, the
+SDK's figures side by side, the ratios, and a verdict against the targets: decoding at
+least 3x faster than the SDK's ``from_http_event`` in binary and structured mode, batched
+decoding under 4 us per event. ``--against`` also times another version of the codec
+(``git show main:"{{cookiecutter.connector_name}}/cdk/codec.py" > /tmp/codec_main.py``)
+in the same run, interleaved, and prints this one's cost as a ratio of that one's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 import timeit
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the template directory
 TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
@@ -55,6 +60,42 @@ def _best_us(fn: Callable[[], object], per: int, repeat: int, number: int) -> fl
     """
     timings = timeit.repeat(fn, repeat=repeat, number=number, timer=time.process_time)
     return min(timings) / number / per * 1e6
+
+
+def _load(path: str) -> object:
+    spec = importlib.util.spec_from_file_location("other_codec", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _versus(other: Any, repeat: int, number: int) -> None:
+    """This codec against ``other``, interleaved so both see the same machine load."""
+    event = _event(0)
+    events = [_event(i) for i in range(BATCH)]
+    bin_msg, st_msg, batch_msg = (
+        codec.to_binary(event),
+        codec.to_structured(event),
+        codec.to_batch(events),
+    )
+    cases: list[tuple[str, Callable[[Any], Callable[[], object]], int]] = [
+        ("encode binary", lambda m: lambda: m.to_binary(event), 1),
+        ("encode structured", lambda m: lambda: m.to_structured(event), 1),
+        (f"encode batch ({BATCH}), per event", lambda m: lambda: m.to_batch(events), BATCH),
+        ("decode binary", lambda m: lambda: m.from_http(*bin_msg), 1),
+        ("decode structured", lambda m: lambda: m.from_http(*st_msg), 1),
+        (f"decode batch ({BATCH}), per event", lambda m: lambda: m.from_http(*batch_msg), BATCH),
+    ]
+    print(f"\nagainst {sys.argv[sys.argv.index('--against') + 1]}, best of {repeat} rounds")
+    print(f"{'operation':<34}{'this':>9}{'other':>9}{'this/other':>12}")
+    for name, make, per in cases:
+        n = max(1, number // per)
+        ours, theirs = float("inf"), float("inf")
+        for _ in range(repeat):
+            ours = min(ours, _best_us(make(codec), per, 3, n))
+            theirs = min(theirs, _best_us(make(other), per, 3, n))
+        print(f"{name:<34}{ours:9.2f}{theirs:9.2f}{ours / theirs:11.3f}x")
 
 
 def main(argv: list[str]) -> int:
@@ -132,6 +173,8 @@ def main(argv: list[str]) -> int:
     verdict = "MET" if all(checks.values()) else "MISSED"
     detail = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items())
     print(f"verdict: targets {verdict} ({detail})")
+    if "--against" in argv:
+        _versus(_load(argv[argv.index("--against") + 1]), repeat, number)
     return 0
 
 
