@@ -243,7 +243,8 @@ def test_failed_event_stops_the_checkpoint(
     assert store.get("offset") == 0
     assert checkpoint.failed is error
     assert checkpoint.pending == 0  # nothing piles up behind the failure
-    assert "stays at position 0" in caplog.text and "position 2 failed" in caplog.text
+    assert "(position 2) was not delivered: target said 400" in caplog.text
+    assert "a restart resumes from after position 0" in caplog.text
 
 
 def test_events_sharing_a_position_write_it_only_once_all_are_acknowledged(

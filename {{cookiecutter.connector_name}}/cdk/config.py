@@ -424,8 +424,12 @@ def load_config(
     config: str | os.PathLike[str] | None = None,
     secret: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> C:
-    """Load, merge and validate the connector's configuration, or raise ConfigError."""
+    """Load, merge and validate the connector's configuration, or raise ConfigError.
+
+    ``defaults`` stand in for keys that neither file nor environment set.
+    """
     env = os.environ if environ is None else environ
     config_path, secret_path, secret_explicit = resolve_paths(
         None if config is None else os.fspath(config),
@@ -445,6 +449,9 @@ def load_config(
                     data[key] = env[name]
                     from_env[key] = name
                     break
+    for key, value in (defaults or {}).items():
+        if data.get(key) is None:
+            data[key] = value
     secrets = _secret_values(model, config_data, secret_data)
     try:
         loaded = model.model_validate(data)

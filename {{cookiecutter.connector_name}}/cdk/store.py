@@ -15,12 +15,14 @@ target has not acknowledged: it may send some events again, never skip one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 
     from cdk.config import SourceConfig
 
-__all__ = ["Checkpoint", "PositionStore", "StoreError"]
+__all__ = ["SUPERVISOR", "Checkpoint", "PositionStore", "StoreError", "Supervisor"]
 
 # Values must round-trip: a datetime or dataclass would come back as a string or a
 # dict, so they are refused instead of silently changing type.
@@ -213,11 +215,30 @@ class PositionStore:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
+#: Longest wait between two attempts to write a position the store refused.
+_WRITE_BACKOFF_MAX = 5.0
+
+
+class Supervisor(Protocol):
+    """What a running source offers the checkpoints made while it runs (see ``SUPERVISOR``)."""
+
+    def watch(self, checkpoint: Checkpoint) -> None:
+        """A checkpoint was made: flush it before ``destroy`` runs."""
+
+    def gap(self, message: str) -> None:
+        """An event a checkpoint tracks failed for good: stop, settle, exit 1."""
+
+
+#: Set by the kit while a source runs: a checkpoint made then (in ``initialize`` or in
+#: ``loop_produce_event``) reports to it, so a failed event stops the source instead of
+#: leaving a gap behind, and its last position is written before ``destroy``.
+SUPERVISOR: ContextVar[Supervisor | None] = ContextVar("cdk_supervisor", default=None)
 
 
 @dataclass(slots=True)
 class _Pending:
     position: Any
+    event_id: str | None
     acked: bool = False
 
 
@@ -234,13 +255,15 @@ class Checkpoint:
 
     Several events may carry the same position (one record made into several events):
     it is written once the last of them is acknowledged. Positions need not grow; what
-    counts is the order of :meth:`track` calls.
+    counts is the order of :meth:`track` calls. On an event loop, writes happen in a
+    worker thread, coalesced (only the newest position is written) and retried with
+    backoff while the store is unreachable: never skipped.
 
-    When an event fails (the delivery engine already retried it), the checkpoint stops
-    advancing for good: :attr:`failed` holds the error, the stored position stays
-    before that event, and tracking further events changes nothing. The source decides
-    what to do (log it and go on, or stop); after a restart it resumes from the stored
-    position and produces the failed event again.
+    An event that failed for good (its delivery attempts ran out) stops the checkpoint:
+    :attr:`failed` holds the error and the stored position stays before that event. If
+    the source runs under the kit, it then stops producing, settles what is in flight and
+    exits 1 naming the event, so a restart resumes at it: nothing is skipped. An event
+    taken by a dead-letter target counts as acknowledged.
     """
 
     def __init__(
@@ -254,15 +277,26 @@ class Checkpoint:
         #: The error of the first event that failed; the checkpoint no longer advances.
         self.failed: BaseException | None = None
         self._pending: deque[_Pending] = deque()
+        self._unwritten: Any = _NOTHING
+        self._writer: asyncio.Task[None] | None = None
+        self._supervisor = SUPERVISOR.get()
+        if self._supervisor is not None:
+            self._supervisor.watch(self)
 
     @property
     def pending(self) -> int:
         """Events tracked but not yet part of the written position."""
         return len(self._pending)
 
-    def track(self, position: Any) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
+    def track(
+        self, position: Any, event_id: str | None = None
+    ) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
         """Register the next event; returns its ``(success, failed)`` callbacks."""
-        entry = _Pending(position)
+        try:
+            orjson.dumps(position, option=_DUMP_OPTIONS)
+        except TypeError as exc:
+            raise TypeError(f"position {position!r} must be a JSON value: {exc}") from None
+        entry = _Pending(position, event_id)
         if self.failed is None:
             self._pending.append(entry)
 
@@ -284,7 +318,7 @@ class Checkpoint:
     ) -> Tuple:
         """A :class:`cdk.Tuple` for ``event`` whose callbacks feed the checkpoint first,
         then call the given ``success`` / ``failed``, if any."""
-        on_success, on_failed = self.track(position)
+        on_success, on_failed = self.track(position, str(event.get_id()))
         if success is None and failed is None:
             return Tuple(event, on_success, on_failed)
 
@@ -299,6 +333,11 @@ class Checkpoint:
                 failed(error)
 
         return Tuple(event, both_success, both_failed)
+
+    async def flush(self) -> None:
+        """Wait until the newest acknowledged position is written."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def _advance(self) -> None:
         if self.failed is not None:
@@ -315,28 +354,57 @@ class Checkpoint:
                 return
 
     def _fail(self, entry: _Pending, error: BaseException) -> None:
+        if getattr(error, "dead_lettered", False):
+            # The dead-letter target holds the event: nothing is lost by moving on.
+            entry.acked = True
+            self._advance()
+            return
         if self.failed is not None:
             return
         self.failed = error
         # Nothing after the failed event may ever be written: drop what is queued so a
         # source that goes on producing does not grow this deque without bound.
         self._pending.clear()
-        where = "its start" if self.position is None else f"position {self.position!r}"
-        self.log.error(
-            "checkpoint %r stays at %s until a restart: the event at position %r failed "
-            "(it will be produced again after the restart): %s",
-            self.key,
-            where,
-            entry.position,
-            error,
+        where = "its start" if self.position is None else f"after position {self.position!r}"
+        message = (
+            f"event {entry.event_id or '?'} (position {entry.position!r}) was not delivered: "
+            f"{error}; a restart resumes from {where}"
         )
+        if self._supervisor is not None:
+            self._supervisor.gap(message)
+        else:
+            self.log.error("checkpoint %r stopped: %s", self.key, message)
 
     def _write(self, position: Any) -> None:
+        self._unwritten = position
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_pending()  # no event loop: write now
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_loop(), name="cdk-checkpoint")
+
+    def _write_pending(self) -> bool:
+        """Write the newest unwritten position; False when the store refused it."""
+        position = self._unwritten
         try:
             self.store.set(self.key, position)
-        except (StoreError, TypeError) as exc:
-            # A lost write only moves the resume point back (more duplicates after a
-            # restart), so delivery goes on; the operator sees why.
-            self.log.error("checkpoint %r could not be written: %s", self.key, exc)
-            return
+        except StoreError as exc:
+            self.log.error(
+                "checkpoint %r: position %r could not be written: %s", self.key, position, exc
+            )
+            return False
         self.position = position
+        if self._unwritten is position:
+            self._unwritten = _NOTHING
+        return True
+
+    async def _write_loop(self) -> None:
+        delay = 0.05
+        while self._unwritten is not _NOTHING:
+            if await asyncio.to_thread(self._write_pending):
+                delay = 0.05
+            else:
+                await asyncio.sleep(delay)
+                delay = min(_WRITE_BACKOFF_MAX, delay * 2)

@@ -4,7 +4,7 @@
   told to fail, drop or delay the next requests; ``free_port`` picks a port for it.
 - ``SinkClient`` / ``AsyncSinkClient``: send events to a sink in any mode, or raw
   bodies and headers, and read the ``Reply`` (status, headers, body).
-- ``run_sink_in_thread`` / ``run_source_in_thread``: the connector in-process on a
+- ``run_in_thread``: the connector in-process on a
   background event loop; ``ConnectorProcess``: ``python cmd/main.py`` with a test config.
 - ``SinkTests`` / ``SourceTests``: the standard contract suites a project subclasses.
 """
@@ -12,8 +12,7 @@
 from cdk.testing.client import AsyncSinkClient, Reply, SinkClient
 from cdk.testing.runner import (
     ConnectorProcess,
-    run_sink_in_thread,
-    run_source_in_thread,
+    run_in_thread,
     run_to_exit,
 )
 from cdk.testing.suite import SinkTests, SourceTests, assert_same_events, sample_event
@@ -30,8 +29,7 @@ __all__ = [
     "SourceTests",
     "assert_same_events",
     "free_port",
-    "run_sink_in_thread",
-    "run_source_in_thread",
+    "run_in_thread",
     "run_to_exit",
     "sample_event",
 ]
