@@ -149,6 +149,29 @@ cdk.run_source(Config, Counter)
 """
 
 
+POLL_SCRIPT = """
+import atexit, os, sys, time
+import cdk
+
+
+class Config(cdk.SourceConfig):
+    pass
+
+
+class Numbers(cdk.Source[Config]):
+    def make_event(self):
+        n = (self.position or 0) + 1
+        return cdk.CloudEvent({"id": f"n{n}", "source": "/n", "type": "t"}, {"n": n}), n
+
+
+if os.environ.get("LINGER_AT_EXIT"):
+    def linger():
+        print("at exit", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ["LINGER_AT_EXIT"]))  # the interpreter is shutting down
+    atexit.register(linger)
+cdk.run_source(Config, Numbers)
+"""
+
 # -- process helpers -------------------------------------------------------------------
 
 
@@ -221,7 +244,7 @@ class Process:
 
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR"}
+    switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR", "LINGER_AT_EXIT"}
     names = {name for name, _, _ in ENVIRONMENT} | switches
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = str(PROJECT)

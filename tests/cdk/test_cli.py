@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 from processes import (
     FLAGS,
+    POLL_SCRIPT,
     SINK_SCRIPT,
     SOURCE_SCRIPT,
+    Target,
     markers,
     run,
     sink_dir,
     source_dir,
 )
+
+import cdk
+from cdk.config import ENVIRONMENT
 
 # -- the command line -----------------------------------------------------------------
 
@@ -36,6 +42,42 @@ def test_help_lists_every_flag_and_environment_variable(tmp_path: Path, script: 
     ):
         assert name in result.stdout
     assert "exit status" in result.stdout
+    # The config keys, from the model's JSON schema (as --about and the README's table).
+    assert "marker" in result.stdout and "grace_period" in result.stdout
+
+
+def test_about_describes_the_connector_as_json(tmp_path: Path) -> None:
+    result = run(tmp_path, SINK_SCRIPT, "--about")
+    assert result.returncode == 0, result.stderr
+    about = json.loads(result.stdout)
+    assert about["kind"] == "sink" and about["name"] == "SyncSink"
+    assert about["kit_version"] == cdk.__version__
+    properties = about["config_schema"]["properties"]
+    assert properties["api_key"]["writeOnly"] is True  # a secret
+    assert "writeOnly" not in properties["note"]
+    assert properties["port"]["default"] == 8080 and properties["port"]["description"]
+    assert about["config_schema"]["required"] == ["marker"]
+    names = [entry["name"] for entry in about["environment"]]
+    assert names == [name for name, _, _ in ENVIRONMENT]
+
+
+def test_dry_run_prints_events_without_a_target(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text("interval: 0\n")
+    result = run(tmp_path, POLL_SCRIPT, "--dry-run", "--max-events", "3")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["id"] for e in events] == ["n1", "n2", "n3"]
+    assert events[0]["data"] == {"n": 1} and events[0]["specversion"] == "1.0"
+    assert "source started, target=stdout (dry run)" in result.stderr
+    assert "--max-events reached" in result.stderr
+
+
+def test_max_events_delivers_that_many_and_exits_0(tmp_path: Path, target: Target) -> None:
+    (tmp_path / "config.yml").write_text(f"target: {target.url}\ninterval: 0\n")
+    result = run(tmp_path, POLL_SCRIPT, "--max-events", "4")
+    assert result.returncode == 0, result.stderr
+    assert sorted(headers["ce-id"] for headers, _ in target.requests) == ["n1", "n2", "n3", "n4"]
+    assert result.stdout == ""
 
 
 def test_check_config_ok_starts_nothing(tmp_path: Path) -> None:

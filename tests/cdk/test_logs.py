@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import signal
 from pathlib import Path
@@ -19,6 +21,8 @@ from processes import (
     sink_dir,
     start,
 )
+
+from cdk.logs import configure_logging, one_line
 
 
 def test_json_log_format_is_one_object_per_line(tmp_path: Path, started: list[Process]) -> None:
@@ -68,3 +72,26 @@ def test_secrets_never_logged_even_at_debug(tmp_path: Path, started: list[Proces
     assert API_KEY not in output
     assert NOTE not in output  # from secret.yml, though typed as a plain str
     assert markers(tmp_path) == ["initialize", "arrived with-token", "destroy"]
+
+
+def test_json_lines_carry_the_extra_fields_of_the_call() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    configure_logging("INFO", "json", stream=stream)
+    try:
+        logging.getLogger("test.logs").warning(
+            "delivery failed for %d event(s)", 2, extra={"event_ids": ["a", "b"], "status": 503}
+        )
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    record = json.loads(stream.getvalue())
+    assert record["message"] == "delivery failed for 2 event(s)"
+    assert record["event_ids"] == ["a", "b"] and record["status"] == 503
+    assert "args" not in record and "msg" not in record  # the record's own fields stay out
+
+
+def test_one_line_names_the_type_and_joins_the_lines() -> None:
+    assert one_line(ValueError("bad\n  value")) == "ValueError: bad value"
+    assert one_line(TimeoutError()) == "TimeoutError"

@@ -365,7 +365,9 @@ class Checkpoint:
         # Nothing after the failed event may ever be written: drop what is queued so a
         # source that goes on producing does not grow this deque without bound.
         self._pending.clear()
-        where = "its start" if self.position is None else f"after position {self.position!r}"
+        # The newest acknowledged position: written, or about to be.
+        resume = self.position if self._unwritten is _NOTHING else self._unwritten
+        where = "its start" if resume is None else f"after position {resume!r}"
         message = (
             f"event {entry.event_id or '?'} (position {entry.position!r}) was not delivered: "
             f"{error}; a restart resumes from {where}"
