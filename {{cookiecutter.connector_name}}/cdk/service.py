@@ -47,15 +47,7 @@ from cdk.metrics import Metrics
 from cdk.receiver import Receiver, SinkHandler
 from cdk.store import SUPERVISOR, Checkpoint, PositionStore
 
-__all__ = [
-    "PollingSourceService",
-    "Service",
-    "ServiceError",
-    "SinkService",
-    "WebhookSourceService",
-    "check_classes",
-    "service_for",
-]
+__all__ = ["Service", "ServiceError", "check_classes", "service_for"]
 
 
 class ServiceError(Exception):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from cdk.config import SourceConfig
 
-__all__ = ["SUPERVISOR", "Checkpoint", "PositionStore", "StoreError", "Supervisor"]
+__all__ = ["SUPERVISOR", "Checkpoint", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass would come back as a string or a
 # dict, so they are refused instead of silently changing type.
