@@ -395,3 +395,22 @@ def test_metrics_port_listens_on_the_configured_host(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.INFO, logger="cdk.source"):
         asyncio.run(scenario())
     assert "metrics listening on http://127.0.0.1:" in caplog.text
+
+
+def test_webhook_dry_run_serves_and_prints_instead_of_delivering(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    async def scenario() -> None:
+        config = cdk.WebhookSourceConfig.model_validate(
+            {"target": "http://dry-run.invalid/", "host": "127.0.0.1", "port": 0}
+        )
+        service = service_for(EchoWebhook(), config, dry_run=True)
+        await service.start()
+        status, text = await fetch("POST", f"http://127.0.0.1:{service.port}/", data=b"hi")
+        assert status == 200, text
+        await service.stop(1.0)
+
+    asyncio.run(scenario())
+    [line] = capfd.readouterr().out.splitlines()
+    event = json.loads(line)
+    assert (event["id"], event["source"], event["data"]) == ("w1", "/hook", "hi")

@@ -138,8 +138,7 @@ class ConnectorConfig(BaseModel):
         echoes its request (with the bearer token) cannot leak the token through an excerpt.
         """
         if not self._masked_values:
-            found = {value for value in _secret_fields(self) if len(value) >= _MIN_REDACTED_LENGTH}
-            self._masked_values = sorted(found, key=len, reverse=True)
+            self._masked_values = _secret_values(type(self), self.model_dump(), {})
         return _redact(text, self._masked_values)
 
 
@@ -343,6 +342,10 @@ def _one_line(text: str) -> str:
 
 
 def _leaf_values(data: Any) -> list[str]:
+    if isinstance(data, SecretStr | SecretBytes):
+        data = data.get_secret_value()
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
     if isinstance(data, Mapping):
         return [leaf for value in data.values() for leaf in _leaf_values(value)]
     if isinstance(data, list):
@@ -392,24 +395,6 @@ def _secret_values(
     # Longest first, so a secret containing another one is masked whole.
     unique = {value for value in values if len(value) >= _MIN_REDACTED_LENGTH}
     return sorted(unique, key=len, reverse=True)
-
-
-def _secret_fields(value: Any) -> list[str]:
-    """The values of every secret-typed field in ``value``, a model, at any depth."""
-    if isinstance(value, SecretStr | SecretBytes):
-        secret = value.get_secret_value()
-        return [secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret]
-    if isinstance(value, BaseModel):
-        return [
-            leaf
-            for name in type(value).model_fields
-            for leaf in _secret_fields(getattr(value, name))
-        ]
-    if isinstance(value, Mapping):
-        return [leaf for item in value.values() for leaf in _secret_fields(item)]
-    if isinstance(value, list | tuple | set | frozenset):
-        return [leaf for item in value for leaf in _secret_fields(item)]
-    return []
 
 
 def _redact(text: str, secrets: list[str]) -> str:
