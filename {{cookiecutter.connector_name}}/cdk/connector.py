@@ -172,10 +172,11 @@ class Source(Connector[SC]):
 def _logged(event: CloudEvent) -> Tuple:
     """A Tuple whose callbacks log the outcome (the article's "send event success: id")."""
     event_id = event.get_id()
+    ids = {"event_ids": [event_id]}
     return Tuple(
         event,
-        lambda: _log.info("send event success: %s", event_id),
-        lambda error: _log.warning("send event failed: %s: %s", event_id, error),
+        lambda: _log.info("send event success: %s", event_id, extra=ids),
+        lambda error: _log.warning("send event failed: %s: %s", event_id, error, extra=ids),
     )
 
 
