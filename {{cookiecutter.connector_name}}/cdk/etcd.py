@@ -223,7 +223,7 @@ class Leadership:
             await asyncio.shield(self._term)
 
     async def resign(self) -> None:
-        self._lose("resigned")
+        self._lose("resigned", logging.INFO)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def fence(self) -> list[dict[str, Any]]:
@@ -277,11 +277,11 @@ class Leadership:
                     self._lose(f"lease not renewed in time: {str(exc) or 'timed out'}")
                 await asyncio.sleep(self.lease / 16)  # try again soon, until the deadline
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, level: int = logging.WARNING) -> None:
         lease, self._lease_id = self._lease_id, None
         if lease is None:
             return
-        log.warning("%s no longer leads %s: %s", self.identity, self.key, reason)
+        log.log(level, "%s no longer leads %s: %s", self.identity, self.key, reason)
         if self._term is not None and not self._term.done():
             self._term.set_result(None)
         for task in self._tasks:
