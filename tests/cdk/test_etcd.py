@@ -28,8 +28,8 @@ from etcd_support import (
 )
 
 from cdk.config import ConfigError, SourceConfig, load_config
-from cdk.etcd import Access, EtcdBackend, Leadership, NotLeader
-from cdk.store import PositionStore, StoreError
+from cdk.etcd import Access, EtcdBackend, Leadership
+from cdk.store import NotLeader, PositionStore, StoreError
 
 TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
 TARGET = "http://127.0.0.1:1/"
@@ -137,6 +137,42 @@ def test_store_fails_over_past_a_dead_endpoint(etcd: EtcdCluster) -> None:
         store.set("offset", 5)
         assert store.get("offset") == 5
     assert (read_key(etcd.members[0].endpoint, "/failover/source-a/offset") or {})["value"] == "5"
+
+
+def test_store_fails_over_past_a_silent_member_within_the_timeout(
+    etcd_cluster: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cdk.etcd
+
+    monkeypatch.setattr(cdk.etcd, "REQUEST_TIMEOUT", 0.5)
+    leader = etcd_cluster.leader()
+    silent, *others = [m for m in etcd_cluster.members if m is not leader] + [leader]
+    with PositionStore("source-a", etcd_cluster.url("silent", [silent, *others])) as store:
+        store.set("offset", 1)
+        silent.pause()  # connections stay open, nothing answers: a partition
+        store.set("offset", 2)
+        assert store.get("offset") == 2
+    with pytest.raises(StoreError, match=rf"{silent.endpoint}: timed out"):
+        EtcdBackend(etcd_cluster.url("silent", [silent]))
+
+
+def test_store_serves_several_threads(etcd_url: str) -> None:
+    errors: list[str] = []
+    with PositionStore("source-a", etcd_url) as store:
+
+        def write(worker: int) -> None:
+            for n in range(25):
+                store.set(f"w{worker}", n)
+                if (read := store.get(f"w{worker}")) != n:
+                    errors.append(f"w{worker}: wrote {n}, read {read!r}")
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
+        assert [store.get(f"w{n}") for n in range(4)] == [24] * 4
 
 
 def test_store_lost_while_running_raises_then_recovers(own_member: EtcdCluster) -> None:

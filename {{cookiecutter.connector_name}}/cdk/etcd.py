@@ -32,12 +32,12 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 
 from cdk.config import parse_etcd_url
-from cdk.store import StoreError
+from cdk.store import NotLeader, StoreError
 
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
 
-__all__ = ["Access", "EtcdBackend", "Leadership", "NotLeader"]
+__all__ = ["Access", "EtcdBackend", "Leadership"]
 
 T = TypeVar("T")
 log = logging.getLogger("cdk.etcd")
@@ -52,10 +52,6 @@ _UNREACHABLE = (
     gw.ConnectionTimeoutError,
     gw.InternalServerError,
 )
-
-
-class NotLeader(StoreError):
-    """A fenced write was refused: this replica does not (or no longer) lead."""
 
 
 class Access(NamedTuple):

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from cdk.config import SourceConfig
     from cdk.etcd import Leadership
 
-__all__ = ["SUPERVISOR", "Checkpoint", "PositionStore", "StoreError"]
+__all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass would come back as a string or a
 # dict, so they are refused instead of silently changing type.
@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS positions (
 
 class StoreError(Exception):
     """The position store cannot be opened, read or written; the message names where it is."""
+
+
+class NotLeader(StoreError):
+    """A write fenced by leader election was refused: this replica does not lead (now)."""
 
 
 class _Backend(Protocol):
@@ -170,20 +174,16 @@ class PositionStore:
             from cdk.etcd import EtcdBackend  # only etcd users need its client library
 
             backend = EtcdBackend(self._where)
-        self.path = None if path is None or backend is not None else Path(path)
-        self._backend: _Backend = backend or (
-            _MemoryBackend() if self.path is None else _SQLiteBackend(self.path)
-        )
+        self.path = None if path is None or backend else Path(path)
+        self._backend = backend or (_SQLiteBackend(self.path) if self.path else _MemoryBackend())
         self._closed = False
 
     @classmethod
     def from_config(
         cls, config: SourceConfig, namespace: str, leadership: Leadership | None = None
     ) -> PositionStore:
-        """The store ``config.position_store`` names (in memory when unset); with
-        ``leadership`` (etcd only), writes succeed only while it leads, else ``NotLeader``."""
-        url = config.position_store
-        if url is None or not url.startswith(ETCD_SCHEMES):
+        """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
+        if not str(url := config.position_store).startswith(ETCD_SCHEMES):
             return cls(namespace, url)
         from cdk.etcd import EtcdBackend
 
