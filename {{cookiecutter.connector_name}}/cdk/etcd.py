@@ -191,7 +191,7 @@ class Leadership:
         self, url: str, namespace: str, lease: float = 10.0, access: Access | None = None
     ) -> None:
         self.lease = lease
-        self._cluster = _Cluster(url, access, lease / 4)
+        self._cluster = _Cluster(url, access, min(lease / 4, REQUEST_TIMEOUT))
         self.key = f"{self._cluster.prefix}/{namespace}.leader"
         #: What the leader key holds while this replica leads, for people looking.
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
