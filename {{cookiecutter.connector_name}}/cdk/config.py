@@ -24,11 +24,13 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 __all__ = [
     "ENVIRONMENT",
+    "ETCD_SCHEMES",
     "ConfigError",
     "ConnectorConfig",
     "DeliveryConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "WebhookSourceConfig",
     "load_config",
     "masked_dump",
+    "parse_etcd_url",
     "redact_url",
     "resolve_paths",
 ]
@@ -97,6 +100,29 @@ def redact_url(url: str) -> str:
     except ValueError:
         return _MASK
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+#: ``position_store`` values that select the etcd backend (:mod:`cdk.etcd`).
+ETCD_SCHEMES = ("etcd://", "etcds://")
+
+
+def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
+    """``etcd[s]://HOST:PORT[,HOST:PORT...]/PREFIX`` as (TLS, endpoints, ``/PREFIX``)."""
+    scheme, _, rest = url.partition("://")
+    hosts, _, prefix = rest.partition("/")
+    if f"{scheme}://" not in ETCD_SCHEMES:
+        raise ValueError(f"must be a file path or an etcd:// or etcds:// URL, not {scheme}://")
+    if "@" in hosts:
+        raise ValueError("must not hold credentials: set etcd_username and etcd_password")
+    if not prefix.strip("/") or any(char in prefix for char in "?#"):
+        raise ValueError(f"needs a key prefix: {scheme}://HOST:PORT[,HOST:PORT...]/PREFIX")
+    endpoints = []
+    for endpoint in hosts.split(","):
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    return scheme == "etcds", endpoints, "/" + prefix.strip("/")
 
 
 class ConfigError(Exception):
@@ -254,9 +280,48 @@ class SourceConfig(DeliveryConfig):
     )
     position_store: str | None = Field(
         None,
-        description="SQLite file that keeps the source's position across restarts; "
-        "unset keeps it in memory.",
+        description="Where the source keeps its position across restarts: an SQLite file, "
+        "or `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (`etcds://` for TLS); unset keeps it "
+        "in memory.",
     )
+    etcd_username: str | None = Field(
+        None, description="User for an etcd `position_store` with auth on (in secret.yml too)."
+    )
+    etcd_password: SecretStr | None = Field(
+        None, description="Password of `etcd_username`. Keep it in secret.yml."
+    )
+    etcd_ca_file: str | None = Field(
+        None,
+        description="PEM file of the CAs an `etcds://` store's certificate is checked against.",
+    )
+    leader_election: bool = Field(
+        False,
+        description="Replicas campaign for one lease in the etcd `position_store`; only the "
+        "leader produces events.",
+    )
+    leader_lease: float = Field(
+        10.0,
+        ge=2,
+        le=3600,
+        description="Seconds a leader's lease lasts: a leader that cannot renew it stops, "
+        "and another replica takes over within about this long.",
+    )
+
+    @field_validator("position_store")
+    @classmethod
+    def _file_or_etcd(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave the key out to keep positions in memory)")
+        if value is not None and "://" in value:
+            parse_etcd_url(value)
+        return value
+
+    @field_validator("leader_election")
+    @classmethod
+    def _election_needs_etcd(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not str(info.data.get("position_store")).startswith(ETCD_SCHEMES):
+            raise ValueError("needs an etcd:// or etcds:// position_store (the lease lives there)")
+        return value
 
 
 class SinkConfig(ServerConfig):

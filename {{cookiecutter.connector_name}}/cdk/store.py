@@ -3,7 +3,7 @@
 :class:`PositionStore` is a small key-value store scoped to one connector (its
 ``namespace``): ``get``, ``set`` and ``delete`` JSON values. Without a path it keeps
 them in memory; with one it keeps them in an SQLite file (standard library), one row
-per key, each ``set`` committed on its own.
+per key, each ``set`` committed on its own; ``etcd://`` URLs keep them in etcd.
 
 :class:`Checkpoint` decides *when* a position may be written: only once every event
 tracked before it was acknowledged by the target. Deliveries complete out of order
@@ -29,14 +29,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
     from cdk.config import SourceConfig
+    from cdk.etcd import Leadership
 
-__all__ = ["SUPERVISOR", "Checkpoint", "PositionStore", "StoreError"]
+__all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass would come back as a string or a
 # dict, so they are refused instead of silently changing type.
@@ -57,7 +59,11 @@ CREATE TABLE IF NOT EXISTS positions (
 
 
 class StoreError(Exception):
-    """The position store cannot be opened, read or written; the message names the file."""
+    """The position store cannot be opened, read or written; the message names where it is."""
+
+
+class NotLeader(StoreError):
+    """A write fenced by leader election was refused: this replica does not lead (now)."""
 
 
 class _Backend(Protocol):
@@ -149,24 +155,39 @@ class PositionStore:
 
     ``PositionStore("source-x")`` keeps values in memory; ``PositionStore("source-x",
     "state/positions.db")`` keeps them in an SQLite file that several connectors may
-    share (each sees only its own namespace). Calls are synchronous and fast (tens of
-    microseconds for a write), so they are fine on the event loop.
+    share (each sees only its own namespace), ``"etcd://host:2379/prefix"`` in etcd. Calls
+    are synchronous: tens of microseconds for SQLite, a round trip (with timeouts) for etcd.
     """
 
-    def __init__(self, namespace: str, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        backend: _Backend | None = None,
+    ) -> None:
         if not namespace:
             raise ValueError("PositionStore needs a non-empty namespace (the connector's name)")
         self.namespace = namespace
-        self.path = None if path is None else Path(path)
-        self._backend: _Backend = (
-            _MemoryBackend() if self.path is None else _SQLiteBackend(self.path)
-        )
+        self._where = "memory" if path is None else os.fspath(path)
+        if backend is None and self._where.startswith(ETCD_SCHEMES):
+            from cdk.etcd import EtcdBackend  # only etcd users need its client library
+
+            backend = EtcdBackend(self._where)
+        self.path = None if path is None or backend else Path(path)
+        self._backend = backend or (_SQLiteBackend(self.path) if self.path else _MemoryBackend())
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: SourceConfig, namespace: str) -> PositionStore:
-        """The store ``config.position_store`` names, or an in-memory one when it is unset."""
-        return cls(namespace, config.position_store)
+    def from_config(
+        cls, config: SourceConfig, namespace: str, leadership: Leadership | None = None
+    ) -> PositionStore:
+        """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
+        if not str(url := config.position_store).startswith(ETCD_SCHEMES):
+            return cls(namespace, url)
+        from cdk.etcd import EtcdBackend
+
+        return cls(namespace, url, backend=EtcdBackend.from_config(config, leadership))
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
@@ -204,8 +225,7 @@ class PositionStore:
         self.close()
 
     def __repr__(self) -> str:
-        where = "memory" if self.path is None else str(self.path)
-        return f"PositionStore(namespace={self.namespace!r}, {where})"
+        return f"PositionStore(namespace={self.namespace!r}, {self._where})"
 
     def _backend_checked(self) -> _Backend:
         if self._closed:
