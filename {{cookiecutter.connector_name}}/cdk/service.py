@@ -29,7 +29,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from prometheus_client import Gauge
 
 from cdk.codec import to_structured, with_extensions
 from cdk.config import (
@@ -45,7 +47,10 @@ from cdk.http import HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
 from cdk.receiver import Receiver, SinkHandler
-from cdk.store import SUPERVISOR, Checkpoint, PositionStore
+from cdk.store import SUPERVISOR, Checkpoint, PositionStore, StoreError
+
+if TYPE_CHECKING:
+    from cdk.etcd import Leadership
 
 __all__ = ["Service", "ServiceError", "check_classes", "service_for"]
 
@@ -341,6 +346,7 @@ class PollingSourceService(_SourceService):
     ):
         super().__init__(connector, config, metrics, **kw)
         self.store: PositionStore | None = None
+        self.leadership: Leadership | None = None
         self._producing: asyncio.Task[None] | None = None
         self._checkpoints: list[Checkpoint] = []
 
@@ -363,7 +369,21 @@ class PollingSourceService(_SourceService):
             raise ServiceError("loop_produce_event must be an async def")
         source.chan = self.chan
         SUPERVISOR.set(self)
-        self.store = PositionStore.from_config(self.config, source.name())
+        if self.config.leader_election:
+            from cdk.etcd import Leadership
+
+            self.leadership = Leadership.from_config(self.config, source.name())
+        try:
+            self.store = PositionStore.from_config(self.config, source.name(), self.leadership)
+            self._new_term()
+        except StoreError as exc:
+            self._release()
+            raise ServiceError(str(exc)) from None
+
+    def _new_term(self) -> None:
+        """A fresh checkpoint, starting from the position stored now."""
+        assert self.store is not None
+        source = self.connector
         source.checkpoint = Checkpoint(self.store, "position")
         source.position = source.checkpoint.position
 
@@ -380,7 +400,41 @@ class PollingSourceService(_SourceService):
                 Receiver(_metrics_only, ServerConfig.model_validate(settings), self.metrics),
                 ServerConfig.model_validate(settings),
             )
-        self._producing = asyncio.create_task(self._produce(), name="cdk-produce")
+        produce = self._produce() if self.leadership is None else self._lead(self.leadership)
+        self._producing = asyncio.create_task(produce, name="cdk-produce")
+
+    async def _lead(self, leadership: Leadership) -> None:
+        """Produce only while this replica leads; between terms, settle and campaign again."""
+        leading = Gauge(
+            "cdk_leader",
+            "1 while this replica leads (leader_election).",
+            registry=self.metrics.registry,
+        )
+        first = True
+        try:
+            while True:
+                self.log.info("campaigning to lead (leader_election)")
+                await leadership.campaign()
+                if not first:
+                    self._new_term()  # resume where the last leader left off
+                first = False
+                leading.set(1)
+                self.log.info("leading: producing from position %r", self.connector.position)
+                producer = asyncio.ensure_future(self._produce())
+                lost = asyncio.ensure_future(leadership.lost())
+                await asyncio.wait({producer, lost}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                if producer.done():
+                    return
+                producer.cancel()
+                await asyncio.wait({producer})
+                leading.set(0)
+                self.log.warning("lost the lead; settling the events in flight, then campaigning")
+                await self.chan.join()
+                assert self.connector.checkpoint is not None
+                self.connector.checkpoint.abandon()
+        finally:
+            leading.set(0)
 
     async def _produce(self) -> None:
         try:
@@ -414,6 +468,8 @@ class PollingSourceService(_SourceService):
                 self.log.error(
                     "checkpoint %r: the newest position could not be written", checkpoint.key
                 )
+        if self.leadership is not None:
+            await self.leadership.resign()  # after the last position was written
         await self._end(min(1.0, grace or 1.0))
         self.log.info("source stopped")
 

@@ -354,6 +354,14 @@ class Checkpoint:
 
         return Tuple(event, both_success, both_failed)
 
+    def abandon(self) -> None:
+        """Write nothing more: this replica's term as leader ended (or the source stops)."""
+        self.failed = self.failed or NotLeader("this checkpoint's term as leader ended")
+        self._pending.clear()
+        self._unwritten = _NOTHING
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+
     async def flush(self) -> None:
         """Wait until the newest acknowledged position is written."""
         while self._writer is not None and not self._writer.done():
@@ -412,6 +420,11 @@ class Checkpoint:
         position = self._unwritten
         try:
             self.store.set(self.key, position)
+        except NotLeader as exc:
+            # Another replica leads now and writes its own positions: this one is void.
+            self.log.warning("checkpoint %r: position %r dropped: %s", self.key, position, exc)
+            self.abandon()
+            return True
         except StoreError as exc:
             self.log.error(
                 "checkpoint %r: position %r could not be written: %s", self.key, position, exc
