@@ -17,6 +17,9 @@ TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
 if str(TEMPLATE_PROJECT) not in sys.path:
     sys.path.insert(0, str(TEMPLATE_PROJECT))
 
+# Real etcd servers for the tests that need one (etcd_support.py says how to use them).
+from etcd_support import etcd, etcd_cluster, etcd_url  # noqa: E402, F401
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

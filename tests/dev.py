@@ -2,7 +2,7 @@
 
     python3 tests/dev.py demo     scaffold a source and a sink, run them together, show events
     python3 tests/dev.py test     the whole test suite (what CI runs); extra args go to pytest
-    python3 tests/dev.py bench    the benchmarks (codec, delivery, sink receiver)
+    python3 tests/dev.py bench    the benchmarks (codec, delivery, sink receiver, store)
 
 It needs only Python 3.10+, pip and git: the first run creates ``.venv/`` beside this
 repository and installs ``tests/requirements.txt`` into it; later runs reuse it and
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
 REQUIREMENTS = REPO / "tests" / "requirements.txt"
 STAMP = VENV / ".requirements.sha256"
-BENCHMARKS = ("bench_codec.py", "bench_delivery.py", "bench_sink.py")
+BENCHMARKS = ("bench_codec.py", "bench_delivery.py", "bench_sink.py", "bench_store.py")
 
 
 def venv_python() -> Path:

@@ -15,8 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_hooks_and_tests_pass_ruff() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "--config", "tests/ruff.toml",
-         "hooks", "tests"],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--no-cache",
+            "--config",
+            "tests/ruff.toml",
+            "hooks",
+            "tests",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr

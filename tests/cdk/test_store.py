@@ -1,4 +1,4 @@
-"""PositionStore (memory and SQLite) and Checkpoint, up to a source killed mid-stream."""
+"""PositionStore (memory, SQLite, etcd) and Checkpoint, up to a source killed mid-stream."""
 
 from __future__ import annotations
 
@@ -16,15 +16,20 @@ from cdk.store import Checkpoint, PositionStore, StoreError
 Factory = Callable[[str], PositionStore]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Factory]:
-    """Opens stores of one backend; the SQLite ones share one file, like real connectors."""
+    """Opens stores of one backend; the SQLite (etcd) ones share one file (prefix), like
+    real connectors."""
     opened: list[PositionStore] = []
     shared_memory: dict[str, PositionStore] = {}
+    # Only the etcd case starts etcd (the session's one member, a prefix per test).
+    etcd_url = request.getfixturevalue("etcd_url") if request.param == "etcd" else ""
 
     def factory(namespace: str) -> PositionStore:
         if request.param == "memory":
             store = shared_memory.setdefault(namespace, PositionStore(namespace))
+        elif request.param == "etcd":
+            store = PositionStore(namespace, etcd_url)
         else:
             store = PositionStore(namespace, tmp_path / "state" / "positions.db")
         opened.append(store)
@@ -243,7 +248,8 @@ def test_failed_event_stops_the_checkpoint(
     assert store.get("offset") == 0
     assert checkpoint.failed is error
     assert checkpoint.pending == 0  # nothing piles up behind the failure
-    assert "stays at position 0" in caplog.text and "position 2 failed" in caplog.text
+    assert "(position 2) was not delivered: target said 400" in caplog.text
+    assert "a restart resumes from after position 0" in caplog.text
 
 
 def test_events_sharing_a_position_write_it_only_once_all_are_acknowledged(

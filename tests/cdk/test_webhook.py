@@ -13,7 +13,7 @@ import cdk
 from cdk.http import Request
 from cdk.testing import CaptureTarget
 from cdk.testing.client import SinkClient
-from cdk.testing.runner import RunningSource, run_source_in_thread
+from cdk.testing.runner import Running, run_in_thread
 from cdk.webhook import RETRY_AFTER_SHUTDOWN
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,14 +78,14 @@ def target() -> Iterator[CaptureTarget]:
 
 
 @pytest.fixture
-def webhook(target: CaptureTarget) -> Iterator[tuple[JSONWebhook, RunningSource]]:
+def webhook(target: CaptureTarget) -> Iterator[tuple[JSONWebhook, Running]]:
     source = JSONWebhook()
-    with run_source_in_thread(source, _config(target)) as running:
+    with run_in_thread(source, _config(target)) as running:
         yield source, running
 
 
 def test_json_post_is_delivered_before_the_answer(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     source, running = webhook
     reply = SinkClient(running.url).post_json({"id": "order", "total": 3})
@@ -102,7 +102,7 @@ def test_json_post_is_delivered_before_the_answer(
 
 
 def test_a_list_of_events_is_delivered_in_full(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     _, running = webhook
     reply = SinkClient(running.url).post_json({"id": "batch", "events": 5})
@@ -113,7 +113,7 @@ def test_a_list_of_events_is_delivered_in_full(
 
 
 def test_no_event_answers_202_and_sends_nothing(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     _, running = webhook
     reply = SinkClient(running.url).post_json({"events": 0})
@@ -125,7 +125,7 @@ def test_no_event_answers_202_and_sends_nothing(
 
 
 def test_http_error_from_make_event_is_the_answer(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     _, running = webhook
     client = SinkClient(running.url)
@@ -140,7 +140,7 @@ def test_http_error_from_make_event_is_the_answer(
 
 def test_make_event_raising_answers_500_without_details(
     target: CaptureTarget,
-    webhook: tuple[JSONWebhook, RunningSource],
+    webhook: tuple[JSONWebhook, Running],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, running = webhook
@@ -156,7 +156,7 @@ def test_make_event_raising_answers_500_without_details(
 
 
 def test_rejecting_target_answers_502_with_the_reason(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     _, running = webhook
     target.reject_next(1, 400, "schema mismatch")
@@ -170,7 +170,7 @@ def test_rejecting_target_answers_502_with_the_reason(
 
 
 def test_failing_target_answers_502_after_retries_then_recovers(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     _, running = webhook
     client = SinkClient(running.url)
@@ -188,7 +188,7 @@ def test_failing_target_answers_502_after_retries_then_recovers(
 def test_partly_delivered_request_names_what_got_through(target: CaptureTarget) -> None:
     source = JSONWebhook()
     # One request in flight at a time makes "which event failed" deterministic.
-    with run_source_in_thread(source, _config(target, max_in_flight=1)) as running:
+    with run_in_thread(source, _config(target, max_in_flight=1)) as running:
         target.delay_next(1, 0.0)  # event 0: accepted (after no delay)
         target.reject_next(1, 400, "no")  # event 1: rejected; event 2: accepted
         reply = SinkClient(running.url).post_json({"id": "mix", "events": 3})
@@ -201,7 +201,7 @@ def test_partly_delivered_request_names_what_got_through(target: CaptureTarget) 
 def test_timeouts_answer_504(target: CaptureTarget) -> None:
     source = JSONWebhook()
     config = _config(target, send_event_attempts=1, attempt_timeout=0.2)
-    with run_source_in_thread(source, config) as running:
+    with run_in_thread(source, config) as running:
         target.delay_next(1, 2.0)
         reply = SinkClient(running.url).post_json({"id": "slow"})
     assert reply.status == 504
@@ -213,7 +213,7 @@ def test_shutdown_before_delivery_answers_503_with_retry_after(target: CaptureTa
     config = _config(target, send_event_attempts=0, grace_period=1.0)
     target.fail_with(503)  # the target never takes it: only shutdown ends the retries
     replies: list[Any] = []
-    with run_source_in_thread(source, config, grace=1.0) as running:
+    with run_in_thread(source, config, grace=1.0) as running:
         url = running.url
         thread = threading.Thread(
             target=lambda: replies.append(SinkClient(url).post_json({"id": "late"}))
@@ -231,7 +231,7 @@ def test_shutdown_before_delivery_answers_503_with_retry_after(target: CaptureTa
 
 def test_auth_token_is_required_when_configured(target: CaptureTarget) -> None:
     source = JSONWebhook()
-    with run_source_in_thread(source, _config(target, auth_token="s3cret")) as running:
+    with run_in_thread(source, _config(target, auth_token="s3cret")) as running:
         anonymous = SinkClient(running.url).post_json({"id": "anon"})
         wrong = SinkClient(running.url, token="nope").post_json({"id": "wrong"})
         good = SinkClient(running.url, token="s3cret").post_json({"id": "good"})
@@ -243,7 +243,7 @@ def test_auth_token_is_required_when_configured(target: CaptureTarget) -> None:
 
 def test_async_make_event_and_metrics(target: CaptureTarget) -> None:
     source = AsyncWebhook()
-    with run_source_in_thread(source, _config(target)) as running:
+    with run_in_thread(source, _config(target)) as running:
         client = SinkClient(running.url)
         assert client.post(b"x", path="/?name=hook").json() == {"ids": ["hook"]}
         assert client.post(b"").status == 202
@@ -257,7 +257,7 @@ def test_async_make_event_and_metrics(target: CaptureTarget) -> None:
 def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarget) -> None:
     source = JSONWebhook()
     # A small queue makes producers wait on it (backpressure) while deliveries proceed.
-    with run_source_in_thread(source, _config(target, queue_size=2)) as running:
+    with run_in_thread(source, _config(target, queue_size=2)) as running:
         url = running.url
         replies: dict[int, Any] = {}
 
@@ -276,7 +276,7 @@ def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarge
 
 
 def test_posts_to_any_path_reach_make_event(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, RunningSource]
+    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
 ) -> None:
     source, running = webhook
     client = SinkClient(running.url)
@@ -297,7 +297,7 @@ def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
     config = _config(target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0)
     target.fail_with(503)
     replies: dict[int, Any] = {}
-    with run_source_in_thread(source, config, grace=1.0) as running:
+    with run_in_thread(source, config, grace=1.0) as running:
         url = running.url
 
         def post(n: int) -> None:

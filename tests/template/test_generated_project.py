@@ -49,9 +49,9 @@ def test_generated_lint_and_types_pass_with_declared_tools(
 
 def test_lint_passes_with_the_newest_python_choice(generated_venv: Path, tmp_path: Path) -> None:
     """ruff's pyupgrade rules follow ``python_version``; the vendored kit keeps 3.11 syntax."""
-    newest = json.loads((REPO / "cookiecutter.json").read_text(encoding="utf-8"))[
-        "python_version"
-    ][-1]
+    newest = json.loads((REPO / "cookiecutter.json").read_text(encoding="utf-8"))["python_version"][
+        -1
+    ]
     for variant, answers in VARIANTS.items():
         project = render(tmp_path / variant, **answers, python_version=newest)
         ruff = run(generated_venv, project, "-m", "ruff", "check", "--no-cache", ".")

@@ -80,7 +80,7 @@ def test_pre_gen_is_self_contained(tmp_path: Path) -> None:
         ({"connector_name": "a\\"}, "connector_name 'a\\\\' is invalid"),
         ({"connector_name": f"{OPEN} x }}}}"}, f"connector_name '{OPEN} x }}}}' is invalid"),
         ({"author_email": "nobody"}, "author_email 'nobody' is invalid"),
-        ({"author_email": '"""\\'}, "author_email '\"\"\"\\\\' is invalid"),
+        ({"author_email": '"""\\'}, 'author_email \'"""\\\\\' is invalid'),
     ],
 )
 def test_pre_gen_refuses_bad_answers_in_one_line(

@@ -205,7 +205,7 @@ def test_sink_ignores_source_style(tmp_path: Path) -> None:
 
 def test_class_names_follow_the_connector_name(tmp_path: Path) -> None:
     project = render(tmp_path / "out", connector_type="sink", connector_name="sink-my-db")
-    assert "class MyDbSink(cdk.Sink):" in (project / "internal" / "sink.py").read_text()
+    assert "class MyDbSink(cdk.Sink[Config]):" in (project / "internal" / "sink.py").read_text()
     assert "cdk.run_sink(Config, MyDbSink)" in (project / "cmd" / "main.py").read_text()
 
 
@@ -225,7 +225,12 @@ def test_ruff_is_clean(rendered: dict[str, Path], variant: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mypy_is_clean(rendered: dict[str, Path], variant: str, tmp_path: Path) -> None:
     result = run_in(
-        rendered[variant], sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"),
+        rendered[variant],
+        sys.executable,
+        "-m",
+        "mypy",
+        "--cache-dir",
+        str(tmp_path / "mypy"),
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -24,11 +24,13 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 __all__ = [
     "ENVIRONMENT",
+    "ETCD_SCHEMES",
     "ConfigError",
     "ConnectorConfig",
     "DeliveryConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "WebhookSourceConfig",
     "load_config",
     "masked_dump",
+    "parse_etcd_url",
     "redact_url",
     "resolve_paths",
 ]
@@ -99,6 +102,29 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+#: ``position_store`` values that select the etcd backend (:mod:`cdk.etcd`).
+ETCD_SCHEMES = ("etcd://", "etcds://")
+
+
+def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
+    """``etcd[s]://HOST:PORT[,HOST:PORT...]/PREFIX`` as (TLS, endpoints, ``/PREFIX``)."""
+    scheme, _, rest = url.partition("://")
+    hosts, _, prefix = rest.partition("/")
+    if f"{scheme}://" not in ETCD_SCHEMES:
+        raise ValueError(f"must be a file path or an etcd:// or etcds:// URL, not {scheme}://")
+    if "@" in hosts:
+        raise ValueError("must not hold credentials: set etcd_username and etcd_password")
+    if not prefix.strip("/") or any(char in prefix for char in "?#"):
+        raise ValueError(f"needs a key prefix: {scheme}://HOST:PORT[,HOST:PORT...]/PREFIX")
+    endpoints = []
+    for endpoint in hosts.split(","):
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    return scheme == "etcds", endpoints, "/" + prefix.strip("/")
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; ``problems`` holds one readable line each."""
 
@@ -138,8 +164,7 @@ class ConnectorConfig(BaseModel):
         echoes its request (with the bearer token) cannot leak the token through an excerpt.
         """
         if not self._masked_values:
-            found = {value for value in _secret_fields(self) if len(value) >= _MIN_REDACTED_LENGTH}
-            self._masked_values = sorted(found, key=len, reverse=True)
+            self._masked_values = _secret_values(type(self), self.model_dump(), {})
         return _redact(text, self._masked_values)
 
 
@@ -255,9 +280,48 @@ class SourceConfig(DeliveryConfig):
     )
     position_store: str | None = Field(
         None,
-        description="SQLite file that keeps the source's position across restarts; "
-        "unset keeps it in memory.",
+        description="Where the source keeps its position across restarts: an SQLite file, "
+        "or `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (`etcds://` for TLS); unset keeps it "
+        "in memory.",
     )
+    etcd_username: str | None = Field(
+        None, description="User for an etcd `position_store` with auth on (in secret.yml too)."
+    )
+    etcd_password: SecretStr | None = Field(
+        None, description="Password of `etcd_username`. Keep it in secret.yml."
+    )
+    etcd_ca_file: str | None = Field(
+        None,
+        description="PEM file of the CAs an `etcds://` store's certificate is checked against.",
+    )
+    leader_election: bool = Field(
+        False,
+        description="Replicas campaign for one lease in the etcd `position_store`; only the "
+        "leader produces events.",
+    )
+    leader_lease: float = Field(
+        10.0,
+        ge=2,
+        le=3600,
+        description="Seconds a leader's lease lasts: a leader that cannot renew it stops, "
+        "and another replica takes over within about this long.",
+    )
+
+    @field_validator("position_store")
+    @classmethod
+    def _file_or_etcd(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave the key out to keep positions in memory)")
+        if value is not None and "://" in value:
+            parse_etcd_url(value)
+        return value
+
+    @field_validator("leader_election")
+    @classmethod
+    def _election_needs_etcd(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not str(info.data.get("position_store")).startswith(ETCD_SCHEMES):
+            raise ValueError("needs an etcd:// or etcds:// position_store (the lease lives there)")
+        return value
 
 
 class SinkConfig(ServerConfig):
@@ -355,6 +419,10 @@ def _one_line(text: str) -> str:
 
 
 def _leaf_values(data: Any) -> list[str]:
+    if isinstance(data, SecretStr | SecretBytes):
+        data = data.get_secret_value()
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
     if isinstance(data, Mapping):
         return [leaf for value in data.values() for leaf in _leaf_values(value)]
     if isinstance(data, list):
@@ -406,24 +474,6 @@ def _secret_values(
     return sorted(unique, key=len, reverse=True)
 
 
-def _secret_fields(value: Any) -> list[str]:
-    """The values of every secret-typed field in ``value``, a model, at any depth."""
-    if isinstance(value, SecretStr | SecretBytes):
-        secret = value.get_secret_value()
-        return [secret.decode("utf-8", "replace") if isinstance(secret, bytes) else secret]
-    if isinstance(value, BaseModel):
-        return [
-            leaf
-            for name in type(value).model_fields
-            for leaf in _secret_fields(getattr(value, name))
-        ]
-    if isinstance(value, Mapping):
-        return [leaf for item in value.values() for leaf in _secret_fields(item)]
-    if isinstance(value, list | tuple | set | frozenset):
-        return [leaf for item in value for leaf in _secret_fields(item)]
-    return []
-
-
 def _redact(text: str, secrets: list[str]) -> str:
     """``text`` with every one of ``secrets`` masked."""
     for value in secrets:
@@ -436,8 +486,12 @@ def load_config(
     config: str | os.PathLike[str] | None = None,
     secret: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> C:
-    """Load, merge and validate the connector's configuration, or raise ConfigError."""
+    """Load, merge and validate the connector's configuration, or raise ConfigError.
+
+    ``defaults`` stand in for keys that neither file nor environment set.
+    """
     env = os.environ if environ is None else environ
     config_path, secret_path, secret_explicit = resolve_paths(
         None if config is None else os.fspath(config),
@@ -457,6 +511,9 @@ def load_config(
                     data[key] = env[name]
                     from_env[key] = name
                     break
+    for key, value in (defaults or {}).items():
+        if data.get(key) is None:
+            data[key] = value
     secrets = _secret_values(model, config_data, secret_data)
     try:
         loaded = model.model_validate(data)

@@ -1,24 +1,41 @@
 """The user-facing connector types: what a connector author subclasses and returns.
 
-A source pushes :class:`Tuple` objects into ``Source.chan``; the runtime delivers them.
-A sink implements :meth:`Sink.arrived` and answers with a :class:`Result`.
-Nothing here does I/O: the runtime (``cdk.runtime``) drives these objects.
+A source puts :class:`Tuple` objects into ``Source.chan`` (the kit's default
+``loop_produce_event`` does it around ``make_event``); the kit delivers them. A sink
+implements :meth:`Sink.arrived` and answers with a :class:`Result`. The bases are generic
+in their config model, so ``class MySource(cdk.Source[Config])`` sees ``self.config`` as a
+``Config``. The service (``cdk.service``) sets ``config`` and ``chan`` before ``initialize``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from cloudevents.core.v1.event import CloudEvent
 
 if TYPE_CHECKING:
-    from cdk.config import SinkConfig, SourceConfig, WebhookSourceConfig
+    from cdk.config import ConnectorConfig, SinkConfig, SourceConfig, WebhookSourceConfig
     from cdk.http import Request
+    from cdk.metrics import Metrics
+    from cdk.store import Checkpoint
 
-__all__ = ["SUCCESS", "Result", "Sink", "Source", "Tuple", "WebhookSource"]
+__all__ = ["SUCCESS", "Connector", "Result", "Sink", "Source", "Tuple", "WebhookSource"]
+
+C = TypeVar("C", bound="ConnectorConfig")
+SC = TypeVar("SC", bound="SourceConfig")
+WC = TypeVar("WC", bound="WebhookSourceConfig")
+KC = TypeVar("KC", bound="SinkConfig")
+
+#: Seconds the default loop waits after ``make_event`` returned None when ``interval`` is 0,
+#: so a source with nothing to say does not spin.
+IDLE_WAIT = 0.1
+
+_log = logging.getLogger("cdk.source")
 
 
 @dataclass(slots=True)
@@ -53,14 +70,35 @@ class Result:
 SUCCESS = Result(0, "")
 
 
-class _Connector:
-    """Lifecycle shared by sources and sinks: initialize once, destroy once."""
+async def call(function: Callable[..., Any], *args: Any, thread: bool = False) -> Any:
+    """Call a hook that may be a plain function or a coroutine function.
+
+    ``thread=True`` runs a plain function in a worker thread, so blocking I/O in it
+    never stalls the event loop.
+    """
+    if thread and not inspect.iscoroutinefunction(function):
+        result = await asyncio.to_thread(function, *args)
+    else:
+        result = function(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class Connector(Generic[C]):
+    """Lifecycle shared by sources and sinks: ``initialize`` once, ``destroy`` once."""
+
+    #: The validated configuration, set by the kit before :meth:`initialize`.
+    config: C
+    #: The kit's metrics, set before :meth:`initialize`: add your own series to
+    #: ``metrics.registry`` (``prometheus_client.Counter(..., registry=...)``).
+    metrics: Metrics
 
     def name(self) -> str:
         """A short name for logs and metrics; defaults to the class name."""
         return type(self).__name__
 
-    def initialize(self, config: Any) -> Awaitable[None] | None:
+    def initialize(self, config: C) -> Awaitable[None] | None:
         """Called once with the validated config before any event flows.
 
         May be ``async def``. Raising here stops the connector with exit status 1.
@@ -71,35 +109,83 @@ class _Connector:
         """Called once at shutdown, after the last event was handled. May be ``async def``."""
         return None
 
+    def ready(self) -> bool | Awaitable[bool]:
+        """Whether the connector can take work now (``GET /readyz``); may be ``async def``.
 
-class Source(_Connector):
-    """Base for polling sources.
+        Return False (or raise) while a dependency is down, e.g. a sink's database.
+        """
+        return True
 
-    The runtime creates ``chan`` (a bounded ``asyncio.Queue`` of :class:`Tuple`),
-    calls :meth:`initialize`, then runs :meth:`loop_produce_event` as a task while it
-    drains ``chan`` towards the target. When ``loop_produce_event`` returns, the
-    runtime delivers what is queued and shuts down.
+
+class Source(Connector[SC]):
+    """Base for polling sources: implement :meth:`make_event`.
+
+    The kit's :meth:`loop_produce_event` calls ``make_event`` every ``interval``
+    seconds and puts what it returns into ``chan``; override the loop for anything else
+    (``await self.chan.put(cdk.Tuple(event, success, failed))``). When the loop
+    returns, the kit delivers what is queued and the process exits 0.
     """
 
     chan: asyncio.Queue[Tuple]
+    #: The position to resume after: the last one ``make_event`` returned, or, at start,
+    #: the last one whose events were all acknowledged (None on the very first run).
+    position: Any = None
+    #: Set by the kit: where the positions ``make_event`` returns are recorded.
+    checkpoint: Checkpoint | None = None
 
-    def initialize(self, config: SourceConfig) -> Awaitable[None] | None:
-        return None
+    def make_event(
+        self,
+    ) -> (
+        CloudEvent
+        | tuple[CloudEvent, Any]
+        | Awaitable[CloudEvent | tuple[CloudEvent, Any] | None]
+        | None
+    ):
+        """The next event, ``(event, position)`` to resume after it, or None for nothing now.
+
+        A plain ``def`` runs in a worker thread (blocking reads are fine); an
+        ``async def`` runs on the event loop. Returning a position makes the kit save
+        it once the event and every one before it were acknowledged, so a restarted
+        source resumes after it (``self.position``), never skipping an event.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement make_event()")
 
     async def loop_produce_event(self) -> None:
-        """Produce events forever: ``await self.chan.put(cdk.Tuple(event, ...))``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement loop_produce_event()")
+        """Call :meth:`make_event` every ``config.interval`` seconds until stopped."""
+        interval = self.config.interval
+        while True:
+            made = await call(self.make_event, thread=True)
+            if made is None:
+                await asyncio.sleep(interval or IDLE_WAIT)
+                continue
+            event, position, tracked = (
+                (*made, True) if isinstance(made, tuple) else (made, None, False)
+            )
+            item = _logged(event)
+            if tracked and self.checkpoint is not None:
+                self.position = position
+                item = self.checkpoint.tuple(event, position, item.success, item.failed)
+            await self.chan.put(item)
+            await asyncio.sleep(interval)
 
 
-class WebhookSource(_Connector):
+def _logged(event: CloudEvent) -> Tuple:
+    """A Tuple whose callbacks log the outcome (the article's "send event success: id")."""
+    event_id = event.get_id()
+    ids = {"event_ids": [event_id]}
+    return Tuple(
+        event,
+        lambda: _log.info("send event success: %s", event_id, extra=ids),
+        lambda error: _log.warning("send event failed: %s: %s", event_id, error, extra=ids),
+    )
+
+
+class WebhookSource(Connector[WC]):
     """Base for sources that serve HTTP: each request becomes zero or more events.
 
-    The runtime answers the caller only once every event made from the request was
+    The kit answers the caller only once every event made from the request was
     delivered (2xx) or given up on (an error status the caller can retry on).
     """
-
-    def initialize(self, config: WebhookSourceConfig) -> Awaitable[None] | None:
-        return None
 
     def make_event(
         self, request: Request
@@ -111,15 +197,12 @@ class WebhookSource(_Connector):
         raise NotImplementedError(f"{type(self).__name__} must implement make_event(request)")
 
 
-class Sink(_Connector):
+class Sink(Connector[KC]):
     """Base for sinks: :meth:`arrived` receives every event the server accepts.
 
     ``arrived`` may be ``async def`` (runs on the event loop) or a plain ``def``
     (runs in a worker thread so it never blocks the server). A batch arrives in one call.
     """
-
-    def initialize(self, config: SinkConfig) -> Awaitable[None] | None:
-        return None
 
     def arrived(self, *events: CloudEvent) -> Result | Awaitable[Result]:
         """Handle the events of one request; return ``cdk.SUCCESS`` or a failed Result."""

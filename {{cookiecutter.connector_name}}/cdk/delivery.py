@@ -310,6 +310,10 @@ class Deliverer:
         finally:
             self._stopped.set()
 
+    async def drain(self) -> None:
+        """Settle every queued and in-flight event, with no deadline."""
+        await self.stop(1e9)
+
     def _requests_in_flight(self) -> float:
         return self._in_flight
 

@@ -1,7 +1,9 @@
 """Metrics: the Prometheus series a connector exposes on ``GET /metrics``.
 
 Each :class:`Metrics` owns its own registry, so several connectors (or tests) in one
-process never share counters. Label values are bounded sets (modes, status codes).
+process never share counters. A sink has only the receiving series, a polling source
+only the delivery series, a webhook source both. A connector adds its own series on the
+same registry (``self.metrics.registry``); label values are bounded sets.
 """
 
 from __future__ import annotations
@@ -17,53 +19,54 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class Metrics:
-    """All series of one connector process. Cheap to update (well under 1 us each)."""
+    """The series of one connector process. Cheap to update (well under 1 us each)."""
 
-    def __init__(self, connector: str = "connector") -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.info = Gauge(
-            "cdk_connector_info", "Connector identity.", ["connector"], registry=r
-        )
-        self.info.labels(connector).set(1)
-        # Source side: delivery to the target.
-        self.delivered = Counter(
-            "cdk_events_delivered", "Events the target accepted.", registry=r
-        )
-        self.failed = Counter(
-            "cdk_events_failed", "Events given up on, by reason.", ["reason"], registry=r
-        )
-        self.retries = Counter(
-            "cdk_delivery_retries", "Delivery attempts that were retried.", registry=r
-        )
-        self.delivery_in_flight = Gauge(
-            "cdk_delivery_in_flight", "Delivery requests in flight.", registry=r
-        )
-        self.delivery_latency = Histogram(
-            "cdk_delivery_latency_seconds",
-            "Time from the first attempt to the target's final answer, per request.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            "cdk_source_queue_depth", "Events waiting in Source.chan.", registry=r
-        )
-        # Receiving side: the HTTP server of a sink or a webhook source.
-        self.received = Counter(
-            "cdk_events_received", "Events received, by content mode.", ["mode"], registry=r
-        )
+    def __init__(
+        self, connector: str = "connector", *, receiving: bool = True, delivering: bool = True
+    ) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        Gauge("cdk_connector_info", "Connector identity.", ["connector"], registry=r).labels(
+            connector
+        ).set(1)
+        if delivering:
+            self.delivered = Counter(
+                "cdk_events_delivered", "Events the target accepted.", registry=r
+            )
+            self.failed = Counter(
+                "cdk_events_failed", "Events given up on, by reason.", ["reason"], registry=r
+            )
+            self.retries = Counter(
+                "cdk_delivery_retries", "Delivery attempts that were retried.", registry=r
+            )
+            self.delivery_in_flight = Gauge(
+                "cdk_delivery_in_flight", "Delivery requests in flight.", registry=r
+            )
+            self.delivery_latency = Histogram(
+                "cdk_delivery_latency_seconds",
+                "Time from the first attempt to the target's final answer, per request.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
+            self.queue_depth = Gauge(
+                "cdk_source_queue_depth", "Events waiting in Source.chan.", registry=r
+            )
+        # Every port the kit serves counts its answers (a polling source's metrics_port too).
         self.responses = Counter(
             "cdk_http_responses", "HTTP answers, by status code.", ["status"], registry=r
         )
-        self.handler_latency = Histogram(
-            "cdk_arrived_latency_seconds",
-            "Time spent in the connector's handler (arrived or make_event), per request.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.handler_in_flight = Gauge(
-            "cdk_arrived_in_flight", "Handler calls in progress.", registry=r
-        )
+        if receiving:
+            self.received = Counter(
+                "cdk_events_received", "Events received, by content mode.", ["mode"], registry=r
+            )
+            self.handler_latency = Histogram(
+                "cdk_arrived_latency_seconds",
+                "Time spent in the connector's handler (arrived or make_event), per request.",
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            )
+            self.handler_in_flight = Gauge(
+                "cdk_arrived_in_flight", "Handler calls in progress.", registry=r
+            )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""

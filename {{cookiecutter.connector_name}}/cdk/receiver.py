@@ -230,7 +230,9 @@ class SinkHandler:
     ======================================  ====================================
     """
 
-    def __init__(self, sink: Sink, metrics: Metrics, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, sink: Sink[Any], metrics: Metrics, logger: logging.Logger | None = None
+    ) -> None:
         self._sink = sink
         self._arrived = sink.arrived
         self._is_async = inspect.iscoroutinefunction(self._arrived)

@@ -3,7 +3,7 @@
 :class:`PositionStore` is a small key-value store scoped to one connector (its
 ``namespace``): ``get``, ``set`` and ``delete`` JSON values. Without a path it keeps
 them in memory; with one it keeps them in an SQLite file (standard library), one row
-per key, each ``set`` committed on its own.
+per key, each ``set`` committed on its own; ``etcd://`` URLs keep them in etcd.
 
 :class:`Checkpoint` decides *when* a position may be written: only once every event
 tracked before it was acknowledged by the target. Deliveries complete out of order
@@ -15,26 +15,30 @@ target has not acknowledged: it may send some events again, never skip one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
     from cdk.config import SourceConfig
+    from cdk.etcd import Leadership
 
-__all__ = ["Checkpoint", "PositionStore", "StoreError"]
+__all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass would come back as a string or a
 # dict, so they are refused instead of silently changing type.
@@ -55,7 +59,11 @@ CREATE TABLE IF NOT EXISTS positions (
 
 
 class StoreError(Exception):
-    """The position store cannot be opened, read or written; the message names the file."""
+    """The position store cannot be opened, read or written; the message names where it is."""
+
+
+class NotLeader(StoreError):
+    """A write fenced by leader election was refused: this replica does not lead (now)."""
 
 
 class _Backend(Protocol):
@@ -147,24 +155,39 @@ class PositionStore:
 
     ``PositionStore("source-x")`` keeps values in memory; ``PositionStore("source-x",
     "state/positions.db")`` keeps them in an SQLite file that several connectors may
-    share (each sees only its own namespace). Calls are synchronous and fast (tens of
-    microseconds for a write), so they are fine on the event loop.
+    share (each sees only its own namespace), ``"etcd://host:2379/prefix"`` in etcd. Calls
+    are synchronous: tens of microseconds for SQLite, a round trip (with timeouts) for etcd.
     """
 
-    def __init__(self, namespace: str, path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        backend: _Backend | None = None,
+    ) -> None:
         if not namespace:
             raise ValueError("PositionStore needs a non-empty namespace (the connector's name)")
         self.namespace = namespace
-        self.path = None if path is None else Path(path)
-        self._backend: _Backend = (
-            _MemoryBackend() if self.path is None else _SQLiteBackend(self.path)
-        )
+        self._where = "memory" if path is None else os.fspath(path)
+        if backend is None and self._where.startswith(ETCD_SCHEMES):
+            from cdk.etcd import EtcdBackend  # only etcd users need its client library
+
+            backend = EtcdBackend(self._where)
+        self.path = None if path is None or backend else Path(path)
+        self._backend = backend or (_SQLiteBackend(self.path) if self.path else _MemoryBackend())
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: SourceConfig, namespace: str) -> PositionStore:
-        """The store ``config.position_store`` names, or an in-memory one when it is unset."""
-        return cls(namespace, config.position_store)
+    def from_config(
+        cls, config: SourceConfig, namespace: str, leadership: Leadership | None = None
+    ) -> PositionStore:
+        """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
+        if not str(url := config.position_store).startswith(ETCD_SCHEMES):
+            return cls(namespace, url)
+        from cdk.etcd import EtcdBackend
+
+        return cls(namespace, url, backend=EtcdBackend.from_config(config, leadership))
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
@@ -202,8 +225,7 @@ class PositionStore:
         self.close()
 
     def __repr__(self) -> str:
-        where = "memory" if self.path is None else str(self.path)
-        return f"PositionStore(namespace={self.namespace!r}, {where})"
+        return f"PositionStore(namespace={self.namespace!r}, {self._where})"
 
     def _backend_checked(self) -> _Backend:
         if self._closed:
@@ -213,11 +235,30 @@ class PositionStore:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
+#: Longest wait between two attempts to write a position the store refused.
+_WRITE_BACKOFF_MAX = 5.0
+
+
+class Supervisor(Protocol):
+    """What a running source offers the checkpoints made while it runs (see ``SUPERVISOR``)."""
+
+    def watch(self, checkpoint: Checkpoint) -> None:
+        """A checkpoint was made: flush it before ``destroy`` runs."""
+
+    def gap(self, message: str) -> None:
+        """An event a checkpoint tracks failed for good: stop, settle, exit 1."""
+
+
+#: Set by the kit while a source runs: a checkpoint made then (in ``initialize`` or in
+#: ``loop_produce_event``) reports to it, so a failed event stops the source instead of
+#: leaving a gap behind, and its last position is written before ``destroy``.
+SUPERVISOR: ContextVar[Supervisor | None] = ContextVar("cdk_supervisor", default=None)
 
 
 @dataclass(slots=True)
 class _Pending:
     position: Any
+    event_id: str | None
     acked: bool = False
 
 
@@ -234,13 +275,15 @@ class Checkpoint:
 
     Several events may carry the same position (one record made into several events):
     it is written once the last of them is acknowledged. Positions need not grow; what
-    counts is the order of :meth:`track` calls.
+    counts is the order of :meth:`track` calls. On an event loop, writes happen in a
+    worker thread, coalesced (only the newest position is written) and retried with
+    backoff while the store is unreachable: never skipped.
 
-    When an event fails (the delivery engine already retried it), the checkpoint stops
-    advancing for good: :attr:`failed` holds the error, the stored position stays
-    before that event, and tracking further events changes nothing. The source decides
-    what to do (log it and go on, or stop); after a restart it resumes from the stored
-    position and produces the failed event again.
+    An event that failed for good (its delivery attempts ran out) stops the checkpoint:
+    :attr:`failed` holds the error and the stored position stays before that event. If
+    the source runs under the kit, it then stops producing, settles what is in flight and
+    exits 1 naming the event, so a restart resumes at it: nothing is skipped. An event
+    taken by a dead-letter target counts as acknowledged.
     """
 
     def __init__(
@@ -254,15 +297,26 @@ class Checkpoint:
         #: The error of the first event that failed; the checkpoint no longer advances.
         self.failed: BaseException | None = None
         self._pending: deque[_Pending] = deque()
+        self._unwritten: Any = _NOTHING
+        self._writer: asyncio.Task[None] | None = None
+        self._supervisor = SUPERVISOR.get()
+        if self._supervisor is not None:
+            self._supervisor.watch(self)
 
     @property
     def pending(self) -> int:
         """Events tracked but not yet part of the written position."""
         return len(self._pending)
 
-    def track(self, position: Any) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
+    def track(
+        self, position: Any, event_id: str | None = None
+    ) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
         """Register the next event; returns its ``(success, failed)`` callbacks."""
-        entry = _Pending(position)
+        try:
+            orjson.dumps(position, option=_DUMP_OPTIONS)
+        except TypeError as exc:
+            raise TypeError(f"position {position!r} must be a JSON value: {exc}") from None
+        entry = _Pending(position, event_id)
         if self.failed is None:
             self._pending.append(entry)
 
@@ -284,7 +338,7 @@ class Checkpoint:
     ) -> Tuple:
         """A :class:`cdk.Tuple` for ``event`` whose callbacks feed the checkpoint first,
         then call the given ``success`` / ``failed``, if any."""
-        on_success, on_failed = self.track(position)
+        on_success, on_failed = self.track(position, str(event.get_id()))
         if success is None and failed is None:
             return Tuple(event, on_success, on_failed)
 
@@ -299,6 +353,19 @@ class Checkpoint:
                 failed(error)
 
         return Tuple(event, both_success, both_failed)
+
+    def abandon(self) -> None:
+        """Write nothing more: this replica's term as leader ended (or the source stops)."""
+        self.failed = self.failed or NotLeader("this checkpoint's term as leader ended")
+        self._pending.clear()
+        self._unwritten = _NOTHING
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+
+    async def flush(self) -> None:
+        """Wait until the newest acknowledged position is written."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     def _advance(self) -> None:
         if self.failed is not None:
@@ -315,28 +382,64 @@ class Checkpoint:
                 return
 
     def _fail(self, entry: _Pending, error: BaseException) -> None:
+        if getattr(error, "dead_lettered", False):
+            # The dead-letter target holds the event: nothing is lost by moving on.
+            entry.acked = True
+            self._advance()
+            return
         if self.failed is not None:
             return
         self.failed = error
         # Nothing after the failed event may ever be written: drop what is queued so a
         # source that goes on producing does not grow this deque without bound.
         self._pending.clear()
-        where = "its start" if self.position is None else f"position {self.position!r}"
-        self.log.error(
-            "checkpoint %r stays at %s until a restart: the event at position %r failed "
-            "(it will be produced again after the restart): %s",
-            self.key,
-            where,
-            entry.position,
-            error,
+        # The newest acknowledged position: written, or about to be.
+        resume = self.position if self._unwritten is _NOTHING else self._unwritten
+        where = "its start" if resume is None else f"after position {resume!r}"
+        message = (
+            f"event {entry.event_id or '?'} (position {entry.position!r}) was not delivered: "
+            f"{error}; a restart resumes from {where}"
         )
+        if self._supervisor is not None:
+            self._supervisor.gap(message)
+        else:
+            self.log.error("checkpoint %r stopped: %s", self.key, message)
 
     def _write(self, position: Any) -> None:
+        self._unwritten = position
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_pending()  # no event loop: write now
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_loop(), name="cdk-checkpoint")
+
+    def _write_pending(self) -> bool:
+        """Write the newest unwritten position; False when the store refused it."""
+        position = self._unwritten
         try:
             self.store.set(self.key, position)
-        except (StoreError, TypeError) as exc:
-            # A lost write only moves the resume point back (more duplicates after a
-            # restart), so delivery goes on; the operator sees why.
-            self.log.error("checkpoint %r could not be written: %s", self.key, exc)
-            return
+        except NotLeader as exc:
+            # Another replica leads now and writes its own positions: this one is void.
+            self.log.warning("checkpoint %r: position %r dropped: %s", self.key, position, exc)
+            self.abandon()
+            return True
+        except StoreError as exc:
+            self.log.error(
+                "checkpoint %r: position %r could not be written: %s", self.key, position, exc
+            )
+            return False
         self.position = position
+        if self._unwritten is position:
+            self._unwritten = _NOTHING
+        return True
+
+    async def _write_loop(self) -> None:
+        delay = 0.05
+        while self._unwritten is not _NOTHING:
+            if await asyncio.to_thread(self._write_pending):
+                delay = 0.05
+            else:
+                await asyncio.sleep(delay)
+                delay = min(_WRITE_BACKOFF_MAX, delay * 2)

@@ -106,7 +106,7 @@ class WebhookHandler:
 
     def __init__(
         self,
-        source: WebhookSource,
+        source: WebhookSource[Any],
         chan: asyncio.Queue[Tuple],
         metrics: Metrics,
         logger: logging.Logger | None = None,

@@ -14,19 +14,15 @@ from internal.config import Config
 log = logging.getLogger(__name__)
 
 
-class {{ cookiecutter.__class_prefix }}Sink(cdk.Sink):
+class {{ cookiecutter.__class_prefix }}Sink(cdk.Sink[Config]):
     """Prints the key/value pairs of each event's JSON data."""
-
-    def initialize(self, config: cdk.SinkConfig) -> None:
-        # The runtime passes the Config that cmd/main.py names.
-        assert isinstance(config, Config)
-        self.config = config
 
     def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
         """Handle the events of one request (a batch arrives in one call).
 
-        TODO: write the events where they belong. A plain ``def`` runs in a worker
-        thread, so blocking I/O is fine here; ``async def`` runs on the event loop.
+        TODO: write the events where they belong; ``self.config`` is your Config. A plain
+        ``def`` runs in a worker thread, so blocking I/O is fine here; ``async def`` runs
+        on the event loop. Open connections in ``initialize``, close them in ``destroy``.
         """
         for event in events:
             data = event.get_data()

@@ -2,25 +2,23 @@
 
 - ``CaptureTarget``: an HTTP receiver that records what a source delivers and can be
   told to fail, drop or delay the next requests; ``free_port`` picks a port for it.
-- ``SinkClient`` / ``AsyncSinkClient``: send events to a sink in any mode, or raw
+- ``SinkClient``: send events to a sink in any mode, or raw
   bodies and headers, and read the ``Reply`` (status, headers, body).
-- ``run_sink_in_thread`` / ``run_source_in_thread``: the connector in-process on a
+- ``run_in_thread``: the connector in-process on a
   background event loop; ``ConnectorProcess``: ``python cmd/main.py`` with a test config.
 - ``SinkTests`` / ``SourceTests``: the standard contract suites a project subclasses.
 """
 
-from cdk.testing.client import AsyncSinkClient, Reply, SinkClient
+from cdk.testing.client import Reply, SinkClient
 from cdk.testing.runner import (
     ConnectorProcess,
-    run_sink_in_thread,
-    run_source_in_thread,
+    run_in_thread,
     run_to_exit,
 )
 from cdk.testing.suite import SinkTests, SourceTests, assert_same_events, sample_event
 from cdk.testing.target import CapturedRequest, CaptureTarget, free_port
 
 __all__ = [
-    "AsyncSinkClient",
     "CaptureTarget",
     "CapturedRequest",
     "ConnectorProcess",
@@ -30,8 +28,7 @@ __all__ = [
     "SourceTests",
     "assert_same_events",
     "free_port",
-    "run_sink_in_thread",
-    "run_source_in_thread",
+    "run_in_thread",
     "run_to_exit",
     "sample_event",
 ]

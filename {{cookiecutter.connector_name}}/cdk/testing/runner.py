@@ -1,8 +1,8 @@
 """Runners: start a connector for a test, in-process or as the real ``cmd/main.py`` process.
 
-In-process, :func:`run_sink_in_thread` and :func:`run_source_in_thread` run the same
-``SinkService`` / ``SourceService`` the CLI runs, on an event loop in a background
-thread, so synchronous tests can talk to them over loopback HTTP. As a process,
+In-process, :func:`run_in_thread` runs the same service the CLI runs (``cdk.service``),
+on an event loop in a background thread, so synchronous tests can talk to it over
+loopback HTTP. As a process,
 :class:`ConnectorProcess` writes a config.yml (and secret.yml) into a temporary
 directory, starts ``python cmd/main.py`` in the project directory with the current
 interpreter, waits for the runtime's ready line and, on stop, sends SIGTERM and hands
@@ -29,19 +29,17 @@ from typing import Any, TypeVar
 import yaml
 
 from cdk.config import ENVIRONMENT, ServerConfig
-from cdk.connector import Sink, Source, WebhookSource
-from cdk.runtime import SinkService, SourceService
+from cdk.connector import Connector
+from cdk.service import Service, service_for
 from cdk.testing.target import free_port
 
 __all__ = [
     "READY_PATTERN",
     "ConnectorProcess",
     "LoopThread",
-    "RunningSink",
-    "RunningSource",
+    "Running",
     "free_port",
-    "run_sink_in_thread",
-    "run_source_in_thread",
+    "run_in_thread",
     "run_to_exit",
 ]
 
@@ -52,6 +50,7 @@ READY_PATTERN = re.compile(
     r"(?:sink|source) listening on (?P<url>https?://(?P<host>[^\s:/]+|\[[^\]]+\]):(?P<port>\d+))"
     r"|source started"
 )
+
 
 class LoopThread:
     """An asyncio event loop running in a daemon thread; coroutines are run on it by ``call``."""
@@ -110,12 +109,14 @@ class LoopThread:
         self.close()
 
 
-class _Running:
-    """A service started on a :class:`LoopThread`."""
+class Running:
+    """A service started on a :class:`LoopThread`: ``.connector``, and ``.url`` / ``.port``
+    on 127.0.0.1 for a sink or a webhook source."""
 
-    def __init__(self, service: SinkService | SourceService, loop: LoopThread) -> None:
+    def __init__(self, service: Service, loop: LoopThread) -> None:
         self.service = service
         self.loop = loop
+        self.connector = service.connector
 
     @property
     def port(self) -> int:
@@ -129,89 +130,43 @@ class _Running:
         """Run a coroutine on the service's loop (to reach the connector from a test)."""
         return self.loop.call(coroutine, timeout)
 
-
-class RunningSink(_Running):
-    """A sink served in-process: ``.url`` / ``.port`` on 127.0.0.1, ``.sink`` the connector."""
-
-    service: SinkService
-
-    def __init__(self, service: SinkService, loop: LoopThread, sink: Sink) -> None:
-        super().__init__(service, loop)
-        self.sink = sink
-
-
-class RunningSource(_Running):
-    """A source run in-process; a webhook source also has ``.url`` / ``.port``."""
-
-    service: SourceService
-
-    def __init__(self, service: SourceService, loop: LoopThread, source: Source | WebhookSource):
-        super().__init__(service, loop)
-        self.source = source
-
     def wait(self, timeout: float = 30.0) -> None:
-        """Wait until the source finished by itself (its ``loop_produce_event`` returned)."""
+        """Wait until a source finished by itself (its ``loop_produce_event`` returned)."""
         self.loop.call(self.service.wait(), timeout)
 
 
-def _loopback(config: T) -> T:
-    """The config with a server bound to a free loopback port (sinks and webhook sources)."""
-    if isinstance(config, ServerConfig):
-        return config.model_copy(update={"host": "127.0.0.1", "port": 0})
-    return config
-
-
 @contextmanager
-def _started(
-    service: SinkService | SourceService, name: str, grace: float, start_timeout: float
-) -> Iterator[LoopThread]:
-    """Start ``service`` on a new loop thread; stop it and end the thread afterwards."""
-    loop = LoopThread(name)
+def run_in_thread(
+    connector: Connector[Any],
+    config: Any,
+    *,
+    grace: float = 5.0,
+    start_timeout: float = 30.0,
+    **options: Any,
+) -> Iterator[Running]:
+    """Run ``connector`` with ``config`` on a background event loop for the ``with`` block.
+
+    ``config`` is the connector's validated config; a server (sink, webhook source) is
+    bound to 127.0.0.1 on a free port, and a source's ``target`` is set by the caller.
+    ``options`` go to the service (``dry_run``, ``max_events``, ``overrides``). On exit
+    the service drains and calls ``destroy()`` within ``grace`` seconds.
+    """
+    if isinstance(config, ServerConfig):
+        config = config.model_copy(update={"host": "127.0.0.1", "port": 0})
+    service = service_for(connector, config, **options)
+    loop = LoopThread(f"cdk-testing-{service.kind}")
     try:
         loop.call(service.start(), start_timeout)
     except BaseException:
         loop.close()
         raise
     try:
-        yield loop
+        yield Running(service, loop)
     finally:
         try:
             loop.call(service.stop(grace), grace + 10.0)
         finally:
             loop.close()
-
-
-@contextmanager
-def run_sink_in_thread(
-    sink: Sink, config: Any, *, grace: float = 5.0, start_timeout: float = 30.0
-) -> Iterator[RunningSink]:
-    """Serve ``sink`` with ``config`` on a free loopback port for the ``with`` block.
-
-    ``config`` is the connector's validated config (a ``cdk.SinkConfig``); its host and
-    port are replaced by 127.0.0.1 and a free port. On exit the service drains and
-    calls ``destroy()`` within ``grace`` seconds.
-    """
-    service = SinkService(sink, _loopback(config))
-    with _started(service, "cdk-testing-sink", grace, start_timeout) as loop:
-        yield RunningSink(service, loop, sink)
-
-
-@contextmanager
-def run_source_in_thread(
-    source: Source | WebhookSource,
-    config: Any,
-    *,
-    grace: float = 5.0,
-    start_timeout: float = 30.0,
-) -> Iterator[RunningSource]:
-    """Run ``source`` with ``config`` (its ``target`` set by the caller) for the ``with`` block.
-
-    A webhook source serves on a free loopback port (``.url``). On exit the service
-    delivers what is queued within ``grace`` seconds and calls ``destroy()``.
-    """
-    service = SourceService(source, _loopback(config))
-    with _started(service, "cdk-testing-source", grace, start_timeout) as loop:
-        yield RunningSource(service, loop, source)
 
 
 class ConnectorProcess:

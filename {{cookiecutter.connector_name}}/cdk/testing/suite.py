@@ -49,10 +49,9 @@ from cdk.connector import Result, Sink, Source, Tuple, WebhookSource
 from cdk.testing.client import Mode, SinkClient
 from cdk.testing.runner import (
     ConnectorProcess,
-    RunningSink,
+    Running,
     free_port,
-    run_sink_in_thread,
-    run_source_in_thread,
+    run_in_thread,
     run_to_exit,
 )
 from cdk.testing.target import CaptureTarget
@@ -161,7 +160,7 @@ class SinkRecorder(_Waitable):
             self.calls.clear()
 
 
-def recording_sink(sink_class: type[Sink], recorder: SinkRecorder) -> type[Sink]:
+def recording_sink(sink_class: type[Sink[Any]], recorder: SinkRecorder) -> type[Sink[Any]]:
     """A subclass of ``sink_class`` whose ``arrived`` records its events, then runs the original.
 
     It keeps the original's kind (``async def`` or plain ``def``), so the runtime runs it
@@ -186,7 +185,7 @@ def recording_sink(sink_class: type[Sink], recorder: SinkRecorder) -> type[Sink]
     return Recording
 
 
-def failing_sink(sink_class: type[Sink], answer: Result | BaseException) -> type[Sink]:
+def failing_sink(sink_class: type[Sink[Any]], answer: Result | BaseException) -> type[Sink[Any]]:
     """A subclass of ``sink_class`` whose ``arrived`` returns ``answer`` (or raises it)."""
 
     class Failing(sink_class):  # type: ignore[valid-type, misc]
@@ -264,7 +263,9 @@ class _RecordingChan:
         return getattr(self._queue, name)
 
 
-def recording_source(source_class: type[Source], recorder: SourceRecorder) -> type[Source]:
+def recording_source(
+    source_class: type[Source[Any]], recorder: SourceRecorder
+) -> type[Source[Any]]:
     """A subclass of ``source_class`` whose ``chan`` records each Tuple and its callbacks."""
 
     class Recording(source_class):  # type: ignore[valid-type, misc]
@@ -402,7 +403,7 @@ class SinkTests(_ConnectorTests):
 
     __test__ = False
 
-    sink_class: ClassVar[type[Sink]]
+    sink_class: ClassVar[type[Sink[Any]]]
     config_class: ClassVar[type[Any]] = SinkConfig
 
     def make_event(self, index: int) -> CloudEvent:
@@ -410,10 +411,10 @@ class SinkTests(_ConnectorTests):
         return sample_event(index)
 
     @contextmanager
-    def serve(self, sink: Sink) -> Iterator[tuple[SinkClient, RunningSink]]:
+    def serve(self, sink: Sink[Any]) -> Iterator[tuple[SinkClient, Running]]:
         """Serve ``sink`` in-process with this suite's config; yield a client for it."""
         config = self.connector_config()
-        with run_sink_in_thread(sink, config, start_timeout=self.timeout) as running:
+        with run_in_thread(sink, config, start_timeout=self.timeout) as running:
             yield SinkClient(running.url, token=_token(config), timeout=self.timeout), running
 
     @contextmanager
@@ -475,7 +476,7 @@ class SinkTests(_ConnectorTests):
 
     def test_auth_token_is_enforced(self) -> None:
         config = self.connector_config(auth_token="cdk-testing-token")
-        with run_sink_in_thread(self.sink_class(), config, start_timeout=self.timeout) as running:
+        with run_in_thread(self.sink_class(), config, start_timeout=self.timeout) as running:
             anonymous = SinkClient(running.url, timeout=self.timeout).send(self.make_event(0))
             client = SinkClient(running.url, token="cdk-testing-token", timeout=self.timeout)
             allowed = client.send(self.make_event(1))
@@ -525,7 +526,7 @@ class SourceTests(_ConnectorTests):
 
     __test__ = False
 
-    source_class: ClassVar[type[Source] | type[WebhookSource]]
+    source_class: ClassVar[type[Source[Any]] | type[WebhookSource[Any]]]
     config_class: ClassVar[type[Any]] = SourceConfig
     #: How many events the polling tests wait for.
     event_count: ClassVar[int] = 3
@@ -575,14 +576,14 @@ class SourceTests(_ConnectorTests):
         answers every request with it, and the run lasts until a ``failed`` callback.
         """
         recorder = SourceRecorder()
-        source_class: type[Source] = self.source_class  # type: ignore[assignment]
+        source_class: type[Source[Any]] = self.source_class  # type: ignore[assignment]
         source = recording_source(source_class, recorder)()
         captured: list[CloudEvent] = []
         with CaptureTarget.in_thread() as target:
             if fail_status is not None:
                 target.fail_with(fail_status)
             config = self.source_config(target.url, **overrides)
-            with run_source_in_thread(source, config, start_timeout=self.timeout):
+            with run_in_thread(source, config, start_timeout=self.timeout):
                 if fail_status is None:
                     wanted = self.event_count
                     # Callbacks follow the target's answers, and a finishing source says so:
@@ -657,11 +658,11 @@ class SourceTests(_ConnectorTests):
     # -- webhook ---------------------------------------------------------------------
 
     def test_webhook_request_yields_events(self) -> None:
-        source: WebhookSource = self.source_class()  # type: ignore[assignment]
+        source: WebhookSource[Any] = self.source_class()  # type: ignore[assignment]
         body, headers = self.webhook_request()
         with CaptureTarget.in_thread() as target:
             config = self.source_config(target.url)
-            with run_source_in_thread(source, config, start_timeout=self.timeout) as running:
+            with run_in_thread(source, config, start_timeout=self.timeout) as running:
                 client = SinkClient(running.url, token=_token(config), timeout=self.timeout)
                 reply = client.post(body, headers)
             captured = list(target.events)
@@ -671,12 +672,12 @@ class SourceTests(_ConnectorTests):
         assert len(set(keys)) == len(keys), f"duplicate source/id pairs: {keys}"
 
     def test_webhook_delivery_failure_is_an_error_status(self) -> None:
-        source: WebhookSource = self.source_class()  # type: ignore[assignment]
+        source: WebhookSource[Any] = self.source_class()  # type: ignore[assignment]
         body, headers = self.webhook_request()
         with CaptureTarget.in_thread() as target:
             target.fail_with(400)
             config = self.source_config(target.url, send_event_attempts=1)
-            with run_source_in_thread(source, config, start_timeout=self.timeout) as running:
+            with run_in_thread(source, config, start_timeout=self.timeout) as running:
                 client = SinkClient(running.url, token=_token(config), timeout=self.timeout)
                 reply = client.post(body, headers)
         # An error status a webhook caller retries on, never a 2xx for a lost event.

@@ -1,0 +1,151 @@
+"""Leader election across real source processes: one produces, another takes over.
+
+Two (or three) ``cmd/main.py``-style processes share an etcd ``position_store`` with
+``leader_election: true`` and deliver to one capture target. Every event says which
+replica made it (the ``replica`` extension), so the target's arrival order shows who
+produced when: each replica's events form one run, never interleaved with another's.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from etcd_support import EtcdCluster
+from processes import Process, start
+
+from cdk.testing import CaptureTarget
+
+LEASE = 2.0
+
+REPLICA_SCRIPT = """
+import os
+import cdk
+
+
+class Config(cdk.SourceConfig):
+    pass
+
+
+class Numbers(cdk.Source[Config]):
+    def make_event(self):
+        n = (self.position or 0) + 1
+        attributes = {"id": f"n{n}", "source": "/n", "type": "t", "replica": os.environ["REPLICA"]}
+        return cdk.CloudEvent(attributes, {"n": n}), n
+
+
+cdk.run_source(Config, Numbers)
+"""
+
+
+def replica_dir(tmp_path: Path, name: str, target: str, store: str) -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "config.yml").write_text(
+        f"target: {target}\nposition_store: {store}\nleader_election: true\n"
+        f"leader_lease: {LEASE}\ninterval: 0.005\nmax_in_flight: 1\n",
+        encoding="utf-8",
+    )
+    return directory
+
+
+def runs(replicas: list[str]) -> list[str]:
+    """The replicas in the order their runs of events arrived (``aab`` -> ``["a", "b"]``)."""
+    order: list[str] = []
+    for replica in replicas:
+        if not order or order[-1] != replica:
+            order.append(replica)
+    return order
+
+
+def assert_no_gap(ids: list[str]) -> None:
+    numbers = {int(event_id[1:]) for event_id in ids}
+    missing = set(range(1, max(numbers) + 1)) - numbers
+    assert not missing, f"events never delivered: {sorted(missing)[:20]}"
+
+
+def test_a_killed_leader_is_replaced_within_the_lease_and_nothing_is_missing(
+    tmp_path: Path, etcd_url: str, started: list[Process]
+) -> None:
+    with CaptureTarget.in_thread() as target:
+        a = start(
+            started, replica_dir(tmp_path, "a", target.url, etcd_url), REPLICA_SCRIPT, REPLICA="a"
+        )
+        a.wait_for("leading: producing")
+        b = start(
+            started, replica_dir(tmp_path, "b", target.url, etcd_url), REPLICA_SCRIPT, REPLICA="b"
+        )
+        b.wait_for("campaigning to lead")
+        target.wait_until(lambda: len(target.events) >= 50, timeout=30)
+        assert "leading" not in b.stderr.replace("campaigning to lead", "")
+        a.process.send_signal(signal.SIGKILL)
+        a.wait()
+        count = len(target.events)
+        b.wait_for("leading: producing", timeout=LEASE * 3)
+        target.wait_until(lambda: len(target.events) >= count + 50, timeout=30)
+        b.send(signal.SIGTERM)
+        assert b.wait() == 0, b.stderr
+        events = list(target.events)
+    replicas = [str(e.get_extension("replica")) for e in events]
+    assert runs(replicas) == ["a", "b"], "two replicas produced at once"
+    assert_no_gap([e.get_id() for e in events])
+    # b resumed from a's last acknowledged position, not from the start.
+    first_of_b = next(int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "b")
+    assert first_of_b > 1
+
+
+def test_a_leader_cut_off_from_etcd_stops_producing_before_another_leads(
+    tmp_path: Path, etcd_cluster: EtcdCluster, started: list[Process]
+) -> None:
+    members = etcd_cluster.members
+    with CaptureTarget.in_thread() as target:
+        a_store = etcd_cluster.url("cut", [members[0]])  # a reaches etcd only through member 0
+        b_store = etcd_cluster.url("cut", members[1:])
+        a = start(
+            started, replica_dir(tmp_path, "a", target.url, a_store), REPLICA_SCRIPT, REPLICA="a"
+        )
+        a.wait_for("leading: producing")
+        b = start(
+            started, replica_dir(tmp_path, "b", target.url, b_store), REPLICA_SCRIPT, REPLICA="b"
+        )
+        b.wait_for("campaigning to lead")
+        target.wait_until(lambda: len(target.events) >= 30, timeout=30)
+        members[0].stop()
+        a.wait_for("lost the lead", timeout=LEASE * 3)
+        b.wait_for("leading: producing", timeout=LEASE * 5)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 30, timeout=30)
+        for process in (a, b):
+            process.send(signal.SIGTERM)
+        assert b.wait() == 0, b.stderr
+        a.wait()
+        events = list(target.events)
+    replicas = [str(e.get_extension("replica")) for e in events]
+    assert runs(replicas) == ["a", "b"], "the cut-off leader went on producing"
+    assert_no_gap([e.get_id() for e in events])
+
+
+def test_only_one_of_three_replicas_produces(
+    tmp_path: Path, etcd_url: str, started: list[Process]
+) -> None:
+    with CaptureTarget.in_thread() as target:
+        processes = [
+            start(
+                started,
+                replica_dir(tmp_path, name, target.url, etcd_url),
+                REPLICA_SCRIPT,
+                REPLICA=name,
+            )
+            for name in "abc"
+        ]
+        for process in processes:
+            process.wait_for("campaigning to lead")
+        target.wait_until(lambda: len(target.events) >= 60, timeout=30)
+        leaders = [p for p in processes if "leading: producing" in p.stderr]
+        # Followers first: a leader stopping first resigns, and a follower would take over.
+        for process in sorted(processes, key=lambda p: p in leaders):
+            process.send(signal.SIGTERM)
+            assert process.wait() == 0, process.stderr
+        events = list(target.events)
+    assert len(leaders) == 1
+    assert len({e.get_extension("replica") for e in events}) == 1

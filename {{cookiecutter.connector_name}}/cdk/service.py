@@ -1,0 +1,541 @@
+"""Services: a connector's lifecycle in-process, without the process around it.
+
+:func:`service_for` picks the service by the connector's class: :class:`SinkService`
+serves ``POST /`` and hands events to ``arrived``; :class:`PollingSourceService` runs
+``loop_produce_event`` and delivers ``chan``; :class:`WebhookSourceService` serves HTTP,
+calls ``make_event(request)`` and delivers. All share :class:`Service`: ``initialize``
+and ``destroy`` exactly once, readiness, the HTTP server, ``start``/``wait``/``stop``.
+``cdk.runtime`` runs one as a process; ``cdk.testing`` runs them in a thread.
+
+Lines other programs may wait for (logged at INFO; stable):
+
+- ``sink listening on http://HOST:PORT`` once a sink serves;
+- ``source listening on http://HOST:PORT`` once a webhook source serves, or
+  ``metrics listening on http://HOST:PORT`` for a polling source's ``metrics_port``;
+- ``source started, target=URL`` once a source runs (always its last start-up line);
+- ``sink stopped`` / ``source stopped``.
+
+Stopping: ``stop(grace)`` clears readiness, stops accepting and producing, and lets
+in-flight work finish within ``grace`` seconds. ``stop()`` without a grace (a source
+that finished by itself) settles every event, however long its attempts take; a later
+``stop(grace)`` hurries it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from prometheus_client import Gauge
+
+from cdk.codec import to_structured, with_extensions
+from cdk.config import (
+    DeliveryConfig,
+    ServerConfig,
+    SinkConfig,
+    SourceConfig,
+    WebhookSourceConfig,
+    redact_url,
+)
+from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
+from cdk.http import HTTPServer, Request, Response
+from cdk.logs import one_line
+from cdk.metrics import Metrics
+from cdk.receiver import Receiver, SinkHandler
+from cdk.store import SUPERVISOR, Checkpoint, PositionStore, StoreError
+
+if TYPE_CHECKING:
+    from cdk.etcd import Leadership
+
+__all__ = ["Service", "ServiceError", "check_classes", "service_for"]
+
+
+class ServiceError(Exception):
+    """A connector could not start or run; ``str()`` is one line a user can act on."""
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Service:
+    """What every service shares; see the module docstring."""
+
+    kind: ClassVar[str]
+    #: What the service's HTTP port is, in the "... listening on" line.
+    role: ClassVar[str]
+
+    def __init__(self, connector: Connector[Any], config: Any, metrics: Metrics | None = None):
+        self.connector = connector
+        self.config = config
+        self.metrics = metrics if metrics is not None else self._metrics(connector.name())
+        self.log = logging.getLogger(f"cdk.{self.kind}")
+        self.receiver: Receiver | None = None
+        self.server: HTTPServer | None = None
+        #: The first runtime failure, once stopped (the process then exits 1).
+        self.error: BaseException | None = None
+        self._state = "new"  # new -> started -> initialized -> destroyed
+        self._finished = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+
+    def _metrics(self, name: str) -> Metrics:
+        return Metrics(name)
+
+    @property
+    def port(self) -> int:
+        """The port served (the bound one when the config says 0)."""
+        if self.server is None:
+            raise RuntimeError(f"the {self.kind} serves no HTTP port (not started, or none)")
+        return self.server.port
+
+    async def start(self) -> None:
+        """Call ``initialize``, then serve and run; raises :class:`ServiceError` on failure."""
+        if self._state != "new":
+            raise ServiceError("already started: a service runs once")
+        self._state = "started"
+        self.connector.config = self.config
+        self.connector.metrics = self.metrics
+        self._prepare()
+        try:
+            await call(self.connector.initialize, self.config)
+        except Exception as exc:
+            # One readable line at ERROR (by the caller); the traceback only at DEBUG.
+            self.log.debug("initialize raised", exc_info=True)
+            self._release()
+            raise ServiceError(f"initialize failed: {one_line(exc)}") from exc
+        self._state = "initialized"
+        try:
+            await self._begin()
+        except BaseException:
+            await self._end(0.0)
+            raise
+        if self.receiver is not None:
+            self.receiver.ready = True
+        if self.server is not None:
+            self.log.info("%s listening on %s", self.role, _url(self.config.host, self.server.port))
+        self._started()
+
+    async def wait(self) -> None:
+        """Return once the service ended by itself (finished, or failed)."""
+        await self._finished.wait()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop within ``grace`` seconds; without one, settle all work first (sources)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+            self._stopping.add_done_callback(lambda _: self._finished.set())
+        elif grace is not None:
+            self._hurry(grace)
+        await asyncio.shield(self._stopping)
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = self.error or error
+        self._finished.set()
+
+    async def _serve(self, receiver: Receiver, config: ServerConfig) -> None:
+        self.receiver = receiver
+        server = HTTPServer(
+            receiver.handle,
+            host=config.host,
+            port=config.port,
+            max_body_bytes=config.max_body_bytes,
+            max_header_bytes=config.max_header_bytes,
+            read_timeout=config.read_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            on_reject=receiver.record_status,
+            logger=logging.getLogger("cdk.http"),
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ServiceError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
+        self.server = server
+
+    async def _close_server(self, grace: float) -> None:
+        if self.receiver is not None:
+            self.receiver.ready = False
+        if self.server is not None:
+            await self.server.close(grace)
+
+    async def _end(self, grace: float) -> None:
+        """Undo ``_begin`` within ``grace`` seconds, then ``destroy`` (once, if initialized)."""
+        await self._close_server(grace)
+        if self._state == "initialized":
+            self._state = "destroyed"
+            try:
+                await call(self.connector.destroy)
+            except Exception as exc:
+                self.log.exception("destroy raised")
+                self.error = self.error or exc
+        self._release()
+
+    async def _stop(self, grace: float | None) -> None:
+        await self._end(self.config.grace_period if grace is None else grace)
+        self.log.info("%s stopped", self.kind)
+
+    # -- what each service adds ---------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Before ``initialize``: give the connector what it may use there."""
+
+    async def _begin(self) -> None:
+        """After ``initialize``: serve and run."""
+
+    def _started(self) -> None:
+        """After the "listening" line."""
+
+    def _hurry(self, grace: float) -> None:
+        """A stop with a deadline arrived while one without was under way."""
+
+    def _release(self) -> None:
+        """Free what ``_prepare`` took."""
+
+
+class SinkService(Service):
+    """A sink: serve ``POST /``, hand events to ``arrived``, drain, ``destroy``."""
+
+    kind = role = "sink"
+    connector: Sink[Any]
+
+    def _metrics(self, name: str) -> Metrics:
+        return Metrics(name, delivering=False)
+
+    async def _begin(self) -> None:
+        handler = SinkHandler(self.connector, self.metrics)
+        await self._serve(Receiver(handler, self.config, self.metrics), self.config)
+
+
+class _Chan(asyncio.Queue[Tuple]):
+    """``Source.chan``: a bounded queue that, given a ``limit``, takes only that many events."""
+
+    def __init__(self, maxsize: int, limit: int | None, on_limit: Callable[[], None]) -> None:
+        super().__init__(maxsize)
+        self._left = limit
+        self._on_limit = on_limit
+
+    def full(self) -> bool:
+        return self._left == 0 or super().full()
+
+    def put_nowait(self, item: Tuple) -> None:
+        if self._left == 0:
+            raise asyncio.QueueFull
+        super().put_nowait(item)
+        if self._left is not None:
+            self._left -= 1
+            if self._left == 0:
+                self._on_limit()
+
+
+class _Printer:
+    """Stands in for the delivery engine in a dry run: one structured JSON line per event."""
+
+    def __init__(self, overrides: Mapping[str, Any] | None) -> None:
+        self.overrides = overrides
+        self._chan: asyncio.Queue[Tuple] | None = None
+
+    async def run(self, chan: asyncio.Queue[Tuple]) -> None:
+        self._chan = chan
+        while True:
+            item = await chan.get()
+            event = with_extensions(item.event, self.overrides) if self.overrides else item.event
+            try:
+                body = to_structured(event)[1]
+            except ValueError as exc:
+                outcome: Callable[..., Any] | None = item.failed
+                args: tuple[Any, ...] = (exc,)
+            else:
+                sys.stdout.buffer.write(body + b"\n")
+                sys.stdout.flush()
+                outcome, args = item.success, ()
+            chan.task_done()
+            if outcome is not None:
+                await call(outcome, *args)
+
+    async def drain(self) -> None:
+        if self._chan is not None:
+            await self._chan.join()
+
+    async def stop(self, grace: float) -> None:
+        await self.drain()
+
+
+class _SourceService(Service):
+    """What both kinds of source share: ``chan``, the delivery engine, settling at the end."""
+
+    kind = "source"
+    config: DeliveryConfig
+
+    def __init__(
+        self,
+        connector: Connector[Any],
+        config: Any,
+        metrics: Metrics | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        dry_run: bool = False,
+        max_events: int | None = None,
+    ) -> None:
+        super().__init__(connector, config, metrics)
+        self.overrides = overrides
+        self.dry_run = dry_run
+        self.chan: asyncio.Queue[Tuple] = _Chan(config.queue_size, max_events, self._limit_reached)
+        self.deliverer: Any = None
+        self._delivering: asyncio.Task[None] | None = None
+        self._hurrying: asyncio.Future[None] | None = None
+
+    def _limit_reached(self) -> None:
+        self.log.info("--max-events reached; delivering what is queued, then stopping")
+        self._finished.set()
+
+    async def _begin(self) -> None:
+        if self.dry_run:
+            self.deliverer = _Printer(self.overrides)
+        else:
+            # Imported here so that a sink never loads the HTTP client.
+            from cdk.delivery import Deliverer
+
+            self.deliverer = Deliverer(self.config, self.metrics, overrides=self.overrides)
+        self._delivering = asyncio.create_task(self._deliver(), name="cdk-deliver")
+
+    def _started(self) -> None:
+        target = "stdout (dry run)" if self.dry_run else redact_url(self.config.target)
+        self.log.info("source started, target=%s", target)
+
+    async def _deliver(self) -> None:
+        try:
+            await self.deliverer.run(self.chan)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception("delivery stopped unexpectedly")
+            self._fail(exc)
+
+    def _hurry(self, grace: float) -> None:
+        if self.deliverer is not None:
+            # The drain under way ends once this stop has settled the rest.
+            self._hurrying = asyncio.ensure_future(self.deliverer.stop(grace))
+
+    async def _settle(self, grace: float | None) -> None:
+        """Deliver (or fail) everything queued and in flight, then end the delivery task."""
+        if self.deliverer is not None:
+            if grace is None:
+                await self.deliverer.drain()
+            else:
+                await self.deliverer.stop(grace)
+        task = self._delivering
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+class PollingSourceService(_SourceService):
+    """A polling source: run ``loop_produce_event``, deliver ``chan``, settle, ``destroy``."""
+
+    role = "metrics"
+    connector: Source[Any]
+    config: SourceConfig
+
+    def __init__(
+        self, connector: Connector[Any], config: Any, metrics: Metrics | None = None, **kw: Any
+    ):
+        super().__init__(connector, config, metrics, **kw)
+        self.store: PositionStore | None = None
+        self.leadership: Leadership | None = None
+        self._producing: asyncio.Task[None] | None = None
+        self._checkpoints: list[Checkpoint] = []
+
+    def _metrics(self, name: str) -> Metrics:
+        return Metrics(name, receiving=False)
+
+    # The supervisor of the checkpoints made while this source runs (cdk.store.SUPERVISOR).
+    def watch(self, checkpoint: Checkpoint) -> None:
+        self._checkpoints.append(checkpoint)
+
+    def gap(self, message: str) -> None:
+        if not self._finished.is_set():
+            self.log.error("stopping so no event is skipped: %s", message)
+        self._fail(ServiceError(message))
+
+    def _prepare(self) -> None:
+        source = self.connector
+        if not inspect.iscoroutinefunction(source.loop_produce_event):
+            # A plain def would block the event loop, and with it all delivery.
+            raise ServiceError("loop_produce_event must be an async def")
+        source.chan = self.chan
+        SUPERVISOR.set(self)
+        if self.config.leader_election:
+            from cdk.etcd import Leadership
+
+            self.leadership = Leadership.from_config(self.config, source.name())
+        try:
+            self.store = PositionStore.from_config(self.config, source.name(), self.leadership)
+            self._new_term()
+        except StoreError as exc:
+            self._release()
+            raise ServiceError(str(exc)) from None
+
+    def _new_term(self) -> None:
+        """A fresh checkpoint, starting from the position stored now."""
+        assert self.store is not None
+        source = self.connector
+        source.checkpoint = Checkpoint(self.store, "position")
+        source.position = source.checkpoint.position
+
+    def _release(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    async def _begin(self) -> None:
+        await super()._begin()
+        port = self.config.metrics_port
+        if port is not None:
+            settings = {"host": self.config.host, "port": port, "log_level": self.config.log_level}
+            await self._serve(
+                Receiver(_metrics_only, ServerConfig.model_validate(settings), self.metrics),
+                ServerConfig.model_validate(settings),
+            )
+        produce = self._produce() if self.leadership is None else self._lead(self.leadership)
+        self._producing = asyncio.create_task(produce, name="cdk-produce")
+
+    async def _lead(self, leadership: Leadership) -> None:
+        """Produce only while this replica leads; between terms, settle and campaign again."""
+        leading = Gauge(
+            "cdk_leader",
+            "1 while this replica leads (leader_election).",
+            registry=self.metrics.registry,
+        )
+        first = True
+        try:
+            while True:
+                self.log.info("campaigning to lead (leader_election)")
+                await leadership.campaign()
+                if not first:
+                    self._new_term()  # resume where the last leader left off
+                first = False
+                leading.set(1)
+                self.log.info("leading: producing from position %r", self.connector.position)
+                producer = asyncio.ensure_future(self._produce())
+                lost = asyncio.ensure_future(leadership.lost())
+                await asyncio.wait({producer, lost}, return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                if producer.done():
+                    return
+                producer.cancel()
+                await asyncio.wait({producer})
+                leading.set(0)
+                self.log.warning("lost the lead; settling the events in flight, then campaigning")
+                await self.chan.join()
+                assert self.connector.checkpoint is not None
+                self.connector.checkpoint.abandon()
+        finally:
+            leading.set(0)
+
+    async def _produce(self) -> None:
+        try:
+            await self.connector.loop_produce_event()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.exception(
+                "loop_produce_event raised; delivering what is queued, then stopping"
+            )
+            self._fail(exc)
+        else:
+            self.log.info("loop_produce_event returned; delivering what is queued, then stopping")
+            self._finished.set()
+
+    async def _stop(self, grace: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if grace is None else loop.time() + grace
+        task = self._producing
+        if task is not None and not task.done():
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if not done:
+                self.log.warning("loop_produce_event ignores cancellation; leaving it behind")
+        await self._settle(grace)
+        for checkpoint in self._checkpoints:
+            left = 5.0 if deadline is None else max(0.1, deadline - loop.time())
+            try:
+                await asyncio.wait_for(checkpoint.flush(), left)
+            except TimeoutError:
+                self.log.error(
+                    "checkpoint %r: the newest position could not be written", checkpoint.key
+                )
+        if self.leadership is not None:
+            await self.leadership.resign()  # after the last position was written
+        await self._end(min(1.0, grace or 1.0))
+        self.log.info("source stopped")
+
+
+async def _metrics_only(request: Request) -> Response:
+    return Response(
+        405,
+        b"this port serves GET /metrics, /healthz and /readyz only\n",
+        headers=[("allow", "GET, HEAD")],
+    )
+
+
+class WebhookSourceService(_SourceService):
+    """A webhook source: serve HTTP, ``make_event(request)``, deliver, answer, ``destroy``."""
+
+    role = "source"
+    connector: WebhookSource[Any]
+    config: WebhookSourceConfig
+
+    async def _begin(self) -> None:
+        from cdk.webhook import WebhookHandler
+
+        await super()._begin()
+        self.handler = WebhookHandler(self.connector, self.chan, self.metrics)
+        receiver = Receiver(self.handler, self.config, self.metrics, any_path=True)
+        await self._serve(receiver, self.config)
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.grace_period if grace is None else grace
+        if self.receiver is not None:
+            self.receiver.ready = False
+        if getattr(self, "handler", None) is not None:
+            self.handler.close()
+        # Both at once: pending webhook requests wait for their deliveries, and the
+        # deliverer's deadline falls a little earlier so those requests can still be
+        # answered (503 for what was not delivered) before connections close.
+        margin = min(1.0, grace / 10)
+        await asyncio.gather(self._close_server(grace), self._settle(max(0.0, grace - margin)))
+        await self._end(0.0)
+        self.log.info("source stopped")
+
+
+#: Each connector base, the config model it needs, and the service that runs it.
+_KINDS: tuple[tuple[type, type, type[Service]], ...] = (
+    (Sink, SinkConfig, SinkService),
+    (WebhookSource, WebhookSourceConfig, WebhookSourceService),
+    (Source, SourceConfig, PollingSourceService),
+)
+
+
+def check_classes(config_cls: type, connector_cls: type) -> type[Service]:
+    """The service class for ``connector_cls``; ``TypeError`` when the classes do not fit."""
+    for base, config_base, service in _KINDS:
+        if issubclass(connector_cls, base):
+            if not issubclass(config_cls, config_base):
+                raise TypeError(f"{config_cls.__name__} must extend cdk.{config_base.__name__}")
+            return service
+    bases = "cdk.Source, cdk.WebhookSource or cdk.Sink"
+    raise TypeError(f"{connector_cls.__name__} must extend {bases}")
+
+
+def service_for(connector: Connector[Any], config: Any, **options: Any) -> Service:
+    """The service that runs ``connector`` (a Sink, Source or WebhookSource) with ``config``.
+
+    ``options`` go to source services: ``overrides`` (K_CE_OVERRIDES extensions),
+    ``dry_run``, ``max_events``. Raises ``TypeError`` when the config model does not fit.
+    """
+    service = check_classes(type(config), type(connector))
+    return service(connector, config, **options)
