@@ -22,7 +22,7 @@ from cdk.config import SourceConfig
 from cdk.connector import Tuple
 from cdk.delivery import Deliverer, EncodeError
 from cdk.metrics import Metrics
-from cdk.testing import CaptureTarget, run_sink_in_thread
+from cdk.testing import CaptureTarget, run_in_thread
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,7 +136,7 @@ def post_raw(port: int, headers: dict[str, bytes]) -> int:
 )
 def test_the_sink_reads_raw_utf8_and_bare_percent_in_headers(raw: bytes, read: str) -> None:
     sink = Recording()
-    with run_sink_in_thread(sink, cdk.SinkConfig()) as running:
+    with run_in_thread(sink, cdk.SinkConfig()) as running:
         assert post_raw(running.port, {"ce-subject": raw, "ce-myext": raw}) == 200
     (event,) = sink.events
     assert event.get_subject() == read
@@ -148,6 +148,6 @@ def test_the_sink_reads_raw_utf8_and_bare_percent_in_headers(raw: bytes, read: s
 )
 def test_the_sink_refuses_invalid_utf8_or_control_characters_once_decoded(raw: bytes) -> None:
     sink = Recording()
-    with run_sink_in_thread(sink, cdk.SinkConfig()) as running:
+    with run_in_thread(sink, cdk.SinkConfig()) as running:
         assert post_raw(running.port, {"ce-subject": raw}) == 400
     assert sink.events == []

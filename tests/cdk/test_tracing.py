@@ -291,7 +291,7 @@ NO_OTEL_CHECK = """
     import sys
     import cdk
     from cdk import tracing
-    from cdk.testing import SinkClient, run_sink_in_thread
+    from cdk.testing import SinkClient, run_in_thread
     from cdk.testing.suite import sample_event
 
     class Sink(cdk.Sink):
@@ -299,7 +299,7 @@ NO_OTEL_CHECK = """
             return cdk.SUCCESS
 
     assert tracing.setup() is False and not tracing.active
-    with run_sink_in_thread(Sink(), cdk.SinkConfig()) as running:
+    with run_in_thread(Sink(), cdk.SinkConfig()) as running:
         assert SinkClient(running.url).send(sample_event()).status == 200
     loaded = sorted(name for name in sys.modules if name.startswith("opentelemetry"))
     assert not loaded, loaded
