@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from cdk import tracing
 from cdk.cli import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -36,6 +37,7 @@ from cdk.cli import (
     SHUTDOWN_ALLOWANCE,
     about,
     build_parser,
+    project_metadata,
 )
 from cdk.config import (
     ConfigError,
@@ -248,6 +250,7 @@ def _main(
         print(f"config OK: {resolve_paths(args.config, args.secret)[0]}")
         return EXIT_OK
     configure_logging(config.log_level, config.log_format)
+    tracing.setup(service_name=project_metadata().get("name", connector_cls.__name__))
     _log.debug(
         "effective config: %s",
         orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode(),
@@ -294,6 +297,7 @@ def run(
     try:
         return _main(config_cls, connector_cls, argv, signals)
     finally:
+        tracing.shutdown()  # flushes spans still buffered
         signals.uninstall(final=final)
         logging.shutdown()
 
