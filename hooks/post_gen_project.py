@@ -1,7 +1,7 @@
 """Trim the generated project to its variant, then check what was generated.
 
 Runs in the new project's directory. Removes the files that belong to another variant
-(a source has no sink code and the reverse; files already absent are fine) and any
+(``hooks/variants.py`` has the map; files already absent are fine) and any
 cache directory, then checks that every ``.py`` file compiles and that no template
 marker was left in a text file outside the vendored ``cdk/``. On a problem it prints one
 line and exits 1. Answers arrive as JSON text, so no answer can change this script.
@@ -16,42 +16,23 @@ import importlib
 import json
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
-HOOKS_DIR: str = json.loads({{ template_hooks_dir | tojson | tojson }})
-VARIANT: str = json.loads({{ cookiecutter.__variant | tojson | tojson }})
+HOOKS_DIR: str = json.loads({{template_hooks_dir | tojson | tojson}})
+VARIANT: str = json.loads({{cookiecutter.__variant | tojson | tojson}})
 FREE_TEXT: list[str] = [
-    json.loads({{ cookiecutter.description | tojson | tojson }}),
-    json.loads({{ cookiecutter.author_name | tojson | tojson }}),
-    json.loads({{ cookiecutter.author_email | tojson | tojson }}),
+    json.loads({{cookiecutter.description | tojson | tojson}}),
+    json.loads({{cookiecutter.author_name | tojson | tojson}}),
+    json.loads({{cookiecutter.author_email | tojson | tojson}}),
 ]
 
-SOURCES = frozenset({"source-poll", "source-webhook"})
-SERVES_HTTP = frozenset({"sink", "source-webhook"})
-#: Files that exist only in some variants (paths relative to the project root).
-ONLY_IN: Mapping[str, frozenset[str]] = {
-    "internal/source.py": SOURCES,
-    "internal/sink.py": frozenset({"sink"}),
-    "deploy/kubernetes/service.yaml": SERVES_HTTP,
-    "deploy/kubernetes/state.yaml": frozenset({"source-poll"}),
-    "deploy/knative/service.yaml": frozenset({"sink"}),
-    "deploy/knative/sinkbinding.yaml": SOURCES,
-    "tests/test_source.py": frozenset({"source-poll"}),
-    "tests/test_webhook.py": frozenset({"source-webhook"}),
-    "tests/test_sink.py": frozenset({"sink"}),
-}
 #: Directories whose files are copied verbatim, so they are not checked for markers.
 VERBATIM = ("cdk",)
 CACHE_DIRS = ("__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis")
 # Spelled with escapes: the literal markers would be read by Jinja when the hook is rendered.
 MARKERS = ("\x7b\x7b", "\x7b%")
-
-
-def files_to_remove(variant: str, only_in: Mapping[str, frozenset[str]] = ONLY_IN) -> list[str]:
-    """The paths that do not belong to ``variant``."""
-    return sorted(path for path, variants in only_in.items() if variant not in variants)
 
 
 def remove_paths(root: Path, paths: Iterable[str]) -> None:
@@ -88,11 +69,12 @@ def syntax_error(path: Path) -> str | None:
     return None
 
 
-def load_filters(hooks_dir: str) -> ModuleType:
-    """Import ``naming`` (the template's filters) from the hooks directory."""
+def load_hook_module(hooks_dir: str, name: str) -> ModuleType:
+    """Import ``name`` (``naming``: the template's filters; ``variants``: which files each
+    variant has) from the template's hooks directory."""
     if hooks_dir not in sys.path:
         sys.path.insert(0, hooks_dir)
-    return importlib.import_module("naming")
+    return importlib.import_module(name)
 
 
 def answer_forms(answers: Iterable[str], filters: ModuleType | None = None) -> list[str]:
@@ -147,9 +129,9 @@ def check_project(
 
 def main(root: Path | None = None) -> int:
     project = Path.cwd() if root is None else root
-    remove_paths(project, files_to_remove(VARIANT))
+    remove_paths(project, load_hook_module(HOOKS_DIR, "variants").files_to_remove(VARIANT))
     remove_caches(project)
-    problems = check_project(project, FREE_TEXT, load_filters(HOOKS_DIR))
+    problems = check_project(project, FREE_TEXT, load_hook_module(HOOKS_DIR, "naming"))
     if problems:
         print("Error: generated project is broken: " + "; ".join(problems), file=sys.stderr)
         return 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,6 @@ from template_support import (
     ensure_venv,
     render,
 )
-
-# hooks.naming is the template's Jinja extension; cookiecutter imports it from REPO too.
-if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))
 
 
 def pytest_configure(config: pytest.Config) -> None:

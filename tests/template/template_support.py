@@ -23,59 +23,41 @@ from typing import Any
 
 from cookiecutter.environment import StrictEnvironment
 from cookiecutter.main import cookiecutter
+from cookiecutter.prompt import prompt_for_config
 
 REPO = Path(__file__).resolve().parents[2]
+# hooks/ holds the template's Jinja extension and its variant map; cookiecutter imports
+# the extension from REPO too.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from hooks.variants import VARIANTS, files_to_remove  # noqa: E402
+
 TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
 CACHE_DIRS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 
-#: Every supported combination of the questions that change the generated files.
-VARIANTS: dict[str, dict[str, str]] = {
-    "source-poll": {"connector_type": "source", "source_style": "poll"},
-    "source-webhook": {"connector_type": "source", "source_style": "webhook"},
-    "sink": {"connector_type": "sink"},
-}
-LICENSES = ("Apache-2.0", "MIT", "BSD-3-Clause", "Proprietary")
 #: The license each variant is rendered with, so every license is covered somewhere.
 VARIANT_LICENSE = {"source-poll": "Apache-2.0", "source-webhook": "MIT", "sink": "BSD-3-Clause"}
+#: The template's questions and their defaults, as ``cookiecutter.json`` holds them.
+COOKIECUTTER_JSON: dict[str, Any] = json.loads((REPO / "cookiecutter.json").read_text("utf-8"))
+LICENSES: tuple[str, ...] = tuple(COOKIECUTTER_JSON["license"])
+#: File names in the template that render to another name. pyproject.toml is named
+#: ``{{cookiecutter.__pyproject_toml}}`` in the template, so that tools run inside the
+#: template (ruff, pytest) do not read its Jinja as their config.
+RENAMED = {"{{cookiecutter.__pyproject_toml}}": "pyproject.toml"}
 
-#: The files of each variant outside cdk/ and tests/ (those two are checked apart).
-#: pyproject.toml is named ``{{cookiecutter.__pyproject_toml}}`` in the template, so
-#: that tools run inside the template (ruff, pytest) do not read its Jinja as config.
-COMMON_FILES = frozenset(
-    {
-        ".cookiecutter.json",
-        ".dockerignore",
-        ".github/workflows/ci.yml",
-        ".gitignore",
-        "Dockerfile",
-        "LICENSE",
-        "README.md",
-        "cmd/main.py",
-        "config.yml",
-        "deploy/kubernetes/configmap.yaml",
-        "deploy/kubernetes/deployment.yaml",
-        "deploy/kubernetes/secret.yaml",
-        "internal/__init__.py",
-        "internal/config.py",
-        "pyproject.toml",
-        "tools/config_table.py",
-    }
-)
-VARIANT_FILES: dict[str, frozenset[str]] = {
-    "source-poll": frozenset(
-        {"internal/source.py", "deploy/knative/sinkbinding.yaml", "deploy/kubernetes/state.yaml"}
-    ),
-    "source-webhook": frozenset(
-        {
-            "internal/source.py",
-            "deploy/knative/sinkbinding.yaml",
-            "deploy/kubernetes/service.yaml",
-        }
-    ),
-    "sink": frozenset(
-        {"internal/sink.py", "deploy/knative/service.yaml", "deploy/kubernetes/service.yaml"}
-    ),
-}
+
+def expected_files(variant: str) -> set[str]:
+    """The files a render of ``variant`` holds: the template's, less the other variants'."""
+    files = {RENAMED.get(path, path) for path in files_under(TEMPLATE_PROJECT)}
+    return files - set(files_to_remove(variant))
+
+
+def default_answers(**answers: Any) -> dict[str, Any]:
+    """The context cookiecutter renders with ``--no-input``: the defaults of
+    cookiecutter.json (its private variables derived) with ``answers`` over them."""
+    context = {"cookiecutter": {**COOKIECUTTER_JSON, **answers}}
+    return dict(prompt_for_config(context, no_input=True))
 
 
 def write_user_config(directory: Path) -> Path:
@@ -117,11 +99,7 @@ def files_under(root: Path) -> set[str]:
 def render_text(text: str, cookiecutter_context: Mapping[str, Any]) -> str:
     """Render ``text`` as cookiecutter renders a hook, with the template's extensions."""
     context = {"cookiecutter": dict(cookiecutter_context)}
-    context["cookiecutter"].setdefault(
-        "_extensions", json.loads((REPO / "cookiecutter.json").read_text())["_extensions"]
-    )
-    if str(REPO) not in sys.path:
-        sys.path.append(str(REPO))
+    context["cookiecutter"].setdefault("_extensions", COOKIECUTTER_JSON["_extensions"])
     env = StrictEnvironment(context=context, keep_trailing_newline=True)
     return str(env.from_string(text).render(**context))
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from template_support import VARIANTS, run_in, tool
 
-SERVES_HTTP = {"sink", "source-webhook"}
+from hooks.variants import SERVES_HTTP
 
 
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess[str]:

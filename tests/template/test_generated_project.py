@@ -7,12 +7,11 @@ but does not declare makes these tests fail.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-from template_support import REPO, VARIANTS, render, run_in, venv_python
+from template_support import COOKIECUTTER_JSON, VARIANTS, render, run_in, venv_python
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +48,7 @@ def test_generated_lint_and_types_pass_with_declared_tools(
 
 def test_lint_passes_with_the_newest_python_choice(generated_venv: Path, tmp_path: Path) -> None:
     """ruff's pyupgrade rules follow ``python_version``; the vendored kit keeps 3.11 syntax."""
-    newest = json.loads((REPO / "cookiecutter.json").read_text(encoding="utf-8"))["python_version"][
-        -1
-    ]
+    newest = COOKIECUTTER_JSON["python_version"][-1]
     for variant, answers in VARIANTS.items():
         project = render(tmp_path / variant, **answers, python_version=newest)
         ruff = run(generated_venv, project, "-m", "ruff", "check", "--no-cache", ".")

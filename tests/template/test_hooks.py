@@ -10,27 +10,20 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from template_support import REPO, clean_env, render_text
+from template_support import REPO, TEMPLATE_PROJECT, clean_env, default_answers, render_text
+
+from hooks import variants
 
 HOOKS = REPO / "hooks"
-BASE_CONTEXT: dict[str, Any] = {
-    "connector_type": "source",
-    "connector_name": "source-example",
-    "description": "A connector.",
-    "author_name": "Ada",
-    "author_email": "ada@example.com",
-    "license": "MIT",
-    "source_style": "poll",
-    "python_version": "3.11",
-    "__variant": "source-poll",
-}
+#: What cookiecutter renders the hooks with given no answers: cookiecutter.json's defaults.
+DEFAULTS: dict[str, Any] = default_answers()
 OPEN = "{" + "{"  # spelled apart so this file holds no template marker itself
 
 
 def rendered_hook(tmp_path: Path, name: str, **answers: Any) -> Path:
     text = (HOOKS / f"{name}.py").read_text(encoding="utf-8")
     script = tmp_path / f"{name}.py"
-    script.write_text(render_text(text, {**BASE_CONTEXT, **answers}), encoding="utf-8")
+    script.write_text(render_text(text, {**DEFAULTS, **answers}), encoding="utf-8")
     return script
 
 
@@ -96,8 +89,8 @@ def test_pre_gen_refuses_bad_answers_in_one_line(
 def test_pre_gen_problems_lists_each_broken_rule(tmp_path: Path) -> None:
     module = load(rendered_hook(tmp_path, "pre_gen_project"))
     assert module.read_answers(module.ANSWERS_JSON) == {
-        "connector_name": "source-example",
-        "author_email": "ada@example.com",
+        "connector_name": DEFAULTS["connector_name"],
+        "author_email": DEFAULTS["author_email"],
     }
     assert module.problems({"connector_name": "ok", "author_email": "a@b.co"}) == []
     found = module.problems({"connector_name": "-x", "author_email": "x"})
@@ -142,15 +135,26 @@ def touch(root: Path, *paths: str, text: str = "") -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def test_files_to_remove_per_variant(post_gen: ModuleType) -> None:
-    sink = post_gen.files_to_remove("sink")
-    poll = post_gen.files_to_remove("source-poll")
-    webhook = post_gen.files_to_remove("source-webhook")
+def test_files_to_remove_per_variant() -> None:
+    sink = variants.files_to_remove("sink")
+    poll = variants.files_to_remove("source-poll")
+    webhook = variants.files_to_remove("source-webhook")
     assert "internal/source.py" in sink and "internal/sink.py" not in sink
     assert "internal/sink.py" in poll and "deploy/kubernetes/service.yaml" in poll
     assert "deploy/kubernetes/service.yaml" not in webhook
     assert "deploy/knative/service.yaml" in webhook
     assert "deploy/knative/sinkbinding.yaml" in sink
+    with pytest.raises(ValueError, match="unknown variant 'source'"):
+        variants.files_to_remove("source")
+
+
+def test_the_variant_map_names_template_files_and_cookiecutter_variants() -> None:
+    """A renamed file or a new variant must not leave the map silently stale."""
+    for path in variants.ONLY_IN:
+        assert (TEMPLATE_PROJECT / path).is_file(), f"hooks/variants.py names no file: {path}"
+    for name, answers in variants.VARIANTS.items():
+        assert default_answers(**answers)["__variant"] == name
+    assert set().union(*variants.ONLY_IN.values()) <= set(variants.VARIANTS)
 
 
 def test_remove_paths_tolerates_absent_files_and_drops_empty_dirs(
@@ -181,12 +185,12 @@ def test_syntax_error_names_the_file(tmp_path: Path, post_gen: ModuleType) -> No
 
 def test_leftover_marker_ignores_markers_that_came_from_answers(post_gen: ModuleType) -> None:
     answer = f'say "{OPEN} x }}}}"\nplease'
-    forms = post_gen.answer_forms([answer], post_gen.load_filters(post_gen.HOOKS_DIR))
+    forms = post_gen.answer_forms([answer], post_gen.load_hook_module(post_gen.HOOKS_DIR, "naming"))
     assert post_gen.leftover_marker(f"name: {OPEN} cookiecutter.x }}}}") is not None
     assert post_gen.leftover_marker(f"a: {answer}", forms) is None
     assert post_gen.leftover_marker(f'a = "{post_gen.json.dumps(answer)[1:-1]}"', forms) is None
     assert post_gen.leftover_marker(f"a: {answer} {OPEN} y }}}}", forms) is not None
-    yaml_form = post_gen.load_filters(post_gen.HOOKS_DIR).yaml_string(answer)
+    yaml_form = post_gen.load_hook_module(post_gen.HOOKS_DIR, "naming").yaml_string(answer)
     assert post_gen.leftover_marker(f"a: {yaml_form}", forms) is None
 
 

@@ -12,14 +12,13 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from template_support import (
-    COMMON_FILES,
     LICENSES,
     README_TEMPLATE,
     REPO,
     TEMPLATE_PROJECT,
-    VARIANT_FILES,
     VARIANT_LICENSE,
     VARIANTS,
+    expected_files,
     files_under,
     render,
     run_in,
@@ -45,22 +44,10 @@ def runtime_requirements() -> list[Requirement]:
     return block
 
 
-def generated_tests(variant: str) -> set[str]:
-    """The template's tests/ files that the post-generation hook keeps for ``variant``."""
-    only_in = {
-        "tests/test_source.py": {"source-poll"},
-        "tests/test_webhook.py": {"source-webhook"},
-        "tests/test_sink.py": {"sink"},
-    }
-    files = {f"tests/{p}" for p in files_under(TEMPLATE_PROJECT / "tests")}
-    return {f for f in files if variant in only_in.get(f, {variant})}
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_exactly_the_expected_files(rendered: dict[str, Path], variant: str) -> None:
     project = rendered[variant]
-    cdk = {f"cdk/{p}" for p in files_under(TEMPLATE_PROJECT / "cdk")}
-    expected = COMMON_FILES | VARIANT_FILES[variant] | cdk | generated_tests(variant)
+    expected = expected_files(variant)
     actual = {p.relative_to(project).as_posix() for p in project.rglob("*") if p.is_file()}
     assert sorted(actual - expected) == [], "unexpected files"
     assert sorted(expected - actual) == [], "missing files"
