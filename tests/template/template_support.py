@@ -1,9 +1,10 @@
-"""Rendering the template for its own tests, and keeping its README tables current.
+"""Rendering the template for its own tests, and keeping its config schemas current.
 
 ``render`` runs cookiecutter's Python API with a private user config (no replay files
-in the home directory). ``python tests/template/template_support.py`` rewrites the
-configuration tables in the generated README's template from the config models, after
-a change to ``cdk/config.py`` or ``internal/config.py``.
+in the home directory). ``python tests/template/template_support.py`` rewrites
+``hooks/config_schemas.json`` (the config models' JSON schemas, from which every
+generated README gets its configuration table) after a change to ``cdk/config.py`` or
+``internal/config.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -178,38 +178,19 @@ def run_in(
     )
 
 
-# --- README tables -------------------------------------------------------------------
+# --- the config schemas behind the README tables -------------------------------------
 
+#: The JSON schema of each variant's config model, from which post_gen_project writes
+#: the generated README's configuration table.
+CONFIG_SCHEMAS = REPO / "hooks" / "config_schemas.json"
 README_TEMPLATE = TEMPLATE_PROJECT / "README.md"
-_BLOCKS = {
-    "sink": ("{%- if is_sink %}\n", "{%- elif is_webhook %}\n"),
-    "source-webhook": ("{%- elif is_webhook %}\n", "{%- else %}\n"),
-    "source-poll": ("{%- else %}\n", "{%- endif %}\n<!-- config-table:end -->"),
-}
 
 
-def table_in_template(readme_template: str, variant: str) -> str:
-    """The configuration table the README template holds for ``variant``."""
-    start, end = _BLOCKS[variant]
-    region = readme_template[readme_template.index("<!-- config-table:begin") :]
-    return region[region.index(start) + len(start) : region.index(end)].rstrip("\n")
-
-
-def with_template_table(readme_template: str, variant: str, table: str) -> str:
-    start, end = _BLOCKS[variant]
-    offset = readme_template.index("<!-- config-table:begin")
-    head, region = readme_template[:offset], readme_template[offset:]
-    pattern = re.escape(start) + r".*?(?=" + re.escape(end) + ")"
-    region = re.sub(pattern, lambda _: start + table + "\n", region, count=1, flags=re.DOTALL)
-    return head + region
-
-
-def table_from_model(project: Path, python: str = sys.executable) -> str:
-    """The table ``tools/config_table.py`` makes from a rendered project's config model."""
+def schema_from_model(project: Path, python: str = sys.executable) -> dict[str, Any]:
+    """The JSON schema of a rendered project's ``Config``, less what names the project."""
     code = (
-        "import sys; sys.path.insert(0, '.'); sys.path.insert(0, 'tools');"
-        "import config_table; from internal.config import Config;"
-        "print(config_table.config_table(Config))"
+        "import json, sys; sys.path.insert(0, '.'); from internal.config import Config;"
+        "print(json.dumps(Config.model_json_schema()))"
     )
     result = subprocess.run(
         [python, "-c", code],
@@ -219,22 +200,27 @@ def table_from_model(project: Path, python: str = sys.executable) -> str:
         check=True,
         env=clean_env(),
     )
-    return result.stdout.rstrip("\n")
+    schema: dict[str, Any] = json.loads(result.stdout)
+    # The model's title and docstring name the connector; the table needs neither.
+    return {key: value for key, value in schema.items() if key not in ("title", "description")}
 
 
-def update_readme_template() -> bool:
-    """Rewrite the README template's tables from the models; True when it changed."""
-    text = README_TEMPLATE.read_text(encoding="utf-8")
-    updated = text
+def update_config_schemas() -> bool:
+    """Rewrite hooks/config_schemas.json from the models; True when it changed."""
+    text = CONFIG_SCHEMAS.read_text(encoding="utf-8") if CONFIG_SCHEMAS.exists() else "{}"
+    schemas = json.loads(text)
+    # A render needs an entry for its variant; a new variant starts with an empty one.
+    for variant in VARIANTS:
+        schemas.setdefault(variant, {})
+    CONFIG_SCHEMAS.write_text(json.dumps(schemas, indent=2) + "\n", encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         for variant, answers in VARIANTS.items():
-            project = render(Path(tmp) / variant, **answers)
-            updated = with_template_table(updated, variant, table_from_model(project))
-    if updated != text:
-        README_TEMPLATE.write_text(updated, encoding="utf-8")
+            schemas[variant] = schema_from_model(render(Path(tmp) / variant, **answers))
+    updated = json.dumps({v: schemas[v] for v in VARIANTS}, indent=2) + "\n"
+    CONFIG_SCHEMAS.write_text(updated, encoding="utf-8")
     return updated != text
 
 
 if __name__ == "__main__":
-    changed = update_readme_template()
-    print("README template tables " + ("updated" if changed else "already current"))
+    changed = update_config_schemas()
+    print("hooks/config_schemas.json " + ("updated" if changed else "already current"))

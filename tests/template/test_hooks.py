@@ -207,16 +207,43 @@ def test_check_project_finds_each_problem_outside_cdk(tmp_path: Path, post_gen: 
     assert problems[1].startswith("broken.py: broken.py does not compile")
 
 
+def project_with_table_tool(root: Path) -> Path:
+    """A project holding only what the hook's table step needs: the tool and README.md."""
+    tool = "tools/config_table.py"
+    touch(root, tool, text=(TEMPLATE_PROJECT / tool).read_text(encoding="utf-8"))
+    markers = "<!-- config-table:begin (made by tools/config_table.py; do not edit by hand) -->"
+    touch(root, "README.md", text=f"# x\n\n{markers}\n<!-- config-table:end -->\n")
+    return root
+
+
 def test_post_gen_main_trims_to_the_variant_and_passes(tmp_path: Path) -> None:
     script = rendered_hook(tmp_path / "hook", "post_gen_project", __variant="sink")
-    root = tmp_path / "p"
+    root = project_with_table_tool(tmp_path / "p")
     touch(root, "internal/sink.py", "internal/source.py", "deploy/knative/sinkbinding.yaml")
     touch(root, "internal/__pycache__/x.pyc")
     result = run(script, root)
     assert (result.returncode, result.stderr) == (0, "")
     assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == {
-        "internal/sink.py"
+        "README.md",
+        "internal/sink.py",
+        "tools/config_table.py",
     }
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "| `port` | integer | `8080` |" in readme and "| `target` |" not in readme
+
+
+def test_fill_config_table_says_why_it_cannot(tmp_path: Path, post_gen: ModuleType) -> None:
+    root = project_with_table_tool(tmp_path / "p")
+    schemas = tmp_path / "schemas.json"
+    schemas.write_text('{"sink": {"properties": {"port": {"type": "integer"}}}}')
+    assert post_gen.fill_config_table(root, schemas, "sink") is None
+    assert "| `port` | integer | computed |  |" in (root / "README.md").read_text()
+    assert post_gen.fill_config_table(root, schemas, "source-poll") == (
+        "README.md: no configuration table from tools/config_table.py and schemas.json"
+        " for source-poll: KeyError('source-poll')"
+    )
+    (root / "tools/config_table.py").unlink()
+    assert "FileNotFoundError" in post_gen.fill_config_table(root, schemas, "sink")
 
 
 def test_post_gen_main_fails_in_one_line(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from template_support import (
+    CONFIG_SCHEMAS,
     LICENSES,
     README_TEMPLATE,
     REPO,
@@ -22,8 +23,7 @@ from template_support import (
     files_under,
     render,
     run_in,
-    table_from_model,
-    table_in_template,
+    schema_from_model,
     tool,
 )
 
@@ -131,27 +131,44 @@ def test_readme_table_matches_the_config_model(rendered: dict[str, Path], varian
     project = rendered[variant]
     check = run_in(project, sys.executable, "tools/config_table.py", "--check", timeout=60)
     assert check.returncode == 0, check.stderr + "\nrun: python tests/template/template_support.py"
-    template_text = README_TEMPLATE.read_text(encoding="utf-8")
-    assert table_in_template(template_text, variant) == table_from_model(project)
+    schemas = json.loads(CONFIG_SCHEMAS.read_text(encoding="utf-8"))
+    assert schemas[variant] == schema_from_model(project), (
+        "hooks/config_schemas.json is stale: run python tests/template/template_support.py"
+    )
+
+
+def test_the_readme_template_keeps_no_table() -> None:
+    """The table is written at render time from the model's schema, in one place."""
+    text = README_TEMPLATE.read_text(encoding="utf-8")
+    region = text[text.index("<!-- config-table:begin") : text.index("<!-- config-table:end")]
+    assert region.count("\n") == 1, "the README template holds a table: keep only the markers"
+    assert "| key |" not in text
 
 
 def test_readme_table_shows_each_kind_of_default(rendered: dict[str, Path]) -> None:
     project = rendered["source-poll"]
     code = (
         "import sys; sys.path.insert(0, 'tools'); import config_table\n"
-        "from pydantic import BaseModel, Field\n"
+        "from typing import Literal\n"
+        "from pydantic import BaseModel, Field, SecretStr\n"
         "class M(BaseModel):\n"
         "    need: str\n"
         "    opt: int | None = None\n"
         "    topics: list[str] = Field(default_factory=list)\n"
-        "print(config_table.config_table(M))"
+        "    flag: bool = True\n"
+        "    key: SecretStr | None = Field(None, description='a | b')\n"
+        "    mode: Literal['a', 'b'] = 'a'\n"
+        "print(config_table.table_from_schema(M.model_json_schema()))"
     )
     result = run_in(project, sys.executable, "-c", code, check=True)
     rows = result.stdout.splitlines()[2:]
     assert rows == [
         "| `need` | string | required |  |",
         "| `opt` | integer | unset |  |",
-        "| `topics` | list | `[]` |  |",
+        "| `topics` | list | computed |  |",
+        "| `flag` | boolean | `true` |  |",
+        "| `key` | string (secret) | unset | a \\| b |",
+        "| `mode` | `a` \\| `b` | `a` |  |",
     ]
 
 

@@ -3,71 +3,72 @@
 ``python tools/config_table.py`` rewrites the table between the two markers in
 README.md; ``python tools/config_table.py --check`` exits 1 when the table is stale
 (the tests run that check, so a new config field cannot go undocumented).
+
+The table is made from the model's JSON schema (``Config.model_json_schema()``, what
+``python cmd/main.py --about`` prints), so :func:`table_from_schema` needs nothing
+beyond the standard library.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
-
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
+from typing import Any
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- config-table:begin (made by tools/config_table.py; do not edit by hand) -->"
 END = "<!-- config-table:end -->"
 
-
-#: Names a config.yml author knows, for the types config models use.
-TYPE_NAMES = {
-    "str": "string",
-    "SecretStr": "string (secret)",
-    "int": "integer",
-    "float": "number",
-    "bool": "boolean",
-}
+#: Names a config.yml author knows, for the JSON schema's types.
+TYPE_NAMES = {"array": "list", "object": "mapping"}
 
 
-def type_name(annotation: Any) -> str:
-    """A short, readable name for a field's type (``X | None`` reads as ``X``)."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
-    if origin in (Union, types.UnionType):
-        args = [arg for arg in get_args(annotation) if arg is not type(None)]
-        return " or ".join(type_name(arg) for arg in args)
-    name = getattr(annotation, "__name__", str(annotation))
-    return TYPE_NAMES.get(name, name)
+def type_name(schema: Mapping[str, Any]) -> str:
+    """A short, readable name for a property's type (``X | None`` reads as ``X``)."""
+    if "anyOf" in schema:
+        options = [option for option in schema["anyOf"] if option.get("type") != "null"]
+        return " or ".join(type_name(option) for option in options)
+    if "enum" in schema:
+        return " \\| ".join(f"`{value}`" for value in schema["enum"])
+    if "const" in schema:
+        return f"`{schema['const']}`"
+    if schema.get("format") == "password":  # SecretStr
+        return "string (secret)"
+    kind = str(schema.get("type", "mapping" if "$ref" in schema else "any"))
+    return TYPE_NAMES.get(kind, kind)
 
 
-def default_text(field: FieldInfo) -> str:
-    if field.is_required():
+def default_text(schema: Mapping[str, Any], required: bool) -> str:
+    if required:
         return "required"
-    # A default_factory (``Field(default_factory=list)``) counts as a default too.
-    default = field.get_default(call_default_factory=True)
+    if "default" not in schema:
+        return "computed"  # a default_factory: the schema cannot show its value
+    default = schema["default"]
     if default is None:
         return "unset"
-    return f"`{default}`"
+    return f"`{default if isinstance(default, str) else json.dumps(default)}`"
 
 
-def config_table(model: type[BaseModel]) -> str:
-    """The Markdown table of ``model``'s keys, one row per field."""
+def table_from_schema(schema: Mapping[str, Any]) -> str:
+    """The Markdown table of a config model's JSON schema, one row per key."""
+    required = set(schema.get("required", ()))
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
-    for name, field in model.model_fields.items():
-        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
+    for name, prop in schema.get("properties", {}).items():
+        description = str(prop.get("description", "")).replace("|", "\\|").replace("\n", " ")
         rows.append(
-            f"| `{name}` | {type_name(field.annotation)} | "
-            f"{default_text(field)} | {description} |"
+            f"| `{name}` | {type_name(prop)} | "
+            f"{default_text(prop, name in required)} | {description} |"
         )
     return "\n".join(rows)
 
 
 def with_table(readme: str, table: str) -> str:
     """``readme`` with the text between the markers replaced by ``table``."""
-    start = readme.index(BEGIN) + len(BEGIN)
+    # The last marker: the description at the top is the user's text, not the table.
+    start = readme.rindex(BEGIN) + len(BEGIN)
     end = readme.index(END, start)
     return readme[:start] + "\n" + table + "\n" + readme[end:]
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     readme_path = PROJECT_DIR / "README.md"
     readme = readme_path.read_text(encoding="utf-8")
-    updated = with_table(readme, config_table(Config))
+    updated = with_table(readme, table_from_schema(Config.model_json_schema()))
     if updated == readme:
         return 0
     if args.check:
