@@ -164,9 +164,13 @@ def clean_env() -> dict[str, str]:
 
 
 def run_in(
-    cwd: Path, *command: str, timeout: float = 120, check: bool = False
+    cwd: Path,
+    *command: str,
+    timeout: float = 120,
+    check: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in ``cwd`` with a clean environment, capturing its text output."""
+    """Run ``command`` in ``cwd`` with a clean environment (or ``env``), capturing its output."""
     return subprocess.run(
         command,
         cwd=cwd,
@@ -174,7 +178,7 @@ def run_in(
         check=check,
         text=True,
         timeout=timeout,
-        env=clean_env(),
+        env=clean_env() if env is None else dict(env),
     )
 
 

@@ -108,25 +108,6 @@ def test_config_model_extends_the_right_base(rendered: dict[str, Path], variant:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_config_yml_is_valid_for_the_config_model(rendered: dict[str, Path], variant: str) -> None:
-    code = (
-        "import sys; sys.path.insert(0, '.');"
-        "from cdk.config import load_config; from internal.config import Config;"
-        "c = load_config(Config, 'config.yml', environ={});"
-        "print(c.model_dump_json())"
-    )
-    result = run_in(rendered[variant], sys.executable, "-c", code, timeout=60)
-    assert result.returncode == 0, result.stderr
-    config = json.loads(result.stdout)
-    if variant == "sink":
-        assert config["port"] == 8080
-    else:
-        assert config["target"] == "http://127.0.0.1:8080"
-    if variant == "source-webhook":
-        assert config["port"] != 8080  # leaves 8080 to a local sink
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
 def test_readme_table_matches_the_config_model(rendered: dict[str, Path], variant: str) -> None:
     project = rendered[variant]
     check = run_in(project, sys.executable, "tools/config_table.py", "--check", timeout=60)
