@@ -55,7 +55,7 @@ def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_paths_flag_beats_env_beats_default() -> None:
     env = {"CONNECTOR_CONFIG": "/env/c.yml", "CONNECTOR_SECRET": "/env/s.yml"}
     assert resolve_paths("a.yml", "b.yml", env) == (Path("a.yml"), Path("b.yml"), True)
-    assert resolve_paths(None, None, env) == (Path("/env/c.yml"), Path("/env/s.yml"), True)
+    assert resolve_paths(None, None, env) == (Path("/env/c.yml"), Path("/env/s.yml"), False)
     assert resolve_paths(None, None, {}) == (Path("config.yml"), Path("secret.yml"), False)
 
 
@@ -91,8 +91,19 @@ def test_missing_explicit_secret_is_an_error(tmp_path: Path) -> None:
     config = write(tmp_path / "c.yml", "port: 9000\n")
     missing = tmp_path / "nope.yml"
     assert problems(SinkConfig, config, missing) == [f"secret file not found: {missing}"]
-    lines = problems(SinkConfig, config, CONNECTOR_SECRET=str(missing))
+    env = {"CONNECTOR_SECRET": str(tmp_path / "s.yml")}
+    lines = problems(SinkConfig, config, missing, **env)
     assert lines == [f"secret file not found: {missing}"]
+
+
+def test_secret_from_env_is_used_when_it_exists(tmp_path: Path) -> None:
+    """An image sets $CONNECTOR_SECRET; the Secret volume behind it may be absent."""
+    config = write(tmp_path / "c.yml", "port: 9000\n")
+    env = {"CONNECTOR_SECRET": str(tmp_path / "s.yml")}
+    assert load_config(SinkConfig, config, environ=env).auth_token is None
+    write(tmp_path / "s.yml", "auth_token: from-the-secret\n")
+    token = load_config(SinkConfig, config, environ=env).auth_token
+    assert token is not None and token.get_secret_value() == "from-the-secret"
 
 
 def test_empty_config_file_means_defaults(tmp_path: Path) -> None:

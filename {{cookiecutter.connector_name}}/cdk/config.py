@@ -56,8 +56,8 @@ ENVIRONMENT: tuple[tuple[str, str | None, str], ...] = (
     (
         "CONNECTOR_SECRET",
         None,
-        "secret file when --secret is not given (default ./secret.yml, used when it"
-        " exists); deep-merged over the config",
+        "secret file when --secret is not given (default ./secret.yml); either is used"
+        " when it exists (an image may mount none), deep-merged over the config",
     ),
     ("CONNECTOR_TARGET", "target", "source: target URL when the config has no `target`"),
     ("K_SINK", "target", "source: target URL when neither the config nor CONNECTOR_TARGET set it"),
@@ -347,11 +347,15 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
 def resolve_paths(
     config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None
 ) -> tuple[Path, Path, bool]:
-    """Return (config path, secret path, whether the secret file was asked for explicitly)."""
+    """Return (config path, secret path, whether that secret file must exist).
+
+    Only ``--secret`` makes it required: ``$CONNECTOR_SECRET`` names where an image
+    mounts secret.yml when there is one (a Kubernetes Secret volume may be optional).
+    """
     env = os.environ if environ is None else environ
     config_path = config or env.get("CONNECTOR_CONFIG") or DEFAULT_CONFIG_PATH
-    explicit_secret = secret or env.get("CONNECTOR_SECRET")
-    return Path(config_path), Path(explicit_secret or DEFAULT_SECRET_PATH), bool(explicit_secret)
+    secret_path = secret or env.get("CONNECTOR_SECRET") or DEFAULT_SECRET_PATH
+    return Path(config_path), Path(secret_path), bool(secret)
 
 
 def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
@@ -493,13 +497,13 @@ def load_config(
     ``defaults`` stand in for keys that neither file nor environment set.
     """
     env = os.environ if environ is None else environ
-    config_path, secret_path, secret_explicit = resolve_paths(
+    config_path, secret_path, secret_required = resolve_paths(
         None if config is None else os.fspath(config),
         None if secret is None else os.fspath(secret),
         env,
     )
     config_data = _read_yaml(config_path, "config", required=True)
-    secret_data = _read_yaml(secret_path, "secret", required=secret_explicit)
+    secret_data = _read_yaml(secret_path, "secret", required=secret_required)
     data = deep_merge(config_data, secret_data)
     from_env: dict[str, str] = {}
     for key, names in ENV_FALLBACKS.items():

@@ -1,0 +1,129 @@
+"""The image, run without a container engine: from exactly the files its COPY lines copy,
+with its ENV, WORKDIR and USER, and the mounts of the README's ``docker run`` line.
+
+No Docker engine is at hand, so :mod:`image` lays the image's files out under a
+temporary root and runs the ``CMD`` there as the image's user (uid 10001 when the tests
+run as root). Only the values that name the network change: each run gets a free port
+and a capture target on loopback.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from image import Container, ImageRoot, interpreter_for, parse_docker_run, parse_dockerfile
+from template_support import VARIANTS
+
+from cdk.testing.target import CaptureTarget, free_port
+from hooks.variants import SERVES_HTTP
+
+READY = r"(?:sink|source) listening on http://[^\s:]+:(\d+)|source started"
+
+
+@pytest.fixture
+def image_root(rendered: dict[str, Path], variant: str) -> Iterator[ImageRoot]:
+    """The image of ``variant`` laid out with the README's ``docker run`` mounts."""
+    project = rendered[variant]
+    image = parse_dockerfile((project / "Dockerfile").read_text(encoding="utf-8"))
+    run = parse_docker_run((project / "README.md").read_text(encoding="utf-8"))
+    root = ImageRoot(project, image, run)
+    try:
+        yield root
+    finally:
+        root.remove()
+
+
+def mount_readme_volumes(root: ImageRoot, **config: object) -> None:
+    """Mount what the README's ``docker run`` mounts: the project's config.yml, with
+    ``config`` over it, and any named volume."""
+    project_config = yaml.safe_load((root.project / "config.yml").read_text("utf-8")) or {}
+    for source, container_path in root.run.mounts:
+        if source.endswith("/config.yml"):
+            assert container_path == root.image.env["CONNECTOR_CONFIG"], "config.yml not mounted"
+            text = yaml.safe_dump({**project_config, **config}, sort_keys=False)
+            root.mount(container_path, text.encode())
+        else:
+            assert not source.startswith(("/", "$", ".")), f"unexpected bind mount {source}"
+            root.mount(container_path)
+
+
+def start(root: ImageRoot, target: CaptureTarget, *args: str) -> Container:
+    """The image's CMD (``args`` after it) with the README's -e options, on loopback."""
+    python, python_env = interpreter_for(root.uid)
+    overrides = {}
+    if "CONNECTOR_PORT" in {**root.image.env, **root.run.env}:
+        overrides["CONNECTOR_PORT"] = str(free_port())
+    if "CONNECTOR_TARGET" in root.run.env:
+        overrides["CONNECTOR_TARGET"] = target.url
+    return Container(root, root.environment(python_env, **overrides), python, list(args))
+
+
+def get(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=b"{}" if method == "POST" else None)
+    request.method = method
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_runs_with_only_config_yml_mounted(image_root: ImageRoot, variant: str) -> None:
+    assert "CONNECTOR_SECRET" in image_root.image.env, "the image names where secret.yml goes"
+    http = {"host": "127.0.0.1"} if variant in SERVES_HTTP else {}
+    mount_readme_volumes(image_root, **http)
+    assert not image_root.at(image_root.image.env["CONNECTOR_SECRET"]).exists()
+    with CaptureTarget.in_thread() as target:
+        container = start(image_root, target)
+        try:
+            port = container.wait_for_line(READY).group(1)
+            if variant in SERVES_HTTP:
+                assert get(f"http://127.0.0.1:{port}/healthz") == 200
+                assert image_root.image.healthcheck is not None
+                check = container.exec(image_root.image.healthcheck)
+                assert check.returncode == 0, check.stdout + check.stderr
+            else:
+                target.wait_until(lambda: len(target.events) >= 1, timeout=30)
+        finally:
+            code = container.stop()
+    assert code == 0, f"exit status {code} after SIGTERM:\n{container.output}"
+    assert "Traceback" not in container.output, container.output
+
+
+@pytest.mark.parametrize("variant", ["sink"])
+def test_the_image_uses_secret_yml_when_it_is_mounted(image_root: ImageRoot, variant: str) -> None:
+    token = "from-the-mounted-secret"
+    mount_readme_volumes(image_root, host="127.0.0.1")
+    secret = yaml.safe_dump({"auth_token": token}).encode()
+    image_root.mount(image_root.image.env["CONNECTOR_SECRET"], secret)
+    event = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/t", "ce-type": "t"}
+    headers = {**event, "content-type": "application/json"}
+    with CaptureTarget.in_thread() as target:
+        container = start(image_root, target)
+        try:
+            url = f"http://127.0.0.1:{container.wait_for_line(READY).group(1)}/"
+            anonymous = get(url, "POST", headers)
+            allowed = get(url, "POST", {**headers, "authorization": f"Bearer {token}"})
+        finally:
+            code = container.stop()
+    assert (anonymous, allowed, code) == (401, 200, 0), container.output
+
+
+@pytest.mark.parametrize("variant", ["sink", "source-poll"])
+def test_an_explicit_secret_path_that_does_not_exist_stays_an_error(
+    image_root: ImageRoot, variant: str
+) -> None:
+    mount_readme_volumes(image_root)
+    with CaptureTarget.in_thread() as target:
+        container = start(image_root, target, "--secret", "/vanus-connect/secret/nope.yml")
+        code = container.wait()
+    assert code == 2, container.output
+    assert "secret file not found" in container.output and "Traceback" not in container.output
