@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from image import parse_dockerfile
 from template_support import VARIANTS, run_in, tool
 
 from hooks.variants import SERVES_HTTP
@@ -50,16 +51,18 @@ def test_hadolint_finds_a_real_problem(tmp_path: Path) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], variant: str) -> None:
     text = (rendered[variant] / "Dockerfile").read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines()]
-    assert lines[-1] == 'CMD ["python", "cmd/main.py"]'
-    assert "CONNECTOR_CONFIG=/vanus-connect/config/config.yml \\" in lines
-    assert "CONNECTOR_SECRET=/vanus-connect/secret/secret.yml" in lines
-    assert "USER 10001" in lines
+    image = parse_dockerfile(text)
+    assert image.cmd == ["python", "/app/cmd/main.py"]
+    assert image.env["CONNECTOR_CONFIG"] == "/vanus-connect/config/config.yml"
+    assert image.env["CONNECTOR_SECRET"] == "/vanus-connect/secret/secret.yml"
+    assert image.user == "10001"
+    # The state directory is the working directory, and the only one the user owns.
+    assert image.chowned == {image.workdir: "10001:10001"}
     # The dependency layer comes before the code, so code changes reuse it.
     assert text.index("COPY pyproject.toml") < text.index("pip install") < text.index("COPY cdk/")
     serves = variant in SERVES_HTTP
-    assert ("EXPOSE 8080" in lines) is serves
-    assert ("HEALTHCHECK" in text and "/healthz" in text) is serves
+    assert (image.expose == [8080]) is serves
+    assert (image.healthcheck is not None and "/healthz" in image.healthcheck[-1]) is serves
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -115,6 +118,8 @@ def test_deployment_probes_resources_and_mounts(rendered: dict[str, Path], varia
         assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert Path(config["position_store"]).parent == Path(mounts["state"])
+        dockerfile = (rendered[variant] / "Dockerfile").read_text(encoding="utf-8")
+        assert mounts["state"] == parse_dockerfile(dockerfile).workdir
     else:
         assert deployment["spec"]["replicas"] >= 2
     if variant.startswith("source"):

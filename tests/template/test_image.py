@@ -63,6 +63,13 @@ def start(root: ImageRoot, target: CaptureTarget, *args: str) -> Container:
     return Container(root, root.environment(python_env, **overrides), python, list(args))
 
 
+def wait_for_events(container: Container, target: CaptureTarget, count: int) -> None:
+    try:
+        target.wait_until(lambda: len(target.events) >= count, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"{count} event(s) not delivered:\n{container.output}") from None
+
+
 def get(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, data=b"{}" if method == "POST" else None)
     request.method = method
@@ -91,7 +98,7 @@ def test_the_image_runs_with_only_config_yml_mounted(image_root: ImageRoot, vari
                 check = container.exec(image_root.image.healthcheck)
                 assert check.returncode == 0, check.stdout + check.stderr
             else:
-                target.wait_until(lambda: len(target.events) >= 1, timeout=30)
+                wait_for_events(container, target, 1)
         finally:
             code = container.stop()
     assert code == 0, f"exit status {code} after SIGTERM:\n{container.output}"
@@ -127,3 +134,29 @@ def test_an_explicit_secret_path_that_does_not_exist_stays_an_error(
         code = container.wait()
     assert code == 2, container.output
     assert "secret file not found" in container.output and "Traceback" not in container.output
+
+
+@pytest.mark.parametrize("variant", ["source-poll"])
+def test_a_polling_source_keeps_its_positions_on_the_state_volume(
+    image_root: ImageRoot, variant: str
+) -> None:
+    """``position_store: positions.db`` (the README's advice) lands on the mounted volume."""
+    state = image_root.image.workdir
+    assert state in image_root.image.chowned, "the working directory is not the user's"
+    assert (f"{image_root.run.image.split(':')[0]}-state", state) in image_root.run.mounts
+    mount_readme_volumes(image_root, position_store="positions.db", interval=0.01)
+    first_ids = []
+    for _ in range(2):
+        with CaptureTarget.in_thread() as target:
+            container = start(image_root, target)
+            try:
+                wait_for_events(container, target, 3)
+            finally:
+                code = container.stop()
+        assert code == 0, container.output
+        first_ids.append(target.events[0].get_id())
+    store = image_root.at(state) / "positions.db"
+    assert store.is_file(), f"no positions.db in the state directory:\n{container.output}"
+    if image_root.uid is not None:
+        assert store.stat().st_uid == image_root.uid
+    assert first_ids[0] != first_ids[1], "the second container started again from the start"
