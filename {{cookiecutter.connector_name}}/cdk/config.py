@@ -347,11 +347,7 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
 def resolve_paths(
     config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None
 ) -> tuple[Path, Path, bool]:
-    """Return (config path, secret path, whether that secret file must exist).
-
-    Only ``--secret`` makes it required: ``$CONNECTOR_SECRET`` names where an image
-    mounts secret.yml when there is one (a Kubernetes Secret volume may be optional).
-    """
+    """Return (config path, secret path, whether that must exist: only a --secret one)."""
     env = os.environ if environ is None else environ
     config_path = config or env.get("CONNECTOR_CONFIG") or DEFAULT_CONFIG_PATH
     secret_path = secret or env.get("CONNECTOR_SECRET") or DEFAULT_SECRET_PATH
