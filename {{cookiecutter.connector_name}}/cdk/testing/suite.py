@@ -314,14 +314,14 @@ class _ConnectorTests:
             cls.__test__ = True
 
     def file_config(self) -> dict[str, Any]:
-        """The project's config.yml (empty without ``project_dir``)."""
-        if self.project_dir is None:
-            return {}
-        path = Path(self.project_dir) / "config.yml"
-        if not path.is_file():
+        """The project's config.yml (empty without ``project_dir``), less its position store:
+        tests never touch the project's state, so each run has a fresh one (and no election)."""
+        path = Path(self.project_dir) / "config.yml" if self.project_dir is not None else None
+        if path is None or not path.is_file():
             return {}
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return dict(data) if isinstance(data, dict) else {}
+        state = ("position_store", "leader_election")
+        return {k: v for k, v in data.items() if k not in state} if isinstance(data, dict) else {}
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
         """config.yml, then ``config``, then ``secret``, then ``overrides``, deep-merged."""
