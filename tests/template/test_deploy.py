@@ -7,7 +7,9 @@ binary), ``kubernetes-validate --strict`` with its offline schemas, and
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,28 @@ def test_ci_workflow_matches_the_github_schema(rendered: dict[str, Path], varian
     )
     for command in ("ruff check", "mypy", "pytest", "docker build"):
         assert command in steps
+
+
+def test_generated_tests_name_the_deploy_file_to_change_when_config_drifts(
+    rendered: dict[str, Path], tmp_path: Path
+) -> None:
+    project = tmp_path / "sink"
+    shutil.copytree(rendered["sink"], project)
+    check = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_deploy.py"]
+    untouched = run(*check, cwd=project)
+    assert untouched.returncode == 0, untouched.stdout + untouched.stderr
+    config = project / "internal" / "config.py"
+    text = config.read_text(encoding="utf-8")
+    example = next(line for line in text.splitlines() if line.startswith("    username:"))
+    required = '    api_url: str = Field(description="Where the API lives.")'
+    config.write_text(text.replace(example, required), encoding="utf-8")
+    drifted = run(*check, cwd=project)
+    assert drifted.returncode != 0
+    assert (
+        "deploy/kubernetes/configmap.yaml sets `username`, which Config (internal/config.py)"
+        " does not have: remove it from deploy/kubernetes/configmap.yaml" in drifted.stdout
+    )
+    assert (
+        "Config (internal/config.py) requires `api_url`, which"
+        " deploy/kubernetes/configmap.yaml does not set: add it" in drifted.stdout
+    )
