@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import pytest
 import yaml
 from template_support import VARIANTS, clean_env, run_in
 
+from cdk.testing.runner import ConnectorProcess
+from cdk.testing.target import CaptureTarget, free_port
 from hooks.variants import SERVES_HTTP, SOURCES
 
 #: The variables the kit reads, kept out of every run unless a command sets them.
@@ -145,3 +148,22 @@ def test_each_key_config_yml_shows_in_a_comment_is_valid(
         assert key in yaml.safe_load(uncommented.read_text(encoding="utf-8"))
         variables = {"K_SINK": "http://127.0.0.1:9/"} if variant in SOURCES else {}
         assert key in effective_config(project, variables, str(uncommented)), line
+
+
+def test_a_polling_source_serves_metrics_on_the_host_config_yml_shows(
+    rendered: dict[str, Path],
+) -> None:
+    """``host`` is the address of a polling source's ``metrics_port``, as config.yml says."""
+    project = rendered["source-poll"]
+    text = (project / "config.yml").read_text(encoding="utf-8")
+    shown = dict(line.split(": ", 1) for line in re.findall(r"^# ([a-z_]+: \S+)", text, re.M))
+    assert shown["host"] == "127.0.0.1" and "metrics_port" in shown
+    config = {**yaml.safe_load(text), "host": shown["host"], "metrics_port": free_port()}
+    with CaptureTarget.in_thread() as target:
+        config["target"] = target.url
+        with ConnectorProcess(project, config) as process:
+            line = process.wait_for_line(r"metrics listening on (http://\S+)")
+            status = urllib.request.urlopen(line.group(1) + "/healthz", timeout=10).status
+            code = process.stop()
+    assert line.group(1) == f"http://127.0.0.1:{config['metrics_port']}"
+    assert (status, code) == (200, 0), process.output
