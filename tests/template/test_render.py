@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -228,3 +230,42 @@ def test_the_longest_name_is_still_lint_clean(tmp_path: Path, connector_type: st
     project = render(tmp_path / "out", connector_type=connector_type, connector_name=name)
     result = run_in(project, tool("ruff"), "check", "--no-cache", ".")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_what_to_edit_names_every_file_a_user_changes(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    readme = (rendered[variant] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## What to edit") : readme.index("## Configuration")]
+    named = {name for row in re.findall(r"^\| (.+?) \|", section, re.M) for name in row.split(", ")}
+    code = "`internal/sink.py`" if variant == "sink" else "`internal/source.py`"
+    wanted = {"`internal/config.py`", code, "`config.yml`", "`pyproject.toml`", "`tests/`"}
+    assert wanted | {"`deploy/`"} <= named
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_settings_form_test_docstrings_show_passes_lint_and_types(
+    rendered: dict[str, Path], variant: str, tmp_path: Path
+) -> None:
+    """Pasted into the test class as the docstring says, the example is ruff and mypy clean."""
+    project = tmp_path / variant
+    shutil.copytree(rendered[variant], project)
+    (suite,) = [p for p in (project / "tests").glob("test_*.py") if "Tests):" in p.read_text()]
+    text = suite.read_text(encoding="utf-8")
+    example = text[text.index("::\n\n") + 3 : text.index('"""', text.index("::\n\n"))]
+    lines = textwrap.dedent(example).strip().splitlines()
+    imports = [line for line in lines if line.startswith(("from ", "import "))]
+    body = [line for line in lines if line and line not in imports]
+    assert body, f"{suite.name}: the docstring shows no setting"
+    head, _, rest = text.partition("from __future__ import annotations\n")
+    pasted = head + "from __future__ import annotations\n\n" + "\n".join(imports) + rest
+    pasted = pasted.rstrip("\n") + "\n" + "".join(f"    {line}\n" for line in body)
+    suite.write_text(pasted, encoding="utf-8")
+    ruff = run_in(project, tool("ruff"), "check", "--no-cache", "--fix", ".")
+    assert ruff.returncode == 0, ruff.stdout + ruff.stderr
+    assert body[0] in suite.read_text(encoding="utf-8")
+    mypy = run_in(
+        project, sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"), timeout=300
+    )
+    assert mypy.returncode == 0, mypy.stdout + mypy.stderr

@@ -6,6 +6,14 @@ events reach ``arrived`` exactly as sent, invalid input gets 400, a failed ``Res
 becomes its HTTP status, a bad config exits 2. Override ``make_event(index)`` if
 ``arrived`` expects events of a particular shape; add your own tests as plain pytest
 functions in other ``test_*.py`` files.
+
+Settings the tests need go in ``config`` (merged over config.yml; ``secret`` holds what
+secret.yml would), as class variables of the class below::
+
+    from collections.abc import Mapping
+    from typing import Any, ClassVar
+
+    config: ClassVar[Mapping[str, Any]] = {"username": "tests"}
 """
 
 from __future__ import annotations

@@ -6,6 +6,14 @@ does: a POST yields valid CloudEvents at the target and a 2xx, a failed delivery
 answers an error status, a bad config exits 2. Override ``webhook_request()`` to send
 the body and headers ``make_event`` expects; add your own tests as plain pytest
 functions in other ``test_*.py`` files.
+
+Settings the tests need go in ``config`` (merged over config.yml; ``secret`` holds what
+secret.yml would), as class variables of the class below::
+
+    from collections.abc import Mapping
+    from typing import Any, ClassVar
+
+    config: ClassVar[Mapping[str, Any]] = {"username": "tests"}
 """
 
 from __future__ import annotations
