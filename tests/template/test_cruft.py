@@ -7,12 +7,14 @@ git repository and committed there, as a published template would be.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from template_support import REPO, clean_env, tool
 
 pytestmark = pytest.mark.slow
@@ -48,6 +50,14 @@ def commit_all(repo: Path, env: dict[str, str], message: str) -> str:
     return run("git", "rev-parse", "HEAD", cwd=repo, env=env).stdout.strip()
 
 
+def ci_cruft_check(project: Path) -> list[str]:
+    """The generated CI's ``cruft check`` command, run with the installed cruft."""
+    workflow = yaml.safe_load((project / ".github/workflows/ci.yml").read_text("utf-8"))
+    runs = [str(s.get("run", "")) for job in workflow["jobs"].values() for s in job["steps"]]
+    (line,) = [line for run in runs for line in run.splitlines() if line.startswith("cruft ")]
+    return [tool("cruft"), *shlex.split(line)[1:]]
+
+
 def published_template(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
     """The working tree, committed into a fresh repository: (its path, the commit)."""
     template = tmp_path / "template"
@@ -81,7 +91,7 @@ def test_cruft_create_check_and_update(tmp_path: Path) -> None:
     assert state["context"]["cookiecutter"]["connector_type"] == "sink"
     assert (project / "internal" / "sink.py").exists()
     assert not (project / "internal" / "source.py").exists()
-    checked = run(cruft, "check", cwd=project, env=env)
+    checked = run(*ci_cruft_check(project), cwd=project, env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # The template moves on: check notices, update brings the change in.
@@ -90,7 +100,7 @@ def test_cruft_create_check_and_update(tmp_path: Path) -> None:
     gitignore = template / "{{cookiecutter.connector_name}}" / ".gitignore"
     gitignore.write_text(gitignore.read_text(encoding="utf-8") + "# template update\n")
     commit_all(template, env, "update")
-    assert run(cruft, "check", cwd=project, env=env).returncode != 0
+    assert run(*ci_cruft_check(project), cwd=project, env=env).returncode != 0
     updated = run(cruft, "update", "--skip-apply-ask", cwd=project, env=env)
     assert updated.returncode == 0, updated.stdout + updated.stderr
     assert "# template update" in (project / ".gitignore").read_text(encoding="utf-8")

@@ -7,15 +7,18 @@ binary), ``kubernetes-validate --strict`` with its offline schemas, and
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from image import parse_dockerfile
+from packaging.requirements import Requirement
 from template_support import VARIANTS, run_in, tool
 
 from hooks.variants import SERVES_HTTP
@@ -205,3 +208,44 @@ def test_generated_tests_name_the_deploy_file_to_change_when_config_drifts(
         "Config (internal/config.py) requires `api_url`, which"
         " deploy/kubernetes/configmap.yaml does not set: add it" in drifted.stdout
     )
+
+
+def unbounded(requirements: list[str]) -> list[str]:
+    """The requirements a new release could change under a project: no upper bound."""
+    bounded_by = ("<", "==", "~=")
+    return [
+        r
+        for r in requirements
+        if not any(s.operator.startswith(bounded_by) for s in Requirement(r).specifier)
+    ]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ci_tools_have_upper_bounds(rendered: dict[str, Path], variant: str) -> None:
+    """A tool release must not turn a user's CI red on the vendored cdk/ they never edit."""
+    project = rendered[variant]
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    assert unbounded(pyproject["project"]["optional-dependencies"]["test"]) == []
+    workflow = load(project / ".github" / "workflows" / "ci.yml")
+    installed = [
+        word
+        for job in workflow["jobs"].values()
+        for step in job["steps"]
+        for line in str(step.get("run", "")).splitlines()
+        if "pip install" in line
+        for word in shlex.split(line)[shlex.split(line).index("install") + 1 :]
+        if not word.startswith(("-", "."))
+    ]
+    assert installed and unbounded(installed) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ci_tells_of_template_updates_without_failing(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    jobs = load(rendered[variant] / ".github" / "workflows" / "ci.yml")["jobs"]
+    ((job, step),) = [
+        (j, s) for j in jobs.values() for s in j["steps"] if "cruft check" in s.get("run", "")
+    ]
+    assert job["continue-on-error"] is True
+    assert step["if"] == "hashFiles('.cruft.json') != ''"
