@@ -249,3 +249,19 @@ def test_ci_tells_of_template_updates_without_failing(
     ]
     assert job["continue-on-error"] is True
     assert step["if"] == "hashFiles('.cruft.json') != ''"
+
+
+@pytest.mark.parametrize("variant", sorted(SERVES_HTTP))
+def test_the_dockerfile_says_where_its_healthcheck_is_lost(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    lines = (rendered[variant] / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("HEALTHCHECK"))
+    above = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("#"):
+            break
+        above.insert(0, line)
+    note = " ".join(above)
+    for needed in ("podman", "buildah", "OCI", "--format docker", "probes"):
+        assert needed in note, f"the comment above HEALTHCHECK does not mention {needed!r}"
