@@ -26,6 +26,8 @@ ONLY_IN: Mapping[str, frozenset[str]] = {
     "internal/sink.py": frozenset({"sink"}),
     "deploy/kubernetes/service.yaml": SERVES_HTTP,
     "deploy/kubernetes/state.yaml": frozenset({"source-poll"}),
+    "deploy/kubernetes-etcd/configmap.yaml": frozenset({"source-poll"}),
+    "deploy/kubernetes-etcd/deployment.yaml": frozenset({"source-poll"}),
     "deploy/knative/service.yaml": frozenset({"sink"}),
     "deploy/knative/sinkbinding.yaml": SOURCES,
     "tests/test_source.py": frozenset({"source-poll"}),

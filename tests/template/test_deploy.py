@@ -7,6 +7,7 @@ binary), ``kubernetes-validate --strict`` with its offline schemas, and
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -72,7 +73,7 @@ def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], vari
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kubernetes_manifests_are_valid(rendered: dict[str, Path], variant: str) -> None:
-    manifests = sorted((rendered[variant] / "deploy" / "kubernetes").glob("*.yaml"))
+    manifests = sorted((rendered[variant] / "deploy").glob("kubernetes*/*.yaml"))
     result = run(
         tool("kubernetes-validate"),
         "--strict",
@@ -134,6 +135,53 @@ def test_deployment_probes_resources_and_mounts(rendered: dict[str, Path], varia
     if service.exists():
         selector = load(service)["spec"]["selector"]
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_a_polling_source_offers_an_etcd_mode_beside_the_sqlite_one(
+    rendered: dict[str, Path],
+) -> None:
+    """Several replicas with one leader and positions in etcd, or one replica and a volume."""
+    deploy = rendered["source-poll"] / "deploy"
+    single, several = (
+        load(deploy / m / "deployment.yaml") for m in ("kubernetes", "kubernetes-etcd")
+    )
+    # The same Deployment and ConfigMap, so the SinkBinding binds either mode.
+    assert several["metadata"] == single["metadata"]
+    assert several["spec"]["selector"] == single["spec"]["selector"]
+    assert (single["spec"]["replicas"], several["spec"]["replicas"] >= 2) == (1, True)
+    assert "strategy" not in several["spec"]  # a rolling update: another replica leads meanwhile
+    pod = several["spec"]["template"]["spec"]
+    assert "state" not in {v["name"] for v in pod["volumes"]}
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert spread[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    single_map, etcd_map = (
+        load(deploy / m / "configmap.yaml") for m in ("kubernetes", "kubernetes-etcd")
+    )
+    assert etcd_map["metadata"] == single_map["metadata"]
+    config = yaml.safe_load(etcd_map["data"]["config.yml"])
+    assert re.fullmatch(r"etcd://[a-z0-9.-]+:\d+/[a-z0-9/_-]+", config["position_store"])
+    assert (config["leader_election"], config["leader_lease"]) == (True, 10)
+    assert config["metrics_port"] == 8080  # the probes' port, as in the single-replica mode
+    (container,) = pod["containers"]
+    assert (
+        container["readinessProbe"]
+        == single["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_readme_says_when_to_pick_which_mode(rendered: dict[str, Path], variant: str) -> None:
+    readme = (rendered[variant] / "README.md").read_text(encoding="utf-8")
+    scaling = " ".join(
+        readme[readme.index("### Scaling out") : readme.index("## Updating")].split()
+    )
+    if variant == "source-poll":
+        for needed in ("`deploy/kubernetes/`", "`deploy/kubernetes-etcd/`", "leader", "Helm"):
+            assert needed in scaling
+        assert "kubectl apply -f deploy/kubernetes/secret.yaml -f deploy/kubernetes-etcd/" in readme
+        assert "http" not in scaling  # described, not linked
+    else:
+        assert "neither a volume nor etcd" in scaling and "Service" in scaling
 
 
 def test_knative_service_of_a_sink(rendered: dict[str, Path], tmp_path: Path) -> None:
