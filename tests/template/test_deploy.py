@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from image import parse_dockerfile
+from image import instructions, parse_dockerfile
 from packaging.requirements import Requirement
 from template_support import VARIANTS, run_in, tool
 
@@ -69,6 +69,22 @@ def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], vari
     serves = variant in SERVES_HTTP
     assert (image.expose == [8080]) is serves
     assert (image.healthcheck is not None and "/healthz" in image.healthcheck[-1]) is serves
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_installs_what_each_deploy_mode_needs(
+    rendered: dict[str, Path], variant: str
+) -> None:
+    """The RUN that lists the image's requirements: the runtime ones, and for a polling
+    source the etcd extra its deploy/kubernetes-etcd/ mode needs."""
+    project = rendered[variant]
+    text = (project / "Dockerfile").read_text(encoding="utf-8")
+    (run,) = [args for key, args in instructions(text) if key == "RUN" and "tomllib" in args]
+    words = shlex.split(run)
+    listed = run_in(project, sys.executable, "-c", words[words.index("-c") + 1], check=True)
+    meta = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extra = meta["optional-dependencies"]["etcd"] if variant == "source-poll" else []
+    assert listed.stdout.splitlines() == meta["dependencies"] + extra
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import yaml
 
-import cdk
 from cdk.config import ENVIRONMENT
 from internal.config import Config
 
@@ -26,8 +25,6 @@ DEPLOY = PROJECT_DIR / "deploy"
 #: Each way to run on Kubernetes (a folder with a ConfigMap); what a folder lacks, it
 #: takes from deploy/kubernetes/ (the Secret, say).
 MODES = sorted(path.parent.name for path in DEPLOY.glob("*/configmap.yaml"))
-#: Keys of the etcd mode's ConfigMap that a kit from before leader election lacks.
-ELECTION_KEYS = ("leader_election", "leader_lease")
 
 
 def mode_file(mode: str, name: str) -> Path:
@@ -57,8 +54,6 @@ def pod_files(mode: str) -> tuple[Path, dict[str, Any], Path, dict[str, Any]]:
     """(the ConfigMap, its config.yml, the Secret, its secret.yml) of ``mode``."""
     configmap, secret = mode_file(mode, "configmap.yaml"), mode_file(mode, "secret.yaml")
     config = embedded(configmap, "data", "config.yml")
-    if any(key in config and key not in cdk.SourceConfig.model_fields for key in ELECTION_KEYS):
-        pytest.skip(f"{shown(configmap)} uses leader election, which this cdk/ has not yet")
     return configmap, config, secret, embedded(secret, "stringData", "secret.yml")
 
 
