@@ -2,9 +2,9 @@
 
 Runs in the new project's directory. Removes the files that belong to another variant
 (``hooks/variants.py`` has the map; files already absent are fine) and any
-cache directory, and writes README.md's configuration table from the JSON schema of
-the variant's config model (``hooks/config_schemas.json``, made from the models by
-``python tests/template/template_support.py``) with the project's own
+cache directory, and writes README.md's configuration table, the one
+``python tests/template/template_support.py`` made from the variant's config model
+(``hooks/config_tables/<variant>.md``), with the project's own
 ``tools/config_table.py``. Then it checks that every ``.py`` file compiles and that no
 template marker was left in a text file outside the vendored ``cdk/``. On a problem it
 prints one line and exits 1. Answers arrive as JSON text, so no answer can change this
@@ -33,7 +33,7 @@ FREE_TEXT: list[str] = [
     json.loads({{cookiecutter.author_email | tojson | tojson}}),
 ]
 
-#: The project's own tool that writes README.md's configuration table.
+#: The project's own tool that keeps README.md's configuration table.
 TABLE_TOOL = "tools/config_table.py"
 #: Directories whose files are copied verbatim, so they are not checked for markers.
 VERBATIM = ("cdk",)
@@ -67,22 +67,18 @@ def remove_caches(root: Path) -> None:
                 shutil.rmtree(cache, ignore_errors=True)
 
 
-def fill_config_table(root: Path, schemas_file: Path, variant: str) -> str | None:
+def fill_config_table(root: Path, tables: Path, variant: str) -> str | None:
     """Write README.md's configuration table for ``variant``; why not, or None."""
     try:
-        schema = json.loads(schemas_file.read_text(encoding="utf-8"))[variant]
+        table = (tables / f"{variant}.md").read_text(encoding="utf-8").rstrip("\n")
         spec = importlib.util.spec_from_file_location("config_table", root / TABLE_TOOL)
         assert spec is not None and spec.loader is not None  # a .py path always has both
         tool = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tool)
         readme = root / "README.md"
-        table = tool.table_from_schema(schema)
         readme.write_text(tool.with_table(readme.read_text("utf-8"), table), encoding="utf-8")
-    except (OSError, ValueError, KeyError) as exc:
-        return (
-            f"README.md: no configuration table from {TABLE_TOOL} and {schemas_file.name}"
-            f" for {variant}: {exc!r}"
-        )
+    except (OSError, ValueError) as exc:
+        return f"README.md: no configuration table for {variant} from {tables.name}/: {exc!r}"
     return None
 
 
@@ -157,7 +153,7 @@ def main(root: Path | None = None) -> int:
     project = Path.cwd() if root is None else root
     remove_paths(project, load_hook_module(HOOKS_DIR, "variants").files_to_remove(VARIANT))
     remove_caches(project)
-    problem = fill_config_table(project, Path(HOOKS_DIR) / "config_schemas.json", VARIANT)
+    problem = fill_config_table(project, Path(HOOKS_DIR) / "config_tables", VARIANT)
     problems = [problem] if problem else []
     problems += check_project(project, FREE_TEXT, load_hook_module(HOOKS_DIR, "naming"))
     if problems:

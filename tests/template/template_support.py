@@ -1,10 +1,10 @@
-"""Rendering the template for its own tests, and keeping its config schemas current.
+"""Rendering the template for its own tests, and keeping its config tables current.
 
 ``render`` runs cookiecutter's Python API with a private user config (no replay files
 in the home directory). ``python tests/template/template_support.py`` rewrites
-``hooks/config_schemas.json`` (the config models' JSON schemas, from which every
-generated README gets its configuration table) after a change to ``cdk/config.py`` or
-``internal/config.py``.
+``hooks/config_tables/`` (each variant's configuration table, made from its config
+model, which post_gen_project writes into the generated README) after a change to
+``cdk/config.py`` or ``internal/config.py``.
 """
 
 from __future__ import annotations
@@ -182,19 +182,17 @@ def run_in(
     )
 
 
-# --- the config schemas behind the README tables -------------------------------------
+# --- the README tables, made from the config models ------------------------------------
 
-#: The JSON schema of each variant's config model, from which post_gen_project writes
-#: the generated README's configuration table.
-CONFIG_SCHEMAS = REPO / "hooks" / "config_schemas.json"
+#: The configuration table of each variant's README, which post_gen_project writes in.
+CONFIG_TABLES = REPO / "hooks" / "config_tables"
 README_TEMPLATE = TEMPLATE_PROJECT / "README.md"
 
 
-def schema_from_model(project: Path, python: str = sys.executable) -> dict[str, Any]:
-    """The JSON schema of a rendered project's ``Config``, less what names the project."""
+def table_from_model(project: Path, python: str = sys.executable) -> str:
+    """The table ``tools/config_table.py`` makes from a rendered project's ``Config``."""
     code = (
-        "import json, sys; sys.path.insert(0, '.'); from internal.config import Config;"
-        "print(json.dumps(Config.model_json_schema()))"
+        "import sys; sys.path.insert(0, 'tools'); import config_table as t; print(t.model_table())"
     )
     result = subprocess.run(
         [python, "-c", code],
@@ -204,27 +202,27 @@ def schema_from_model(project: Path, python: str = sys.executable) -> dict[str, 
         check=True,
         env=clean_env(),
     )
-    schema: dict[str, Any] = json.loads(result.stdout)
-    # The model's title and docstring name the connector; the table needs neither.
-    return {key: value for key, value in schema.items() if key not in ("title", "description")}
+    return result.stdout
 
 
-def update_config_schemas() -> bool:
-    """Rewrite hooks/config_schemas.json from the models; True when it changed."""
-    text = CONFIG_SCHEMAS.read_text(encoding="utf-8") if CONFIG_SCHEMAS.exists() else "{}"
-    schemas = json.loads(text)
-    # A render needs an entry for its variant; a new variant starts with an empty one.
+def update_config_tables() -> list[str]:
+    """Rewrite hooks/config_tables/ from the models; the variants whose table changed."""
+    CONFIG_TABLES.mkdir(exist_ok=True)
+    before = {}
     for variant in VARIANTS:
-        schemas.setdefault(variant, {})
-    CONFIG_SCHEMAS.write_text(json.dumps(schemas, indent=2) + "\n", encoding="utf-8")
+        path = CONFIG_TABLES / f"{variant}.md"
+        before[variant] = path.read_text(encoding="utf-8") if path.exists() else ""
+        path.write_text(before[variant], encoding="utf-8")  # a render needs the file
+    changed = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant, answers in VARIANTS.items():
-            schemas[variant] = schema_from_model(render(Path(tmp) / variant, **answers))
-    updated = json.dumps({v: schemas[v] for v in VARIANTS}, indent=2) + "\n"
-    CONFIG_SCHEMAS.write_text(updated, encoding="utf-8")
-    return updated != text
+            table = table_from_model(render(Path(tmp) / variant, **answers))
+            if table != before[variant]:
+                (CONFIG_TABLES / f"{variant}.md").write_text(table, encoding="utf-8")
+                changed.append(variant)
+    return changed
 
 
 if __name__ == "__main__":
-    changed = update_config_schemas()
-    print("hooks/config_schemas.json " + ("updated" if changed else "already current"))
+    changed = update_config_tables()
+    print("hooks/config_tables/: " + (", ".join(changed) + " updated" if changed else "current"))

@@ -230,20 +230,20 @@ def test_post_gen_main_trims_to_the_variant_and_passes(tmp_path: Path) -> None:
     }
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "| `port` | integer | `8080` |" in readme and "| `target` |" not in readme
+    assert (REPO / "hooks" / "config_tables" / "sink.md").read_text(encoding="utf-8") in readme
 
 
 def test_fill_config_table_says_why_it_cannot(tmp_path: Path, post_gen: ModuleType) -> None:
     root = project_with_table_tool(tmp_path / "p")
-    schemas = tmp_path / "schemas.json"
-    schemas.write_text('{"sink": {"properties": {"port": {"type": "integer"}}}}')
-    assert post_gen.fill_config_table(root, schemas, "sink") is None
-    assert "| `port` | integer | computed |  |" in (root / "README.md").read_text()
-    assert post_gen.fill_config_table(root, schemas, "source-poll") == (
-        "README.md: no configuration table from tools/config_table.py and schemas.json"
-        " for source-poll: KeyError('source-poll')"
-    )
+    tables = tmp_path / "tables"
+    touch(tables, "sink.md", text="| key |\n|---|\n| `port` |\n")
+    assert post_gen.fill_config_table(root, tables, "sink") is None
+    assert "-->\n| key |\n|---|\n| `port` |\n<!--" in (root / "README.md").read_text()
+    problem = post_gen.fill_config_table(root, tables, "source-poll")
+    assert problem.startswith("README.md: no configuration table for source-poll from tables/")
+    assert "FileNotFoundError" in problem
     (root / "tools/config_table.py").unlink()
-    assert "FileNotFoundError" in post_gen.fill_config_table(root, schemas, "sink")
+    assert "FileNotFoundError" in post_gen.fill_config_table(root, tables, "sink")
 
 
 def test_post_gen_main_fails_in_one_line(tmp_path: Path) -> None:
