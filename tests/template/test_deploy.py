@@ -22,6 +22,7 @@ from image import instructions, parse_dockerfile
 from packaging.requirements import Requirement
 from template_support import VARIANTS, run_in, tool
 
+from cdk.config import SourceConfig
 from hooks.variants import SERVES_HTTP
 
 
@@ -183,6 +184,10 @@ def test_a_polling_source_offers_an_etcd_mode_beside_the_sqlite_one(
         container["readinessProbe"]
         == single["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     )
+    # The Secret both modes share shows where etcd's login goes, in keys the kit knows.
+    secret = load(deploy / "kubernetes" / "secret.yaml")["stringData"]["secret.yml"]
+    login = yaml.safe_load("\n".join(re.findall(r"^# (etcd_\w+: .*)$", secret, re.M)))
+    assert set(login) == {"etcd_username", "etcd_password"} <= set(SourceConfig.model_fields)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
