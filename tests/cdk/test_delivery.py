@@ -24,6 +24,7 @@ from cdk.delivery import (
     AttemptsExhausted,
     Deliverer,
     DeliveryError,
+    DeliveryQueue,
     EncodeError,
     ShutdownError,
     TargetRejected,
@@ -113,7 +114,7 @@ async def delivering(
     overrides: dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
-    chan = chan if chan is not None else asyncio.Queue(cfg.queue_size)
+    chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
     deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger)
     task = asyncio.create_task(deliverer.run(chan))
@@ -137,6 +138,33 @@ async def send(chan: asyncio.Queue[Tuple], fates: Fates, ids: range) -> list[str
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
+
+
+class Logged(logging.Handler):
+    """The records of a logger of its own; ``until`` waits for a condition on them."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.changed = asyncio.Event()
+        self.logger = logging.getLogger(f"tests.delivery.{id(self)}")
+        self.logger.setLevel(level)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.changed.set()
+
+    def lines(self, level: int = logging.DEBUG, containing: str = "") -> list[str]:
+        found = (r.getMessage() for r in self.records if r.levelno >= level)
+        return [line for line in found if containing in line]
+
+    async def until(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 # -- delivery and callbacks ----------------------------------------------------------
@@ -551,22 +579,13 @@ def test_no_backoff_configured_still_does_not_spin_on_a_dead_target() -> None:
 def test_target_that_starts_late_gets_everything() -> None:
     async def main() -> None:
         port = free_port()
-        retried = asyncio.Event()
-
-        class OnRetry(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.getMessage().startswith("retrying"):
-                    retried.set()
-
-        logger = logging.getLogger("tests.delivery.late")
-        logger.setLevel(logging.DEBUG)
-        logger.addHandler(OnRetry())
+        logged = Logged()
         fates = Fates(5)
         cfg = config(f"http://127.0.0.1:{port}/", send_event_attempts=0, max_in_flight=1)
-        async with delivering(cfg, logger=logger) as (_, chan, _metrics):
+        async with delivering(cfg, logger=logged.logger) as (_, chan, _metrics):
             ids = await send(chan, fates, range(5))
-            async with asyncio.timeout(10):
-                await retried.wait()  # at least one attempt failed: nobody listened yet
+            # At least one attempt failed: nobody listened yet.
+            await logged.until(lambda: bool(logged.lines(containing="retrying")))
             async with CaptureTarget(port=port) as target:
                 await fates.wait()
                 assert [e.get_id() for e in target.events] == ids
@@ -663,6 +682,73 @@ def test_zero_attempts_retries_until_delivered() -> None:
     run(main)
 
 
+def test_an_event_waiting_for_a_retry_holds_no_slot() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(2, status=503, retry_after=1)
+            fates = Fates(40)
+            cfg = config(target.url, max_in_flight=2, send_event_attempts=3)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(40))
+                await fates.wait()
+            assert sorted(fates.ok) == sorted(ids)
+            # Both slots' first events wait a second for their retry; the 38 others do not
+            # wait for them.
+            accepted = [e.get_id() for e in target.events]
+            assert sorted(accepted[-2:]) == ["e0", "e1"]
+            assert value(metrics, "cdk_delivery_waiting") == 0
+
+    run(main)
+
+
+def test_retries_to_a_failing_target_stay_within_the_retry_window() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            fates = Fates(60)
+            cfg = config(target.url, max_in_flight=3, send_event_attempts=0)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(60))
+                await target.wait_until_async(lambda: target.attempts >= 60 + 30)
+                tries = Counter(r.headers["ce-id"] for r in target.all_requests)
+                # Every event had its first attempt, yet only max_in_flight of them are
+                # retried while everything fails: the rest wait their turn.
+                assert sorted(tries) == sorted(ids)
+                assert len([i for i, n in tries.items() if n > 1]) == 3
+                assert value(metrics, "cdk_delivery_retry_window") == 3
+                assert value(metrics, "cdk_delivery_waiting") == 60
+                target.fail_with(None)
+                await fates.wait()
+                # Successes widen the window again.
+                assert value(metrics, "cdk_delivery_retry_window") > 3
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+
+    run(main)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_a_flaky_target_gets_every_event_once(batch_size: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.flaky(fail=0.2, drop=0.05, seed=batch_size)
+            fates = Fates(400)
+            cfg = config(target.url, max_in_flight=8, batch_size=batch_size, send_event_attempts=0)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(400))
+                await fates.wait(within=30)
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+            assert all(r.events for r in target.requests)  # no empty batch between retries
+            failed = Counter(r.status for r in target.all_requests if not r.accepted)
+            assert set(failed) == {503, None}
+            # A connection dropped while reused is sent again at once by the client.
+            assert value(metrics, "cdk_delivery_retries_total") >= failed[503]
+
+    run(main)
+
+
 # -- shutdown and backpressure -------------------------------------------------------
 
 
@@ -711,23 +797,14 @@ def test_stop_does_not_wait_out_a_retry_after_that_ends_past_the_grace_period() 
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(1, status=503, retry_after=30)
-            retrying = asyncio.Event()
-
-            class OnRetry(logging.Handler):
-                def emit(self, record: logging.LogRecord) -> None:
-                    if record.getMessage().startswith("retrying"):
-                        retrying.set()
-
-            logger = logging.getLogger("tests.delivery.retry_after_at_stop")
-            logger.setLevel(logging.DEBUG)
-            logger.addHandler(OnRetry())
+            logged = Logged()
             fates = Fates(1)
-            deliverer = Deliverer(config(target.url), Metrics(), logger=logger)
+            deliverer = Deliverer(config(target.url), Metrics(), logger=logged.logger)
             chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
             task = asyncio.create_task(deliverer.run(chan))
             await send(chan, fates, range(1))
-            async with asyncio.timeout(10):
-                await retrying.wait()  # the worker now waits 30 s before the next attempt
+            # The event now waits 30 s for its next attempt.
+            await logged.until(lambda: bool(logged.lines(containing="retrying")))
             started = time.monotonic()
             await deliverer.stop(grace=5)
             await task
@@ -777,10 +854,12 @@ def test_bounded_queue_blocks_the_producer_while_the_target_is_down() -> None:
                 await target.wait_until_async(lambda: target.attempts >= 20)
                 assert chan.full()
                 assert not producer.done()
-                # Only the queue plus one event per in-flight slot ever left the producer.
+                # Events waiting for a retry take room in the queue: only the queue plus
+                # one event per in-flight slot ever left the producer, and all of them
+                # are queued or waiting (in flight again or not).
                 assert queued <= 5 + 2 * 1
-                assert value(metrics, "cdk_source_queue_depth") == 5
-                assert 0 <= value(metrics, "cdk_delivery_in_flight") <= 2
+                held = value(metrics, "cdk_source_queue_depth")
+                assert held + value(metrics, "cdk_delivery_waiting") == queued
                 target.fail_with(None)
                 await fates.wait()
                 await producer

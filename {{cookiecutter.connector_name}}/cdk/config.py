@@ -221,7 +221,9 @@ class DeliveryConfig(ConnectorConfig):
         60.0, ge=0, description="Longest `Retry-After` honoured, in seconds."
     )
     queue_size: int = Field(
-        1000, ge=1, description="Events `chan` holds before the producer waits (backpressure)."
+        1000,
+        ge=1,
+        description="Events queued in `chan` or waiting for a retry before the producer waits.",
     )
 
     @field_validator("target_auth_token")

@@ -64,6 +64,15 @@ class Metrics:
         self.handler_in_flight = Gauge(
             "cdk_arrived_in_flight", "Handler calls in progress.", registry=r
         )
+        # -- Delivery: retries (cdk.delivery) ------------------------------------------
+        self.delivery_waiting = Gauge(
+            "cdk_delivery_waiting", "Events waiting for their next attempt.", registry=r
+        )
+        self.retry_window = Gauge(
+            "cdk_delivery_retry_window",
+            "Requests that may wait for or make a retry at once.",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""

@@ -3,7 +3,8 @@
 It decodes every request with :func:`cdk.codec.from_http` (so a malformed request is
 answered 400 or 415, like a strict receiver) and keeps each request's mode, headers,
 events, order and arrival time. A script of behaviours makes the next requests fail:
-answer a status (with ``Retry-After``), drop the connection unanswered, or answer late.
+answer a status (with ``Retry-After``), drop the connection unanswered, or answer late;
+:meth:`CaptureTarget.flaky` fails a seeded random share of them.
 
 It runs on ``aiohttp.web``, independent of the kit's own HTTP server, so a bug there
 cannot hide a bug in delivery. Use it from async code (``async with CaptureTarget()``)
@@ -13,6 +14,7 @@ or from plain synchronous tests (``with CaptureTarget.in_thread() as target``).
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -88,6 +90,7 @@ class CaptureTarget:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self._port = port
+        self._random: tuple[random.Random, float, float] | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._script: deque[_Behaviour] = deque()
@@ -195,13 +198,27 @@ class CaptureTarget:
                 None if status is None else _Behaviour("answer", status, _as_bytes(body), after)
             )
 
+    def flaky(self, fail: float = 0.0, drop: float = 0.0, seed: int = 0) -> None:
+        """Once the script is used up, answer a ``fail`` share of requests 503 and drop a
+        ``drop`` share unanswered, drawn from a generator seeded with ``seed``."""
+        with self._lock:
+            self._random = (random.Random(seed), fail, drop) if fail or drop else None
+
     def _push(self, n: int, behaviour: _Behaviour) -> None:
         with self._lock:
             self._script.extend([behaviour] * n)
 
     def _next_behaviour(self) -> _Behaviour | None:
         with self._lock:
-            return self._script.popleft() if self._script else self._standing
+            if self._script:
+                return self._script.popleft()
+            if self._random is not None:
+                draw = self._random[0].random()
+                if draw < self._random[2]:
+                    return _Behaviour("drop")
+                if draw < self._random[2] + self._random[1]:
+                    return _Behaviour("answer", 503)
+            return self._standing
 
     # -- what arrived ----------------------------------------------------------------
 
