@@ -868,6 +868,67 @@ def test_bounded_queue_blocks_the_producer_while_the_target_is_down() -> None:
     run(main)
 
 
+def test_drain_settles_waiting_retries_with_no_deadline() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(30, status=503, retry_after=0.2)
+            fates = Fates(50)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            ids = await send(chan, fates, range(50))
+            cfg = config(target.url, max_in_flight=4, send_event_attempts=0)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.drain()  # the producer is done: everything settles first
+            assert task.done()
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            assert target.attempts == 80
+
+    run(main)
+
+
+def test_drain_fails_an_event_once_its_attempts_run_out() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            fates = Fates(10)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            ids = await send(chan, fates, range(10))
+            cfg = config(target.url, max_in_flight=3, send_event_attempts=3)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.drain()
+            await task
+            fates.assert_exactly_once(ids)
+            assert all(isinstance(e, AttemptsExhausted) for e in fates.failed.values())
+            assert target.attempts == 30
+
+    run(main)
+
+
+def test_stop_during_drain_takes_over_with_its_deadline() -> None:
+    async def main() -> None:
+        dead = f"http://127.0.0.1:{free_port()}/"
+        fates = Fates(20)
+        chan: DeliveryQueue = DeliveryQueue(100)
+        ids = await send(chan, fates, range(20))
+        logged = Logged()
+        cfg = config(dead, max_in_flight=2, send_event_attempts=0)
+        deliverer = Deliverer(cfg, Metrics(), logger=logged.logger)
+        task = asyncio.create_task(deliverer.run(chan))
+        draining = asyncio.create_task(deliverer.drain())
+        await logged.until(lambda: len(logged.lines(containing="retrying")) >= 5)
+        assert not draining.done()  # with attempts: 0, drain() waits for a target that is away
+        await deliverer.stop(grace=0.1)
+        async with asyncio.timeout(5):
+            await draining
+            await task
+        fates.assert_exactly_once(ids)
+        assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+
+    run(main)
+
+
 # -- K_CE_OVERRIDES ------------------------------------------------------------------
 
 

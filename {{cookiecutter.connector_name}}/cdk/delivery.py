@@ -236,7 +236,7 @@ class Deliverer:
         self._closing: asyncio.Future[None] | None = None
 
     async def run(self, chan: asyncio.Queue[Tuple]) -> None:
-        """Deliver tuples from ``chan`` until :meth:`stop` has settled them."""
+        """Deliver tuples from ``chan`` until :meth:`drain` or :meth:`stop` has settled them."""
         if self._chan is not None:
             raise RuntimeError("Deliverer.run() may be called only once")
         self._chan = chan
@@ -258,16 +258,21 @@ class Deliverer:
             if isinstance(result, Exception):  # a bug: the other workers went on
                 self.log.error("delivery worker crashed", exc_info=result)
 
+    async def drain(self) -> None:
+        """Once nothing more goes into ``chan``: settle every queued, waiting and in-flight
+        event with no deadline (delivered, or failed once its attempts run out: with
+        ``send_event_attempts <= 0``, only delivered), then close the connection pools."""
+        await self._finish(None)
+
     async def stop(self, grace: float) -> None:
-        """Deliver what is queued, waiting and in flight within ``grace`` seconds, then close
-        the connection pool: a retry due later, and what is left then, fail with
-        :class:`ShutdownError`. Called again, it brings the deadline forward to its own, if
-        earlier; every call returns once all is settled."""
+        """:meth:`drain` within ``grace`` seconds: a retry due later, and what is left then,
+        fail with :class:`ShutdownError`. During a ``drain()`` or ``stop()`` it brings the
+        deadline forward to its own, if earlier; every call returns once all is settled."""
         await self._finish(max(0.0, grace))
 
-    async def _finish(self, grace: float) -> None:
+    async def _finish(self, grace: float | None) -> None:
         loop = asyncio.get_running_loop()
-        if self._deadline is None or loop.time() + grace < self._deadline:
+        if grace is not None and (self._deadline is None or loop.time() + grace < self._deadline):
             self._deadline = loop.time() + grace
             self._deadline_set.set()
             await self._fail_rest(late_only=True)
