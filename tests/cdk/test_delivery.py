@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import time
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -18,10 +20,11 @@ import pytest
 from cloudevents.core.v1.event import CloudEvent
 
 from cdk.codec import from_dict
-from cdk.config import SourceConfig
+from cdk.config import ConfigError, SourceConfig, load_config, redact_url
 from cdk.connector import Tuple
 from cdk.delivery import (
     AttemptsExhausted,
+    DeadLettered,
     Deliverer,
     DeliveryError,
     DeliveryQueue,
@@ -927,6 +930,132 @@ def test_stop_during_drain_takes_over_with_its_deadline() -> None:
         assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
 
     run(main)
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_an_event_the_target_rejects_goes_to_the_dead_letter_target(batch_size: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=422, body="no such customer")
+            fates = Fates(6)
+            cfg = config(
+                target.url,
+                batch_size=batch_size,
+                max_in_flight=1,
+                dead_letter_target=dead.url,
+                dead_letter_auth_token="dl-7f3e",
+            )
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(6))
+                await fates.wait()
+            lettered = ids[:batch_size]
+            assert fates.ok == ids[batch_size:]
+            for event_id in lettered:
+                error = fates.failed[event_id]
+                assert isinstance(error, DeadLettered) and dead.url in str(error)
+                assert isinstance(error.original, TargetRejected)
+                assert error.original.status == 422
+            assert [e.get_id() for e in dead.events] == lettered
+            for event in dead.events:
+                assert event.get_extension("knativeerrordest") == target.url
+                assert event.get_extension("knativeerrorcode") == "422"
+                data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+                assert data == b"no such customer"
+                assert data_n(event) in range(batch_size)  # the event itself is intact
+            assert {r.headers["authorization"] for r in dead.requests} == {"Bearer dl-7f3e"}
+            assert value(metrics, "cdk_events_dead_lettered_total") == batch_size
+            assert value(metrics, "cdk_events_failed_total", {"reason": "rejected"}) == batch_size
+
+    run(main)
+
+
+def test_exhausted_attempts_go_to_the_dead_letter_target_retried_like_any_request() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.fail_with(503, body="x" * 3000)
+            dead.fail_next(1, status=503)
+            fates = Fates(1)
+            cfg = config(target.url, send_event_attempts=2, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, DeadLettered)
+            assert isinstance(error.original, AttemptsExhausted)
+            assert target.attempts == 2 and dead.attempts == 2
+            (event,) = dead.events
+            assert event.get_extension("knativeerrorcode") == "503"
+            data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+            assert data == b"x" * 1024
+
+    run(main)
+
+
+def test_a_transport_failure_is_dead_lettered_without_a_status() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as dead:
+            away = f"http://127.0.0.1:{free_port()}/?access_token=tok-5d1c"
+            fates = Fates(1)
+            cfg = config(away, send_event_attempts=1, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            (event,) = dead.events
+            assert event.get_extension("knativeerrordest") == redact_url(away)
+            assert "tok-5d1c" not in str(event.get_extension("knativeerrordest"))
+            assert event.get_extension("knativeerrorcode") is None
+            assert event.get_extension("knativeerrordata") is None
+
+    run(main)
+
+
+def test_when_the_dead_letter_target_fails_too_the_event_fails_with_the_original_error() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=400, body="bad")
+            dead.reject_next(1, status=403, body="not you")
+            fates = Fates(1)
+            cfg = config(target.url, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, TargetRejected) and error.status == 400
+            assert "dead-letter target" in str(error) and "403" in str(error)
+            assert value(metrics, "cdk_events_dead_lettered_total") == 0
+
+    run(main)
+
+
+def test_a_shutdown_does_not_dead_letter() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as dead:
+            away = f"http://127.0.0.1:{free_port()}/"
+            fates = Fates(5)
+            chan: DeliveryQueue = DeliveryQueue(10)
+            ids = await send(chan, fates, range(5))
+            cfg = config(away, send_event_attempts=0, dead_letter_target=dead.url)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.stop(grace=0.2)
+            await task
+            fates.assert_exactly_once(ids)
+            assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+            assert dead.attempts == 0
+
+    run(main)
+
+
+def test_a_dead_letter_target_that_is_no_url_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith("config: dead_letter_target: must be an http:// or https:// URL")
 
 
 # -- K_CE_OVERRIDES ------------------------------------------------------------------

@@ -225,15 +225,27 @@ class DeliveryConfig(ConnectorConfig):
         ge=1,
         description="Events queued in `chan` or waiting for a retry before the producer waits.",
     )
+    dead_letter_target: str | None = Field(
+        None,
+        description="URL an event that cannot be delivered goes to, with the Knative "
+        "extensions `knativeerrordest`, `knativeerrorcode` and `knativeerrordata`.",
+    )
+    dead_letter_auth_token: SecretStr | None = Field(
+        None,
+        description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`. "
+        "Keep it in secret.yml.",
+    )
 
-    @field_validator("target_auth_token")
+    @field_validator("target_auth_token", "dead_letter_auth_token")
     @classmethod
     def _target_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         return _not_blank(value)
 
-    @field_validator("target")
+    @field_validator("target", "dead_letter_target")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         shown = redact_url(value)
         try:
             parts = urlsplit(value)

@@ -13,6 +13,7 @@ window (see :meth:`Deliverer._park`) bounds their load on a failing target, and 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
@@ -32,12 +33,13 @@ from pydantic import SecretStr
 
 from cdk.client import Client, ClientError, ClientResponse, describe
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
-from cdk.config import DeliveryConfig
+from cdk.config import DeliveryConfig, redact_url
 from cdk.connector import Tuple
 from cdk.metrics import Metrics
 
 __all__ = [
     "AttemptsExhausted",
+    "DeadLettered",
     "Deliverer",
     "DeliveryError",
     "DeliveryQueue",
@@ -52,8 +54,8 @@ RETRYABLE_4XX = frozenset({404, 408, 409, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 #: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
-#: Most bytes of an answer body kept (the rest is read and dropped).
-_READ_LIMIT = 64 * 1024
+#: Most bytes of the target's answer a dead letter carries in ``knativeerrordata``.
+ERROR_DATA_BYTES = 1024
 #: Shortest wait between two attempts, whatever the config says: a ``retry_backoff`` of 0
 #: would otherwise stay 0 and spin on a target that refuses connections.
 _MIN_BACKOFF = 0.01
@@ -67,12 +69,14 @@ class DeliveryError(Exception):
 
 
 class _Answered(DeliveryError):
-    """The target answered a status."""
+    """The target answered a status; ``body`` is the start of its answer."""
 
     _TEXT = ""
 
-    def __init__(self, status: int, excerpt: str = "", retry_after: float | None = None) -> None:
-        self.status, self.excerpt, self.retry_after = status, excerpt, retry_after
+    def __init__(
+        self, status: int, excerpt: str = "", body: bytes = b"", retry_after: float | None = None
+    ) -> None:
+        self.status, self.excerpt, self.body, self.retry_after = status, excerpt, body, retry_after
         super().__init__(f"{self._TEXT} {status}" + (f": {excerpt}" if excerpt else ""))
 
 
@@ -106,6 +110,14 @@ class ShutdownError(DeliveryError):
         super().__init__(message)
 
 
+class DeadLettered(DeliveryError):
+    """The target did not take the event, the dead-letter target did; ``original`` says why."""
+
+    def __init__(self, target: str, original: DeliveryError) -> None:
+        self.target, self.original = target, original
+        super().__init__(f"sent to the dead-letter target {target}: {original}")
+
+
 class EncodeError(DeliveryError):
     """The event cannot be written on the wire (it is not a valid CloudEvent)."""
 
@@ -116,6 +128,7 @@ def _describe(error: BaseException) -> str:
 
 def _reason(error: BaseException) -> str:
     """The ``reason`` label of ``cdk_events_failed`` for ``error``."""
+    error = error.original if isinstance(error, DeadLettered) else error
     return {ShutdownError: "shutdown", AttemptsExhausted: "exhausted"}.get(type(error), "rejected")
 
 
@@ -193,6 +206,7 @@ class _Request:
     started: float = 0.0
     retry_at: float = 0.0
     error: BaseException | None = None
+    original: DeliveryError | None = None  # why it goes to the dead-letter target
     timer: asyncio.TimerHandle | None = None
     settled: int = 0  # the leading tuples called back
     delivered: bool = False
@@ -214,7 +228,11 @@ class Deliverer:
         self.config, self.metrics = config, metrics
         self.overrides = dict(overrides) if overrides else None
         self.log = logger or _log
+        self._shown = redact_url(config.target)
+        self._dead_shown = redact_url(config.dead_letter_target or "")
         self._client = self._new_client(config.target, config.target_auth_token)
+        dead, token = config.dead_letter_target, config.dead_letter_auth_token
+        self._dead_client = None if dead is None else self._new_client(dead, token)
         self._batch_size = config.batch_size
         self._encode_one = to_structured if config.content_mode == "structured" else to_binary
         self._loop: asyncio.AbstractEventLoop
@@ -294,7 +312,9 @@ class Deliverer:
         if self._workers:
             await asyncio.wait(self._workers)
         await self._fail_rest()
-        await self._client.close()
+        for client in (self._client, self._dead_client):
+            if client is not None:
+                await client.close()
 
     def _new_client(self, url: str, token: SecretStr | None) -> Client:
         # One connection per worker: a worker never has more than one request out.
@@ -303,7 +323,7 @@ class Deliverer:
             url,
             limit=self.config.max_in_flight,
             timeout=self.config.attempt_timeout,
-            max_body=_READ_LIMIT,
+            max_body=4 * ERROR_DATA_BYTES,
             authorization=bearer,
         )
 
@@ -328,7 +348,10 @@ class Deliverer:
             await self._settle(_Request(left, self._client), error)
 
     def _stopped(self, req: _Request, text: str = "shut down before a retry") -> DeliveryError:
-        return ShutdownError(text, req.error)
+        if req.original is None:
+            return ShutdownError(text, req.error)
+        req.original.args = (f"{req.original} (shut down before the dead-letter target took it)",)
+        return req.original
 
     async def _worker(self, chan: asyncio.Queue[Tuple]) -> None:
         owned: list[_Request] = []  # what this worker settles if it is cancelled
@@ -435,11 +458,13 @@ class Deliverer:
             if one:
                 return
 
-    def _encode(self, tuples: list[Tuple], client: Client) -> list[_Request]:
+    def _encode(
+        self, tuples: list[Tuple], client: Client, extra: Mapping[str, Any] | None = None
+    ) -> list[_Request]:
         """The requests of ``tuples`` in queue order, encoded once: most often one; first a
         request without data for each tuple that cannot be encoded, holding its
         EncodeError; another request at each change of specversion (a batch has one)."""
-        extensions = self.overrides
+        extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
         backoff = self.config.retry_backoff
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
@@ -491,10 +516,10 @@ class Deliverer:
             req.error = error
             if isinstance(error, TargetRejected) or 0 < attempts <= req.attempt:
                 if not isinstance(error, TargetRejected):
-                    self._failing()
+                    self._failing(req)
                     error = AttemptsExhausted(req.attempt, error)
-                self.metrics.delivery_latency.observe(loop.time() - req.started)
-                await self._settle(req, error)
+                if await self._give_up(req, error):
+                    continue  # on to the dead-letter target
                 return
             req.backoff, wait = self._next_wait(req.backoff, error)
             when = loop.time() + wait
@@ -507,7 +532,7 @@ class Deliverer:
                 if not req.retry_at:  # from now on its events count as waiting
                     self._count_waiting(len(req.tuples))
                 req.retry_at = when
-                self._failing()
+                self._failing(req)
                 if self.config.max_in_flight > 1:
                     self._park(req)
                     return
@@ -522,16 +547,20 @@ class Deliverer:
         excerpt = excerpt.strip()
         if len(excerpt) > EXCERPT_CHARS:
             excerpt = excerpt[: EXCERPT_CHARS - 3] + "..."
-        status = response.status
+        status, start = response.status, data[:ERROR_DATA_BYTES]
         if status < 500 and status not in RETRYABLE_4XX:
-            return TargetRejected(status, excerpt)
+            return TargetRejected(status, excerpt, start)
         retry_after = None
         if status in RETRY_AFTER_STATUSES:
             retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        return TargetUnavailable(status, excerpt, retry_after)
+        return TargetUnavailable(status, excerpt, start, retry_after)
 
     async def _succeed(self, req: _Request) -> None:
         self.metrics.delivery_latency.observe(self._loop.time() - req.started)
+        if req.original is not None:
+            self.metrics.dead_lettered.inc(len(req.tuples))
+            await self._settle(req, DeadLettered(self._dead_shown, req.original))
+            return
         self.metrics.delivered.inc(len(req.tuples))
         req.delivered = True
         if self._window < self.config.queue_size:
@@ -539,9 +568,32 @@ class Deliverer:
             self._admit()
         await self._settle(req)
 
-    def _failing(self) -> None:
+    async def _give_up(self, req: _Request, error: DeliveryError) -> bool:
+        """Fail ``req`` for good; True when it goes on to the dead-letter target instead."""
+        self.metrics.delivery_latency.observe(self._loop.time() - req.started)
+        dead = self._dead_client
+        if req.original is not None:
+            note = f"the dead-letter target {self._dead_shown} failed too: {_describe(error)}"
+            error, error.args = req.original, (f"{req.original} ({note})",)
+        elif dead is not None:
+            answer = error.last_error if isinstance(error, AttemptsExhausted) else error
+            extensions = {"knativeerrordest": self._shown}
+            if isinstance(answer, _Answered):
+                extensions["knativeerrorcode"] = str(answer.status)
+                if answer.body:
+                    extensions["knativeerrordata"] = base64.b64encode(answer.body).decode()
+            (lettered, *rest) = self._encode(req.tuples, dead, extensions)
+            if lettered.data and not rest:
+                req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
+                req.backoff = lettered.backoff
+                return True
+        await self._settle(req, error)
+        return False
+
+    def _failing(self, req: _Request) -> None:
         """An attempt failed that is worth retrying: narrow the retry window."""
-        self._window = max(self.config.max_in_flight, self._window - 1)
+        if req.original is None:  # the dead-letter target's troubles say nothing of its own
+            self._window = max(self.config.max_in_flight, self._window - 1)
 
     def _park(self, req: _Request) -> None:
         """Let ``req`` wait for its retry without a worker, in the retry window if it has room.

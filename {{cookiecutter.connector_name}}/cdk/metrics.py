@@ -64,7 +64,7 @@ class Metrics:
         self.handler_in_flight = Gauge(
             "cdk_arrived_in_flight", "Handler calls in progress.", registry=r
         )
-        # -- Delivery: retries (cdk.delivery) ------------------------------------------
+        # -- Delivery: retries and dead letters (cdk.delivery) -------------------------
         self.delivery_waiting = Gauge(
             "cdk_delivery_waiting", "Events waiting for their next attempt.", registry=r
         )
@@ -72,6 +72,9 @@ class Metrics:
             "cdk_delivery_retry_window",
             "Requests that may wait for or make a retry at once.",
             registry=r,
+        )
+        self.dead_lettered = Counter(
+            "cdk_events_dead_lettered", "Events the dead-letter target took.", registry=r
         )
 
     def render(self) -> bytes:
