@@ -116,10 +116,11 @@ async def delivering(
     grace: float = 5.0,
     overrides: dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
+    reminder: float = 30.0,
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
     chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
-    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger)
+    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger, reminder=reminder)
     task = asyncio.create_task(deliverer.run(chan))
     try:
         yield deliverer, chan, metrics
@@ -1056,6 +1057,52 @@ def test_a_dead_letter_target_that_is_no_url_is_refused_at_load(tmp_path: Path) 
         load_config(SourceConfig, path, environ={})
     (problem,) = info.value.problems
     assert problem.startswith("config: dead_letter_target: must be an http:// or https:// URL")
+
+
+# -- outages in the log ----------------------------------------------------------------
+
+
+def test_an_outage_is_one_warning_reminders_while_it_lasts_and_one_info() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            logged = Logged(logging.INFO)
+            fates = Fates(3)
+            cfg = config(target.url, send_event_attempts=0, max_in_flight=2)
+            async with delivering(cfg, logger=logged.logger, reminder=0.05) as (_, chan, _m):
+                await send(chan, fates, range(3))
+                await logged.until(lambda: len(logged.lines(logging.WARNING)) >= 3)
+                target.fail_with(None)
+                await fates.wait()
+                await logged.until(lambda: bool(logged.lines(containing="succeed again")))
+            first, *reminders = logged.lines(logging.WARNING)
+            assert f"deliveries to {target.url} are failing (target answered HTTP 503)" in first
+            assert "1 event(s) wait for a retry" in first
+            assert reminders and all("still fail, for" in line for line in reminders)
+            assert len(logged.lines(containing="succeed again")) == 1
+            assert not logged.lines(containing="retrying")  # per-retry lines are DEBUG
+
+    run(main)
+
+
+def test_a_short_outage_logs_one_warning_and_one_info_with_retries_at_debug() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(4, status=503)
+            logged = Logged()
+            fates = Fates(3)
+            cfg = config(target.url, send_event_attempts=0, max_in_flight=1)
+            async with delivering(cfg, logger=logged.logger) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+                await logged.until(lambda: bool(logged.lines(containing="succeed again")))
+            assert len(logged.lines(logging.WARNING)) == 1
+            assert len(logged.lines(logging.INFO)) == 2
+            retries = logged.lines(containing="retrying")
+            assert len(retries) == 4
+            assert all(r.levelno == logging.DEBUG for r in logged.records if "retrying" in r.msg)
+
+    run(main)
 
 
 # -- K_CE_OVERRIDES ------------------------------------------------------------------

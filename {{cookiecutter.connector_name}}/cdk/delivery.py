@@ -215,7 +215,10 @@ class _Request:
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`)."""
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`).
+
+    ``reminder``: the fewest seconds between two warnings that deliveries still fail.
+    """
 
     def __init__(
         self,
@@ -224,8 +227,9 @@ class Deliverer:
         *,
         overrides: Mapping[str, Any] | None = None,
         logger: logging.Logger | None = None,
+        reminder: float = 30.0,
     ) -> None:
-        self.config, self.metrics = config, metrics
+        self.config, self.metrics, self.reminder = config, metrics, reminder
         self.overrides = dict(overrides) if overrides else None
         self.log = logger or _log
         self._shown = redact_url(config.target)
@@ -248,6 +252,8 @@ class Deliverer:
         self._due: deque[_Request] = deque()  # retries whose time came, for the next worker
         self._window = config.max_in_flight
         self._cycle = 0  # requests in the retry window
+        self._failing_since: float | None = None
+        self._warned = 0.0
         self._draining = self._sealed = False  # sealed: too late for run() to start
         self._deadline: float | None = None
         self._deadline_set = asyncio.Event()
@@ -516,7 +522,7 @@ class Deliverer:
             req.error = error
             if isinstance(error, TargetRejected) or 0 < attempts <= req.attempt:
                 if not isinstance(error, TargetRejected):
-                    self._failing(req)
+                    self._failing(req, error)
                     error = AttemptsExhausted(req.attempt, error)
                 if await self._give_up(req, error):
                     continue  # on to the dead-letter target
@@ -532,7 +538,7 @@ class Deliverer:
                 if not req.retry_at:  # from now on its events count as waiting
                     self._count_waiting(len(req.tuples))
                 req.retry_at = when
-                self._failing(req)
+                self._failing(req, error)
                 if self.config.max_in_flight > 1:
                     self._park(req)
                     return
@@ -567,6 +573,9 @@ class Deliverer:
             self._window += 1
             self._admit()
         await self._settle(req)
+        if self._failing_since is not None and not self._waiting:
+            seconds, self._failing_since = self._loop.time() - self._failing_since, None
+            self.log.info("deliveries to %s succeed again, after %.1f s", self._shown, seconds)
 
     async def _give_up(self, req: _Request, error: DeliveryError) -> bool:
         """Fail ``req`` for good; True when it goes on to the dead-letter target instead."""
@@ -590,10 +599,22 @@ class Deliverer:
         await self._settle(req, error)
         return False
 
-    def _failing(self, req: _Request) -> None:
-        """An attempt failed that is worth retrying: narrow the retry window."""
-        if req.original is None:  # the dead-letter target's troubles say nothing of its own
-            self._window = max(self.config.max_in_flight, self._window - 1)
+    def _failing(self, req: _Request, error: BaseException) -> None:
+        """An attempt failed that is worth retrying: narrow the window, and say so once."""
+        if req.original is not None:
+            return  # the dead-letter target's troubles say nothing of the target's
+        self._window = max(self.config.max_in_flight, self._window - 1)
+        now = self._loop.time()
+        if self._failing_since is None:
+            self._failing_since, state = now, "are failing"
+        elif now - self._warned >= self.reminder:
+            state = f"still fail, for {now - self._failing_since:.0f} s"
+        else:
+            return
+        self._warned = now
+        why, queued = _describe(error), self._chan.qsize() if self._chan else 0
+        text = "deliveries to %s %s (%s); %d event(s) wait for a retry, %d queued"
+        self.log.warning(text, self._shown, state, why, self._waiting, queued)
 
     def _park(self, req: _Request) -> None:
         """Let ``req`` wait for its retry without a worker, in the retry window if it has room.
