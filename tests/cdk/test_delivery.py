@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
+import yaml
 from cloudevents.core.v1.event import CloudEvent
 
 from cdk.codec import from_dict
@@ -1103,6 +1104,50 @@ def test_a_short_outage_logs_one_warning_and_one_info_with_retries_at_debug() ->
             assert all(r.levelno == logging.DEBUG for r in logged.records if "retrying" in r.msg)
 
     run(main)
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def test_a_target_echoing_the_token_leaks_it_nowhere(caplog: pytest.LogCaptureFixture) -> None:
+    token = "tok-9f3a2b71"
+
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=400, body=f"bad request: Authorization: Bearer {token}")
+            target.fail_next(1, status=503, body=f"busy ({token})")
+            fates = Fates(2)
+            cfg = config(
+                target.url, target_auth_token=token, max_in_flight=1, dead_letter_target=dead.url
+            )
+            async with delivering(cfg, reminder=0) as (_, chan, _metrics):
+                await send(chan, fates, range(2))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, DeadLettered) and token not in str(error)
+            assert "**********" in str(error)
+            (event,) = dead.events
+            data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+            assert token.encode() not in data and b"**********" in data
+
+    with caplog.at_level(logging.DEBUG, logger="cdk.delivery"):
+        run(main)
+    assert "busy (**********)" in caplog.text
+    assert token not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["target_auth_token", "dead_letter_auth_token"])
+@pytest.mark.parametrize("token", ["tok-1\nX-Injected: 1", "tök-1234", "tok-\x00-1234"])
+def test_a_token_no_header_can_carry_is_refused_at_load(
+    tmp_path: Path, field: str, token: str
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token}))
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"config: {field}: ") and "printable ASCII" in problem
+    assert token[4:] not in problem
 
 
 # -- K_CE_OVERRIDES ------------------------------------------------------------------

@@ -238,7 +238,10 @@ class DeliveryConfig(ConnectorConfig):
 
     @field_validator("target_auth_token", "dead_letter_auth_token")
     @classmethod
-    def _target_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+    def _bearer_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes into a request header: anything else would fail every request later.
+        if value is not None and not all(" " <= c <= "~" for c in value.get_secret_value()):
+            raise ValueError("must be printable ASCII (no line breaks or other characters)")
         return _not_blank(value)
 
     @field_validator("target", "dead_letter_target")

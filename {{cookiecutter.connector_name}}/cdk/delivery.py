@@ -69,7 +69,7 @@ class DeliveryError(Exception):
 
 
 class _Answered(DeliveryError):
-    """The target answered a status; ``body`` is the start of its answer."""
+    """The target answered a status; ``body`` is the start of its answer, secrets masked."""
 
     _TEXT = ""
 
@@ -232,8 +232,9 @@ class Deliverer:
         self.config, self.metrics, self.reminder = config, metrics, reminder
         self.overrides = dict(overrides) if overrides else None
         self.log = logger or _log
-        self._shown = redact_url(config.target)
-        self._dead_shown = redact_url(config.dead_letter_target or "")
+        self._redact = config.redact
+        self._shown = self._redact(redact_url(config.target))
+        self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
         self._client = self._new_client(config.target, config.target_auth_token)
         dead, token = config.dead_letter_target, config.dead_letter_auth_token
         self._dead_client = None if dead is None else self._new_client(dead, token)
@@ -532,7 +533,7 @@ class Deliverer:
             if self._deadline is None or when < self._deadline:
                 self.metrics.retries.inc()
                 if self.log.isEnabledFor(logging.DEBUG):
-                    why = _describe(error)
+                    why = self._redact(_describe(error))
                     text = "retrying %d event(s) in %.3fs after attempt %d: %s"
                     self.log.debug(text, len(req.tuples), wait, req.attempt, why)
                 if not req.retry_at:  # from now on its events count as waiting
@@ -548,7 +549,9 @@ class Deliverer:
                 return
 
     def _answer_error(self, response: ClientResponse) -> DeliveryError:
-        data = response.body
+        data, escape = response.body, "surrogateescape"
+        if data:  # masked before it is cut: a target echoing the token must not leak a part
+            data = self._redact(data.decode("utf-8", escape)).encode("utf-8", escape)
         excerpt = _WHITESPACE.sub(" ", data[: EXCERPT_CHARS * 4].decode("utf-8", "replace"))
         excerpt = excerpt.strip()
         if len(excerpt) > EXCERPT_CHARS:
@@ -612,7 +615,7 @@ class Deliverer:
         else:
             return
         self._warned = now
-        why, queued = _describe(error), self._chan.qsize() if self._chan else 0
+        why, queued = self._redact(_describe(error)), self._chan.qsize() if self._chan else 0
         text = "deliveries to %s %s (%s); %d event(s) wait for a retry, %d queued"
         self.log.warning(text, self._shown, state, why, self._waiting, queued)
 
@@ -684,7 +687,7 @@ class Deliverer:
             if error is not None:
                 ids = [_event_id(t) for t in tuples[req.settled :]]
                 shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if ids[20:] else "")
-                why = _describe(error)
+                why = self._redact(_describe(error))
                 self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)
                 self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
