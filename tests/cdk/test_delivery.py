@@ -6,6 +6,9 @@ import asyncio
 import base64
 import functools
 import logging
+import shutil
+import ssl
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1148,6 +1151,108 @@ def test_a_token_no_header_can_carry_is_refused_at_load(
     (problem,) = info.value.problems
     assert problem.startswith(f"config: {field}: ") and "printable ASCII" in problem
     assert token[4:] not in problem
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    where = tmp_path_factory.mktemp("tls")
+    files = {"cert": where / "cert.pem", "key": where / "key.pem"}
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", "/CN=cdk test CA",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(files["key"]), "-out", str(files["cert"]),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return files
+
+
+def server_tls(files: dict[str, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files["cert"], files["key"])
+    return context
+
+
+def test_https_targets_signed_by_the_ca_of_target_ca_file(tls_files: dict[str, Path]) -> None:
+    async def main() -> None:
+        tls = server_tls(tls_files)
+        async with CaptureTarget(tls=tls) as target, CaptureTarget(tls=tls) as dead:
+            assert target.url.startswith("https://")
+            target.reject_next(1, status=400)
+            fates = Fates(3)
+            cfg = config(
+                target.url,
+                target_ca_file=str(tls_files["cert"]),
+                max_in_flight=1,
+                dead_letter_target=dead.url,
+            )
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+            assert fates.ok == ["e1", "e2"]
+            assert isinstance(fates.failed["e0"], DeadLettered)
+            assert [e.get_id() for e in dead.events] == ["e0"]
+
+    run(main)
+
+
+def test_k_ca_certs_adds_trusted_cas(
+    tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("K_CA_CERTS", tls_files["cert"].read_text())
+
+    async def main() -> None:
+        async with CaptureTarget(tls=server_tls(tls_files)) as target:
+            fates = Fates(2)
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                ids = await send(chan, fates, range(2))
+                await fates.wait()
+            assert sorted(fates.ok) == ids
+
+    run(main)
+
+
+def test_an_untrusted_certificate_fails_with_a_certificate_error(
+    tls_files: dict[str, Path],
+) -> None:
+    async def main() -> None:
+        async with CaptureTarget(tls=server_tls(tls_files)) as target:
+            fates = Fates(1)
+            async with delivering(config(target.url, send_event_attempts=2)) as (_, chan, _m):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, AttemptsExhausted)
+            assert "TLS certificate of 127.0.0.1" in str(error) and "not trusted" in str(error)
+            assert target.attempts == 0
+
+    run(main)
+
+
+def test_k_ca_certs_that_are_not_pem_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K_CA_CERTS", "-----BEGIN CERTIFICATE-----\nnope\n")
+    with pytest.raises(ValueError, match="K_CA_CERTS: not PEM certificates"):
+        Deliverer(config("https://127.0.0.1:1/"), Metrics())
+
+
+def test_a_ca_file_that_cannot_be_read_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    missing = tmp_path / "missing.pem"
+    path.write_text(f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith("config: target_ca_file: cannot be read as PEM certificates")
 
 
 # -- K_CE_OVERRIDES ------------------------------------------------------------------

@@ -481,8 +481,11 @@ class Client:
             if conn.transport is not None:
                 conn.transport.abort()
             self.drop(conn)
-            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError)
-                where = f"{self.host}:{self.port}"
+            where = f"{self.host}:{self.port}"
+            if isinstance(exc, _ssl.SSLCertVerificationError):
+                text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
+                raise ConnectError(text) from exc
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, other TLS failures
                 raise ConnectError(f"cannot connect to {where}: {describe(exc)}") from exc
             raise
         if conn.closed:

@@ -9,6 +9,7 @@ the result with the connector's pydantic model. Every problem becomes one line i
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -61,6 +62,7 @@ ENVIRONMENT: tuple[tuple[str, str | None, str], ...] = (
     ("CONNECTOR_PORT", "port", "sink, webhook source: port when the config has no `port`"),
     ("LOG_LEVEL", "log_level", "log level when the config has no `log_level` (default INFO)"),
     ("K_CE_OVERRIDES", None, 'source: JSON {"extensions": {"name": "value"}} set on every event'),
+    ("K_CA_CERTS", None, "source: PEM certificates trusted for an https:// target (Knative's)"),
 )
 
 #: Config key -> the environment variables that stand in for it, in order.
@@ -235,6 +237,11 @@ class DeliveryConfig(ConnectorConfig):
         description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`. "
         "Keep it in secret.yml.",
     )
+    target_ca_file: str | None = Field(
+        None,
+        description="PEM file of CAs trusted for an https:// target, besides the system's "
+        "and `$K_CA_CERTS`.",
+    )
 
     @field_validator("target_auth_token", "dead_letter_auth_token")
     @classmethod
@@ -243,6 +250,16 @@ class DeliveryConfig(ConnectorConfig):
         if value is not None and not all(" " <= c <= "~" for c in value.get_secret_value()):
             raise ValueError("must be printable ASCII (no line breaks or other characters)")
         return _not_blank(value)
+
+    @field_validator("target_ca_file")
+    @classmethod
+    def _ca_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot be read as PEM certificates: {exc}") from None
+        return value
 
     @field_validator("target", "dead_letter_target")
     @classmethod

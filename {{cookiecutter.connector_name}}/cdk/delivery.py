@@ -17,8 +17,10 @@ import base64
 import contextlib
 import inspect
 import logging
+import os
 import random
 import re
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ __all__ = [
     "EncodeError",
     "ShutdownError",
     "parse_ce_overrides",
+    "tls_context",
 ]
 
 #: Statuses retried besides every 5xx (Knative's sender conventions).
@@ -175,6 +178,21 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
     return dict(extensions)
 
 
+def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
+    """TLS for https:// targets: the system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS``
+    (PEM text, as Knative injects it); ``None`` when neither is set. ``ValueError`` when
+    ``$K_CA_CERTS`` holds no readable certificate."""
+    pem = os.environ.get("K_CA_CERTS", "").strip() or None
+    if not (pem or config.target_ca_file):
+        return None
+    context = ssl.create_default_context()
+    try:  # target_ca_file was checked when the config was loaded
+        context.load_verify_locations(cafile=config.target_ca_file, cadata=pem)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"K_CA_CERTS: not PEM certificates ({exc})") from None
+    return context
+
+
 class DeliveryQueue(asyncio.Queue[Tuple]):
     """``Source.chan``: a bounded queue whose room also counts the events waiting for a
     retry (the :class:`Deliverer` keeps count), so a failing target cannot make a source
@@ -235,6 +253,7 @@ class Deliverer:
         self._redact = config.redact
         self._shown = self._redact(redact_url(config.target))
         self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
+        self._tls = tls_context(config)
         self._client = self._new_client(config.target, config.target_auth_token)
         dead, token = config.dead_letter_target, config.dead_letter_auth_token
         self._dead_client = None if dead is None else self._new_client(dead, token)
@@ -331,6 +350,7 @@ class Deliverer:
             limit=self.config.max_in_flight,
             timeout=self.config.attempt_timeout,
             max_body=4 * ERROR_DATA_BYTES,
+            ssl=self._tls,
             authorization=bearer,
         )
 

@@ -4,7 +4,8 @@ It decodes every request with :func:`cdk.codec.from_http` (so a malformed reques
 answered 400 or 415, like a strict receiver) and keeps each request's mode, headers,
 events, order and arrival time. A script of behaviours makes the next requests fail:
 answer a status (with ``Retry-After``), drop the connection unanswered, or answer late;
-:meth:`CaptureTarget.flaky` fails a seeded random share of them.
+:meth:`CaptureTarget.flaky` fails a seeded random share of them. It serves https:// when
+given an ``ssl.SSLContext``.
 
 It runs on ``aiohttp.web``, independent of the kit's own HTTP server, so a bug there
 cannot hide a bug in delivery. Use it from async code (``async with CaptureTarget()``)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -87,9 +89,12 @@ class CaptureTarget:
     the target after the sender is already trying to reach it.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         self._port = port
+        self._tls = tls
         self._random: tuple[random.Random, float, float] | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -111,7 +116,7 @@ class CaptureTarget:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self._port}/"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self._port}/"
 
     async def start(self) -> None:
         """Listen and serve; returns once the port accepts connections."""
@@ -124,7 +129,7 @@ class CaptureTarget:
         server = web.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self._tls).start()
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
