@@ -200,10 +200,10 @@ class DeliveryQueue(asyncio.Queue[Tuple]):
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
-        self.waiting = 0
+        self.waiting, self._size = 0, maxsize  # read on every put: no property in the way
 
     def full(self) -> bool:
-        return 0 < self.maxsize <= self.qsize() + self.waiting
+        return 0 < self._size <= self.qsize() + self.waiting
 
     def hold(self, count: int) -> None:
         """Count ``count`` more events (fewer when negative) as waiting for a retry."""
@@ -440,16 +440,18 @@ class Deliverer:
         until = self._loop.time() + self.config.batch_linger
         try:
             while len(tuples) < self._batch_size:
-                if chan.empty():
-                    remaining = until - self._loop.time()
-                    if self._draining or remaining <= 0:
-                        break
-                    item = await self._idle_wait(chan.get(), remaining)
-                    if item is None:
-                        break
-                    tuples.append(item)
-                else:
+                try:
                     tuples.append(chan.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = until - self._loop.time()
+                if self._draining or remaining <= 0:
+                    break
+                item = await self._idle_wait(chan.get(), remaining)
+                if item is None:
+                    break
+                tuples.append(item)
         except asyncio.CancelledError:
             error = ShutdownError("shut down while a batch was being collected")
             await self._settle(_Request(tuples, self._client), error)
@@ -711,13 +713,15 @@ class Deliverer:
                 self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)
                 self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
-        kind, args = ("success", ()) if error is None else ("failed", (error,))
         while req.settled < len(tuples):
             item = tuples[req.settled]
             req.settled += 1
             if chan is not None:
                 chan.task_done()
-            await self._call(item, kind, *args)
+            if error is None:
+                await self._call(item, "success")
+            else:
+                await self._call(item, "failed", error)
 
     async def _call(self, item: Tuple, kind: str, *args: BaseException) -> None:
         """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
