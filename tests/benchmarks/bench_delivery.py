@@ -3,14 +3,16 @@
 Run: ``.venv/bin/python tests/benchmarks/bench_delivery.py [--seconds 4]``
 
 A fast receiver (asyncio Protocol + httptools on uvloop, reads each body, answers 200)
-runs in its own process pinned to one core; each scenario runs in a fresh sender
-process pinned to the other core, so its peak RSS is its own. Every scenario drains a
-bounded queue that a producer keeps full with ``cdk.Tuple`` objects, and counts events
-whose ``success`` callback ran during the measured window. Ratios are against the
-baseline measured in the same run: one aiohttp request in flight, one event per request,
-binary mode (the cdk-go pattern). The Deliverer sends with the kit's own client
-(``cdk.client``); the "aiohttp, 16 in flight" row shows what the same concurrency gets
-from aiohttp's client, for reference.
+runs in its own process pinned to one core, beside a faulty one on another port (the same,
+but a seeded 20% of answers are 503 and 5% of connections are dropped unanswered); each
+scenario runs in a fresh sender process pinned to the other core, so its peak RSS is its
+own. Every scenario drains a bounded queue that a producer keeps full with ``cdk.Tuple``
+objects, and counts events whose ``success`` callback ran during the measured window.
+Ratios are against the baseline measured in the same run: one aiohttp request in flight,
+one event per request, binary mode (the cdk-go pattern). The Deliverer sends with the
+kit's own client (``cdk.client``); the "aiohttp, 16 in flight" row shows what the same
+concurrency gets from aiohttp's client, for reference. The faulty scenario retries until
+delivered and is compared with the healthy binary one (``--only faulty`` runs just those).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ RECEIVER_CORE = 0
 SENDER_CORE = 1
 WARMUP = 0.3
 
-#: name -> (kind, Deliverer config overrides)
+#: The faulty receiver's share of 503 answers and of connections dropped unanswered.
+FAULTY_503 = 0.20
+FAULTY_DROP = 0.05
+#: Retries of the faulty scenarios: until delivered, so every event counts once.
+RETRYING = {"send_event_attempts": 0, "retry_backoff": 0.05, "retry_backoff_max": 1.0}
+
+#: name -> (kind, Deliverer config overrides); the "faulty" kind is a Deliverer sending to
+#: the faulty receiver.
 SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline: 1 in flight, binary": ("baseline", {}),
     "aiohttp, 16 in flight, binary": ("aiohttp", {"max_in_flight": 16}),
@@ -46,7 +55,10 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
         {"max_in_flight": 16, "content_mode": "structured"},
     ),
     "Deliverer batch 100, 16 in flight": ("deliverer", {"max_in_flight": 16, "batch_size": 100}),
+    "Deliverer binary, 16 in flight, faulty": ("faulty", {"max_in_flight": 16, **RETRYING}),
 }
+HEALTHY = "Deliverer binary, 16 in flight"
+FAULTY = "Deliverer binary, 16 in flight, faulty"
 
 
 def pin(core: int) -> None:
@@ -67,14 +79,20 @@ def install_uvloop() -> str:
 # -- receiver ------------------------------------------------------------------------
 
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+_UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
 
 class _Receiver(asyncio.Protocol):
-    """Parses requests with httptools, reads each body, answers 200 (keep-alive)."""
+    """Parses requests with httptools, reads each body, answers 200 (keep-alive).
 
-    def __init__(self) -> None:
+    With ``faults`` (a seeded random generator), answers a share of requests 503 and
+    drops the connection of another share without answering.
+    """
+
+    def __init__(self, faults: Any = None) -> None:
         import httptools
 
+        self.faults = faults
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
         self.body_bytes = 0
@@ -93,10 +111,16 @@ class _Receiver(asyncio.Protocol):
         self.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
-        if self.transport is not None:
-            self.transport.write(_OK)
-            if not self.parser.should_keep_alive():
-                self.transport.close()
+        if self.transport is None:
+            return
+        draw = self.faults.random() if self.faults is not None else 1.0
+        if draw < FAULTY_DROP:
+            self.transport.abort()
+            self.transport = None
+            return
+        self.transport.write(_UNAVAILABLE if draw < FAULTY_DROP + FAULTY_503 else _OK)
+        if not self.parser.should_keep_alive():
+            self.transport.close()
 
 
 def serve() -> None:
@@ -104,13 +128,18 @@ def serve() -> None:
     install_uvloop()
 
     async def main() -> None:
+        import random
+
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(_Receiver, "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
-        print(port, flush=True)
+        faults = random.Random(11)
+        healthy = await loop.create_server(_Receiver, "127.0.0.1", 0, backlog=1024)
+        faulty = await loop.create_server(lambda: _Receiver(faults), "127.0.0.1", 0, backlog=1024)
+        ports = [server.sockets[0].getsockname()[1] for server in (healthy, faulty)]
+        print(*ports, flush=True)
         # Runs until the parent closes our stdin.
         await loop.run_in_executor(None, sys.stdin.read)
-        server.close()
+        healthy.close()
+        faulty.close()
 
     asyncio.run(main())
 
@@ -197,12 +226,14 @@ async def _aiohttp_many(url: str, chan: asyncio.Queue[Any], in_flight: int) -> N
 async def _measure(
     kind: str, url: str, overrides: dict[str, Any], seconds: float
 ) -> tuple[float, float]:
+    import cdk.delivery
     from cdk.config import SourceConfig
     from cdk.delivery import Deliverer
     from cdk.metrics import Metrics
 
     count = _Count()
-    chan: asyncio.Queue[Any] = asyncio.Queue(1000)
+    # Events waiting for a retry count against the queue where the kit has such a queue.
+    chan: asyncio.Queue[Any] = getattr(cdk.delivery, "DeliveryQueue", asyncio.Queue)(1000)
     producer = asyncio.create_task(_produce(chan, _events(1000), count))
     deliverer: Deliverer | None = None
     if kind == "baseline":
@@ -257,6 +288,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--only", help="run only the scenarios whose name contains this")
     args = parser.parse_args()
     if args.serve:
         serve()
@@ -269,17 +301,20 @@ def main() -> None:
     receiver = subprocess.Popen(
         [*me, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}
+    names = [n for n in SCENARIOS if n == HEALTHY or not args.only or args.only in n]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
         assert receiver.stdout is not None
-        url = f"http://127.0.0.1:{receiver.stdout.readline().strip()}/"
+        healthy, faulty = (f"http://127.0.0.1:{p}/" for p in receiver.stdout.readline().split())
         print(
-            f"receiver {url} on core {RECEIVER_CORE}; senders on core {SENDER_CORE}; "
+            f"receivers {healthy} (healthy), {faulty} (faulty) on core {RECEIVER_CORE}; "
+            f"senders on core {SENDER_CORE}; "
             f"{args.rounds} rounds of {args.seconds:g} s per scenario (after {WARMUP:g} s "
             "warm-up), interleaved; best round kept, as other load only slows a run down"
         )
         for _ in range(args.rounds):
-            for name in SCENARIOS:
+            for name in names:
+                url = faulty if SCENARIOS[name][0] == "faulty" else healthy
                 out = subprocess.run(
                     [*me, "--scenario", name, "--url", url, "--seconds", str(args.seconds)],
                     capture_output=True,
@@ -297,11 +332,10 @@ def main() -> None:
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> None:
     best = {name: max(results, key=lambda r: r["rate"]) for name, results in runs.items()}
-    baseline_name = next(iter(SCENARIOS))
-    baseline = best[baseline_name]
+    baseline = best.get(next(iter(SCENARIOS)), best[HEALTHY])
     print(f"sender loop: {baseline['loop']}")
     print(
-        f"{'scenario':<36} {'events/s':>9} {'x base':>7} {'all rounds (events/s)':>22} "
+        f"{'scenario':<40} {'events/s':>9} {'x base':>7} {'all rounds (events/s)':>22} "
         f"{'CPU/event':>10} {'peak RSS (growth while sending)':>31}"
     )
     for name, result in best.items():
@@ -309,8 +343,14 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> None:
         peak = max(r["peak_kib"] for r in runs[name]) / 1024
         growth = max(r["growth_kib"] for r in runs[name]) / 1024
         print(
-            f"{name:<36} {result['rate']:>9,.0f} {result['rate'] / baseline['rate']:>6.1f}x "
+            f"{name:<40} {result['rate']:>9,.0f} {result['rate'] / baseline['rate']:>6.1f}x "
             f"{rounds:>22} {result['cpu'] * 1e6:>7.1f} us {peak:>12.1f} MiB (+{growth:.1f} MiB)"
+        )
+    if FAULTY in best:
+        share = best[FAULTY]["rate"] / best[HEALTHY]["rate"]
+        print(
+            f"faulty receiver ({FAULTY_503:.0%} 503, {FAULTY_DROP:.0%} dropped): "
+            f"{share:.0%} of the healthy rate"
         )
 
 

@@ -139,3 +139,11 @@ def test_bad_command_line_exits_2(tmp_path: Path) -> None:
     result = run(tmp_path, SINK_SCRIPT, "--log-format", "xml")
     assert result.returncode == 2
     assert "--log-format" in result.stderr
+
+
+def test_unreadable_k_ca_certs_is_a_config_error(tmp_path: Path) -> None:
+    source_dir(tmp_path, "https://127.0.0.1:9/")
+    result = run(tmp_path, SOURCE_SCRIPT, "--check-config", K_CA_CERTS="not a certificate")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("K_CA_CERTS: not PEM certificates")

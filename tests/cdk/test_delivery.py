@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
+import shutil
+import ssl
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 import pytest
+import yaml
 from cloudevents.core.v1.event import CloudEvent
 
 from cdk.codec import from_dict
-from cdk.config import SourceConfig
+from cdk.config import ConfigError, SourceConfig, load_config, redact_url
 from cdk.connector import Tuple
 from cdk.delivery import (
     AttemptsExhausted,
+    DeadLettered,
     Deliverer,
     DeliveryError,
+    DeliveryQueue,
     EncodeError,
     ShutdownError,
     TargetRejected,
@@ -112,10 +120,11 @@ async def delivering(
     grace: float = 5.0,
     overrides: dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
+    reminder: float = 30.0,
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
-    chan = chan if chan is not None else asyncio.Queue(cfg.queue_size)
+    chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
-    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger)
+    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger, reminder=reminder)
     task = asyncio.create_task(deliverer.run(chan))
     try:
         yield deliverer, chan, metrics
@@ -137,6 +146,33 @@ async def send(chan: asyncio.Queue[Tuple], fates: Fates, ids: range) -> list[str
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
+
+
+class Logged(logging.Handler):
+    """The records of a logger of its own; ``until`` waits for a condition on them."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.changed = asyncio.Event()
+        self.logger = logging.getLogger(f"tests.delivery.{id(self)}")
+        self.logger.setLevel(level)
+        self.logger.propagate = False
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.changed.set()
+
+    def lines(self, level: int = logging.DEBUG, containing: str = "") -> list[str]:
+        found = (r.getMessage() for r in self.records if r.levelno >= level)
+        return [line for line in found if containing in line]
+
+    async def until(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 # -- delivery and callbacks ----------------------------------------------------------
@@ -551,22 +587,13 @@ def test_no_backoff_configured_still_does_not_spin_on_a_dead_target() -> None:
 def test_target_that_starts_late_gets_everything() -> None:
     async def main() -> None:
         port = free_port()
-        retried = asyncio.Event()
-
-        class OnRetry(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.getMessage().startswith("retrying"):
-                    retried.set()
-
-        logger = logging.getLogger("tests.delivery.late")
-        logger.setLevel(logging.DEBUG)
-        logger.addHandler(OnRetry())
+        logged = Logged()
         fates = Fates(5)
         cfg = config(f"http://127.0.0.1:{port}/", send_event_attempts=0, max_in_flight=1)
-        async with delivering(cfg, logger=logger) as (_, chan, _metrics):
+        async with delivering(cfg, logger=logged.logger) as (_, chan, _metrics):
             ids = await send(chan, fates, range(5))
-            async with asyncio.timeout(10):
-                await retried.wait()  # at least one attempt failed: nobody listened yet
+            # At least one attempt failed: nobody listened yet.
+            await logged.until(lambda: bool(logged.lines(containing="retrying")))
             async with CaptureTarget(port=port) as target:
                 await fates.wait()
                 assert [e.get_id() for e in target.events] == ids
@@ -663,6 +690,73 @@ def test_zero_attempts_retries_until_delivered() -> None:
     run(main)
 
 
+def test_an_event_waiting_for_a_retry_holds_no_slot() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(2, status=503, retry_after=1)
+            fates = Fates(40)
+            cfg = config(target.url, max_in_flight=2, send_event_attempts=3)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(40))
+                await fates.wait()
+            assert sorted(fates.ok) == sorted(ids)
+            # Both slots' first events wait a second for their retry; the 38 others do not
+            # wait for them.
+            accepted = [e.get_id() for e in target.events]
+            assert sorted(accepted[-2:]) == ["e0", "e1"]
+            assert value(metrics, "cdk_delivery_waiting") == 0
+
+    run(main)
+
+
+def test_retries_to_a_failing_target_stay_within_the_retry_window() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            fates = Fates(60)
+            cfg = config(target.url, max_in_flight=3, send_event_attempts=0)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(60))
+                await target.wait_until_async(lambda: target.attempts >= 60 + 30)
+                tries = Counter(r.headers["ce-id"] for r in target.all_requests)
+                # Every event had its first attempt, yet only max_in_flight of them are
+                # retried while everything fails: the rest wait their turn.
+                assert sorted(tries) == sorted(ids)
+                assert len([i for i, n in tries.items() if n > 1]) == 3
+                assert value(metrics, "cdk_delivery_retry_window") == 3
+                assert value(metrics, "cdk_delivery_waiting") == 60
+                target.fail_with(None)
+                await fates.wait()
+                # Successes widen the window again.
+                assert value(metrics, "cdk_delivery_retry_window") > 3
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+
+    run(main)
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_a_flaky_target_gets_every_event_once(batch_size: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.flaky(fail=0.2, drop=0.05, seed=batch_size)
+            fates = Fates(400)
+            cfg = config(target.url, max_in_flight=8, batch_size=batch_size, send_event_attempts=0)
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(400))
+                await fates.wait(within=30)
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+            assert all(r.events for r in target.requests)  # no empty batch between retries
+            failed = Counter(r.status for r in target.all_requests if not r.accepted)
+            assert set(failed) == {503, None}
+            # A connection dropped while reused is sent again at once by the client.
+            assert value(metrics, "cdk_delivery_retries_total") >= failed[503]
+
+    run(main)
+
+
 # -- shutdown and backpressure -------------------------------------------------------
 
 
@@ -711,23 +805,14 @@ def test_stop_does_not_wait_out_a_retry_after_that_ends_past_the_grace_period() 
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(1, status=503, retry_after=30)
-            retrying = asyncio.Event()
-
-            class OnRetry(logging.Handler):
-                def emit(self, record: logging.LogRecord) -> None:
-                    if record.getMessage().startswith("retrying"):
-                        retrying.set()
-
-            logger = logging.getLogger("tests.delivery.retry_after_at_stop")
-            logger.setLevel(logging.DEBUG)
-            logger.addHandler(OnRetry())
+            logged = Logged()
             fates = Fates(1)
-            deliverer = Deliverer(config(target.url), Metrics(), logger=logger)
+            deliverer = Deliverer(config(target.url), Metrics(), logger=logged.logger)
             chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
             task = asyncio.create_task(deliverer.run(chan))
             await send(chan, fates, range(1))
-            async with asyncio.timeout(10):
-                await retrying.wait()  # the worker now waits 30 s before the next attempt
+            # The event now waits 30 s for its next attempt.
+            await logged.until(lambda: bool(logged.lines(containing="retrying")))
             started = time.monotonic()
             await deliverer.stop(grace=5)
             await task
@@ -777,16 +862,397 @@ def test_bounded_queue_blocks_the_producer_while_the_target_is_down() -> None:
                 await target.wait_until_async(lambda: target.attempts >= 20)
                 assert chan.full()
                 assert not producer.done()
-                # Only the queue plus one event per in-flight slot ever left the producer.
+                # Events waiting for a retry take room in the queue: only the queue plus
+                # one event per in-flight slot ever left the producer, and all of them
+                # are queued or waiting (in flight again or not).
                 assert queued <= 5 + 2 * 1
-                assert value(metrics, "cdk_source_queue_depth") == 5
-                assert 0 <= value(metrics, "cdk_delivery_in_flight") <= 2
+                held = value(metrics, "cdk_source_queue_depth")
+                assert held + value(metrics, "cdk_delivery_waiting") == queued
                 target.fail_with(None)
                 await fates.wait()
                 await producer
             assert sorted(fates.ok) == sorted(f"e{i}" for i in range(100))
 
     run(main)
+
+
+def test_drain_settles_waiting_retries_with_no_deadline() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(30, status=503, retry_after=0.2)
+            fates = Fates(50)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            ids = await send(chan, fates, range(50))
+            cfg = config(target.url, max_in_flight=4, send_event_attempts=0)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.drain()  # the producer is done: everything settles first
+            assert task.done()
+            fates.assert_exactly_once(ids)
+            assert sorted(fates.ok) == sorted(ids)
+            assert target.attempts == 80
+
+    run(main)
+
+
+def test_drain_fails_an_event_once_its_attempts_run_out() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            fates = Fates(10)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            ids = await send(chan, fates, range(10))
+            cfg = config(target.url, max_in_flight=3, send_event_attempts=3)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.drain()
+            await task
+            fates.assert_exactly_once(ids)
+            assert all(isinstance(e, AttemptsExhausted) for e in fates.failed.values())
+            assert target.attempts == 30
+
+    run(main)
+
+
+def test_stop_during_drain_takes_over_with_its_deadline() -> None:
+    async def main() -> None:
+        dead = f"http://127.0.0.1:{free_port()}/"
+        fates = Fates(20)
+        chan: DeliveryQueue = DeliveryQueue(100)
+        ids = await send(chan, fates, range(20))
+        logged = Logged()
+        cfg = config(dead, max_in_flight=2, send_event_attempts=0)
+        deliverer = Deliverer(cfg, Metrics(), logger=logged.logger)
+        task = asyncio.create_task(deliverer.run(chan))
+        draining = asyncio.create_task(deliverer.drain())
+        await logged.until(lambda: len(logged.lines(containing="retrying")) >= 5)
+        assert not draining.done()  # with attempts: 0, drain() waits for a target that is away
+        await deliverer.stop(grace=0.1)
+        async with asyncio.timeout(5):
+            await draining
+            await task
+        fates.assert_exactly_once(ids)
+        assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+
+    run(main)
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_an_event_the_target_rejects_goes_to_the_dead_letter_target(batch_size: int) -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=422, body="no such customer")
+            fates = Fates(6)
+            cfg = config(
+                target.url,
+                batch_size=batch_size,
+                max_in_flight=1,
+                dead_letter_target=dead.url,
+                dead_letter_auth_token="dl-7f3e",
+            )
+            async with delivering(cfg) as (_, chan, metrics):
+                ids = await send(chan, fates, range(6))
+                await fates.wait()
+            lettered = ids[:batch_size]
+            assert fates.ok == ids[batch_size:]
+            for event_id in lettered:
+                error = fates.failed[event_id]
+                assert isinstance(error, DeadLettered) and dead.url in str(error)
+                assert isinstance(error.original, TargetRejected)
+                assert error.original.status == 422
+            assert [e.get_id() for e in dead.events] == lettered
+            for event in dead.events:
+                assert event.get_extension("knativeerrordest") == target.url
+                assert event.get_extension("knativeerrorcode") == "422"
+                data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+                assert data == b"no such customer"
+                assert data_n(event) in range(batch_size)  # the event itself is intact
+            assert {r.headers["authorization"] for r in dead.requests} == {"Bearer dl-7f3e"}
+            assert value(metrics, "cdk_events_dead_lettered_total") == batch_size
+            assert value(metrics, "cdk_events_failed_total", {"reason": "rejected"}) == batch_size
+
+    run(main)
+
+
+def test_exhausted_attempts_go_to_the_dead_letter_target_retried_like_any_request() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.fail_with(503, body="x" * 3000)
+            dead.fail_next(1, status=503)
+            fates = Fates(1)
+            cfg = config(target.url, send_event_attempts=2, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, DeadLettered)
+            assert isinstance(error.original, AttemptsExhausted)
+            assert target.attempts == 2 and dead.attempts == 2
+            (event,) = dead.events
+            assert event.get_extension("knativeerrorcode") == "503"
+            data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+            assert data == b"x" * 1024
+
+    run(main)
+
+
+def test_a_transport_failure_is_dead_lettered_without_a_status() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as dead:
+            away = f"http://127.0.0.1:{free_port()}/?access_token=tok-5d1c"
+            fates = Fates(1)
+            cfg = config(away, send_event_attempts=1, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            (event,) = dead.events
+            assert event.get_extension("knativeerrordest") == redact_url(away)
+            assert "tok-5d1c" not in str(event.get_extension("knativeerrordest"))
+            assert event.get_extension("knativeerrorcode") is None
+            assert event.get_extension("knativeerrordata") is None
+
+    run(main)
+
+
+def test_when_the_dead_letter_target_fails_too_the_event_fails_with_the_original_error() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=400, body="bad")
+            dead.reject_next(1, status=403, body="not you")
+            fates = Fates(1)
+            cfg = config(target.url, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, metrics):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, TargetRejected) and error.status == 400
+            assert "dead-letter target" in str(error) and "403" in str(error)
+            assert value(metrics, "cdk_events_dead_lettered_total") == 0
+
+    run(main)
+
+
+def test_a_shutdown_does_not_dead_letter() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as dead:
+            away = f"http://127.0.0.1:{free_port()}/"
+            fates = Fates(5)
+            chan: DeliveryQueue = DeliveryQueue(10)
+            ids = await send(chan, fates, range(5))
+            cfg = config(away, send_event_attempts=0, dead_letter_target=dead.url)
+            deliverer = Deliverer(cfg, Metrics())
+            task = asyncio.create_task(deliverer.run(chan))
+            await deliverer.stop(grace=0.2)
+            await task
+            fates.assert_exactly_once(ids)
+            assert all(isinstance(e, ShutdownError) for e in fates.failed.values())
+            assert dead.attempts == 0
+
+    run(main)
+
+
+def test_a_dead_letter_target_that_is_no_url_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith("config: dead_letter_target: must be an http:// or https:// URL")
+
+
+# -- outages in the log ----------------------------------------------------------------
+
+
+def test_an_outage_is_one_warning_reminders_while_it_lasts_and_one_info() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            logged = Logged(logging.INFO)
+            fates = Fates(3)
+            cfg = config(target.url, send_event_attempts=0, max_in_flight=2)
+            async with delivering(cfg, logger=logged.logger, reminder=0.05) as (_, chan, _m):
+                await send(chan, fates, range(3))
+                await logged.until(lambda: len(logged.lines(logging.WARNING)) >= 3)
+                target.fail_with(None)
+                await fates.wait()
+                await logged.until(lambda: bool(logged.lines(containing="succeed again")))
+            first, *reminders = logged.lines(logging.WARNING)
+            assert f"deliveries to {target.url} are failing (target answered HTTP 503)" in first
+            assert "1 event(s) wait for a retry" in first
+            assert reminders and all("still fail, for" in line for line in reminders)
+            assert len(logged.lines(containing="succeed again")) == 1
+            assert not logged.lines(containing="retrying")  # per-retry lines are DEBUG
+
+    run(main)
+
+
+def test_a_short_outage_logs_one_warning_and_one_info_with_retries_at_debug() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_next(4, status=503)
+            logged = Logged()
+            fates = Fates(3)
+            cfg = config(target.url, send_event_attempts=0, max_in_flight=1)
+            async with delivering(cfg, logger=logged.logger) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+                await logged.until(lambda: bool(logged.lines(containing="succeed again")))
+            assert len(logged.lines(logging.WARNING)) == 1
+            assert len(logged.lines(logging.INFO)) == 2
+            retries = logged.lines(containing="retrying")
+            assert len(retries) == 4
+            assert all(r.levelno == logging.DEBUG for r in logged.records if "retrying" in r.msg)
+
+    run(main)
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def test_a_target_echoing_the_token_leaks_it_nowhere(caplog: pytest.LogCaptureFixture) -> None:
+    token = "tok-9f3a2b71"
+
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=400, body=f"bad request: Authorization: Bearer {token}")
+            target.fail_next(1, status=503, body=f"busy ({token})")
+            fates = Fates(2)
+            cfg = config(
+                target.url, target_auth_token=token, max_in_flight=1, dead_letter_target=dead.url
+            )
+            async with delivering(cfg, reminder=0) as (_, chan, _metrics):
+                await send(chan, fates, range(2))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, DeadLettered) and token not in str(error)
+            assert "**********" in str(error)
+            (event,) = dead.events
+            data = base64.b64decode(str(event.get_extension("knativeerrordata")))
+            assert token.encode() not in data and b"**********" in data
+
+    with caplog.at_level(logging.DEBUG, logger="cdk.delivery"):
+        run(main)
+    assert "busy (**********)" in caplog.text
+    assert token not in caplog.text
+
+
+@pytest.mark.parametrize("field", ["target_auth_token", "dead_letter_auth_token"])
+@pytest.mark.parametrize("token", ["tok-1\nX-Injected: 1", "tök-1234", "tok-\x00-1234"])
+def test_a_token_no_header_can_carry_is_refused_at_load(
+    tmp_path: Path, field: str, token: str
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token}))
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"config: {field}: ") and "printable ASCII" in problem
+    assert token[4:] not in problem
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key, made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    where = tmp_path_factory.mktemp("tls")
+    files = {"cert": where / "cert.pem", "key": where / "key.pem"}
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-nodes", "-days", "2", "-subj", "/CN=cdk test CA",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(files["key"]), "-out", str(files["cert"]),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return files
+
+
+def server_tls(files: dict[str, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files["cert"], files["key"])
+    return context
+
+
+def test_https_targets_signed_by_the_ca_of_target_ca_file(tls_files: dict[str, Path]) -> None:
+    async def main() -> None:
+        tls = server_tls(tls_files)
+        async with CaptureTarget(tls=tls) as target, CaptureTarget(tls=tls) as dead:
+            assert target.url.startswith("https://")
+            target.reject_next(1, status=400)
+            fates = Fates(3)
+            cfg = config(
+                target.url,
+                target_ca_file=str(tls_files["cert"]),
+                max_in_flight=1,
+                dead_letter_target=dead.url,
+            )
+            async with delivering(cfg) as (_, chan, _metrics):
+                await send(chan, fates, range(3))
+                await fates.wait()
+            assert fates.ok == ["e1", "e2"]
+            assert isinstance(fates.failed["e0"], DeadLettered)
+            assert [e.get_id() for e in dead.events] == ["e0"]
+
+    run(main)
+
+
+def test_k_ca_certs_adds_trusted_cas(
+    tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("K_CA_CERTS", tls_files["cert"].read_text())
+
+    async def main() -> None:
+        async with CaptureTarget(tls=server_tls(tls_files)) as target:
+            fates = Fates(2)
+            async with delivering(config(target.url)) as (_, chan, _metrics):
+                ids = await send(chan, fates, range(2))
+                await fates.wait()
+            assert sorted(fates.ok) == ids
+
+    run(main)
+
+
+def test_an_untrusted_certificate_fails_with_a_certificate_error(
+    tls_files: dict[str, Path],
+) -> None:
+    async def main() -> None:
+        async with CaptureTarget(tls=server_tls(tls_files)) as target:
+            fates = Fates(1)
+            async with delivering(config(target.url, send_event_attempts=2)) as (_, chan, _m):
+                await send(chan, fates, range(1))
+                await fates.wait()
+            error = fates.failed["e0"]
+            assert isinstance(error, AttemptsExhausted)
+            assert "TLS certificate of 127.0.0.1" in str(error) and "not trusted" in str(error)
+            assert target.attempts == 0
+
+    run(main)
+
+
+def test_k_ca_certs_that_are_not_pem_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("K_CA_CERTS", "-----BEGIN CERTIFICATE-----\nnope\n")
+    with pytest.raises(ValueError, match="K_CA_CERTS: not PEM certificates"):
+        Deliverer(config("https://127.0.0.1:1/"), Metrics())
+
+
+def test_a_ca_file_that_cannot_be_read_is_refused_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    missing = tmp_path / "missing.pem"
+    path.write_text(f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    assert problem.startswith("config: target_ca_file: cannot be read as PEM certificates")
 
 
 # -- K_CE_OVERRIDES ------------------------------------------------------------------

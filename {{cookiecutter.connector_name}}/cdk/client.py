@@ -1,30 +1,19 @@
 """HTTP/1.1 client for POSTing to one target: asyncio Protocols driving ``httptools`` directly.
 
-This module owns the wire-level work of sending: a keep-alive connection pool, the
-request bytes, parsing the answer, timeouts, and turning every failure into one of the
-errors defined here. It knows nothing about CloudEvents; :mod:`cdk.delivery` decides
-what to send and what an answer means.
+It owns the wire-level work of sending (a keep-alive pool, the request bytes, parsing the
+answer, timeouts) and turns every failure into one of the errors defined here; it knows
+nothing of CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU
+per request, and a Protocol feeding llhttp spends a fraction of a general client's.
 
-Why not aiohttp: a source's throughput is bounded by the sender's CPU per request, and a
-Protocol feeding llhttp spends a fraction of what a general-purpose client does. The hot
-path therefore builds each request in one join, writes it once, and waits on one future
-resolved from the parser's callbacks.
-
-Behaviour:
-
-- At most ``limit`` connections are open; idle ones are reused last-in first-out, so a
-  burst's extra connections age out instead of being kept warm. A connection is dropped
-  after any error, a ``Connection: close`` answer, an answer the parser says ends the
-  connection, an answer that came before the whole request was written, or
-  ``keepalive`` seconds idle. Trailers of a chunked answer are read and ignored.
-- A reused connection the server closed while it sat idle fails before any byte of the
-  answer arrives; that request is sent again, once, on a fresh connection. A failure
-  after part of the answer arrived is never repeated here.
-- ``timeout`` covers everything: waiting for a connection, connecting, sending and
-  receiving. On expiry the connection is dropped and :class:`RequestTimeout` raised.
-- Interim (1xx) answers are skipped; chunked answers are decoded; at most ``max_body``
-  bytes of an answer's body are kept (enough for an error excerpt), the rest is read
-  and dropped so the connection stays usable.
+- At most ``limit`` connections; idle ones are reused last-in first-out so a burst's
+  extras age out. A connection goes after any error, ``Connection: close``, an answer
+  that ends it or came before the whole request was written, or ``keepalive`` s idle.
+- A reused connection the server closed while idle fails before any byte of the answer;
+  that request is sent again, once, on a fresh connection (never after part of one).
+- ``timeout`` covers waiting for a connection, connecting, sending and receiving; on
+  expiry the connection is dropped and :class:`RequestTimeout` raised.
+- 1xx answers are skipped, chunked ones decoded (trailers ignored); at most ``max_body``
+  bytes of a body are kept, the rest read and dropped so the connection stays usable.
 """
 
 from __future__ import annotations
@@ -49,6 +38,7 @@ __all__ = [
     "ConnectionClosed",
     "ProtocolError",
     "RequestTimeout",
+    "describe",
 ]
 
 #: Most bytes of an answer's head (status line and headers) accepted.
@@ -70,10 +60,7 @@ class ConnectError(ClientError):
 
 
 class ConnectionClosed(ClientError):
-    """The connection closed or was reset before the whole answer arrived.
-
-    ``received`` says whether any byte of the answer had arrived.
-    """
+    """The connection closed before the whole answer arrived (``received``: any of it)."""
 
     def __init__(self, message: str, received: bool) -> None:
         super().__init__(message)
@@ -90,10 +77,8 @@ class RequestTimeout(ClientError, TimeoutError):
 
 @dataclass(slots=True)
 class ClientResponse:
-    """An answer: status, headers (lower-case names, repeats joined by ", ") and body.
-
-    ``truncated`` is True when the body was longer than the client keeps.
-    """
+    """An answer: status, headers (lower-case names, repeats joined by ", "), body, and
+    whether the body was longer than the client keeps."""
 
     status: int
     headers: dict[str, str]
@@ -101,42 +86,14 @@ class ClientResponse:
     truncated: bool = False
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """``error`` in words: its text, after its type name (often all a transport error says)."""
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _user_agent() -> str:
-    # Read when a client is made, not at import: cdk/__init__.py imports this module's
-    # users before it defines __version__.
-    import cdk
-
-    return f"cdk/{getattr(cdk, '__version__', '0')}"
-
-
 class _Connection(asyncio.Protocol):
     """One connection: writes a request, feeds the answer to llhttp, resolves ``waiter``."""
-
-    __slots__ = (
-        "_body",
-        "_head_raw",
-        "_headers",
-        "_headers_done",
-        "_kept",
-        "_truncated",
-        "_until_eof",
-        "closed",
-        "dropped",
-        "idle",
-        "idle_since",
-        "keep_alive",
-        "lost",
-        "parser",
-        "pool",
-        "received",
-        "transport",
-        "waiter",
-    )
 
     def __init__(self, pool: Client) -> None:
         self.pool = pool
@@ -158,8 +115,6 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
         self._until_eof = False
 
-    # -- used by the pool ---------------------------------------------------------------
-
     def send(self, data: bytes) -> asyncio.Future[ClientResponse]:
         """Write one request; the future resolves to its answer or a ClientError."""
         waiter: asyncio.Future[ClientResponse] = self.pool.loop.create_future()
@@ -175,21 +130,16 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
         return waiter
 
-    def close(self) -> None:
-        """Close politely (the answer was complete) and give the slot back."""
+    def close(self, polite: bool = True) -> None:
+        """Close (at once unless the answer was complete) and give the slot back."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close() if polite else self.transport.abort()
         self.pool.drop(self)
 
     def abort(self) -> None:
-        """Drop at once (state unknown: error, timeout, cancellation) and give the slot back."""
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-        self.pool.drop(self)
-
-    # -- transport events ---------------------------------------------------------------
+        """Drop at once (state unknown: error, timeout, cancellation)."""
+        self.close(polite=False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
@@ -232,8 +182,6 @@ class _Connection(asyncio.Protocol):
         if not self._headers_done and self._head_raw > MAX_HEAD_BYTES and self.waiter is not None:
             # llhttp keeps an unfinished header line in memory: bound what a head may cost.
             self._fail(ProtocolError(f"answer head over {MAX_HEAD_BYTES} bytes"))
-
-    # -- parser callbacks (called by httptools from feed_data) ---------------------------
 
     def on_message_begin(self) -> None:
         if self.waiter is None:
@@ -296,8 +244,6 @@ class _Connection(asyncio.Protocol):
         if not waiter.done():
             waiter.set_result(self._response())
 
-    # -- helpers ------------------------------------------------------------------------
-
     def _response(self) -> ClientResponse:
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
@@ -314,7 +260,7 @@ class _Connection(asyncio.Protocol):
         when = "before the answer was complete" if self.received else "before answering"
         if exc is None:
             return ConnectionClosed(f"the server closed the connection {when}", self.received)
-        return ConnectionClosed(f"connection lost {when} ({_describe(exc)})", self.received)
+        return ConnectionClosed(f"connection lost {when} ({describe(exc)})", self.received)
 
 
 class Client:
@@ -355,7 +301,7 @@ class Client:
         self._head = self._make_head(parts, user_agent, authorization)
         self._head_lines = self._head.count("\n")
         self._known_names: set[str] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # the loop of the latest send()
         self._idle: list[_Connection] = []
         self._conns: set[_Connection] = set()
         self._count = 0  # connections open or being opened
@@ -373,13 +319,17 @@ class Client:
             host = f"[{host}]"
         if self.port != _DEFAULT_PORTS[parts.scheme]:
             host = f"{host}:{self.port}"
+        if user_agent is None:
+            import cdk  # not at import: cdk/__init__.py imports this module's users first
+
+            user_agent = f"cdk/{getattr(cdk, '__version__', '0')}"
         target = quote(parts.path or "/", safe=_PATH_SAFE)
         if parts.query:
             target = f"{target}?{quote(parts.query, safe=_QUERY_SAFE)}"
         lines = [
             f"POST {target} HTTP/1.1\r\n",
             f"Host: {host}\r\n",
-            f"User-Agent: {user_agent or _user_agent()}\r\n",
+            f"User-Agent: {user_agent}\r\n",
         ]
         if authorization is not None:
             lines.append(f"Authorization: {authorization}\r\n")
@@ -394,13 +344,6 @@ class Client:
         return head
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-    @property
     def connections(self) -> int:
         """Connections open now (idle or busy)."""
         return len(self._conns)
@@ -409,8 +352,6 @@ class Client:
     def idle_connections(self) -> int:
         """Open connections waiting for a request."""
         return len(self._idle)
-
-    # -- requests -----------------------------------------------------------------------
 
     def encode_request(self, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         """The bytes of a POST of ``body`` with ``headers``, head and body in one join."""
@@ -448,6 +389,7 @@ class Client:
         """Send a request made by :meth:`encode_request` (encode once, send many times)."""
         if self._closed:
             raise ClientError("the client is closed")
+        self.loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._send(data)
@@ -480,8 +422,6 @@ class Client:
         else:
             conn.close()
         return response
-
-    # -- the pool -------------------------------------------------------------------------
 
     async def _acquire(self, fresh: bool) -> tuple[_Connection, bool]:
         """A connection (and whether it was reused); ``fresh`` always opens a new one."""
@@ -541,9 +481,12 @@ class Client:
             if conn.transport is not None:
                 conn.transport.abort()
             self.drop(conn)
-            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError)
-                where = f"{self.host}:{self.port}"
-                raise ConnectError(f"cannot connect to {where}: {_describe(exc)}") from exc
+            where = f"{self.host}:{self.port}"
+            if isinstance(exc, _ssl.SSLCertVerificationError):
+                text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
+                raise ConnectError(text) from exc
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, other TLS failures
+                raise ConnectError(f"cannot connect to {where}: {describe(exc)}") from exc
             raise
         if conn.closed:
             self.drop(conn)

@@ -9,6 +9,7 @@ the result with the connector's pydantic model. Every problem becomes one line i
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -64,6 +65,7 @@ ENVIRONMENT: tuple[tuple[str, str | None, str], ...] = (
     ("CONNECTOR_PORT", "port", "sink, webhook source: port when the config has no `port`"),
     ("LOG_LEVEL", "log_level", "log level when the config has no `log_level` (default INFO)"),
     ("K_CE_OVERRIDES", None, 'source: JSON {"extensions": {"name": "value"}} set on every event'),
+    ("K_CA_CERTS", None, "source: PEM certificates trusted for an https:// target (Knative's)"),
 )
 
 #: Config key -> the environment variables that stand in for it, in order.
@@ -155,7 +157,7 @@ class ConnectorConfig(BaseModel):
 
     #: Values :func:`load_config` read from secret.yml or from secret-typed fields: masked
     #: wherever the configuration is shown, even in fields not typed as secrets.
-    _masked_values: list[str] = PrivateAttr(default_factory=list)
+    _masked_values: list[str] | None = PrivateAttr(default=None)
 
     def redact(self, text: str) -> str:
         """``text`` with every configured secret value masked: for logs, errors and answers.
@@ -163,9 +165,9 @@ class ConnectorConfig(BaseModel):
         Secrets are what secret.yml held and every secret-typed field, so a target that
         echoes its request (with the bearer token) cannot leak the token through an excerpt.
         """
-        if not self._masked_values:
+        if self._masked_values is None:
             self._masked_values = _secret_values(type(self), self.model_dump(), {})
-        return _redact(text, self._masked_values)
+        return _redact(text, self._masked_values) if self._masked_values else text
 
 
 def _not_blank(value: SecretStr | None) -> SecretStr | None:
@@ -246,17 +248,49 @@ class DeliveryConfig(ConnectorConfig):
         60.0, ge=0, description="Longest `Retry-After` honoured, in seconds."
     )
     queue_size: int = Field(
-        1000, ge=1, description="Events `chan` holds before the producer waits (backpressure)."
+        1000,
+        ge=1,
+        description="Events queued in `chan` or waiting for a retry before the producer waits.",
+    )
+    dead_letter_target: str | None = Field(
+        None,
+        description="URL an event that cannot be delivered goes to, with the Knative "
+        "extensions `knativeerrordest`, `knativeerrorcode` and `knativeerrordata`.",
+    )
+    dead_letter_auth_token: SecretStr | None = Field(
+        None,
+        description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`. "
+        "Keep it in secret.yml.",
+    )
+    target_ca_file: str | None = Field(
+        None,
+        description="PEM file of CAs trusted for an https:// target, besides the system's "
+        "and `$K_CA_CERTS`.",
     )
 
-    @field_validator("target_auth_token")
+    @field_validator("target_auth_token", "dead_letter_auth_token")
     @classmethod
-    def _target_token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+    def _bearer_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes into a request header: anything else would fail every request later.
+        if value is not None and not all(" " <= c <= "~" for c in value.get_secret_value()):
+            raise ValueError("must be printable ASCII (no line breaks or other characters)")
         return _not_blank(value)
 
-    @field_validator("target")
+    @field_validator("target_ca_file")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _ca_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot be read as PEM certificates: {exc}") from None
+        return value
+
+    @field_validator("target", "dead_letter_target")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         shown = redact_url(value)
         try:
             parts = urlsplit(value)
@@ -540,7 +574,7 @@ def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     if isinstance(data.get("target"), str):
         data["target"] = redact_url(data["target"])
-    return _mask_strings(data, config._masked_values)  # type: ignore[no-any-return]
+    return _mask_strings(data, config._masked_values or [])  # type: ignore[no-any-return]
 
 
 def _mask_strings(data: Any, secrets: list[str]) -> Any:

@@ -1,28 +1,29 @@
 """Delivery: drains ``Source.chan`` and POSTs every event to the source's ``target``.
 
-A :class:`Deliverer` runs ``max_in_flight`` workers over one keep-alive connection
-pool (:class:`cdk.client.Client`). Each worker takes one event (or up to ``batch_size``
-events, waiting at most ``batch_linger`` for a partial batch to fill), encodes the
-request once, and sends it until the target answers 2xx, answers a status that is not
-worth retrying, the attempts run out, or shutdown ends. Every
-:class:`~cdk.connector.Tuple` gets exactly one callback: ``success()`` or
-``failed(error)`` with one of the errors defined here.
-
-Retried: transport errors, timeouts, 404, 408, 409, 429 and 5xx (``Retry-After`` is
-honoured on 429 and 503). Never retried: any other status, notably 400, 401, 403, 413
-and 415. Backpressure comes from ``chan`` being bounded: at most
-``max_in_flight * batch_size`` tuples are ever out of it at once.
+A :class:`Deliverer` runs ``max_in_flight`` workers over one keep-alive connection pool
+(:class:`cdk.client.Client`); each takes a due retry, else an event (or a batch, waiting
+up to ``batch_linger`` for it to fill), and sends it. Every :class:`~cdk.connector.Tuple`
+gets exactly one callback: ``success()`` or ``failed(error)``, an error defined here.
+Retries follow Knative's rules, with backoff, jitter and ``Retry-After``; a request
+waiting for one holds no worker unless ``max_in_flight`` is 1 (strict order). The retry
+window (see :meth:`Deliverer._park`) bounds their load on a failing target, and a
+:class:`DeliveryQueue` counts waiting events against ``queue_size``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
+import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from time import time as wall_clock
@@ -30,24 +31,24 @@ from typing import Any
 
 import orjson
 from cloudevents.core.v1.event import CloudEvent
+from pydantic import SecretStr
 
-from cdk.client import Client, ClientError
+from cdk.client import Client, ClientError, ClientResponse, describe
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
-from cdk.config import DeliveryConfig
+from cdk.config import DeliveryConfig, redact_url
 from cdk.connector import Tuple
 from cdk.metrics import Metrics
 
 __all__ = [
     "AttemptsExhausted",
+    "DeadLettered",
     "Deliverer",
     "DeliveryError",
+    "DeliveryQueue",
     "EncodeError",
-    "OverridesError",
     "ShutdownError",
-    "TargetRejected",
-    "TargetUnavailable",
     "parse_ce_overrides",
-    "retry_after_seconds",
+    "tls_context",
 ]
 
 #: Statuses retried besides every 5xx (Knative's sender conventions).
@@ -56,15 +57,13 @@ RETRYABLE_4XX = frozenset({404, 408, 409, 429})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 #: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
-#: Most bytes of an answer body kept (the rest is read and dropped).
-_READ_LIMIT = 64 * 1024
+#: Most bytes of the target's answer a dead letter carries in ``knativeerrordata``.
+ERROR_DATA_BYTES = 1024
 #: Shortest wait between two attempts, whatever the config says: a ``retry_backoff`` of 0
 #: would otherwise stay 0 and spin on a target that refuses connections.
 _MIN_BACKOFF = 0.01
-
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _WHITESPACE = re.compile(r"\s+")
-
 _log = logging.getLogger("cdk.delivery")
 
 
@@ -72,33 +71,35 @@ class DeliveryError(Exception):
     """An event was not delivered; ``str()`` says why in words a user can act on."""
 
 
-class TargetRejected(DeliveryError):
+class _Answered(DeliveryError):
+    """The target answered a status; ``body`` is the start of its answer, secrets masked."""
+
+    _TEXT = ""
+
+    def __init__(
+        self, status: int, excerpt: str = "", body: bytes = b"", retry_after: float | None = None
+    ) -> None:
+        self.status, self.excerpt, self.body, self.retry_after = status, excerpt, body, retry_after
+        super().__init__(f"{self._TEXT} {status}" + (f": {excerpt}" if excerpt else ""))
+
+
+class TargetRejected(_Answered):
     """The target answered a status that is never retried (400, 401, 403, 413, 415, ...)."""
 
-    def __init__(self, status: int, excerpt: str = "") -> None:
-        self.status = status
-        self.excerpt = excerpt
-        text = f"target rejected the request with HTTP {status}"
-        super().__init__(f"{text}: {excerpt}" if excerpt else text)
+    _TEXT = "target rejected the request with HTTP"
 
 
-class TargetUnavailable(DeliveryError):
+class TargetUnavailable(_Answered):
     """The target answered a status worth retrying (404, 408, 409, 429, 5xx)."""
 
-    def __init__(self, status: int, excerpt: str = "", retry_after: float | None = None) -> None:
-        self.status = status
-        self.excerpt = excerpt
-        self.retry_after = retry_after
-        text = f"target answered HTTP {status}"
-        super().__init__(f"{text}: {excerpt}" if excerpt else text)
+    _TEXT = "target answered HTTP"
 
 
 class AttemptsExhausted(DeliveryError):
     """Every one of ``send_event_attempts`` attempts failed; ``last_error`` is the last cause."""
 
     def __init__(self, attempts: int, last_error: BaseException) -> None:
-        self.attempts = attempts
-        self.last_error = last_error
+        self.attempts, self.last_error = attempts, last_error
         super().__init__(f"gave up after {attempts} attempt(s): {_describe(last_error)}")
 
 
@@ -112,8 +113,12 @@ class ShutdownError(DeliveryError):
         super().__init__(message)
 
 
-class OverridesError(ValueError):
-    """``K_CE_OVERRIDES`` is not ``{"extensions": {...}}`` with valid attribute names."""
+class DeadLettered(DeliveryError):
+    """The target did not take the event, the dead-letter target did; ``original`` says why."""
+
+    def __init__(self, target: str, original: DeliveryError) -> None:
+        self.target, self.original = target, original
+        super().__init__(f"sent to the dead-letter target {target}: {original}")
 
 
 class EncodeError(DeliveryError):
@@ -121,31 +126,23 @@ class EncodeError(DeliveryError):
 
 
 def _describe(error: BaseException) -> str:
-    text = str(error)
-    if isinstance(error, DeliveryError):
-        return text
-    # Transport errors often have an empty str(); the type name says what happened.
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return str(error) if isinstance(error, DeliveryError) else describe(error)
 
 
-def _excerpt(body: bytes) -> str:
-    text = body[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
-    text = _WHITESPACE.sub(" ", text).strip()
-    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+def _reason(error: BaseException) -> str:
+    """The ``reason`` label of ``cdk_events_failed`` for ``error``."""
+    error = error.original if isinstance(error, DeadLettered) else error
+    return {ShutdownError: "shutdown", AttemptsExhausted: "exhausted"}.get(type(error), "rejected")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP-date).
-
-    Returns ``None`` when the header is absent or unreadable; never a negative number.
-    """
+    """Seconds (never negative) a ``Retry-After`` of delta-seconds or an HTTP-date asks
+    to wait; ``None`` when it is absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -157,59 +154,88 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
 
 
 def parse_ce_overrides(text: str | None) -> dict[str, Any]:
-    """Read ``K_CE_OVERRIDES`` (``{"extensions": {...}}``) into the extensions to apply.
-
-    An empty or absent value means no overrides. Raises ``ValueError`` naming the
-    problem (:class:`OverridesError`, a ``ValueError``) when the value is not that JSON
-    shape or names an invalid attribute.
-    """
+    """The extensions ``K_CE_OVERRIDES`` (``{"extensions": {...}}``) sets; empty or absent
+    means none. A ``ValueError`` names what is wrong with any other value."""
     if text is None or not text.strip():
         return {}
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise OverridesError(f"K_CE_OVERRIDES: not valid JSON ({exc})") from None
+        raise ValueError(f"K_CE_OVERRIDES: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise OverridesError('K_CE_OVERRIDES: must be a JSON object like {"extensions": {...}}')
+        raise ValueError('K_CE_OVERRIDES: must be a JSON object like {"extensions": {...}}')
     # Other keys are ignored: the platform may add fields this kit does not know yet.
     extensions = data.get("extensions")
     if extensions is None:
         return {}
     if not isinstance(extensions, dict):
-        raise OverridesError('K_CE_OVERRIDES: "extensions" must be a JSON object')
+        raise ValueError('K_CE_OVERRIDES: "extensions" must be a JSON object')
     try:
         # The codec's own rules decide what an extension may be named and hold.
         with_extensions(_PROBE, extensions)
     except ValueError as exc:
-        raise OverridesError(f"K_CE_OVERRIDES: {exc}") from None
+        raise ValueError(f"K_CE_OVERRIDES: {exc}") from None
     return dict(extensions)
 
 
-def _retryable(status: int) -> bool:
-    return status >= 500 or status in RETRYABLE_4XX
+def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
+    """TLS for https:// targets: the system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS``
+    (PEM text, as Knative injects it); ``None`` when neither is set. ``ValueError`` when
+    ``$K_CA_CERTS`` holds no readable certificate."""
+    pem = os.environ.get("K_CA_CERTS", "").strip() or None
+    if not (pem or config.target_ca_file):
+        return None
+    context = ssl.create_default_context()
+    try:  # target_ca_file was checked when the config was loaded
+        context.load_verify_locations(cafile=config.target_ca_file, cadata=pem)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"K_CA_CERTS: not PEM certificates ({exc})") from None
+    return context
 
 
-class _Batch:
-    """Tuples taken from ``chan`` together.
+class DeliveryQueue(asyncio.Queue[Tuple]):
+    """``Source.chan``: a bounded queue whose room also counts the events waiting for a
+    retry (the :class:`Deliverer` keeps count), so a failing target cannot make a source
+    hold more than ``maxsize`` events: ``put`` waits while queued and waiting ones fill it."""
 
-    ``settled`` counts the leading tuples whose callback ran; the first ``delivered``
-    reached the target, so an interrupted batch still reports those as successes.
-    """
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.waiting, self._size = 0, maxsize  # read on every put: no property in the way
 
-    __slots__ = ("delivered", "settled", "tuples")
+    def full(self) -> bool:
+        return 0 < self._size <= self.qsize() + self.waiting
 
-    def __init__(self, tuples: list[Tuple]) -> None:
-        self.tuples = tuples
-        self.settled = 0
-        self.delivered = 0
+    def hold(self, count: int) -> None:
+        """Count ``count`` more events (fewer when negative) as waiting for a retry."""
+        self.waiting += count
+        for _ in range(-count):  # room freed: wake producers waiting in put(), as get() does
+            self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    """Tuples sent together, their request's bytes, and how far their delivery got."""
+
+    tuples: list[Tuple]
+    client: Client
+    data: bytes = b""
+    backoff: float = 0.0
+    attempt: int = 0
+    started: float = 0.0
+    retry_at: float = 0.0
+    error: BaseException | None = None
+    original: DeliveryError | None = None  # why it goes to the dead-letter target
+    timer: asyncio.TimerHandle | None = None
+    settled: int = 0  # the leading tuples called back
+    delivered: bool = False
+    done: bool = False
+    cycling: bool = False  # in the retry window
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target``.
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`).
 
-    ``await run(chan)`` drains ``chan`` until :meth:`stop` is called; :meth:`stop`
-    delivers what is still queued or in flight within the grace period, fails the
-    rest with :class:`ShutdownError`, and closes the connection pool.
+    ``reminder``: the fewest seconds between two warnings that deliveries still fail.
     """
 
     def __init__(
@@ -219,219 +245,227 @@ class Deliverer:
         *,
         overrides: Mapping[str, Any] | None = None,
         logger: logging.Logger | None = None,
+        reminder: float = 30.0,
     ) -> None:
-        self.config = config
-        self.metrics = metrics
+        self.config, self.metrics, self.reminder = config, metrics, reminder
         self.overrides = dict(overrides) if overrides else None
         self.log = logger or _log
-        self._attempts = config.send_event_attempts
+        self._redact = config.redact
+        self._shown = self._redact(redact_url(config.target))
+        self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
+        self._tls = tls_context(config)
+        self._client = self._new_client(config.target, config.target_auth_token)
+        dead, token = config.dead_letter_target, config.dead_letter_auth_token
+        self._dead_client = None if dead is None else self._new_client(dead, token)
         self._batch_size = config.batch_size
-        self._linger = config.batch_linger
         self._encode_one = to_structured if config.content_mode == "structured" else to_binary
-        self._client: Client | None = None
+        self._loop: asyncio.AbstractEventLoop
         self._chan: asyncio.Queue[Tuple] | None = None
         self._workers: list[asyncio.Task[None]] = []
-        # Only one worker fills a batch at a time, so at most one batch is ever partial
-        # and batches leave in queue order.
+        # One worker fills a batch at a time, so batches leave in queue order.
         self._collect_lock = asyncio.Lock()
         self._idle: set[asyncio.Task[Any]] = set()
         self._woken: set[asyncio.Task[Any]] = set()
-        self._draining = asyncio.Event()  # set when stop() begins
+        self._in_flight = self._waiting = 0  # requests; events that failed, not yet settled
+        self._pending: set[_Request] = set()  # waiting for a retry: timer, line or due
+        self._line: deque[_Request] = deque()  # waiting for room in the retry window
+        self._due: deque[_Request] = deque()  # retries whose time came, for the next worker
+        self._window = config.max_in_flight
+        self._cycle = 0  # requests in the retry window
+        self._failing_since: float | None = None
+        self._warned = 0.0
+        self._draining = self._sealed = False  # sealed: too late for run() to start
         self._deadline: float | None = None
-        self._started = asyncio.Event()
-        self._stopped: asyncio.Event | None = None
-        self._in_flight = 0
-
-    # -- lifecycle -------------------------------------------------------------------
+        self._deadline_set = asyncio.Event()
+        self._closing: asyncio.Future[None] | None = None
 
     async def run(self, chan: asyncio.Queue[Tuple]) -> None:
-        """Deliver tuples from ``chan`` until :meth:`stop` has drained it."""
+        """Deliver tuples from ``chan`` until :meth:`drain` or :meth:`stop` has settled them."""
         if self._chan is not None:
             raise RuntimeError("Deliverer.run() may be called only once")
         self._chan = chan
-        if self._stopped is not None and self._stopped.is_set():
-            # stop() finished before run() began: nothing is sent, nothing dropped silently.
-            await self._fail_queued()
+        if self._sealed:  # stopped before run() began: nothing sent, nothing dropped silently
+            await self._fail_rest()
             return
-        self._client = self._new_client()
-        # Both gauges are read when scraped, which costs nothing per request.
-        self.metrics.queue_depth.set_function(chan.qsize)
-        self.metrics.delivery_in_flight.set_function(self._requests_in_flight)
+        self._loop = asyncio.get_running_loop()
+        # Gauges are read when scraped, which costs nothing per request.
+        metrics = self.metrics
+        metrics.queue_depth.set_function(chan.qsize)
+        metrics.delivery_in_flight.set_function(lambda: self._in_flight)
+        metrics.delivery_waiting.set_function(lambda: self._waiting)
+        metrics.retry_window.set_function(lambda: self._window)
         self._workers = [
             asyncio.create_task(self._worker(chan), name=f"cdk-delivery-{i}")
             for i in range(self.config.max_in_flight)
         ]
-        self._started.set()
-        try:
-            await asyncio.wait(self._workers)
-        except asyncio.CancelledError:
-            for task in self._workers:
-                task.cancel()
-            await asyncio.wait(self._workers)
-            raise
-        finally:
-            for task in self._workers:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    self.log.error("delivery worker crashed", exc_info=task.exception())
-
-    async def stop(self, grace: float) -> None:
-        """Deliver what is queued and in flight within ``grace`` seconds, then give up.
-
-        Call it once the producer has stopped putting tuples into ``chan``. Tuples not
-        delivered by the deadline get ``failed(ShutdownError(...))``. Calling it again
-        waits for the first call to finish.
-        """
-        if self._stopped is not None:
-            await self._stopped.wait()
-            return
-        self._stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        grace = max(0.0, grace)
-        deadline = loop.time() + grace
-        self._deadline = deadline
-        self._draining.set()
-        try:
-            if self._chan is None:
-                # run() may be scheduled but not started yet: let it start and drain.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(grace):
-                        await self._started.wait()
-            self._wake_idle()
-            pending: set[asyncio.Task[None]] = {t for t in self._workers if not t.done()}
-            if pending:
-                _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
-            await self._fail_queued()
-            if self._client is not None:
-                await self._client.close()
-        finally:
-            self._stopped.set()
+        for result in await asyncio.gather(*self._workers, return_exceptions=True):
+            if isinstance(result, Exception):  # a bug: the other workers went on
+                self.log.error("delivery worker crashed", exc_info=result)
 
     async def drain(self) -> None:
-        """Settle every queued and in-flight event, with no deadline."""
-        await self.stop(1e9)
+        """Once nothing more goes into ``chan``: settle every queued, waiting and in-flight
+        event with no deadline (delivered, or failed once its attempts run out: with
+        ``send_event_attempts <= 0``, only delivered), then close the connection pools."""
+        await self._finish(None)
 
-    def _requests_in_flight(self) -> float:
-        return self._in_flight
+    async def stop(self, grace: float) -> None:
+        """:meth:`drain` within ``grace`` seconds: a retry due later, and what is left then,
+        fail with :class:`ShutdownError`. During a ``drain()`` or ``stop()`` it brings the
+        deadline forward to its own, if earlier; every call returns once all is settled."""
+        await self._finish(max(0.0, grace))
 
-    def _new_client(self) -> Client:
+    async def _finish(self, grace: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if grace is not None and (self._deadline is None or loop.time() + grace < self._deadline):
+            self._deadline = loop.time() + grace
+            self._deadline_set.set()
+            await self._fail_rest(late_only=True)
+        if self._closing is None:
+            self._draining = True
+            self._wake_idle()
+            self._closing = asyncio.ensure_future(self._close())
+        closing = self._closing
+        if self._deadline is not None:
+            await asyncio.wait({closing}, timeout=max(0.0, self._deadline - loop.time()))
+            for task in self._workers:
+                task.cancel()  # the deadline passed: what is still in flight fails
+        await asyncio.shield(closing)
+
+    async def _close(self) -> None:
+        if self._chan is None:
+            await asyncio.sleep(0)  # run() may be scheduled but not started yet
+        self._sealed = True
+        if self._workers:
+            await asyncio.wait(self._workers)
+        await self._fail_rest()
+        for client in (self._client, self._dead_client):
+            if client is not None:
+                await client.close()
+
+    def _new_client(self, url: str, token: SecretStr | None) -> Client:
         # One connection per worker: a worker never has more than one request out.
-        token = self.config.target_auth_token
+        bearer = None if token is None else f"Bearer {token.get_secret_value()}"
         return Client(
-            self.config.target,
+            url,
             limit=self.config.max_in_flight,
             timeout=self.config.attempt_timeout,
-            keepalive=30.0,
-            max_body=_READ_LIMIT,
-            authorization=None if token is None else f"Bearer {token.get_secret_value()}",
+            max_body=4 * ERROR_DATA_BYTES,
+            ssl=self._tls,
+            authorization=bearer,
         )
 
-    def _wake_idle(self) -> None:
-        # Workers blocked on an empty chan hold nothing: wake them so they drain and exit.
-        for task in self._idle:
-            self._woken.add(task)
-            task.cancel()
-        self._idle.clear()
-
-    async def _fail_queued(self) -> None:
-        chan = self._chan
-        if chan is None:
-            return
+    async def _fail_rest(self, late_only: bool = False) -> None:
+        """Fail what waits for a retry and is left in ``chan`` (only retries due too late)."""
+        deadline = self._deadline or 0.0
+        doomed = [r for r in self._pending if not late_only or r.retry_at >= deadline]
+        for req in doomed:
+            self._pending.discard(req)
+            if req.timer is not None:
+                req.timer.cancel()
+        self._line = deque(r for r in self._line if r in self._pending)
+        self._due = deque(r for r in self._due if r in self._pending)
         left: list[Tuple] = []
-        while True:
-            try:
-                left.append(chan.get_nowait())
-            except asyncio.QueueEmpty:
-                break
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while self._chan is not None and not late_only:
+                left.append(self._chan.get_nowait())
+        for req in doomed:
+            await self._settle(req, self._stopped(req))
         if left:
-            error = ShutdownError("shut down before the event was sent")
-            await self._give_up(_Batch(left), error, "shutdown")
+            error = ShutdownError("shut down before it was sent")
+            await self._settle(_Request(left, self._client), error)
 
-    # -- taking tuples out of chan ---------------------------------------------------
+    def _stopped(self, req: _Request, text: str = "shut down before a retry") -> DeliveryError:
+        if req.original is None:
+            return ShutdownError(text, req.error)
+        req.original.args = (f"{req.original} (shut down before the dead-letter target took it)",)
+        return req.original
 
     async def _worker(self, chan: asyncio.Queue[Tuple]) -> None:
-        single = self._batch_size == 1
+        owned: list[_Request] = []  # what this worker settles if it is cancelled
         while True:
-            if single:
-                item = await self._take_one(chan)
-                if item is None:
-                    return
-                batch = _Batch([item])
-            else:
-                async with self._collect_lock:
-                    tuples = await self._take_batch(chan)
-                if not tuples:
-                    return
-                batch = _Batch(tuples)
             try:
-                await self._deliver(batch)
+                if self._due:
+                    owned = [self._due.popleft()]
+                    self._pending.discard(owned[0])
+                else:
+                    if self._batch_size == 1:
+                        tuples = await self._take(chan)
+                    else:
+                        async with self._collect_lock:
+                            tuples = await self._take(chan)
+                    if tuples is None:
+                        return
+                    owned = self._encode(tuples, self._client) if tuples else []
+                while owned:
+                    if owned[0].data:
+                        await self._send(owned[0])
+                    else:
+                        await self._settle(owned[0], owned[0].error)  # it cannot be encoded
+                    del owned[0]
+                if self._draining and not self._pending:
+                    self._wake_idle()  # nothing left to wait for: idle workers may end
             except asyncio.CancelledError:
                 # stop() reached its deadline (or run() was cancelled) mid-request.
-                error = ShutdownError("shut down while the event was being delivered")
-                await self._settle_rest(batch, error, "shutdown")
+                for req in owned:
+                    error = self._stopped(req, "shut down while it was being delivered")
+                    await self._settle(req, None if req.delivered else error)
                 raise
             except Exception as exc:  # a bug must not lose tuples or stop the worker
-                self.log.exception("delivery of %d event(s) failed unexpectedly", len(batch.tuples))
-                await self._settle_rest(batch, DeliveryError(_describe(exc)), "rejected")
+                self.log.exception("delivery of %d request(s) failed unexpectedly", len(owned))
+                for req in owned:
+                    await self._settle(req, None if req.delivered else DeliveryError(describe(exc)))
+                owned = []
 
-    async def _take_one(self, chan: asyncio.Queue[Tuple]) -> Tuple | None:
+    async def _take(self, chan: asyncio.Queue[Tuple]) -> list[Tuple] | None:
+        """The next tuples of ``chan``: ``[]`` when a retry is due first, ``None`` at the end."""
         while True:
+            if self._due:
+                return []
+            if self._waiting >= self.config.queue_size:
+                # A plain asyncio.Queue does not count waiting events: take no more for now.
+                await self._idle_wait(self._loop.create_future())
+                continue
             try:
-                return chan.get_nowait()
+                first = chan.get_nowait()
             except asyncio.QueueEmpty:
-                if self._draining.is_set():
+                if self._draining and not self._pending:
                     return None
-            item = await self._wait_get(chan, None)
-            if item is not None:
-                return item
+                got = await self._idle_wait(chan.get())
+                if got is None:
+                    continue
+                first = got
+            return [first] if self._batch_size == 1 else await self._fill([first], chan)
 
-    async def _take_batch(self, chan: asyncio.Queue[Tuple]) -> list[Tuple]:
-        size = self._batch_size
-        tuples: list[Tuple] = []
-        while not tuples:
-            try:
-                tuples.append(chan.get_nowait())
-            except asyncio.QueueEmpty:
-                if self._draining.is_set():
-                    return tuples
-                item = await self._wait_get(chan, None)
-                if item is not None:
-                    tuples.append(item)
-        loop = asyncio.get_running_loop()
-        linger_until = loop.time() + self._linger
+    async def _fill(self, tuples: list[Tuple], chan: asyncio.Queue[Tuple]) -> list[Tuple]:
+        until = self._loop.time() + self.config.batch_linger
         try:
-            while len(tuples) < size:
+            while len(tuples) < self._batch_size:
                 try:
                     tuples.append(chan.get_nowait())
                     continue
                 except asyncio.QueueEmpty:
                     pass
-                remaining = linger_until - loop.time()
-                if self._draining.is_set() or remaining <= 0:
+                remaining = until - self._loop.time()
+                if self._draining or remaining <= 0:
                     break
-                item = await self._wait_get(chan, remaining)
+                item = await self._idle_wait(chan.get(), remaining)
                 if item is None:
                     break
                 tuples.append(item)
         except asyncio.CancelledError:
             error = ShutdownError("shut down while a batch was being collected")
-            await self._give_up(_Batch(tuples), error, "shutdown")
+            await self._settle(_Request(tuples, self._client), error)
             raise
         return tuples
 
-    async def _wait_get(self, chan: asyncio.Queue[Tuple], wait: float | None) -> Tuple | None:
-        """Wait for a tuple; ``None`` on timeout or when stop() wakes this worker."""
+    async def _idle_wait(self, waiting: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Await ``waiting`` as an idle worker: ``None`` on timeout, or when woken."""
         task = asyncio.current_task()
         assert task is not None
         self._idle.add(task)
         try:
-            if wait is None:
-                return await chan.get()
-            async with asyncio.timeout(wait):
-                return await chan.get()
+            async with asyncio.timeout(timeout):
+                return await waiting
         except TimeoutError:
             return None
         except asyncio.CancelledError:
@@ -444,197 +478,250 @@ class Deliverer:
         finally:
             self._idle.discard(task)
 
-    # -- sending ---------------------------------------------------------------------
+    def _wake_idle(self, one: bool = False) -> None:
+        # Idle workers hold nothing: they look again for due retries, room or the end.
+        for task in list(self._idle):
+            self._idle.discard(task)
+            self._woken.add(task)
+            task.cancel()
+            if one:
+                return
 
-    def _encode(self, batch: _Batch) -> tuple[list[BaseException], list[tuple[int, bytes]]]:
-        """Encode ``batch`` once: why each tuple that cannot go fails, and the requests.
-
-        ``batch.tuples`` is reordered to match: the tuples that cannot go first, then the
-        tuples of each request in turn, in queue order. Most batches are one request; a
-        bad event fails alone, and a change of specversion starts another request (a
-        batch carries one specversion; splitting keeps the order a single worker keeps).
-        """
-        tuples = batch.tuples
-        single = self._batch_size == 1
-        # A user's event may break the encoder in any way; the slow path below finds
-        # which events did, and why.
+    def _encode(
+        self, tuples: list[Tuple], client: Client, extra: Mapping[str, Any] | None = None
+    ) -> list[_Request]:
+        """The requests of ``tuples`` in queue order, encoded once: most often one; first a
+        request without data for each tuple that cannot be encoded, holding its
+        EncodeError; another request at each change of specversion (a batch has one)."""
+        extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
+        backoff = self.config.retry_backoff
+        # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
-            events = [self._outbound(item) for item in tuples]
-            encoded = self._encode_one(events[0]) if single else to_batch(events)
-            return [], [(len(tuples), self._request(encoded))]
-        errors: list[BaseException] = []
-        ordered: list[Tuple] = []
-        runs: list[list[tuple[Tuple, CloudEvent, bytes]]] = []
-        run_version: Any = None
+            events = [_outbound(item, extensions) for item in tuples]
+            return [_Request(tuples, client, self._wire(events, client), backoff)]
+        failed: list[_Request] = []
+        runs: list[tuple[Any, list[Tuple], list[CloudEvent]]] = []
         for item in tuples:
             try:
-                event = self._outbound(item)
-                request = self._request(self._encode_one(event) if single else to_batch([event]))
+                event = _outbound(item, extensions)
+                self._wire([event], client)
             except Exception as exc:  # see above
-                errors.append(exc)
-                ordered.append(item)
-            else:
-                version = event.get_attributes().get("specversion")
-                if not runs or version != run_version:
-                    runs.append([])
-                    run_version = version
-                runs[-1].append((item, event, request))
-        requests: list[tuple[int, bytes]] = []
-        for run in runs:
-            ordered.extend(item for item, _, _ in run)
-            if len(run) == 1:
-                requests.append((1, run[0][2]))
-            else:
-                requests.append((len(run), self._request(to_batch([e for _, e, _ in run]))))
-        batch.tuples = ordered
-        return errors, requests
+                error = EncodeError(f"event cannot be encoded: {_describe(exc)}")
+                failed.append(_Request([item], client, error=error))
+                continue
+            version = event.get_attributes().get("specversion")
+            if not runs or runs[-1][0] != version:
+                runs.append((version, [], []))
+            runs[-1][1].append(item)
+            runs[-1][2].append(event)
+        return failed + [_Request(t, client, self._wire(e, client), backoff) for _, t, e in runs]
 
-    def _outbound(self, item: Tuple) -> CloudEvent:
-        """The event of ``item`` as it goes out (with ``K_CE_OVERRIDES`` applied)."""
-        if not isinstance(item, Tuple):  # a plain event put into chan by mistake
-            raise TypeError(f"chan holds a {type(item).__name__}, not a cdk.Tuple")
-        event = item.event
-        return with_extensions(event, self.overrides) if self.overrides else event
-
-    def _request(self, encoded: tuple[dict[str, str], bytes]) -> bytes:
+    def _wire(self, events: list[CloudEvent], client: Client) -> bytes:
         # The client refuses headers it cannot write (a line break or a non-Latin-1
         # character in a binary-mode Content-Type): that is the event's fault, found here.
-        assert self._client is not None
-        headers, body = encoded
-        return self._client.encode_request(body, headers)
+        single = self._batch_size == 1
+        headers, body = self._encode_one(events[0]) if single else to_batch(events)
+        return client.encode_request(body, headers)
 
-    async def _deliver(self, batch: _Batch) -> None:
-        errors, requests = self._encode(batch)
-        for exc in errors:
-            error = EncodeError(f"event cannot be encoded: {_describe(exc)}")
-            await self._give_up(batch, error, "rejected", count=1)
-        for count, request in requests:
-            await self._send(batch, count, request)
-
-    async def _send(self, batch: _Batch, count: int, request: bytes) -> None:
-        """Send the next ``count`` tuples of ``batch`` as ``request``, retrying as configured."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        attempt = 0
-        delay = self.config.retry_backoff
-        metrics = self.metrics
+    async def _send(self, req: _Request) -> None:
+        """Send ``req`` until it is settled or, with more than one in flight, waits a retry."""
+        loop, attempts = self._loop, self.config.send_event_attempts
+        error: BaseException | None
         while True:
-            attempt += 1
+            if not req.attempt:
+                req.started = loop.time()
+            req.attempt += 1
             self._in_flight += 1
             try:
-                status, answer, retry_after = await self._post(request)
+                response = await req.client.send(req.data)
+                error = None if 200 <= response.status < 300 else self._answer_error(response)
             except (ClientError, OSError, TimeoutError) as exc:
-                status, answer, retry_after = 0, b"", None
-                error: BaseException = exc
+                error = exc
             finally:
                 self._in_flight -= 1
-            if status:
-                if 200 <= status < 300:
-                    metrics.delivery_latency.observe(loop.time() - started)
-                    metrics.delivered.inc(count)
-                    batch.delivered = batch.settled + count
-                    await self._succeed(batch, count)
-                    return
-                if not _retryable(status):
-                    metrics.delivery_latency.observe(loop.time() - started)
-                    rejected = TargetRejected(status, _excerpt(answer))
-                    await self._give_up(batch, rejected, "rejected", count)
-                    return
-                error = TargetUnavailable(status, _excerpt(answer), retry_after)
-            if 0 < self._attempts <= attempt:
-                metrics.delivery_latency.observe(loop.time() - started)
-                await self._give_up(batch, AttemptsExhausted(attempt, error), "exhausted", count)
+            if error is None:
+                await self._succeed(req)
                 return
-            delay, wait = self._next_wait(delay, error)
-            retry_at = loop.time() + wait
-            if not self._too_late(retry_at):
-                metrics.retries.inc()
+            req.error = error
+            if isinstance(error, TargetRejected) or 0 < attempts <= req.attempt:
+                if not isinstance(error, TargetRejected):
+                    self._failing(req, error)
+                    error = AttemptsExhausted(req.attempt, error)
+                if await self._give_up(req, error):
+                    continue  # on to the dead-letter target
+                return
+            req.backoff, wait = self._next_wait(req.backoff, error)
+            when = loop.time() + wait
+            if self._deadline is None or when < self._deadline:
+                self.metrics.retries.inc()
                 if self.log.isEnabledFor(logging.DEBUG):
-                    self.log.debug(
-                        "retrying %d event(s) in %.3fs after attempt %d: %s",
-                        count,
-                        wait,
-                        attempt,
-                        _describe(error),
-                    )
-                await self._pause(retry_at)
-            if self._too_late(retry_at):
-                error = ShutdownError("shut down before a retry could succeed", error)
-                await self._give_up(batch, error, "shutdown", count)
+                    why = self._redact(_describe(error))
+                    text = "retrying %d event(s) in %.3fs after attempt %d: %s"
+                    self.log.debug(text, len(req.tuples), wait, req.attempt, why)
+                if not req.retry_at:  # from now on its events count as waiting
+                    self._count_waiting(len(req.tuples))
+                req.retry_at = when
+                self._failing(req, error)
+                if self.config.max_in_flight > 1:
+                    self._park(req)
+                    return
+                await self._pause(when)
+            if self._deadline is not None and when >= self._deadline:
+                await self._settle(req, self._stopped(req))
                 return
 
-    def _too_late(self, when: float) -> bool:
-        """Whether ``when`` falls after the deadline of a shutdown under way."""
-        return self._deadline is not None and when >= self._deadline
-
-    async def _pause(self, until: float) -> None:
-        """Wait until ``until``; cut short when stop() begins with a deadline before then.
-
-        A long ``Retry-After`` that began before stop() would otherwise hold shutdown
-        for the whole grace period, only to fail its events at the end of it.
-        """
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(until):
-                await self._draining.wait()
-        if not self._too_late(until):
-            await asyncio.sleep(max(0.0, until - asyncio.get_running_loop().time()))
-
-    def _next_wait(self, previous: float, error: BaseException) -> tuple[float, float]:
-        """(new backoff state, seconds to wait) with decorrelated jitter and Retry-After."""
-        base = self.config.retry_backoff
-        cap = self.config.retry_backoff_max
-        backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
-        wait = backoff
-        if isinstance(error, TargetUnavailable) and error.retry_after is not None:
-            # Retry-After is a floor: never retry sooner than the target asked.
-            wait = max(wait, min(error.retry_after, self.config.retry_after_max))
-        return backoff, wait
-
-    async def _post(self, request: bytes) -> tuple[int, bytes, float | None]:
-        assert self._client is not None
-        response = await self._client.send(request)
-        status = response.status
+    def _answer_error(self, response: ClientResponse) -> DeliveryError:
+        data, escape = response.body, "surrogateescape"
+        if data:  # masked before it is cut: a target echoing the token must not leak a part
+            data = self._redact(data.decode("utf-8", escape)).encode("utf-8", escape)
+        excerpt = _WHITESPACE.sub(" ", data[: EXCERPT_CHARS * 4].decode("utf-8", "replace"))
+        excerpt = excerpt.strip()
+        if len(excerpt) > EXCERPT_CHARS:
+            excerpt = excerpt[: EXCERPT_CHARS - 3] + "..."
+        status, start = response.status, data[:ERROR_DATA_BYTES]
+        if status < 500 and status not in RETRYABLE_4XX:
+            return TargetRejected(status, excerpt, start)
         retry_after = None
         if status in RETRY_AFTER_STATUSES:
             retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        return status, response.body, retry_after
+        return TargetUnavailable(status, excerpt, start, retry_after)
 
-    # -- callbacks -------------------------------------------------------------------
-
-    async def _succeed(self, batch: _Batch, count: int) -> None:
-        """Call ``success()`` for the next ``count`` unsettled tuples."""
-        end = min(len(batch.tuples), batch.settled + count)
-        chan = self._chan
-        while batch.settled < end:
-            item = batch.tuples[batch.settled]
-            batch.settled += 1
-            if chan is not None:
-                chan.task_done()
-            await self._call(item, "success")
-
-    async def _give_up(
-        self, batch: _Batch, error: DeliveryError, reason: str, count: int | None = None
-    ) -> None:
-        """Call ``failed(error)`` for the next ``count`` unsettled tuples (default: all)."""
-        tuples = batch.tuples
-        end = len(tuples) if count is None else min(len(tuples), batch.settled + count)
-        if batch.settled >= end:
+    async def _succeed(self, req: _Request) -> None:
+        self.metrics.delivery_latency.observe(self._loop.time() - req.started)
+        if req.original is not None:
+            self.metrics.dead_lettered.inc(len(req.tuples))
+            await self._settle(req, DeadLettered(self._dead_shown, req.original))
             return
-        self._log_failure(tuples[batch.settled : end], error)
-        self.metrics.failed.labels(reason).inc(end - batch.settled)
+        self.metrics.delivered.inc(len(req.tuples))
+        req.delivered = True
+        if self._window < self.config.queue_size:
+            self._window += 1
+            self._admit()
+        await self._settle(req)
+        if self._failing_since is not None and not self._waiting:
+            seconds, self._failing_since = self._loop.time() - self._failing_since, None
+            self.log.info("deliveries to %s succeed again, after %.1f s", self._shown, seconds)
+
+    async def _give_up(self, req: _Request, error: DeliveryError) -> bool:
+        """Fail ``req`` for good; True when it goes on to the dead-letter target instead."""
+        self.metrics.delivery_latency.observe(self._loop.time() - req.started)
+        dead = self._dead_client
+        if req.original is not None:
+            note = f"the dead-letter target {self._dead_shown} failed too: {_describe(error)}"
+            error, error.args = req.original, (f"{req.original} ({note})",)
+        elif dead is not None:
+            answer = error.last_error if isinstance(error, AttemptsExhausted) else error
+            extensions = {"knativeerrordest": self._shown}
+            if isinstance(answer, _Answered):
+                extensions["knativeerrorcode"] = str(answer.status)
+                if answer.body:
+                    extensions["knativeerrordata"] = base64.b64encode(answer.body).decode()
+            (lettered, *rest) = self._encode(req.tuples, dead, extensions)
+            if lettered.data and not rest:
+                req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
+                req.backoff = lettered.backoff
+                return True
+        await self._settle(req, error)
+        return False
+
+    def _failing(self, req: _Request, error: BaseException) -> None:
+        """An attempt failed that is worth retrying: narrow the window, and say so once."""
+        if req.original is not None:
+            return  # the dead-letter target's troubles say nothing of the target's
+        self._window = max(self.config.max_in_flight, self._window - 1)
+        now = self._loop.time()
+        if self._failing_since is None:
+            self._failing_since, state = now, "are failing"
+        elif now - self._warned >= self.reminder:
+            state = f"still fail, for {now - self._failing_since:.0f} s"
+        else:
+            return
+        self._warned = now
+        why, queued = self._redact(_describe(error)), self._chan.qsize() if self._chan else 0
+        text = "deliveries to %s %s (%s); %d event(s) wait for a retry, %d queued"
+        self.log.warning(text, self._shown, state, why, self._waiting, queued)
+
+    def _park(self, req: _Request) -> None:
+        """Let ``req`` wait for its retry without a worker, in the retry window if it has room.
+
+        At most ``_window`` requests wait for or make a retry; the others wait their turn.
+        It widens by one with each success and narrows by one with each retried failure,
+        between ``max_in_flight`` and ``queue_size``: a failing target sees no more
+        retries than ``max_in_flight`` workers each holding one event would send it.
+        """
+        self._pending.add(req)
+        if req.cycling and self._cycle > self._window:
+            req.cycling = False  # the window shrank: this one waits for a turn again
+            self._cycle -= 1
+        if req.cycling:
+            req.timer = self._loop.call_at(req.retry_at, self._on_due, req)
+        else:
+            self._line.append(req)
+            self._admit()
+
+    def _admit(self) -> None:
+        while self._line and self._cycle < self._window:
+            req = self._line.popleft()
+            req.cycling = True
+            self._cycle += 1
+            req.timer = self._loop.call_at(req.retry_at, self._on_due, req)
+
+    def _on_due(self, req: _Request) -> None:
+        req.timer = None
+        self._due.append(req)
+        if self._idle:
+            self._wake_idle(one=True)
+
+    def _count_waiting(self, count: int) -> None:
+        self._waiting += count
+        if isinstance(self._chan, DeliveryQueue):
+            self._chan.hold(count)
+        if count < 0 and self._waiting < self.config.queue_size <= self._waiting - count:
+            self._wake_idle()  # workers holding back for room may take events again
+
+    async def _pause(self, until: float) -> None:  # cut short by a deadline before then
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(until):
+                await self._deadline_set.wait()
+        if self._deadline is None or until < self._deadline:
+            await asyncio.sleep(max(0.0, until - self._loop.time()))
+
+    def _next_wait(self, previous: float, error: BaseException) -> tuple[float, float]:
+        # (new backoff state, seconds to wait): decorrelated jitter, Retry-After a floor.
+        base, cap = self.config.retry_backoff, self.config.retry_backoff_max
+        backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
+        wait = backoff
+        if isinstance(error, TargetUnavailable) and error.retry_after is not None:
+            wait = max(wait, min(error.retry_after, self.config.retry_after_max))
+        return backoff, wait
+
+    async def _settle(self, req: _Request, error: BaseException | None = None) -> None:
+        """Call back each tuple of ``req`` not called back yet: ``success()`` or ``failed``."""
+        tuples = req.tuples
+        if not req.done:
+            req.done = True
+            if req.retry_at:
+                self._count_waiting(-len(tuples))
+            if req.cycling:
+                req.cycling = False
+                self._cycle -= 1
+                self._admit()
+            if error is not None:
+                ids = [_event_id(t) for t in tuples[req.settled :]]
+                shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if ids[20:] else "")
+                why = self._redact(_describe(error))
+                self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)
+                self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
-        while batch.settled < end:
-            item = tuples[batch.settled]
-            batch.settled += 1
+        while req.settled < len(tuples):
+            item = tuples[req.settled]
+            req.settled += 1
             if chan is not None:
                 chan.task_done()
-            await self._call(item, "failed", error)
-
-    async def _settle_rest(self, batch: _Batch, error: DeliveryError, reason: str) -> None:
-        """Finish a batch whose delivery was interrupted, each tuple by what became of it."""
-        if batch.delivered > batch.settled:
-            await self._succeed(batch, batch.delivered - batch.settled)
-        await self._give_up(batch, error, reason)
+            if error is None:
+                await self._call(item, "success")
+            else:
+                await self._call(item, "failed", error)
 
     async def _call(self, item: Tuple, kind: str, *args: BaseException) -> None:
         """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
@@ -642,9 +729,7 @@ class Deliverer:
         cancelling = task.cancelling() if task is not None else 0
         try:
             callback = getattr(item, kind, None)
-            if callback is None:
-                return
-            result = callback(*args)
+            result = None if callback is None else callback(*args)
             if result is not None and inspect.isawaitable(result):
                 await result
         except asyncio.CancelledError:
@@ -656,10 +741,12 @@ class Deliverer:
         except Exception:
             self.log.exception("%s callback of event %s raised", kind, _event_id(item))
 
-    def _log_failure(self, tuples: Sequence[Tuple], error: DeliveryError) -> None:
-        ids = [_event_id(t) for t in tuples]
-        shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
-        self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, error)
+
+def _outbound(item: Tuple, extensions: Mapping[str, Any] | None) -> CloudEvent:
+    """The event of ``item`` as it goes out (with ``extensions`` set)."""
+    if not isinstance(item, Tuple):  # a plain event put into chan by mistake
+        raise TypeError(f"chan holds a {type(item).__name__}, not a cdk.Tuple")
+    return with_extensions(item.event, extensions) if extensions else item.event
 
 
 def _event_id(item: Tuple) -> str:

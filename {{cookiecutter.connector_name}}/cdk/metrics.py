@@ -50,6 +50,17 @@ class Metrics:
             self.queue_depth = Gauge(
                 "cdk_source_queue_depth", "Events waiting in Source.chan.", registry=r
             )
+            self.delivery_waiting = Gauge(
+                "cdk_delivery_waiting", "Events waiting for their next attempt.", registry=r
+            )
+            self.retry_window = Gauge(
+                "cdk_delivery_retry_window",
+                "Requests that may wait for or make a retry at once.",
+                registry=r,
+            )
+            self.dead_lettered = Counter(
+                "cdk_events_dead_lettered", "Events the dead-letter target took.", registry=r
+            )
         # Every port the kit serves counts its answers (a polling source's metrics_port too).
         self.responses = Counter(
             "cdk_http_responses", "HTTP answers, by status code.", ["status"], registry=r

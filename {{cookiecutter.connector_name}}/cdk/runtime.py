@@ -49,6 +49,7 @@ from cdk.config import (
     resolve_paths,
 )
 from cdk.connector import Connector, Sink, Source, WebhookSource
+from cdk.delivery import parse_ce_overrides, tls_context
 from cdk.logs import configure_logging, format_now, one_line
 from cdk.service import Service, ServiceError, check_classes, service_for
 
@@ -212,11 +213,11 @@ def _load(config_cls: type[ConnectorConfig], args: argparse.Namespace) -> Connec
 
 
 def _overrides(config: ConnectorConfig) -> dict[str, Any] | None:
+    """``K_CE_OVERRIDES`` for a source, once ``K_CA_CERTS`` too was found readable."""
     if not isinstance(config, DeliveryConfig):
         return None
-    from cdk.delivery import parse_ce_overrides
-
     try:
+        tls_context(config)
         return parse_ce_overrides(os.environ.get("K_CE_OVERRIDES")) or None
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None

@@ -43,6 +43,7 @@ from cdk.config import (
     redact_url,
 )
 from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
+from cdk.delivery import Deliverer, DeliveryQueue
 from cdk.http import HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
@@ -211,8 +212,8 @@ class SinkService(Service):
         await self._serve(Receiver(handler, self.config, self.metrics), self.config)
 
 
-class _Chan(asyncio.Queue[Tuple]):
-    """``Source.chan``: a bounded queue that, given a ``limit``, takes only that many events."""
+class _Chan(DeliveryQueue):
+    """``Source.chan``: the delivery queue that, given a ``limit``, takes only that many events."""
 
     def __init__(self, maxsize: int, limit: int | None, on_limit: Callable[[], None]) -> None:
         super().__init__(maxsize)
@@ -297,9 +298,6 @@ class _SourceService(Service):
         if self.dry_run:
             self.deliverer = _Printer(self.overrides)
         else:
-            # Imported here so that a sink never loads the HTTP client.
-            from cdk.delivery import Deliverer
-
             self.deliverer = Deliverer(self.config, self.metrics, overrides=self.overrides)
         self._delivering = asyncio.create_task(self._deliver(), name="cdk-deliver")
 

@@ -3,7 +3,9 @@
 It decodes every request with :func:`cdk.codec.from_http` (so a malformed request is
 answered 400 or 415, like a strict receiver) and keeps each request's mode, headers,
 events, order and arrival time. A script of behaviours makes the next requests fail:
-answer a status (with ``Retry-After``), drop the connection unanswered, or answer late.
+answer a status (with ``Retry-After``), drop the connection unanswered, or answer late;
+:meth:`CaptureTarget.flaky` fails a seeded random share of them. It serves https:// when
+given an ``ssl.SSLContext``.
 
 It runs on ``aiohttp.web``, independent of the kit's own HTTP server, so a bug there
 cannot hide a bug in delivery. Use it from async code (``async with CaptureTarget()``)
@@ -13,7 +15,9 @@ or from plain synchronous tests (``with CaptureTarget.in_thread() as target``).
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -85,9 +89,13 @@ class CaptureTarget:
     the target after the sender is already trying to reach it.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.host = host
         self._port = port
+        self._tls = tls
+        self._random: tuple[random.Random, float, float] | None = None
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._script: deque[_Behaviour] = deque()
@@ -108,7 +116,7 @@ class CaptureTarget:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self._port}/"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self._port}/"
 
     async def start(self) -> None:
         """Listen and serve; returns once the port accepts connections."""
@@ -121,7 +129,7 @@ class CaptureTarget:
         server = web.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self._tls).start()
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
@@ -195,13 +203,27 @@ class CaptureTarget:
                 None if status is None else _Behaviour("answer", status, _as_bytes(body), after)
             )
 
+    def flaky(self, fail: float = 0.0, drop: float = 0.0, seed: int = 0) -> None:
+        """Once the script is used up, answer a ``fail`` share of requests 503 and drop a
+        ``drop`` share unanswered, drawn from a generator seeded with ``seed``."""
+        with self._lock:
+            self._random = (random.Random(seed), fail, drop) if fail or drop else None
+
     def _push(self, n: int, behaviour: _Behaviour) -> None:
         with self._lock:
             self._script.extend([behaviour] * n)
 
     def _next_behaviour(self) -> _Behaviour | None:
         with self._lock:
-            return self._script.popleft() if self._script else self._standing
+            if self._script:
+                return self._script.popleft()
+            if self._random is not None:
+                draw = self._random[0].random()
+                if draw < self._random[2]:
+                    return _Behaviour("drop")
+                if draw < self._random[2] + self._random[1]:
+                    return _Behaviour("answer", 503)
+            return self._standing
 
     # -- what arrived ----------------------------------------------------------------
 
