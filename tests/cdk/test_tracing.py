@@ -7,6 +7,7 @@ kit that never imports opentelemetry unless tracing is configured.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cdk import tracing
+from cdk.connector import Tuple
 
 TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
 OTHER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -341,3 +343,42 @@ def test_the_otel_extra_is_what_the_kit_is_tested_with() -> None:
     requirements = (TEMPLATE_PROJECT.parent / "tests" / "requirements.txt").read_text("utf-8")
     tested = {line for line in requirements.splitlines() if line.startswith("opentelemetry-")}
     assert extra == tested - {r for r in tested if r.startswith("opentelemetry-proto")}
+
+
+# ---------------------------------------------------------------- wired into the kit
+
+
+def test_the_kits_delivery_sends_each_request_in_a_span_on_real_http(
+    spans: InMemorySpanExporter,
+) -> None:
+    from cdk.config import SourceConfig
+    from cdk.delivery import Deliverer, DeliveryQueue
+    from cdk.metrics import Metrics
+    from cdk.testing import CaptureTarget
+
+    async def deliver(url: str) -> None:
+        config = SourceConfig(target=url, send_event_attempts=2, retry_backoff=0.01)
+        deliverer = Deliverer(config, Metrics(receiving=False))
+        chan = DeliveryQueue(10)
+        for item in (event("kept", traceparent=OTHER_PARENT), event("new")):
+            chan.put_nowait(Tuple(item))
+        running = asyncio.ensure_future(deliverer.run(chan))
+        await deliverer.drain()
+        await running
+
+    with CaptureTarget.in_thread() as target:
+        target.fail_next(1, 503)  # the first attempt of the first event is retried
+        asyncio.run(deliver(target.url))
+        requests = [r for r in target.all_requests if r.accepted]
+    sends = [s for s in spans.get_finished_spans() if s.name == "send"]
+    assert len(sends) == 2 and all(s.kind == SpanKind.PRODUCER for s in sends)
+    by_event = {r.headers["ce-id"]: r for r in requests}
+    # The HTTP header carries the hop; an event keeps its own trace, or gets the span's.
+    for span in sends:
+        event_id = span.attributes["cloudevents.event_id"]
+        assert by_event[event_id].headers["traceparent"] == traceparent_of(span)
+    assert by_event["kept"].headers["ce-traceparent"] == OTHER_PARENT
+    new_span = next(s for s in sends if s.attributes["cloudevents.event_id"] == "new")
+    assert by_event["new"].headers["ce-traceparent"] == traceparent_of(new_span)
+    retried = next(s for s in sends if s.attributes["cloudevents.event_id"] == "kept")
+    assert retried.attributes["http.response.status_code"] == by_event["kept"].status

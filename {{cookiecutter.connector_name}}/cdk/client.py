@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl as _ssl
-import string
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from typing import cast
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import httptools
+
+from cdk.codec import TOKEN_CHARS
 
 __all__ = [
     "Client",
@@ -46,7 +47,6 @@ MAX_HEAD_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Header names the client writes itself; a caller may not send them too.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "user-agent"})
-_TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
 
@@ -374,7 +374,7 @@ class Client:
         return b"".join((head.encode("latin-1"), body))
 
     def _check_name(self, name: str) -> None:
-        if not name or not _TOKEN_CHARS.issuperset(name):
+        if not name or not TOKEN_CHARS.issuperset(name):
             raise ValueError(f"invalid request header name {name!r}")
         if name.lower() in _RESERVED:
             raise ValueError(f"request header {name!r} is written by the client itself")

@@ -33,6 +33,7 @@ import orjson
 from cloudevents.core.v1.event import CloudEvent
 from pydantic import SecretStr
 
+from cdk import tracing
 from cdk.client import Client, ClientError, ClientResponse, describe
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
 from cdk.config import DeliveryConfig, redact_url
@@ -230,6 +231,8 @@ class _Request:
     delivered: bool = False
     done: bool = False
     cycling: bool = False  # in the retry window
+    status: int = 0  # of the last answer
+    span: Any = None  # its tracing span, when tracing is on
 
 
 class Deliverer:
@@ -498,7 +501,7 @@ class Deliverer:
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
             events = [_outbound(item, extensions) for item in tuples]
-            return [_Request(tuples, client, self._wire(events, client), backoff)]
+            return [self._request(tuples, client, events, backoff)]
         failed: list[_Request] = []
         runs: list[tuple[Any, list[Tuple], list[CloudEvent]]] = []
         for item in tuples:
@@ -514,14 +517,28 @@ class Deliverer:
                 runs.append((version, [], []))
             runs[-1][1].append(item)
             runs[-1][2].append(event)
-        return failed + [_Request(t, client, self._wire(e, client), backoff) for _, t, e in runs]
+        return failed + [self._request(t, client, e, backoff) for _, t, e in runs]
 
-    def _wire(self, events: list[CloudEvent], client: Client) -> bytes:
+    def _request(
+        self, tuples: list[Tuple], client: Client, events: list[CloudEvent], backoff: float
+    ) -> _Request:
+        if not tracing.active:
+            return _Request(tuples, client, self._wire(events, client), backoff)
+        span, events, headers = tracing.start_send(events, client.url)
+        try:
+            return _Request(tuples, client, self._wire(events, client, headers), backoff, span=span)
+        except Exception as exc:
+            tracing.end_send(span, error=exc)
+            raise
+
+    def _wire(
+        self, events: list[CloudEvent], client: Client, extra: dict[str, str] | None = None
+    ) -> bytes:
         # The client refuses headers it cannot write (a line break or a non-Latin-1
         # character in a binary-mode Content-Type): that is the event's fault, found here.
         single = self._batch_size == 1
         headers, body = self._encode_one(events[0]) if single else to_batch(events)
-        return client.encode_request(body, headers)
+        return client.encode_request(body, {**headers, **extra} if extra else headers)
 
     async def _send(self, req: _Request) -> None:
         """Send ``req`` until it is settled or, with more than one in flight, waits a retry."""
@@ -534,6 +551,7 @@ class Deliverer:
             self._in_flight += 1
             try:
                 response = await req.client.send(req.data)
+                req.status = response.status
                 error = None if 200 <= response.status < 300 else self._answer_error(response)
             except (ClientError, OSError, TimeoutError) as exc:
                 error = exc
@@ -618,8 +636,10 @@ class Deliverer:
                     extensions["knativeerrordata"] = base64.b64encode(answer.body).decode()
             (lettered, *rest) = self._encode(req.tuples, dead, extensions)
             if lettered.data and not rest:
+                if req.span is not None:
+                    tracing.end_send(req.span, req.status, error)
                 req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
-                req.backoff = lettered.backoff
+                req.backoff, req.span = lettered.backoff, lettered.span
                 return True
         await self._settle(req, error)
         return False
@@ -700,6 +720,8 @@ class Deliverer:
         tuples = req.tuples
         if not req.done:
             req.done = True
+            if req.span is not None:
+                tracing.end_send(req.span, req.status, error)
             if req.retry_at:
                 self._count_waiting(-len(tuples))
             if req.cycling:
