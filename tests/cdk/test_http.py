@@ -662,20 +662,80 @@ def test_malformed_requests_get_400_and_close(raw: bytes) -> None:
     run(body())
 
 
-def test_an_upgrade_request_is_answered_then_the_connection_closed() -> None:
-    async def body() -> None:
+H2C = {
+    "Connection": "Upgrade, HTTP2-Settings",
+    "Upgrade": "h2c",
+    "HTTP2-Settings": "AAMAAABkAAQAoAAAAAIAAAAA",
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_upgrade_is_ignored_the_body_read_and_the_connection_kept(chunked: bool) -> None:
+    # What Java's HttpClient and curl --http2 send on every POST over http://.
+    headers = dict(H2C)
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" if chunked else b"hello world"
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+
+    async def main() -> None:
         async with serving() as server:
             client = await RawClient.connect(server.port)
-            await client.send(
-                request_bytes(headers={"Upgrade": "websocket", "Connection": "upgrade"})
-                + b"\x81\x05hello"
-            )
+            post = request_bytes("POST", "/up", body, headers)
+            # The body in the same write as the head, then in a later one; pipelined
+            # requests after it are framed as HTTP/1.1.
+            await client.send(post + request_bytes("GET", "/next"))
+            head, rest = post.split(b"\r\n\r\n", 1)
+            await client.send(head + b"\r\n\r\n")
+            await client.send(rest + request_bytes("POST", "/last", b"x"))
+            up = b"POST /up q= len=11|hello world"
+            for expected in (up, b"GET /next q= len=0|", up, b"POST /last q= len=1|x"):
+                answer = await client.answer()
+                assert (answer.status, answer.body) == (200, expected)
+                assert "connection" not in answer.headers
+            await client.aclose()
+
+    run(main())
+
+
+def test_an_upgrade_request_with_expect_gets_one_100_continue_then_its_answer() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            headers = {**H2C, "Content-Length": "4", "Expect": "100-continue"}
+            await client.send(request_bytes("POST", "/e", headers=headers))
+            assert (await client.answer()).status == 100
+            await client.send(b"data" + request_bytes("GET", "/after"))
+            final = await client.answer()
+            assert (final.status, final.body) == (200, b"POST /e q= len=4|data")
+            assert (await client.answer()).body.startswith(b"GET /after")
+
+    run(main())
+
+
+def test_a_websocket_upgrade_is_answered_as_http_and_no_frame_is_read_as_a_request() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            upgrade = {"Upgrade": "websocket", "Connection": "upgrade"}
+            await client.send(request_bytes(headers=upgrade) + b"\x81\x05hello")
             answer = await client.answer()
             assert answer.status == 200
-            assert answer.headers["connection"] == "close"
+            assert (await client.answer()).status == 400
             assert await client.closed()
 
-    run(body())
+    run(main())
+
+
+def test_connect_gets_501_and_close() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            answer = await client.answer()
+            assert (answer.status, answer.headers["connection"]) == (501, "close")
+            assert await client.closed()
+
+    run(main())
 
 
 # -- timeouts and connection limits -------------------------------------------------------

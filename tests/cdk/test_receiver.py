@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -739,6 +742,47 @@ def test_fuzzed_requests_never_get_5xx_and_the_server_keeps_serving() -> None:
         assert receiver.in_flight == 0
     # Some of the random requests were valid events, so the success path was exercised too.
     assert sink.calls
+
+
+_JAVA_POST = """
+import java.net.URI;
+import java.net.http.*;
+
+public class Post {
+    public static void main(String[] args) throws Exception {
+        // The default client asks for an h2c upgrade on every http:// request.
+        HttpClient client = HttpClient.newHttpClient();
+        for (int n = 0; n < 3; n++) {
+            HttpRequest request = HttpRequest.newBuilder(URI.create(args[0]))
+                .header("ce-specversion", "1.0").header("ce-id", "java-" + n)
+                .header("ce-source", "/java").header("ce-type", "test.java")
+                .header("content-type", "application/json")
+                .POST(HttpRequest.BodyPublishers.ofString("{\\"n\\": " + n + "}")).build();
+            var response = client.send(request, HttpResponse.BodyHandlers.ofString());
+            System.out.println(response.statusCode());
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs a JDK (java) on PATH")
+def test_java_http_client_posts_reach_arrived_with_their_data(tmp_path: Path) -> None:
+    source = tmp_path / "Post.java"
+    source.write_text(_JAVA_POST)
+    sink = RecordingSink()
+    with threaded_sink(sink) as (port, _):
+        done = subprocess.run(
+            ["java", str(source), f"http://127.0.0.1:{port}/"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200", "200", "200"]
+    received = [(e.get_id(), e.get_data()) for (e,) in sink.calls]
+    assert received == [(f"java-{n}", {"n": n}) for n in range(3)]
 
 
 def test_http_error_from_the_post_handler_is_answered_and_counted() -> None:

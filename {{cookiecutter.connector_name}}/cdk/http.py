@@ -27,6 +27,8 @@ Behaviour, as clients see it:
   stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
   (lowered to fit the process's open-file limit) a new connection gets 503 with
   ``Retry-After``.
+- The server never switches protocols: ``Upgrade`` (h2c, websocket) is ignored, as RFC
+  9110, 7.8 allows, and the request is read and answered as HTTP/1.1; CONNECT gets 501.
 - A handler raising :class:`HTTPError` answers with its status and message; any other
   exception answers 500 with a generic body (the traceback goes to the log only).
 
@@ -238,6 +240,7 @@ class _Connection(asyncio.Protocol):
         "_reading_paused",
         "_reject",
         "_task",
+        "_upgrading",
         "_url",
         "_writing_paused",
         "client",
@@ -280,6 +283,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_len = 0
         self._expect_continue = False
+        self._upgrading = False
 
     # -- transport events -------------------------------------------------------------
 
@@ -340,14 +344,12 @@ class _Connection(asyncio.Protocol):
             return
         self._head_fresh = False
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request before the upgrade was answered normally; the rest of the stream
-            # speaks another protocol, which this server does not: close after answering.
-            self._no_more = True
-            if self.queue:
-                request, _, http10, canned = self.queue[-1]
-                self.queue[-1] = (request, False, http10, canned)
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as exc:
+                    data = self._without_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             reject = self._reject
             if reject is None:
@@ -441,6 +443,14 @@ class _Connection(asyncio.Protocol):
             raise _Stop
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            if self.parser.get_method() == b"CONNECT":
+                self._reject = (501, "CONNECT is not supported")
+                raise _Stop
+            # httptools then skips the body and stops after the head; the head is checked
+            # once, when _without_upgrade has it parsed again.
+            self._upgrading = True
+            return
         self._in_head = False
         self._in_trailers = True
         headers = self._headers
@@ -508,6 +518,8 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrading:
+            return
         self._in_message = False
         self._expect_continue = False
         parser = self.parser
@@ -540,6 +552,26 @@ class _Connection(asyncio.Protocol):
         self.queue.append(
             (request, parser.should_keep_alive(), parser.get_http_version() == "1.0", b"")
         )
+
+    def _without_upgrade(self, rest: bytes) -> bytes:
+        """The head of the request that asked for an upgrade, without ``Upgrade``, + ``rest``.
+
+        The server never switches protocols (RFC 9110, 7.8 lets it ignore the header):
+        Java's HttpClient and ``curl --http2`` ask for h2c on requests with a body, and
+        that body, then any pipelined request, must be read as HTTP/1.1. A fresh parser
+        reads the head again without the header, so the body is framed as usual.
+        """
+        parser = self.parser
+        version = parser.get_http_version().encode()
+        lines = [b"%s %s HTTP/%s\r\n" % (parser.get_method(), self._url, version)]
+        lines += [
+            f"{name}: {value}\r\n".encode("latin-1")
+            for name, value in self._headers.items()
+            if name != "upgrade"
+        ]
+        self._upgrading = False
+        self.parser = httptools.HttpRequestParser(self)
+        return b"".join(lines) + b"\r\n" + rest
 
     # -- answering ----------------------------------------------------------------------
 
