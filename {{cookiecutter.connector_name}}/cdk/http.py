@@ -61,7 +61,7 @@ _LOG = logging.getLogger("cdk.http")
 
 _TEXT = "text/plain; charset=utf-8"
 _REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
 #: After an answer that rejects a request, how long (at most) the server keeps reading and
@@ -206,52 +206,33 @@ class _Stop(Exception):
     """Raised inside a parser callback to stop parsing; the reason is on the connection."""
 
 
-# Deadline kinds of a connection (what happens when it passes).
-_IDLE = 0  # no request started: close quietly
-_READING = 1  # a request is arriving too slowly: 408 and close
-_WRITING = 2  # the client does not read its answers: drop
-_LINGER = 3  # a rejected client is still sending: drop
+# What the reading side of a connection is doing (``_Connection.reading``).
+_IDLE = 0  # between requests
+_HEAD = 1  # a request line and headers arriving
+_TRAILER = 2  # a chunk-size line or the trailers: buffered by httptools like a head
+_BODY = 3  # the body arriving (or none to come)
+_CONTINUE = 4  # the client waits for a 100 Continue, owed once the answers before are out
+_UPGRADE = 5  # the head asked for an upgrade: it is read again without (_without_upgrade)
+_DONE = 6  # no more requests are read: one was refused, or the client half-closed
+_LINGER = 7  # after refusing: what the client still sends is read and dropped, briefly
+
+# Where a connection is in its life (``_Connection.state``).
+_OPEN = 0
+_CLOSED = 1  # closed or aborted here; connection_lost is still to come
+_LOST = 2  # connection_lost came: the server forgets it once no handler runs
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: feeds the parser, queues whole requests, answers them in order.
 
-    A queue item is ``(request, keep_alive, http10, canned)``: ``canned`` is a finished
-    rejection (then ``request`` is None) to be written once the answers before it went out.
+    Three things are tracked apart, as in uvicorn: the connection's life (``state``), the
+    request being read (``reading`` and the fields of the message), and flow control
+    (``read_paused`` while answers are due, ``write_paused`` while the client does not
+    read). A handler runs while ``task`` is set. A ``queue`` item is ``(request,
+    keep_alive, http10, canned)``: ``canned`` is a finished refusal (then ``request`` is
+    None), written once the answers before it went out. One ``deadline`` at a time; what
+    passing it means follows from the state (see :meth:`expire`).
     """
-
-    __slots__ = (
-        "_body",
-        "_body_len",
-        "_busy",
-        "_closed",
-        "_expect_continue",
-        "_head_bytes",
-        "_head_fresh",
-        "_head_raw",
-        "_headers",
-        "_in_head",
-        "_in_message",
-        "_in_trailers",
-        "_linger_bytes",
-        "_lingering",
-        "_lost",
-        "_no_more",
-        "_reading_paused",
-        "_reject",
-        "_task",
-        "_upgrading",
-        "_url",
-        "_writing_paused",
-        "client",
-        "deadline",
-        "deadline_kind",
-        "loop",
-        "parser",
-        "queue",
-        "server",
-        "transport",
-    )
 
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
@@ -261,29 +242,26 @@ class _Connection(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.queue: deque[tuple[Request | None, bool, bool, bytes]] = deque()
         self.deadline = math.inf
-        self.deadline_kind = _IDLE
-        self._task: asyncio.Task[None] | None = None
-        self._busy = False
-        self._closed = False
-        self._lost = False
-        self._no_more = False
-        self._reading_paused = False
-        self._writing_paused = False
-        self._lingering = False
+        self.task: asyncio.Task[None] | None = None
+        self.state = _OPEN
+        self.reading = _IDLE
+        self.read_paused = False
+        self.write_paused = False
         self._linger_bytes = 0
         self._reject: tuple[int, str] | None = None
-        self._in_message = False
-        self._in_head = False
-        self._in_trailers = False
+        # The message being read.
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._request: Request | None = None
         self._head_bytes = 0
         self._head_raw = 0
         self._head_fresh = False
         self._body: list[bytes] = []
         self._body_len = 0
-        self._expect_continue = False
-        self._upgrading = False
+
+    @property
+    def in_message(self) -> bool:
+        return _HEAD <= self.reading <= _UPGRADE
 
     # -- transport events -------------------------------------------------------------
 
@@ -296,12 +274,12 @@ class _Connection(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
         if server.draining:
-            self._closed = True
+            self.state = _CLOSED
             transport.abort()
             return
         if len(server.connections) >= server.max_connections:
             server.rejected(503)
-            self._closed = True
+            self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
             transport.write(_error_bytes(503, "too many connections", [("retry-after", "1")]))
             transport.close()
@@ -309,38 +287,34 @@ class _Connection(asyncio.Protocol):
         server.connections.add(self)
         # A fresh connection must start its request promptly.
         self.deadline = self.loop.time() + min(server.read_timeout, server.keepalive_timeout)
-        self.deadline_kind = _IDLE
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._closed = True
+        self.state = _LOST
         self.queue.clear()
         self.deadline = math.inf
-        if not self._busy:
+        if self.task is None:
             self.server.forget(self)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.write_paused = True
         self.deadline = self.loop.time() + self.server.read_timeout
-        self.deadline_kind = _WRITING
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._lingering:
+        self.write_paused = False
+        if self.reading == _LINGER:
             return
         self.deadline = math.inf
-        if not self._busy:
+        if self.task is None:
             self._next()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self.state != _OPEN:
             return
-        if self._lingering:
-            self._linger_bytes += len(data)
-            if self._linger_bytes > _LINGER_BYTES:
-                self._abort()
-            return
-        if self._no_more:
+        if self.reading >= _DONE:
+            if self.reading == _LINGER:
+                self._linger_bytes += len(data)
+                if self._linger_bytes > _LINGER_BYTES:
+                    self._close(abort=True)
             return
         self._head_fresh = False
         try:
@@ -363,7 +337,7 @@ class _Connection(asyncio.Protocol):
                     reject = (400, "malformed HTTP request")
             self._reject_request(*reject)
         else:
-            if self._in_head:
+            if _HEAD <= self.reading <= _TRAILER:
                 if not self._head_fresh:
                     # The whole chunk belongs to a head (or trailers) begun earlier and
                     # still unfinished. httptools buffers a header line until it ends, so
@@ -373,34 +347,32 @@ class _Connection(asyncio.Protocol):
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
                     self._reject_request(431, "request header fields too large")
-        if not self._busy and self.queue:
+        if self.task is None and self.queue:
             self._next()
         if (
-            (self._busy or self._writing_paused)
-            and (self.queue or self._in_message)
-            and not self._reading_paused
-            and not self._closed
+            (self.task is not None or self.write_paused)
+            and (self.queue or self.in_message)
+            and not self.read_paused
+            and self.state == _OPEN
         ):
             # More arrived while a request is being handled or while its answer cannot be
             # sent yet (pipelining): stop reading until the answers are out, so one client
             # cannot queue unbounded work.
-            self._reading_paused = True
+            self.read_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
-        self._no_more = True
-        if not self._busy and not self.queue:
+        self.reading = _DONE
+        if self.task is None and not self.queue:
             self._close()
         return True
 
     # -- parser callbacks (called by httptools from feed_data) ------------------------
 
     def on_message_begin(self) -> None:
-        self._in_message = True
-        self._in_head = True
-        self._in_trailers = False
+        self.reading = _HEAD
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
@@ -408,10 +380,8 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = True
         self._body = []
         self._body_len = 0
-        self._expect_continue = False
-        if not self._busy and not self.queue and not self._writing_paused:
+        if self.task is None and not self.queue and not self.write_paused:
             self.deadline = self.loop.time() + self.server.read_timeout
-            self.deadline_kind = _READING
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -422,7 +392,7 @@ class _Connection(asyncio.Protocol):
         # beyond its name and value (": ", CRLF), counted here so that a name repeated
         # thousands of times counts as many lines, not one.
         self._head_bytes += len(name) + len(value) + 4
-        if self._in_trailers:
+        if self.reading != _HEAD:
             self._on_trailer()
             return
         key = name.decode("latin-1").lower()
@@ -443,22 +413,23 @@ class _Connection(asyncio.Protocol):
             raise _Stop
 
     def on_headers_complete(self) -> None:
-        if self.parser.should_upgrade():
-            if self.parser.get_method() == b"CONNECT":
+        parser = self.parser
+        if parser.should_upgrade():
+            if parser.get_method() == b"CONNECT":
                 self._reject = (501, "CONNECT is not supported")
                 raise _Stop
             # httptools then skips the body and stops after the head; the head is checked
             # once, when _without_upgrade has it parsed again.
-            self._upgrading = True
+            self.reading = _UPGRADE
             return
-        self._in_head = False
-        self._in_trailers = True
+        self.reading = _BODY
         headers = self._headers
-        if self._head_bytes + len(self._url) > self.server.max_header_bytes:
+        server = self.server
+        if self._head_bytes + len(self._url) > server.max_header_bytes:
             self._reject = (431, "request header fields too large")
             raise _Stop
         host = headers.get("host")
-        if (host is None and self.parser.get_http_version() == "1.1") or (
+        if (host is None and parser.get_http_version() == "1.1") or (
             host is not None and "," in host
         ):
             # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host
@@ -473,7 +444,7 @@ class _Connection(asyncio.Protocol):
             except ValueError:
                 self._reject = (400, "bad Content-Length")
                 raise _Stop from None
-            if declared > self.server.max_body_bytes:
+            if declared > server.max_body_bytes:
                 self._reject = (413, "request body too large")
                 raise _Stop
         coding = headers.get("transfer-encoding")
@@ -483,6 +454,7 @@ class _Connection(asyncio.Protocol):
             # RFC 9112, 6.1: an unknown transfer coding is answered 501.
             self._reject = (501, "only the chunked transfer coding is supported")
             raise _Stop
+        self._request = self._make_request()
         expect = headers.get("expect")
         if expect is None:
             return
@@ -490,39 +462,15 @@ class _Connection(asyncio.Protocol):
             # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
             self._reject = (417, "only Expect: 100-continue is supported")
             raise _Stop
-        if self.parser.get_http_version() == "1.1":
+        if parser.get_http_version() == "1.1":
             # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
-            if self._busy or self.queue:
-                # Written once the answers before this request are out.
-                self._expect_continue = True
+            if self.task is not None or self.queue:
+                self.reading = _CONTINUE
             else:
                 assert self.transport is not None
-                self.transport.write(_CONTINUE)
+                self.transport.write(_CONTINUE_ANSWER)
 
-    def on_chunk_header(self) -> None:
-        # After the last chunk's size line come the trailers, buffered by httptools like
-        # header lines: count their raw bytes as a head's until on_chunk_complete. After
-        # any other size line, the chunk's data follows and on_body stops the count.
-        self._in_head = True
-        self._head_fresh = True
-
-    def on_chunk_complete(self) -> None:
-        self._in_head = False
-
-    def on_body(self, body: bytes) -> None:
-        self._in_head = False
-        self._body_len += len(body)
-        if self._body_len > self.server.max_body_bytes:
-            self._reject = (413, "request body too large")
-            raise _Stop
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        if self._upgrading:
-            return
-        self._in_message = False
-        self._expect_continue = False
-        parser = self.parser
+    def _make_request(self) -> Request:
         url = self._url
         if url[:1] == b"/":
             if b"#" in url:
@@ -539,16 +487,39 @@ class _Connection(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
+        method = self.parser.get_method().decode("ascii")
+        return Request(method, path, raw_query.decode("latin-1"), self._headers, b"", self.client)
+
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size line come the trailers, buffered by httptools like
+        # header lines: count their raw bytes as a head's until on_chunk_complete. After
+        # any other size line, the chunk's data follows and on_body stops the count.
+        self.reading = _TRAILER
+        self._head_fresh = True
+
+    def on_chunk_complete(self) -> None:
+        self.reading = _BODY
+
+    def on_body(self, body: bytes) -> None:
+        self.reading = _BODY
+        self._body_len += len(body)
+        if self._body_len > self.server.max_body_bytes:
+            self._reject = (413, "request body too large")
+            raise _Stop
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.reading == _UPGRADE:
+            return
+        self.reading = _IDLE
+        request = self._request
+        assert request is not None
+        self._request = None
         body = self._body
-        request = Request(
-            parser.get_method().decode("ascii"),
-            path,
-            raw_query.decode("latin-1"),
-            self._headers,
-            body[0] if len(body) == 1 else b"".join(body),
-            self.client,
-        )
-        self._body = []
+        if body:
+            request.body = body[0] if len(body) == 1 else b"".join(body)
+            self._body = []
+        parser = self.parser
         self.queue.append(
             (request, parser.should_keep_alive(), parser.get_http_version() == "1.0", b"")
         )
@@ -569,22 +540,22 @@ class _Connection(asyncio.Protocol):
             for name, value in self._headers.items()
             if name != "upgrade"
         ]
-        self._upgrading = False
         self.parser = httptools.HttpRequestParser(self)
         return b"".join(lines) + b"\r\n" + rest
 
     # -- answering ----------------------------------------------------------------------
 
     def _reject_request(self, status: int, message: str) -> None:
-        """Queue a rejection after the answers already due, and stop reading requests."""
-        self._no_more = True
+        """Queue a refusal after the answers already due, and stop reading requests."""
+        self.reading = _DONE
         self._reject = None
+        self._request = None
         self.server.rejected(status)
         self.queue.append((None, False, False, _error_bytes(status, message)))
 
     def _next(self) -> None:
         """Start the next queued request, or go back to reading when there is none."""
-        if self._closed or self._busy or self._writing_paused:
+        if self.state != _OPEN or self.task is not None or self.write_paused:
             return
         queue = self.queue
         if queue:
@@ -592,7 +563,6 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 self._write_and_linger(canned)
                 return
-            self._busy = True
             self.deadline = math.inf
             # A Task per request, even for handlers that never wait: running those right
             # here would save the Task, but then every answer is written on its own
@@ -600,27 +570,26 @@ class _Connection(asyncio.Protocol):
             # waking the clients one write at a time costs more than the Task saves.
             # The Task runs in a fresh copy of the server's context: this may be called
             # from the Task of the request before, whose context is not this one's.
-            self._task = self.loop.create_task(
+            self.task = self.loop.create_task(
                 self._respond(request, keep_alive, http10), context=self.server.context.copy()
             )
             return
-        if self._no_more or (self.server.draining and not self._in_message):
+        in_message = _HEAD <= self.reading <= _UPGRADE
+        if self.reading == _DONE or (self.server.draining and not in_message):
             self._close()
             return
-        if self._reading_paused:
-            self._reading_paused = False
+        if self.read_paused:
+            self.read_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        if self._in_message:
-            if self._expect_continue:
-                self._expect_continue = False
+        if in_message:
+            if self.reading == _CONTINUE:
+                self.reading = _BODY
                 assert self.transport is not None
-                self.transport.write(_CONTINUE)
+                self.transport.write(_CONTINUE_ANSWER)
             self.deadline = self.loop.time() + self.server.read_timeout
-            self.deadline_kind = _READING
         else:
             self.deadline = self.loop.time() + self.server.keepalive_timeout
-            self.deadline_kind = _IDLE
 
     async def _respond(self, request: Request, keep_alive: bool, http10: bool) -> None:
         server = self.server
@@ -631,30 +600,29 @@ class _Connection(asyncio.Protocol):
         except HTTPError as exc:
             response = exc.to_response()
         except asyncio.CancelledError:
-            self._busy = False
-            self._task = None
-            if self._lost:
+            self.task = None
+            if self.state == _LOST:
                 server.forget(self)
             raise
         except Exception:
             server.logger.exception("handler failed on %s %s", request.method, request.path)
             response = _INTERNAL_ERROR
-        self._busy = False
-        self._task = None
-        if self._closed:
+        self.task = None
+        if self.state != _OPEN:
             # Dropped while the handler ran (client gone, or it stopped reading).
-            if self._lost:
+            if self.state == _LOST:
                 server.forget(self)
             return
-        if server.draining or (self._no_more and not self.queue):
+        if server.draining or (self.reading == _DONE and not self.queue):
             keep_alive = False
+        head = request.method == "HEAD"
         try:
-            data = encode_response(response, keep_alive, http10, request.method == "HEAD")
+            data = encode_response(response, keep_alive, http10, head)
         except (ValueError, UnicodeError):
             server.logger.exception(
                 "handler answer cannot be sent on %s %s", request.method, request.path
             )
-            data = encode_response(_INTERNAL_ERROR, keep_alive, http10, request.method == "HEAD")
+            data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
         assert self.transport is not None
         self.transport.write(data)
         if keep_alive:
@@ -673,67 +641,58 @@ class _Connection(asyncio.Protocol):
         # Half-close, then read and drop what the client still sends for a short while:
         # closing with unread data would reset the connection and could destroy the answer.
         transport.write_eof()
-        self._lingering = True
+        self.reading = _LINGER
         self.deadline = self.loop.time() + min(_LINGER_SECONDS, self.server.read_timeout)
-        self.deadline_kind = _LINGER
-        if self._reading_paused:
-            self._reading_paused = False
+        if self.read_paused:
+            self.read_paused = False
             transport.resume_reading()
 
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.deadline = math.inf
-            self.queue.clear()
-            if self.transport is not None:
-                self.transport.close()
-
-    def _abort(self) -> None:
-        self._closed = True
+    def _close(self, abort: bool = False) -> None:
+        """Close once what is written went out, or with ``abort`` drop the connection now."""
+        if self.state == _OPEN:
+            self.state = _CLOSED
+        elif not abort:
+            return
         self.deadline = math.inf
         self.queue.clear()
-        if self.transport is not None:
+        assert self.transport is not None
+        if abort:
             self.transport.abort()
+        else:
+            self.transport.close()
 
     # -- server-driven events -----------------------------------------------------------
 
     def expire(self) -> None:
-        """The connection's deadline passed (called by the server's sweep)."""
-        kind = self.deadline_kind
+        """The deadline passed (called by the server's sweep): what that means depends on
+        what the connection is doing."""
         self.deadline = math.inf
-        if self._closed:
+        if self.state != _OPEN:
             return
-        if self._writing_paused:
-            # The client stopped reading its answers: nothing more can reach it.
-            self._abort()
+        if self.write_paused or self.reading == _LINGER:
+            # The client stopped reading its answers, or a refused client keeps sending.
+            self._close(abort=True)
+        elif self.task is not None:
             return
-        if self._busy:
-            return
-        if kind == _READING and self._in_message and not self.queue:
+        elif self.in_message and not self.queue:
             self.server.rejected(408)
-            self._no_more = True
+            self.reading = _DONE
             self._write_and_linger(_error_bytes(408, "request not received in time"))
-        elif kind in (_WRITING, _LINGER):
-            self._abort()
         else:
             self._close()
 
     def drain(self) -> None:
         """Shutdown began: close now if idle, else after the answer in progress."""
-        if self._lingering:
-            self._abort()
-        elif not self._busy and not self.queue and not self._in_message:
+        if self.reading == _LINGER:
+            self._close(abort=True)
+        elif self.task is None and not self.queue and not self.in_message:
             self._close()
 
     def kill(self) -> None:
         """The grace period is over: drop the connection and cancel its handler."""
-        self._abort()
-        if self._task is not None:
-            self._task.cancel()
-
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
+        self._close(abort=True)
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _fit_fd_limit(wanted: int) -> int:
