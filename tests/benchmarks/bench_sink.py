@@ -74,7 +74,6 @@ def serve_cdk(port: int) -> None:
 
     import cdk
     from cdk.config import SinkConfig
-    from cdk.http import HTTPServer
     from cdk.metrics import Metrics
     from cdk.receiver import Receiver, SinkHandler
 
@@ -87,13 +86,7 @@ def serve_cdk(port: int) -> None:
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
         receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
-        server = HTTPServer(
-            receiver.handle,
-            host=config.host,
-            port=config.port,
-            max_body_bytes=config.max_body_bytes,
-            on_reject=receiver.record_status,
-        )
+        server = receiver.http_server()
         await server.start()
         receiver.ready = True
         await asyncio.Event().wait()

@@ -596,6 +596,31 @@ def test_expect_100_continue_behind_a_pipelined_request_waits_its_turn() -> None
     run(body())
 
 
+def test_check_head_refuses_a_request_with_a_body_before_reading_it() -> None:
+    seen: list[tuple[str, str, bytes]] = []
+    statuses: list[int] = []
+
+    def check(request: Request) -> Response | None:
+        seen.append((request.method, request.path, request.body))
+        return Response(403, b"no", headers=[("x-why", "test")]) if request.path == "/no" else None
+
+    async def main() -> None:
+        async with serving(check_head=check, on_reject=statuses.append) as server:
+            client = await RawClient.connect(server.port)
+            # Requests without a body are not checked; ones with a body are, once.
+            await client.send(request_bytes("GET", "/no") + request_bytes("POST", "/yes", b"abc"))
+            assert (await client.answer()).status == 200
+            assert (await client.answer()).body.endswith(b"|abc")
+            await client.send(expect_head(5).replace(b"/e", b"/no"))
+            answer = await client.answer()
+            assert (answer.status, answer.body, answer.headers["x-why"]) == (403, b"no", "test")
+            assert await client.closed()
+
+    run(main())
+    assert seen == [("POST", "/yes", b""), ("POST", "/no", b"")]
+    assert statuses == [403]
+
+
 def test_header_over_the_limit_gets_431() -> None:
     async def body() -> None:
         async with serving(max_header_bytes=2048) as server:

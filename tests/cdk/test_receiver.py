@@ -15,7 +15,9 @@ import shutil
 import socket
 import subprocess
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,7 @@ class Served:
 
 
 def make_config(**values: Any) -> SinkConfig:
-    return SinkConfig.model_validate({"port": 0, **values})
+    return SinkConfig.model_validate({"host": "127.0.0.1", "port": 0, **values})
 
 
 def build(
@@ -99,17 +101,7 @@ def build(
 ) -> tuple[HTTPServer, Receiver, Metrics]:
     metrics = metrics or Metrics("test")
     receiver = Receiver(SinkHandler(sink, metrics), config, metrics)
-    server = HTTPServer(
-        receiver.handle,
-        host="127.0.0.1",
-        port=0,
-        max_body_bytes=config.max_body_bytes,
-        max_header_bytes=config.max_header_bytes,
-        read_timeout=config.read_timeout,
-        keepalive_timeout=config.keepalive_timeout,
-        on_reject=receiver.record_status,
-    )
-    return server, receiver, metrics
+    return receiver.http_server(), receiver, metrics
 
 
 @asynccontextmanager
@@ -459,6 +451,61 @@ def test_bearer_auth_by_header_or_query_parameter() -> None:
                 assert (await s.get(path))[0] == 200
 
     run(body())
+
+
+def _answer_to_head(port: int, head: bytes, body_piece: bytes = b"") -> bytes:
+    """Send a head (and the start of its body), then read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(head)
+        sock.sendall(body_piece)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+
+MIB = 1 << 20
+
+
+def test_a_refused_post_is_answered_on_its_head_before_its_body_or_100_continue() -> None:
+    sink = RecordingSink()
+    good = f"Authorization: Bearer {TOKEN}\r\n"
+    cases = [("POST", "/", "", 401), ("POST", "/other", good, 404), ("PUT", "/", good, 405)]
+    with threaded_sink(sink, auth_token=TOKEN) as (port, _):
+        for expect in (True, False):
+            for method, path, auth, status in cases:
+                head = (
+                    f"{method} {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {MIB}\r\n"
+                    + ("Expect: 100-continue\r\n" if expect else "")
+                    + "Content-Type: application/json\r\n\r\n"
+                ).encode()
+                # Without Expect only a first piece of the body is sent: the answer must
+                # come before the rest.
+                answer = _answer_to_head(port, head, b"" if expect else b"x" * 65536)
+                assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:80]
+                assert b"100 Continue" not in answer
+                assert b"connection: close" in answer
+    assert not sink.calls
+
+
+def test_unauthenticated_large_bodies_are_not_buffered() -> None:
+    body = b"[" + b" " * (MIB - 2) + b"]"
+    head = f"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    with threaded_sink(RecordingSink(), auth_token=TOKEN) as (port, _):
+
+        def send(_: int) -> bytes:
+            return _answer_to_head(port, head, body)[:12]
+
+        tracemalloc.start()
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(send, range(400)))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert answers == [b"HTTP/1.1 401"] * 400
+    # Sixteen 1 MiB bodies at a time, none held: what the server allocates stays small.
+    assert peak < 8 * MIB, peak
 
 
 # -- concurrency cap ------------------------------------------------------------------------

@@ -194,9 +194,8 @@ def _encode_head(
     return "".join(parts).encode("latin-1")
 
 
-def _error_bytes(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> bytes:
-    response = Response(status, message.encode("utf-8"), headers=headers or [])
-    return encode_response(response, keep_alive=False)
+def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, message.encode("utf-8"), headers=headers or [])
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
@@ -248,7 +247,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self._linger_bytes = 0
-        self._reject: tuple[int, str] | None = None
+        self._reject: Response | None = None
         # The message being read.
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -281,7 +280,8 @@ class _Connection(asyncio.Protocol):
             server.rejected(503)
             self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
-            transport.write(_error_bytes(503, "too many connections", [("retry-after", "1")]))
+            refusal = _refusal(503, "too many connections", [("retry-after", "1")])
+            transport.write(encode_response(refusal, keep_alive=False))
             transport.close()
             return
         server.connections.add(self)
@@ -332,10 +332,10 @@ class _Connection(asyncio.Protocol):
                 cause = exc.__context__
                 if cause is not None and not isinstance(cause, _Stop):
                     self.server.logger.error("failed to read a request", exc_info=cause)
-                    reject = (500, "internal error")
+                    reject = _refusal(500, "internal error")
                 else:
-                    reject = (400, "malformed HTTP request")
-            self._reject_request(*reject)
+                    reject = _refusal(400, "malformed HTTP request")
+            self._reject_request(reject)
         else:
             if _HEAD <= self.reading <= _TRAILER:
                 if not self._head_fresh:
@@ -346,7 +346,7 @@ class _Connection(asyncio.Protocol):
                     self._head_raw += len(data)
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                    self._reject_request(431, "request header fields too large")
+                    self._reject_request(_refusal(431, "request header fields too large"))
         if self.task is None and self.queue:
             self._next()
         if (
@@ -409,14 +409,14 @@ class _Connection(asyncio.Protocol):
         # Content-Type arriving after the body must not override what it checked. They
         # still count toward the head limit, as they are held in memory until parsed.
         if self._head_bytes + len(self._url) > self.server.max_header_bytes:
-            self._reject = (431, "request header fields too large")
+            self._reject = _refusal(431, "request header fields too large")
             raise _Stop
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         if parser.should_upgrade():
             if parser.get_method() == b"CONNECT":
-                self._reject = (501, "CONNECT is not supported")
+                self._reject = _refusal(501, "CONNECT is not supported")
                 raise _Stop
             # httptools then skips the body and stops after the head; the head is checked
             # once, when _without_upgrade has it parsed again.
@@ -426,7 +426,7 @@ class _Connection(asyncio.Protocol):
         headers = self._headers
         server = self.server
         if self._head_bytes + len(self._url) > server.max_header_bytes:
-            self._reject = (431, "request header fields too large")
+            self._reject = _refusal(431, "request header fields too large")
             raise _Stop
         host = headers.get("host")
         if (host is None and parser.get_http_version() == "1.1") or (
@@ -435,34 +435,38 @@ class _Connection(asyncio.Protocol):
             # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host
             # or with more than one; repeats are joined by ", " above, and a host never
             # contains a comma.
-            self._reject = (400, "exactly one Host header is required")
+            self._reject = _refusal(400, "exactly one Host header is required")
             raise _Stop
+        declared = 0
         length = headers.get("content-length")
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
-                self._reject = (400, "bad Content-Length")
+                self._reject = _refusal(400, "bad Content-Length")
                 raise _Stop from None
             if declared > server.max_body_bytes:
-                self._reject = (413, "request body too large")
+                self._reject = _refusal(413, "request body too large")
                 raise _Stop
         coding = headers.get("transfer-encoding")
         if coding is not None and coding.lower() != "chunked":
             # llhttp accepts any codings before a final "chunked" and undoes only that
             # one: the body would reach the handler still compressed, looking like data.
             # RFC 9112, 6.1: an unknown transfer coding is answered 501.
-            self._reject = (501, "only the chunked transfer coding is supported")
+            self._reject = _refusal(501, "only the chunked transfer coding is supported")
             raise _Stop
-        self._request = self._make_request()
         expect = headers.get("expect")
-        if expect is None:
-            return
-        if expect.lower() != "100-continue":
+        if expect is not None and expect.lower() != "100-continue":
             # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
-            self._reject = (417, "only Expect: 100-continue is supported")
+            self._reject = _refusal(417, "only Expect: 100-continue is supported")
             raise _Stop
-        if parser.get_http_version() == "1.1":
+        request = self._request = self._make_request()
+        if server.check_head is not None and (declared or coding is not None):
+            # Refused before a byte of the body is read or asked for (100 Continue).
+            self._reject = server.check_head(request)
+            if self._reject is not None:
+                raise _Stop
+        if expect is not None and parser.get_http_version() == "1.1":
             # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
             if self.task is not None or self.queue:
                 self.reading = _CONTINUE
@@ -504,7 +508,7 @@ class _Connection(asyncio.Protocol):
         self.reading = _BODY
         self._body_len += len(body)
         if self._body_len > self.server.max_body_bytes:
-            self._reject = (413, "request body too large")
+            self._reject = _refusal(413, "request body too large")
             raise _Stop
         self._body.append(body)
 
@@ -545,13 +549,13 @@ class _Connection(asyncio.Protocol):
 
     # -- answering ----------------------------------------------------------------------
 
-    def _reject_request(self, status: int, message: str) -> None:
+    def _reject_request(self, refusal: Response) -> None:
         """Queue a refusal after the answers already due, and stop reading requests."""
         self.reading = _DONE
         self._reject = None
         self._request = None
-        self.server.rejected(status)
-        self.queue.append((None, False, False, _error_bytes(status, message)))
+        self.server.rejected(refusal.status)
+        self.queue.append((None, False, False, encode_response(refusal, keep_alive=False)))
 
     def _next(self) -> None:
         """Start the next queued request, or go back to reading when there is none."""
@@ -677,7 +681,9 @@ class _Connection(asyncio.Protocol):
         elif self.in_message and not self.queue:
             self.server.rejected(408)
             self.reading = _DONE
-            self._write_and_linger(_error_bytes(408, "request not received in time"))
+            self._write_and_linger(
+                encode_response(_refusal(408, "request not received in time"), keep_alive=False)
+            )
         else:
             self._close()
 
@@ -722,11 +728,15 @@ class HTTPServer:
         keepalive_timeout: float = 75.0,
         max_connections: int = 10_000,
         backlog: int = 1024,
+        check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        """``on_reject`` is called with the status of every answer the server makes itself
-        (400, 408, 413, 431, 503), so the application can count them."""
+        """``check_head`` sees each request with a body once its head is complete (its
+        ``body`` still empty): a Response it returns is the answer, sent before the body
+        is read or a ``100 Continue`` is, and the connection closes after it. ``on_reject``
+        is called with the status of every answer the server makes itself (those
+        included), so the application can count them."""
         self.handler = handler
         self.host = host
         self.requested_port = port
@@ -736,6 +746,7 @@ class HTTPServer:
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = _fit_fd_limit(max_connections)
         self.backlog = backlog
+        self.check_head = check_head
         self.on_reject = on_reject
         self.logger = logger or _LOG
         self.connections: set[_Connection] = set()

@@ -24,6 +24,8 @@ other path          404
 Auth: with ``auth_token`` set, a POST needs ``Authorization: Bearer <token>`` or
 ``?access_token=<token>`` (compared in constant time), else 401 with
 ``WWW-Authenticate: Bearer``. Health, readiness, metrics and OPTIONS need no token.
+Route, method, token and capacity are checked on the head: a refused request's body is
+never read (nor asked for with ``100 Continue``), so refusals cost no memory.
 
 Concurrency cap: at most ``max_concurrency`` POSTs are handled at once. Beyond that the
 receiver answers **429 with ``Retry-After: 1`` instead of queueing**: a queue would hide
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdk.codec import CodecError, from_http
 from cdk.connector import Result, Sink
-from cdk.http import Handler, HTTPError, Request, Response
+from cdk.http import Handler, HTTPError, HTTPServer, Request, Response
 from cdk.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ RETRY_AFTER = 1
 
 _POST_ALLOW = "POST, OPTIONS"
 _READ_ALLOW = "GET, HEAD"
+_READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 # Shared answers of the hot path (answers are never mutated once returned).
@@ -89,9 +92,8 @@ class _StatusCounter:
 class Receiver:
     """Routes requests to the POST handler, health, readiness and metrics; see the module doc.
 
-    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`. Pass :meth:`record_status` as
-    ``HTTPServer(on_reject=...)`` so the answers the server makes itself (400, 408, 413,
-    431, 503) are counted too.
+    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`; :meth:`http_server` builds the
+    server for it, which also counts the answers the server makes itself.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Receiver:
         any_path: bool = False,
     ) -> None:
         self.ready = False
+        self._config = config
         self._post = post
         # A webhook source takes POSTs on any path (make_event sees request.path);
         # a sink only on "/".
@@ -121,20 +124,30 @@ class Receiver:
         """POST requests being handled right now."""
         return self._in_flight
 
+    def http_server(self, logger: logging.Logger | None = None) -> HTTPServer:
+        """The server for this receiver, with the config's limits; requests with a body are
+        refused on their head (route, method, token, capacity) before it is read."""
+        config = self._config
+        return HTTPServer(
+            self.handle,
+            host=config.host,
+            port=config.port,
+            max_body_bytes=config.max_body_bytes,
+            max_header_bytes=config.max_header_bytes,
+            read_timeout=config.read_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            check_head=self._refusal,
+            on_reject=self.record_status,
+            logger=logger,
+        )
+
     async def handle(self, request: Request) -> Response:
         """Answer one request and count the answer."""
-        if request.method != "POST" or (request.path != "/" and not self._any_path):
-            response = self._route(request)
-        elif self._token is not None and not self._authorized(request):
-            response = _text(
-                401,
-                "missing or wrong bearer token",
-                [("www-authenticate", 'Bearer realm="connector"')],
-            )
-        elif self._in_flight >= self._max_concurrency:
-            response = _text(
-                429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))]
-            )
+        refusal = self._refusal(request)
+        if refusal is not None:
+            response = refusal
+        elif request.method != "POST":
+            response = self._read(request)
         else:
             # The POST handler is awaited right here, not in a helper coroutine: this is
             # the path of every event, and each coroutine layer costs on every request.
@@ -155,25 +168,43 @@ class Receiver:
         self.record_status(response.status)
         return response
 
-    def _route(self, request: Request) -> Response:
-        """Every route but ``POST /``: all answered without waiting on anything."""
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer refusing ``request`` on its head alone (route, method, token,
+        capacity), or None when it is to be served."""
         path = request.path
         method = request.method
-        if path in ("/healthz", "/readyz", "/metrics"):
-            if method not in ("GET", "HEAD"):
-                return _text(405, "method not allowed", [("allow", _READ_ALLOW)])
-            if path == "/healthz":
-                return _text(200, "ok")
-            if path == "/readyz":
-                return _text(200, "ready") if self.ready else _text(503, "not ready")
-            return Response(200, self._metrics.render(), CONTENT_TYPE)
-        if path == "/" or self._any_path:
+        if path in _READ_ROUTES:
+            if method in ("GET", "HEAD"):
+                return None
+            return _text(405, "method not allowed", [("allow", _READ_ALLOW)])
+        if path != "/" and not self._any_path:
+            return _text(404, "not found")
+        if method != "POST":
+            if method == "OPTIONS":
+                return None
             # With any_path every path takes POSTs, so every path is a delivery target:
             # the webhook handshake goes to that same URL, and other methods get 405.
-            if method == "OPTIONS":
-                return self._options(request)
             return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
-        return _text(404, "not found")
+        if self._token is not None and not self._authorized(request):
+            return _text(
+                401,
+                "missing or wrong bearer token",
+                [("www-authenticate", 'Bearer realm="connector"')],
+            )
+        if self._in_flight >= self._max_concurrency:
+            return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
+        return None
+
+    def _read(self, request: Request) -> Response:
+        """What a GET, HEAD or OPTIONS that passed ``_refusal`` is answered: no waiting."""
+        path = request.path
+        if path == "/healthz":
+            return _text(200, "ok")
+        if path == "/readyz":
+            return _text(200, "ready") if self.ready else _text(503, "not ready")
+        if path == "/metrics":
+            return Response(200, self._metrics.render(), CONTENT_TYPE)
+        return self._options(request)
 
     def _options(self, request: Request) -> Response:
         origin = request.headers.get("webhook-request-origin")
