@@ -857,6 +857,52 @@ def test_connections_beyond_max_connections_get_503() -> None:
     run(body())
 
 
+def test_requests_beyond_the_bytes_budget_get_503_and_bodyless_ones_are_served() -> None:
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/hold":
+            await release.wait()
+        return Response(200, request.path.encode())
+
+    async def main() -> None:
+        async with serving(handler, max_bytes_in_flight=50_000) as server:
+            holder = await RawClient.connect(server.port)
+            await holder.send(request_bytes("POST", "/hold", b"h" * 40_000))
+            await until(lambda: server.held == 40_000)
+            # A declared body over what is left: 503 on its head, before the body.
+            over = await RawClient.connect(server.port)
+            await over.send(request_bytes("POST", "/x", headers={"Content-Length": "20000"}))
+            answer = await over.answer()
+            assert (answer.status, answer.headers["retry-after"]) == (503, "1")
+            assert await over.closed()
+            # A chunked body is counted as it comes.
+            chunked = await RawClient.connect(server.port)
+            head = request_bytes("POST", "/c", headers={"Transfer-Encoding": "chunked"})
+            await chunked.send(head + b"2710\r\n" + b"c" * 10_000 + b"\r\n")
+            await chunked.send(b"2710\r\n" + b"c" * 10_000 + b"\r\n")
+            assert (await chunked.answer()).status == 503
+            # Requests without a body (health checks) are served meanwhile.
+            health = await RawClient.connect(server.port)
+            await health.send(request_bytes("GET", "/healthz"))
+            assert (await health.answer()).body == b"/healthz"
+            # A body dropped half-way gives back what it held.
+            dropped = await RawClient.connect(server.port)
+            await dropped.send(request_bytes("POST", "/d", headers={"Content-Length": "9000"}))
+            await until(lambda: server.held == 49_000)
+            await dropped.aclose()
+            await until(lambda: server.held == 40_000)
+            release.set()
+            assert (await holder.answer()).body == b"/hold"
+            assert server.held == 0
+            # Alone, a request may hold more than the budget: it would never fit otherwise.
+            await holder.send(request_bytes("POST", "/big", b"b" * 60_000))
+            assert (await holder.answer()).status == 200
+            assert server.held == 0
+
+    run(main())
+
+
 # -- shutdown -------------------------------------------------------------------------------
 
 

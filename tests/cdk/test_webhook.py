@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
 import cdk
+from cdk.connector import Tuple
 from cdk.http import Request
+from cdk.metrics import Metrics
+from cdk.receiver import Receiver
 from cdk.testing import CaptureTarget
-from cdk.testing.client import SinkClient
+from cdk.testing.client import AsyncSinkClient, SinkClient
 from cdk.testing.runner import RunningSource, run_source_in_thread
-from cdk.webhook import RETRY_AFTER_SHUTDOWN
+from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -256,8 +261,7 @@ def test_async_make_event_and_metrics(target: CaptureTarget) -> None:
 
 def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarget) -> None:
     source = JSONWebhook()
-    # A small queue makes producers wait on it (backpressure) while deliveries proceed.
-    with run_source_in_thread(source, _config(target, queue_size=2)) as running:
+    with run_source_in_thread(source, _config(target)) as running:
         url = running.url
         replies: dict[int, Any] = {}
 
@@ -288,55 +292,86 @@ def test_posts_to_any_path_reach_make_event(
     assert [e.get_id() for e in target.events] == ["gh-0"]
 
 
-def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
-    target: CaptureTarget,
+@asynccontextmanager
+async def undrained(
+    source: cdk.WebhookSource, queue_size: int
+) -> AsyncIterator[tuple[str, asyncio.Queue[Tuple], Metrics]]:
+    """A webhook source's server whose queue nothing drains (no delivery engine)."""
+    chan: asyncio.Queue[Tuple] = asyncio.Queue(maxsize=queue_size)
+    metrics = Metrics("test")
+    config = cdk.WebhookSourceConfig.model_validate(
+        {"target": "http://127.0.0.1:9/", "host": "127.0.0.1", "port": 0}
+    )
+    receiver = Receiver(WebhookHandler(source, chan, metrics), config, metrics, any_path=True)
+    server = receiver.http_server()
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", chan, metrics
+    finally:
+        await server.close(0.5)
+
+
+def test_a_full_queue_is_answered_503_at_once_instead_of_waiting(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    source = JSONWebhook()
-    # One event in flight (retried forever against a failing target), one queued, and
-    # the third request waits for room in the queue when the shutdown begins.
-    config = _config(target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0)
-    target.fail_with(503)
-    replies: dict[int, Any] = {}
-    with run_source_in_thread(source, config, grace=1.0) as running:
-        url = running.url
-
-        def post(n: int) -> None:
-            replies[n] = SinkClient(url).post_json({"id": f"w{n}"})
-
-        threads = [threading.Thread(target=post, args=(n,)) for n in range(3)]
-        for thread in threads:
-            thread.start()
-        target.wait_until(lambda: target.attempts >= 1 and len(source.requests) == 3, timeout=10)
-    for thread in threads:
-        thread.join(timeout=10)
-    assert sorted(replies) == [0, 1, 2]
-    assert [reply.status for reply in replies.values()] == [503, 503, 503]
-    retry_after = {reply.headers["retry-after"] for reply in replies.values()}
-    assert retry_after == {str(RETRY_AFTER_SHUTDOWN)}
-
-
-def test_request_cancelled_while_waiting_for_room_queues_nothing() -> None:
-    # A caller that hangs up while its request waits on a full queue must not leave an
-    # event behind that is queued later, when room frees up, with nobody waiting for it.
-    from cdk.connector import Tuple
-    from cdk.metrics import Metrics
-    from cdk.webhook import WebhookHandler
-
     async def scenario() -> None:
-        chan: asyncio.Queue[Tuple] = asyncio.Queue(maxsize=1)
-        chan.put_nowait(Tuple(_event("already-queued", {})))
-        handler = WebhookHandler(JSONWebhook(), chan, Metrics("test"))
-        request = Request("POST", "/", "", {"content-type": "application/json"}, b'{"id": "w"}')
-        waiting = asyncio.ensure_future(handler(request))
-        for _ in range(10):  # let the handler reach the full queue
-            await asyncio.sleep(0)
-        assert not waiting.done()
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert chan.get_nowait().event.get_id() == "already-queued"
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert chan.empty()
+        async with (
+            undrained(JSONWebhook(), queue_size=1) as (url, chan, _),
+            AsyncSinkClient(url) as client,
+        ):
+            # The first request's event takes the only place; it waits for its delivery.
+            first = asyncio.ensure_future(client.post_json({"id": "first"}))
+            await until(lambda: chan.full())
+            busy = await client.post_json({"id": "second"})
+            assert (busy.status, busy.headers["retry-after"]) == (503, "1")
+            assert "queue is full" in busy.json()["error"]
+            # More events than the queue can ever hold: a configuration problem, said so.
+            too_many = await client.post_json({"id": "many", "events": 2})
+            assert too_many.status == 500
+            assert not first.done()
+            assert chan.qsize() == 1
+            first.cancel()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR, logger="cdk.webhook"):
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert "raise queue_size" in caplog.text
+
+
+class GatedWebhook(cdk.WebhookSource):
+    """``make_event`` waits for ``release``, so a caller can hang up meanwhile."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.release = asyncio.Event()
+
+    async def make_event(self, request: Request) -> cdk.CloudEvent:
+        self.requests.append(request)
+        await self.release.wait()
+        return _event("gated", {})
+
+
+def test_a_caller_gone_before_its_events_are_queued_queues_nothing() -> None:
+    async def scenario() -> None:
+        source = GatedWebhook()
+        async with undrained(source, queue_size=10) as (url, chan, metrics):
+            port = int(url.rsplit(":", 1)[1])
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+            await until(lambda: bool(source.requests))
+            writer.close()  # the caller gives up while make_event runs
+            await until(lambda: source.requests[0].disconnected)
+            source.release.set()
+            sample = metrics.registry.get_sample_value
+            await until(lambda: sample("cdk_http_responses_total", {"status": "499"}) == 1)
+            assert chan.empty()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

@@ -179,6 +179,13 @@ class ServerConfig(ConnectorConfig):
         ge=1,
         description="Requests handled at once; beyond it the server answers 429 with Retry-After.",
     )
+    max_bytes_in_flight: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Memory requests in progress may hold: their bodies plus, in a sink, an "
+        "estimate of the events decoded from them; beyond it new requests get 503 with "
+        "Retry-After.",
+    )
 
     @field_validator("auth_token")
     @classmethod

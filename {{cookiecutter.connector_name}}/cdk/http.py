@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import functools
 import logging
 import math
@@ -69,6 +70,9 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 #: before the client has read the answer (a "lingering close").
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 4 * 1024 * 1024
+#: After a burst of requests holding this much, the server asks the allocator to return
+#: free memory to the system (``malloc_trim``, where the C library has it).
+_TRIM_AFTER = 16 << 20
 #: File descriptors kept free beside the connections: the listening socket, the 503 answer
 #: to one connection too many, logs, the application's own files and sockets.
 _FD_RESERVE = 64
@@ -84,6 +88,21 @@ class Request:
     headers: dict[str, str]
     body: bytes
     client: tuple[str, int] | None = None
+    _conn: _Connection | None = field(default=None, repr=False, compare=False)
+    _held: int = field(default=0, repr=False, compare=False)
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the client closed the connection (or its sending side, which clients
+        do when they give up, as Go's server also takes it): skip work nobody waits for."""
+        conn = self._conn
+        return conn is not None and (conn.state != _OPEN or conn.reading == _EOF)
+
+    def reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` more (say, for what was decoded from the body) against the
+        server's ``max_bytes_in_flight`` until this request is answered. False, and nothing
+        counted, when that would pass the budget while other requests hold part of it."""
+        return self._conn is None or self._conn.server.reserve(self, nbytes)
 
     def query_params(self) -> dict[str, list[str]]:
         """The query string decoded into name -> values (blank values kept)."""
@@ -199,6 +218,7 @@ def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = 
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
+_BUSY = _refusal(503, "busy: requests in progress hold too much; retry", [("retry-after", "1")])
 
 
 class _Stop(Exception):
@@ -212,8 +232,9 @@ _TRAILER = 2  # a chunk-size line or the trailers: buffered by httptools like a 
 _BODY = 3  # the body arriving (or none to come)
 _CONTINUE = 4  # the client waits for a 100 Continue, owed once the answers before are out
 _UPGRADE = 5  # the head asked for an upgrade: it is read again without (_without_upgrade)
-_DONE = 6  # no more requests are read: one was refused, or the client half-closed
-_LINGER = 7  # after refusing: what the client still sends is read and dropped, briefly
+_DONE = 6  # no more requests are read: one was refused
+_EOF = 7  # no more requests are read: the client half-closed (Request.disconnected)
+_LINGER = 8  # after refusing: what the client still sends is read and dropped, briefly
 
 # Where a connection is in its life (``_Connection.state``).
 _OPEN = 0
@@ -290,7 +311,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _LOST
-        self.queue.clear()
+        self._drop()
         self.deadline = math.inf
         if self.task is None:
             self.server.forget(self)
@@ -364,7 +385,7 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
-        self.reading = _DONE
+        self.reading = _EOF
         if self.task is None and not self.queue:
             self._close()
         return True
@@ -466,6 +487,9 @@ class _Connection(asyncio.Protocol):
             self._reject = server.check_head(request)
             if self._reject is not None:
                 raise _Stop
+        if declared and not server.reserve(request, declared):
+            self._reject = _BUSY
+            raise _Stop
         if expect is not None and parser.get_http_version() == "1.1":
             # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
             if self.task is not None or self.queue:
@@ -492,7 +516,8 @@ class _Connection(asyncio.Protocol):
         if "%" in path:
             path = unquote(path)
         method = self.parser.get_method().decode("ascii")
-        return Request(method, path, raw_query.decode("latin-1"), self._headers, b"", self.client)
+        query = raw_query.decode("latin-1")
+        return Request(method, path, query, self._headers, b"", self.client, self)
 
     def on_chunk_header(self) -> None:
         # After the last chunk's size line come the trailers, buffered by httptools like
@@ -506,9 +531,16 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.reading = _BODY
-        self._body_len += len(body)
-        if self._body_len > self.server.max_body_bytes:
+        length = self._body_len = self._body_len + len(body)
+        server = self.server
+        if length > server.max_body_bytes:
             self._reject = _refusal(413, "request body too large")
+            raise _Stop
+        request = self._request
+        assert request is not None
+        # A chunked body is counted against the budget as it comes.
+        if length > request._held and not server.reserve(request, length - request._held):
+            self._reject = _BUSY
             raise _Stop
         self._body.append(body)
 
@@ -553,7 +585,9 @@ class _Connection(asyncio.Protocol):
         """Queue a refusal after the answers already due, and stop reading requests."""
         self.reading = _DONE
         self._reject = None
-        self._request = None
+        if self._request is not None:
+            self.server.release(self._request)
+            self._request = None
         self.server.rejected(refusal.status)
         self.queue.append((None, False, False, encode_response(refusal, keep_alive=False)))
 
@@ -579,7 +613,7 @@ class _Connection(asyncio.Protocol):
             )
             return
         in_message = _HEAD <= self.reading <= _UPGRADE
-        if self.reading == _DONE or (self.server.draining and not in_message):
+        if self.reading >= _DONE or (self.server.draining and not in_message):
             self._close()
             return
         if self.read_paused:
@@ -604,20 +638,15 @@ class _Connection(asyncio.Protocol):
         except HTTPError as exc:
             response = exc.to_response()
         except asyncio.CancelledError:
-            self.task = None
-            if self.state == _LOST:
-                server.forget(self)
+            self._handled(request)
             raise
         except Exception:
             server.logger.exception("handler failed on %s %s", request.method, request.path)
             response = _INTERNAL_ERROR
-        self.task = None
+        self._handled(request)
         if self.state != _OPEN:
-            # Dropped while the handler ran (client gone, or it stopped reading).
-            if self.state == _LOST:
-                server.forget(self)
-            return
-        if server.draining or (self.reading == _DONE and not self.queue):
+            return  # dropped while the handler ran (client gone, or it stopped reading)
+        if server.draining or (self.reading >= _DONE and not self.queue):
             keep_alive = False
         head = request.method == "HEAD"
         try:
@@ -634,11 +663,27 @@ class _Connection(asyncio.Protocol):
         else:
             self._close()
 
+    def _handled(self, request: Request) -> None:
+        self.task = None
+        self.server.release(request)
+        if self.state == _LOST:
+            self.server.forget(self)
+
+    def _drop(self) -> None:
+        """Forget the requests not handled yet, and what they held of the budget."""
+        for request, *_ in self.queue:
+            if request is not None:
+                self.server.release(request)
+        self.queue.clear()
+        if self._request is not None:
+            self.server.release(self._request)
+            self._request = None
+
     def _write_and_linger(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
         transport.write(data)
-        self.queue.clear()
+        self._drop()
         if not transport.can_write_eof():
             self._close()
             return
@@ -658,7 +703,7 @@ class _Connection(asyncio.Protocol):
         elif not abort:
             return
         self.deadline = math.inf
-        self.queue.clear()
+        self._drop()
         assert self.transport is not None
         if abort:
             self.transport.abort()
@@ -701,6 +746,16 @@ class _Connection(asyncio.Protocol):
             self.task.cancel()
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def _fit_fd_limit(wanted: int) -> int:
     """``wanted`` connections, or fewer when the open-file limit cannot hold them all.
 
@@ -728,6 +783,7 @@ class HTTPServer:
         keepalive_timeout: float = 75.0,
         max_connections: int = 10_000,
         backlog: int = 1024,
+        max_bytes_in_flight: int = 64 << 20,
         check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         logger: logging.Logger | None = None,
@@ -746,6 +802,10 @@ class HTTPServer:
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = _fit_fd_limit(max_connections)
         self.backlog = backlog
+        self.max_bytes_in_flight = max_bytes_in_flight
+        #: Bytes the requests in progress hold (bodies, and what handlers reserve).
+        self.held = 0
+        self._held_peak = 0
         self.check_head = check_head
         self.on_reject = on_reject
         self.logger = logger or _LOG
@@ -825,6 +885,19 @@ class HTTPServer:
         if self.draining and not self.connections and self._all_gone is not None:
             self._all_gone.set()
 
+    def reserve(self, request: Request, nbytes: int) -> bool:
+        held = self.held
+        if held + nbytes > self.max_bytes_in_flight and held > request._held:
+            return False
+        self.held = held = held + nbytes
+        request._held += nbytes
+        self._held_peak = max(self._held_peak, held)
+        return True
+
+    def release(self, request: Request) -> None:
+        self.held -= request._held
+        request._held = 0
+
     def rejected(self, status: int) -> None:
         if self.on_reject is not None:
             try:
@@ -838,4 +911,10 @@ class HTTPServer:
         expired = [conn for conn in self.connections if conn.deadline <= now]
         for conn in expired:
             conn.expire()
+        if self._held_peak >= _TRIM_AFTER and self.held * 4 <= self._held_peak:
+            # A burst is over: hand the memory its requests held back to the system,
+            # which glibc's allocator otherwise keeps for the process.
+            self._held_peak = self.held
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
         self._sweeper = loop.call_later(self._tick, self._sweep)

@@ -64,9 +64,18 @@ _READ_ALLOW = "GET, HEAD"
 _READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+#: What decoding is counted as against ``max_bytes_in_flight``, beside the body itself:
+#: about what a small event takes in memory, and (estimated before decoding a body over
+#: ``_SMALL_BODY``) what JSON takes as Python objects per byte.
+_EVENT_BYTES = 1024
+_DECODED_PER_BYTE = 3
+_SMALL_BODY = 64 * 1024
+_GONE = object()  # what _call_sync returns for a sender that is gone
+
 # Shared answers of the hot path (answers are never mutated once returned).
 _OK = Response(200)
 _ACCEPTED = Response(202)
+_BUSY = Response(503, b"busy: too many events in progress", headers=[("retry-after", "1")])
 
 
 def _text(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -136,6 +145,7 @@ class Receiver:
             max_header_bytes=config.max_header_bytes,
             read_timeout=config.read_timeout,
             keepalive_timeout=config.keepalive_timeout,
+            max_bytes_in_flight=config.max_bytes_in_flight,
             check_head=self._refusal,
             on_reject=self.record_status,
             logger=logger,
@@ -274,12 +284,21 @@ class SinkHandler:
         metrics.handler_in_flight.set_function(lambda: self._calls)
 
     async def __call__(self, request: Request) -> Response:
+        # What decoding will take is counted against the server's budget: before, by the
+        # body's size (so a burst is refused without decoding it), then by the events.
+        size = len(request.body)
+        estimate = size * _DECODED_PER_BYTE if size > _SMALL_BODY else 0
+        if estimate and not request.reserve(estimate):
+            return _BUSY
         try:
             mode, events = from_http(request.headers, request.body)
         except CodecError as exc:
             return _text(exc.status, str(exc))
         if not events:
             return _ACCEPTED
+        extra = len(events) * _EVENT_BYTES - estimate
+        if len(events) > 1 and extra > 0 and not request.reserve(extra):
+            return _BUSY
         counter = self._received.get(mode)
         if counter is None:
             counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
@@ -291,7 +310,7 @@ class SinkHandler:
                 result = await self._arrived(*events)  # type: ignore[misc]
             else:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(None, self._call_sync, events)
+                result = await loop.run_in_executor(None, self._call_sync, request, events)
                 if inspect.isawaitable(result):
                     # A plain def that returned an awaitable: finish it here, on the loop.
                     result = await result
@@ -301,6 +320,8 @@ class SinkHandler:
         finally:
             self._calls -= 1
             self._metrics.handler_latency.observe(time.perf_counter() - started)
+        if result is _GONE:
+            return _text(499, "client closed the connection")
         if not isinstance(result, Result):
             self._log.error(
                 "%s.arrived returned %r, not a cdk.Result (return cdk.SUCCESS or "
@@ -314,5 +335,8 @@ class SinkHandler:
             return _OK
         return _text(result.code, result.message)
 
-    def _call_sync(self, events: list[Any]) -> Any:
+    def _call_sync(self, request: Request, events: list[Any]) -> Any:
+        if request.disconnected:
+            # The sender gave up while this waited for a worker thread: it will send again.
+            return _GONE
         return self._arrived(*events)

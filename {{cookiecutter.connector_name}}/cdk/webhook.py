@@ -4,8 +4,8 @@
 :class:`cdk.receiver.Receiver` for a :class:`cdk.WebhookSource` (the receiver has
 already checked auth, size limits and concurrency). For each request it calls the
 user's ``make_event(request)``, puts every event it returns into the source's
-``chan`` (waiting when it is full: backpressure reaches the caller), and answers only
-once each of those events was delivered or given up on by the delivery engine.
+``chan``, and answers once each of those events was delivered or given up on by the
+delivery engine.
 
 How the caller is answered:
 
@@ -21,6 +21,8 @@ the target rejected it or kept failing      502     ``{"error", "delivered", "fa
 the last attempt timed out                  504     same
 the event could not be encoded              500     same (``make_event`` built a bad event)
 the connector shut down first               503     same, with ``Retry-After``
+``chan`` has no room for the events         503     ``{"error"}``, ``Retry-After: 1``
+the caller hung up before they were queued  499     nothing queued (nobody reads it)
 ==========================================  ======  =======================================
 
 Every status the kit chooses for a failed delivery (5xx) is one webhook callers and
@@ -59,6 +61,7 @@ __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
 RETRY_AFTER_SHUTDOWN = 5
 
 _JSON = "application/json"
+_RETRY_SOON = [("retry-after", "1")]
 _EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
@@ -75,10 +78,6 @@ class _Outcome:
 
     def tuple(self, index: int, event: Any) -> Tuple:
         return Tuple(event, lambda: self._resolve(index, None), lambda e: self._resolve(index, e))
-
-    def fail(self, index: int, error: BaseException) -> None:
-        """Settle an event that never reached the delivery engine (on the event loop)."""
-        self._settle(index, error)
 
     def _resolve(self, index: int, error: BaseException | None) -> None:
         # The delivery engine calls back on the event loop; anything else must hop onto it.
@@ -116,38 +115,14 @@ class WebhookHandler:
         self.metrics = metrics
         self.log = logger or logging.getLogger("cdk.webhook")
         self._closed = False
-        self._closing: asyncio.Future[None] | None = None
 
     def close(self) -> None:
-        """Shutdown began: take no more events, and release requests waiting for room.
+        """Shutdown began: take no more events (callers get 503 with ``Retry-After``).
 
         Events already in ``chan`` are still delivered (or failed) by the delivery
-        engine's drain; events that never got in are answered 503 right away, instead of
-        waiting for a queue nobody drains any more.
+        engine's drain.
         """
         self._closed = True
-        if self._closing is not None and not self._closing.done():
-            self._closing.set_result(None)
-
-    async def _put(self, item: Tuple) -> bool:
-        """Queue ``item``, waiting while ``chan`` is full; False once shutdown began."""
-        if self._closed:
-            return False
-        if not self.chan.full():
-            self.chan.put_nowait(item)
-            return True
-        # Slow path, only under backpressure: wait for room or for shutdown.
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        put = asyncio.ensure_future(self.chan.put(item))
-        try:
-            await asyncio.wait({put, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Also when this request is cancelled (its connection closed): a put left
-            # behind would queue an event nobody waits for, or linger past shutdown.
-            if not put.done():
-                put.cancel()
-        return put.done() and not put.cancelled() and put.exception() is None
 
     async def __call__(self, request: Request) -> Response:
         try:
@@ -157,12 +132,28 @@ class WebhookHandler:
         if not events:
             return _json_response(202, {"ids": []})
         self.metrics.received.labels("webhook").inc(len(events))
+        chan = self.chan
+        if self._closed:
+            error = ShutdownError("shut down before the event was queued")
+            return self._failure_response(events, dict.fromkeys(range(len(events)), error))
+        if request.disconnected:
+            # Nobody waits for the answer: the caller will send again, nothing is queued.
+            return _json_response(499, {"error": "the caller closed the connection"})
+        if chan.maxsize and chan.qsize() + len(events) > chan.maxsize:
+            if len(events) > chan.maxsize:
+                self.log.error(
+                    "make_event returned %d events, more than queue_size (%d) holds: "
+                    "raise queue_size; answering 500",
+                    len(events),
+                    chan.maxsize,
+                )
+                return _json_response(500, {"error": "internal error while queueing events"})
+            # Answered at once rather than waiting for room: the caller retries later, and
+            # waiting callers would hold their connection and memory meanwhile.
+            return _json_response(503, {"error": "busy: the queue is full"}, _RETRY_SOON)
         outcome = _Outcome(asyncio.get_running_loop(), len(events))
         for index, event in enumerate(events):
-            if not await self._put(outcome.tuple(index, event)):
-                for rest in range(index, len(events)):
-                    outcome.fail(rest, ShutdownError("shut down before the event was queued"))
-                break
+            chan.put_nowait(outcome.tuple(index, event))
         await outcome.done
         if not outcome.errors:
             return _json_response(200, {"ids": [event.get_id() for event in events]})
