@@ -829,29 +829,47 @@ def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() -> No
     run(body())
 
 
-def test_connections_beyond_max_connections_get_503() -> None:
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room() -> None:
     async def body() -> None:
         rejected: list[int] = []
         async with serving(max_connections=2, on_reject=rejected.append) as server:
             first = await RawClient.connect(server.port)
             second = await RawClient.connect(server.port)
-            await first.send(request_bytes())
+            for client in (first, second):
+                await client.send(request_bytes())
+                assert (await client.answer()).status == 200
+            # Both idle: the one idle for longer is closed, the newcomer is served.
+            third = await RawClient.connect(server.port)
+            assert await first.closed()
+            await third.send(request_bytes())
+            assert (await third.answer()).status == 200
             await second.send(request_bytes())
-            assert (await first.answer()).status == 200
             assert (await second.answer()).status == 200
+        assert rejected == []
+
+    run(body())
+
+
+def test_connections_beyond_max_connections_get_503_when_none_is_idle() -> None:
+    async def body() -> None:
+        rejected: list[int] = []
+        async with serving(max_connections=2, on_reject=rejected.append) as server:
+            # Requests half sent are in progress, not idle.
+            busy = [await RawClient.connect(server.port) for _ in range(2)]
+            for client in busy:
+                await client.send(b"GET / HTTP/1.1\r\n")
+            await until(lambda: len(server.connections) == 2)
             third = await RawClient.connect(server.port)
             answer = await third.answer()
-            assert answer.status == 503
-            assert answer.headers["retry-after"] == "1"
+            assert (answer.status, answer.headers["retry-after"]) == (503, "1")
             assert await third.closed()
-            await first.aclose()
+            await busy[0].send(b"Host: t\r\nConnection: close\r\n\r\n")
+            assert (await busy[0].answer()).status == 200
             # Once a slot frees up, connections are accepted again.
-            assert await first.closed()
+            assert await busy[0].closed()
             fourth = await RawClient.connect(server.port)
             await fourth.send(request_bytes())
             assert (await fourth.answer()).status == 200
-            await fourth.aclose()
-            await second.aclose()
         assert rejected == [503]
 
     run(body())
@@ -1222,15 +1240,19 @@ def test_connections_beyond_the_open_file_limit_get_503_not_silence() -> None:
             line = await asyncio.wait_for(process.stdout.readline(), WAIT)
             port, cap = (int(word) for word in line.split())
             assert cap < 200
-            # Every connection gets an answer: 200 within the cap, 503 beyond it.
-            statuses: list[int] = []
-            for _ in range(230):
+            # Every connection gets an answer: 200 within the cap, 503 beyond it (none is
+            # idle: each has a request half sent).
+            for _ in range(cap):
                 client = await RawClient.connect(port)
                 clients.append(client)
-                await client.send(request_bytes())
-                statuses.append((await client.answer()).status)
-            assert statuses.count(200) == cap
-            assert set(statuses[cap:]) == {503}
+                await client.send(b"GET / HTTP/1.1\r\n")
+            for _ in range(230 - cap):
+                client = await RawClient.connect(port)
+                assert (await client.answer()).status == 503
+                await client.aclose()
+            for client in clients:
+                await client.send(b"Host: t\r\n\r\n")
+                assert (await client.answer()).status == 200
         finally:
             for client in clients:
                 await client.aclose()

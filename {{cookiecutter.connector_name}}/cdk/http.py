@@ -25,8 +25,8 @@ Behaviour, as clients see it:
   A client that takes longer than ``read_timeout`` to send a whole request gets
   408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
   stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
-  (lowered to fit the process's open-file limit) a new connection gets 503 with
-  ``Retry-After``.
+  (lowered to fit the process's open-file limit) the keep-alive connection idle longest is
+  closed to make room; when none is idle, a new connection gets 503 with ``Retry-After``.
 - The server never switches protocols: ``Upgrade`` (h2c, websocket) is ignored, as RFC
   9110, 7.8 allows, and the request is read and answered as HTTP/1.1; CONNECT gets 501.
 - A handler raising :class:`HTTPError` answers with its status and message; any other
@@ -226,15 +226,16 @@ class _Stop(Exception):
 
 
 # What the reading side of a connection is doing (``_Connection.reading``).
-_IDLE = 0  # between requests
-_HEAD = 1  # a request line and headers arriving
-_TRAILER = 2  # a chunk-size line or the trailers: buffered by httptools like a head
-_BODY = 3  # the body arriving (or none to come)
-_CONTINUE = 4  # the client waits for a 100 Continue, owed once the answers before are out
-_UPGRADE = 5  # the head asked for an upgrade: it is read again without (_without_upgrade)
-_DONE = 6  # no more requests are read: one was refused
-_EOF = 7  # no more requests are read: the client half-closed (Request.disconnected)
-_LINGER = 8  # after refusing: what the client still sends is read and dropped, briefly
+_NEW = 0  # no request yet
+_IDLE = 1  # between requests (keep-alive)
+_HEAD = 2  # a request line and headers arriving
+_TRAILER = 3  # a chunk-size line or the trailers: buffered by httptools like a head
+_BODY = 4  # the body arriving (or none to come)
+_CONTINUE = 5  # the client waits for a 100 Continue, owed once the answers before are out
+_UPGRADE = 6  # the head asked for an upgrade: it is read again without (_without_upgrade)
+_DONE = 7  # no more requests are read: one was refused
+_EOF = 8  # no more requests are read: the client half-closed (Request.disconnected)
+_LINGER = 9  # after refusing: what the client still sends is read and dropped, briefly
 
 # Where a connection is in its life (``_Connection.state``).
 _OPEN = 0
@@ -264,7 +265,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = math.inf
         self.task: asyncio.Task[None] | None = None
         self.state = _OPEN
-        self.reading = _IDLE
+        self.reading = _NEW
         self.read_paused = False
         self.write_paused = False
         self._linger_bytes = 0
@@ -297,7 +298,7 @@ class _Connection(asyncio.Protocol):
             self.state = _CLOSED
             transport.abort()
             return
-        if len(server.connections) >= server.max_connections:
+        if len(server.connections) >= server.max_connections and not server.make_room():
             server.rejected(503)
             self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
@@ -879,6 +880,23 @@ class HTTPServer:
         await self._server.wait_closed()
 
     # -- used by connections ------------------------------------------------------------
+
+    def make_room(self) -> bool:
+        """Close the keep-alive connection idle for longest (as nginx does), or False if
+        none is: idle clients must not lock new ones out of a full server."""
+        idle = [
+            conn
+            for conn in self.connections
+            if conn.state == _OPEN
+            and conn.reading == _IDLE
+            and conn.task is None
+            and not conn.queue
+        ]
+        if not idle:
+            return False
+        # Their deadlines all count from when they went idle.
+        min(idle, key=lambda conn: conn.deadline)._close()
+        return True
 
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
