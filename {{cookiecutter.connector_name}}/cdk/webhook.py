@@ -26,8 +26,10 @@ the caller hung up before they were queued  499     nothing queued (nobody reads
 ==========================================  ======  =======================================
 
 Every status the kit chooses for a failed delivery (5xx) is one webhook callers and
-Knative retry. The events of a request that did reach the target are listed under
-``delivered``; a retry sends them again, which the at-least-once contract allows.
+Knative retry. ``delivered`` and ``failed`` list event ids; ``error`` is a generic
+sentence, as what the target answered goes to the log only (secrets masked by
+``config.redact``). A retry sends the delivered events again, which the at-least-once
+contract allows.
 
 ``make_event`` may be ``async def`` (awaited on the event loop) or a plain ``def``,
 which is called directly on the event loop: it is meant to be quick, CPU-only work
@@ -41,7 +43,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,6 +55,7 @@ from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
 from cdk.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
+    from cdk.config import WebhookSourceConfig
     from cdk.metrics import Metrics
 
 __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
@@ -109,11 +112,15 @@ class WebhookHandler:
         chan: asyncio.Queue[Tuple],
         metrics: Metrics,
         logger: logging.Logger | None = None,
+        *,
+        config: WebhookSourceConfig | None = None,
     ) -> None:
+        """``config`` gives ``config.redact`` for what is logged and answered."""
         self.source = source
         self.chan = chan
         self.metrics = metrics
         self.log = logger or logging.getLogger("cdk.webhook")
+        self._redact: Callable[[str], str] = config.redact if config else str
         self._closed = False
 
     def close(self) -> None:
@@ -128,7 +135,8 @@ class WebhookHandler:
         try:
             events = await self._make_events(request)
         except HTTPError as exc:
-            return _http_error_response(exc)
+            body = {"error": self._redact(exc.message)}
+            return _json_response(exc.status, body, list(exc.headers))
         if not events:
             return _json_response(202, {"ids": []})
         self.metrics.received.labels("webhook").inc(len(events))
@@ -188,30 +196,30 @@ class WebhookHandler:
         raise HTTPError(500, "internal error while making the event")
 
     def _failure_response(self, events: list[Any], errors: dict[int, BaseException]) -> Response:
+        # The target's own words stay in the log: they may name internal hosts, or echo
+        # the request with its token, to a caller who need not be trusted.
         failures = list(errors.values())
         headers: list[tuple[str, str]] = []
         if any(isinstance(e, ShutdownError) for e in failures):
-            status = 503
-            headers.append(("Retry-After", str(RETRY_AFTER_SHUTDOWN)))
+            status, message = 503, "the connector is shutting down; send the events again"
+            headers.append(("retry-after", str(RETRY_AFTER_SHUTDOWN)))
         elif any(isinstance(e, EncodeError) for e in failures):
-            status = 500
+            status, message = 500, "internal error: an event could not be encoded"
         elif all(_timed_out(e) for e in failures):
-            status = 504
+            status, message = 504, "the target did not answer in time"
         else:
-            status = 502
-        first = failures[0]
+            status, message = 502, "the target did not take the events"
+        failed = [events[i].get_id() for i in errors]
         self.log.warning(
-            "%d of %d event(s) not delivered, answering %d: %s",
+            "%d of %d event(s) not delivered (ids: %s), answering %d: %s",
             len(failures),
             len(events),
+            ", ".join(map(str, failed[:20])),
             status,
-            first,
+            self._redact(str(failures[0])),
         )
-        body = {
-            "error": f"delivery failed: {first}",
-            "delivered": [e.get_id() for i, e in enumerate(events) if i not in errors],
-            "failed": [{"id": events[i].get_id(), "error": str(err)} for i, err in errors.items()],
-        }
+        delivered = [e.get_id() for i, e in enumerate(events) if i not in errors]
+        body = {"error": message, "delivered": delivered, "failed": failed}
         return _json_response(status, body, headers)
 
 
@@ -228,6 +236,3 @@ def _json_response(
         status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers or []
     )
 
-
-def _http_error_response(error: HTTPError) -> Response:
-    return _json_response(error.status, {"error": error.message}, list(error.headers))
