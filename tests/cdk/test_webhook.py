@@ -346,6 +346,24 @@ def test_what_the_target_answers_is_logged_with_secrets_masked_and_never_relayed
     assert token not in logged
 
 
+def test_past_response_timeout_the_caller_gets_504_and_the_event_is_still_delivered(
+    target: CaptureTarget,
+) -> None:
+    config = _config(target, response_timeout=0.2, attempt_timeout=5.0, host="127.0.0.1", port=0)
+    target.delay_next(1, 1.5)
+
+    async def scenario() -> Any:
+        async with webhook_server(JSONWebhook(), config) as (url, _, _), AsyncSinkClient(url) as c:
+            reply = await c.post_json({"id": "slow"})
+            assert target.events == []  # answered while the target still holds it
+            await asyncio.to_thread(target.wait_for_sync, 1)
+            return reply
+
+    reply = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert (reply.status, reply.json()["pending"]) == (504, ["slow-0"])
+    assert [e.get_id() for e in target.events] == ["slow-0"]
+
+
 def test_a_full_queue_is_answered_503_at_once_instead_of_waiting(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

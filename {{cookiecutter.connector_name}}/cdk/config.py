@@ -274,6 +274,13 @@ class SinkConfig(ServerConfig):
 class WebhookSourceConfig(DeliveryConfig, ServerConfig):
     """Keys of a webhook source: a source that also serves HTTP."""
 
+    response_timeout: float = Field(
+        8.0,
+        gt=0,
+        description="Seconds a caller waits for its answer; past it the caller gets 504 and "
+        "its events stay queued (at-least-once: it may send them again).",
+    )
+
 
 def resolve_paths(
     config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None

@@ -21,6 +21,7 @@ the target rejected it or kept failing      502     ``{"error", "delivered", "fa
 the last attempt timed out                  504     same
 the event could not be encoded              500     same (``make_event`` built a bad event)
 the connector shut down first               503     same, with ``Retry-After``
+not settled within ``response_timeout``     504     ``{"error", "pending"}``; still queued
 ``chan`` has no room for the events         503     ``{"error"}``, ``Retry-After: 1``
 the caller hung up before they were queued  499     nothing queued (nobody reads it)
 ==========================================  ======  =======================================
@@ -71,12 +72,13 @@ _EVENT_TYPES = (CloudEvent, CloudEventV03)
 class _Outcome:
     """The fates of one request's events; resolves ``done`` once every event has one."""
 
-    __slots__ = ("done", "errors", "loop", "remaining")
+    __slots__ = ("count", "done", "errors", "loop", "settled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self.loop = loop
         self.done: asyncio.Future[None] = loop.create_future()
-        self.remaining = count
+        self.count = count
+        self.settled: set[int] = set()
         self.errors: dict[int, BaseException] = {}
 
     def tuple(self, index: int, event: Any) -> Tuple:
@@ -96,10 +98,10 @@ class _Outcome:
     def _settle(self, index: int, error: BaseException | None) -> None:
         if error is not None:
             self.errors[index] = error
-        self.remaining -= 1
+        self.settled.add(index)
         # The caller may have gone away (handler cancelled): then nobody awaits `done`,
         # which is harmless because it only ever holds a result, never an exception.
-        if self.remaining == 0 and not self.done.done():
+        if len(self.settled) == self.count and not self.done.done():
             self.done.set_result(None)
 
 
@@ -115,12 +117,14 @@ class WebhookHandler:
         *,
         config: WebhookSourceConfig | None = None,
     ) -> None:
-        """``config`` gives ``config.redact`` for what is logged and answered."""
+        """``config`` gives ``response_timeout`` and ``redact`` (for what is logged and
+        answered)."""
         self.source = source
         self.chan = chan
         self.metrics = metrics
         self.log = logger or logging.getLogger("cdk.webhook")
         self._redact: Callable[[str], str] = config.redact if config else str
+        self._response_timeout = config.response_timeout if config else 8.0
         self._closed = False
 
     def close(self) -> None:
@@ -162,7 +166,19 @@ class WebhookHandler:
         outcome = _Outcome(asyncio.get_running_loop(), len(events))
         for index, event in enumerate(events):
             chan.put_nowait(outcome.tuple(index, event))
-        await outcome.done
+        done, _ = await asyncio.wait((outcome.done,), timeout=self._response_timeout)
+        if not done:
+            # GitHub, for one, gives up after 10 s. The events stay queued: a caller that
+            # sends them again gets them delivered twice, which at-least-once allows.
+            pending = [e.get_id() for i, e in enumerate(events) if i not in outcome.settled]
+            self.log.warning(
+                "events not delivered within response_timeout (%s s), answering 504; "
+                "still queued: %s",
+                self._response_timeout,
+                ", ".join(map(str, pending[:20])),
+            )
+            late = {"error": "not delivered in time; the events stay queued", "pending": pending}
+            return _json_response(504, late)
         if not outcome.errors:
             return _json_response(200, {"ids": [event.get_id() for event in events]})
         return self._failure_response(events, outcome.errors)
@@ -235,4 +251,3 @@ def _json_response(
     return Response(
         status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers or []
     )
-
