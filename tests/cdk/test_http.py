@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import http.client
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -254,6 +255,57 @@ def test_handler_crash_answers_500_without_details_and_logs_the_traceback(
         run(body())
     assert "secret detail" in caplog.text  # in the log, never on the wire
     assert "Traceback" in caplog.text
+
+
+def test_a_logged_path_is_escaped_so_it_cannot_forge_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def crash(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    async def body() -> None:
+        async with serving(crash) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/x%0d%0aFORGED%20line%E2%82%AC"))
+            assert (await client.answer()).status == 500
+
+    with caplog.at_level(logging.ERROR, logger="cdk.http"):
+        run(body())
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "cdk.http"]
+    assert "\r" not in message and "\n" not in message
+    assert "GET /x\\r\\nFORGED line\\u20ac" in message
+
+
+def test_http_2_0_gets_505_and_close() -> None:
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
+            answer = await client.answer()
+            assert (answer.status, answer.headers["connection"]) == (505, "close")
+            assert await client.closed()
+
+    run(body())
+
+
+def test_a_client_writing_its_whole_large_body_before_reading_gets_the_413() -> None:
+    # Python's http.client (and requests) send all of the body first: closing at once
+    # would reset the connection under it and lose the answer.
+    async def body() -> tuple[int, bytes]:
+        async with serving() as server:
+
+            def post() -> tuple[int, bytes]:
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+                try:
+                    connection.request("POST", "/big", body=b"x" * (50 << 20))
+                    response = connection.getresponse()
+                    return response.status, response.read()
+                finally:
+                    connection.close()
+
+            return await asyncio.to_thread(post)
+
+    assert run(body()) == (413, b"request body too large")
 
 
 def test_head_request_gets_headers_only() -> None:
@@ -671,6 +723,10 @@ def test_an_endless_header_line_sent_in_pieces_gets_431() -> None:
         b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /  HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ],
 )
@@ -1110,6 +1166,8 @@ def test_an_expectation_other_than_100_continue_gets_417() -> None:
         b"GET / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\xe9\r\n\r\n",
     ],
 )
 def test_an_http11_request_without_exactly_one_host_gets_400(raw: bytes) -> None:

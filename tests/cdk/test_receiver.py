@@ -508,6 +508,19 @@ def test_unauthenticated_large_bodies_are_not_buffered() -> None:
     assert peak < 8 * MIB, peak
 
 
+def test_a_compressed_body_gets_415_naming_what_is_accepted() -> None:
+    async def body() -> None:
+        sink = RecordingSink()
+        async with serving(sink) as s:
+            headers, data = to_binary(event())
+            status, reply, _ = await s.post({**headers, "Content-Encoding": "gzip"}, data)
+            assert (status, reply["Accept-Encoding"]) == (415, "identity")
+            assert (await s.post({**headers, "Content-Encoding": "identity"}, data))[0] == 200
+            assert len(sink.calls) == 1
+
+    run(body())
+
+
 # -- concurrency cap ------------------------------------------------------------------------
 
 

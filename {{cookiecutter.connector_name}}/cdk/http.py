@@ -20,8 +20,11 @@ Behaviour, as clients see it:
   gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
   running total of a chunked body says so (``Expect: 100-continue`` with a declared length
   over the limit gets 413 instead of ``100 Continue``), a request that is not valid HTTP
-  gets 400, as does an HTTP/1.1 request without exactly one ``Host``. A transfer coding
-  other than ``chunked`` gets 501 and an ``Expect`` other than ``100-continue`` gets 417.
+  gets 400, as do (like Go's server) a request line without a version or with repeated
+  spaces, an HTTP/1.1 request without exactly one valid ``Host`` and HTTP/1.0 with
+  ``Transfer-Encoding``; HTTP/2.0 gets 505. A transfer coding other than ``chunked``
+  gets 501 and an ``Expect`` other than ``100-continue`` gets 417. After a refusal the
+  server reads and drops what the client still sends for a while (see ``_LINGER_*``).
   A client that takes longer than ``read_timeout`` to send a whole request gets
   408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
   stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
@@ -50,7 +53,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qs, unquote
 
 import httptools
@@ -65,11 +68,13 @@ _REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus
 _CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
-#: After an answer that rejects a request, how long (at most) the server keeps reading and
-#: discarding what the client still sends, so that closing does not reset the connection
-#: before the client has read the answer (a "lingering close").
-_LINGER_SECONDS = 2.0
-_LINGER_BYTES = 4 * 1024 * 1024
+#: After refusing a request the server half-closes, then reads and drops what the client
+#: still sends, as nginx does (30 s at most, 5 s between reads, here also 64 MiB at most):
+#: closing with unread data resets the connection, and the client that writes its whole
+#: body before reading (Python's http.client) would lose the answer.
+_LINGER_SECONDS = 30.0
+_LINGER_IDLE = 5.0
+_LINGER_BYTES = 64 << 20
 #: After a burst of requests holding this much, the server asks the allocator to return
 #: free memory to the system (``malloc_trim``, where the C library has it).
 _TRIM_AFTER = 16 << 20
@@ -217,6 +222,12 @@ def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = 
     return Response(status, message.encode("utf-8"), headers=headers or [])
 
 
+def _shown(request: Request) -> str:
+    """``METHOD path`` for a log line, the decoded path escaped: ``%0d%0a`` must not
+    start a forged line."""
+    return f"{request.method} {request.path.encode('unicode_escape').decode('ascii')}"
+
+
 _INTERNAL_ERROR = Response(500, b"internal error")
 _BUSY = _refusal(503, "busy: requests in progress hold too much; retry", [("retry-after", "1")])
 
@@ -269,6 +280,7 @@ class _Connection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self._linger_bytes = 0
+        self._linger_end = 0.0
         self._reject: Response | None = None
         # The message being read.
         self._url = b""
@@ -279,6 +291,7 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = False
         self._body: list[bytes] = []
         self._body_len = 0
+        self._version = "1.1"
 
     @property
     def in_message(self) -> bool:
@@ -337,16 +350,24 @@ class _Connection(asyncio.Protocol):
                 self._linger_bytes += len(data)
                 if self._linger_bytes > _LINGER_BYTES:
                     self._close(abort=True)
+                else:
+                    self.deadline = min(self._linger_end, self._linger_deadline())
             return
         self._head_fresh = False
         try:
+            if self.reading <= _IDLE:
+                # llhttp skips repeated spaces in a request line, which Go's server refuses
+                # as malformed: checked on the line a read begins with.
+                end = data.find(b"\n")
+                if end > 0 and data.find(b"  ", 0, end) >= 0:
+                    self._stop(400, "malformed request line")
             while True:
                 try:
                     self.parser.feed_data(data)
                     break
                 except httptools.HttpParserUpgrade as exc:
                     data = self._without_upgrade(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, _Stop) as exc:
             reject = self._reject
             if reject is None:
                 # httptools turns an exception raised in a callback into a parser error,
@@ -431,15 +452,13 @@ class _Connection(asyncio.Protocol):
         # Content-Type arriving after the body must not override what it checked. They
         # still count toward the head limit, as they are held in memory until parsed.
         if self._head_bytes + len(self._url) > self.server.max_header_bytes:
-            self._reject = _refusal(431, "request header fields too large")
-            raise _Stop
+            self._stop(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
         if parser.should_upgrade():
             if parser.get_method() == b"CONNECT":
-                self._reject = _refusal(501, "CONNECT is not supported")
-                raise _Stop
+                self._stop(501, "CONNECT is not supported")
             # httptools then skips the body and stops after the head; the head is checked
             # once, when _without_upgrade has it parsed again.
             self.reading = _UPGRADE
@@ -447,41 +466,45 @@ class _Connection(asyncio.Protocol):
         self.reading = _BODY
         headers = self._headers
         server = self.server
+        version = self._version = parser.get_http_version()
+        if version != "1.1":
+            # llhttp takes a request line without a version as HTTP/0.9, and HTTP/2.0.
+            if version == "2.0":
+                self._stop(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+            if version != "1.0":
+                self._stop(400, "malformed request line")
         if self._head_bytes + len(self._url) > server.max_header_bytes:
-            self._reject = _refusal(431, "request header fields too large")
-            raise _Stop
+            self._stop(431, "request header fields too large")
         host = headers.get("host")
-        if (host is None and parser.get_http_version() == "1.1") or (
-            host is not None and "," in host
-        ):
-            # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host
-            # or with more than one; repeats are joined by ", " above, and a host never
-            # contains a comma.
-            self._reject = _refusal(400, "exactly one Host header is required")
-            raise _Stop
+        if host is None:
+            if version == "1.1":
+                # RFC 9112, 3.2: an HTTP/1.1 request without Host, or with more than one, gets
+                # 400. Repeats are joined by ", " above, and no valid host has a comma.
+                self._stop(400, "a Host header is required")
+        elif "," in host or " " in host or not (host.isascii() and host.isprintable()):
+            self._stop(400, "exactly one valid Host header is required")
         declared = 0
         length = headers.get("content-length")
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
-                self._reject = _refusal(400, "bad Content-Length")
-                raise _Stop from None
+                self._stop(400, "bad Content-Length")
             if declared > server.max_body_bytes:
-                self._reject = _refusal(413, "request body too large")
-                raise _Stop
+                self._stop(413, "request body too large")
         coding = headers.get("transfer-encoding")
-        if coding is not None and coding.lower() != "chunked":
-            # llhttp accepts any codings before a final "chunked" and undoes only that
-            # one: the body would reach the handler still compressed, looking like data.
-            # RFC 9112, 6.1: an unknown transfer coding is answered 501.
-            self._reject = _refusal(501, "only the chunked transfer coding is supported")
-            raise _Stop
+        if coding is not None:
+            if version == "1.0":
+                # RFC 9112, 6.1: framing an HTTP/1.0 message so is faulty: refuse and close.
+                self._stop(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+            if coding.lower() != "chunked":
+                # llhttp accepts codings before a final "chunked" and undoes only that one:
+                # the body would reach the handler still compressed. RFC 9112, 6.1: 501.
+                self._stop(501, "only the chunked transfer coding is supported")
         expect = headers.get("expect")
         if expect is not None and expect.lower() != "100-continue":
             # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
-            self._reject = _refusal(417, "only Expect: 100-continue is supported")
-            raise _Stop
+            self._stop(417, "only Expect: 100-continue is supported")
         request = self._request = self._make_request()
         if server.check_head is not None and (declared or coding is not None):
             # Refused before a byte of the body is read or asked for (100 Continue).
@@ -491,13 +514,17 @@ class _Connection(asyncio.Protocol):
         if declared and not server.reserve(request, declared):
             self._reject = _BUSY
             raise _Stop
-        if expect is not None and parser.get_http_version() == "1.1":
+        if expect is not None and version == "1.1":
             # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
             if self.task is not None or self.queue:
                 self.reading = _CONTINUE
             else:
                 assert self.transport is not None
                 self.transport.write(_CONTINUE_ANSWER)
+
+    def _stop(self, status: int, message: str) -> NoReturn:
+        self._reject = _refusal(status, message)
+        raise _Stop
 
     def _make_request(self) -> Request:
         url = self._url
@@ -535,8 +562,7 @@ class _Connection(asyncio.Protocol):
         length = self._body_len = self._body_len + len(body)
         server = self.server
         if length > server.max_body_bytes:
-            self._reject = _refusal(413, "request body too large")
-            raise _Stop
+            self._stop(413, "request body too large")
         request = self._request
         assert request is not None
         # A chunked body is counted against the budget as it comes.
@@ -557,9 +583,7 @@ class _Connection(asyncio.Protocol):
             request.body = body[0] if len(body) == 1 else b"".join(body)
             self._body = []
         parser = self.parser
-        self.queue.append(
-            (request, parser.should_keep_alive(), parser.get_http_version() == "1.0", b"")
-        )
+        self.queue.append((request, parser.should_keep_alive(), self._version == "1.0", b""))
 
     def _without_upgrade(self, rest: bytes) -> bytes:
         """The head of the request that asked for an upgrade, without ``Upgrade``, + ``rest``.
@@ -642,7 +666,7 @@ class _Connection(asyncio.Protocol):
             self._handled(request)
             raise
         except Exception:
-            server.logger.exception("handler failed on %s %s", request.method, request.path)
+            server.logger.exception("handler failed on %s", _shown(request))
             response = _INTERNAL_ERROR
         self._handled(request)
         if self.state != _OPEN:
@@ -653,9 +677,7 @@ class _Connection(asyncio.Protocol):
         try:
             data = encode_response(response, keep_alive, http10, head)
         except (ValueError, UnicodeError):
-            server.logger.exception(
-                "handler answer cannot be sent on %s %s", request.method, request.path
-            )
+            server.logger.exception("handler answer cannot be sent on %s", _shown(request))
             data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
         assert self.transport is not None
         self.transport.write(data)
@@ -688,14 +710,16 @@ class _Connection(asyncio.Protocol):
         if not transport.can_write_eof():
             self._close()
             return
-        # Half-close, then read and drop what the client still sends for a short while:
-        # closing with unread data would reset the connection and could destroy the answer.
         transport.write_eof()
         self.reading = _LINGER
-        self.deadline = self.loop.time() + min(_LINGER_SECONDS, self.server.read_timeout)
+        self._linger_end = self.loop.time() + _LINGER_SECONDS
+        self.deadline = self._linger_deadline()
         if self.read_paused:
             self.read_paused = False
             transport.resume_reading()
+
+    def _linger_deadline(self) -> float:
+        return self.loop.time() + min(_LINGER_IDLE, self.server.read_timeout)
 
     def _close(self, abort: bool = False) -> None:
         """Close once what is written went out, or with ``abort`` drop the connection now."""

@@ -24,8 +24,9 @@ other path          404
 Auth: with ``auth_token`` set, a POST needs ``Authorization: Bearer <token>`` or
 ``?access_token=<token>`` (compared in constant time), else 401 with
 ``WWW-Authenticate: Bearer``. Health, readiness, metrics and OPTIONS need no token.
-Route, method, token and capacity are checked on the head: a refused request's body is
-never read (nor asked for with ``100 Continue``), so refusals cost no memory.
+Route, method, token, content coding (415 but for ``identity``: compressed bodies are not
+decoded) and capacity are checked on the head: a refused request's body is never read
+(nor asked for with ``100 Continue``), so refusals cost no memory.
 
 Concurrency cap: at most ``max_concurrency`` POSTs are handled at once. Beyond that the
 receiver answers **429 with ``Retry-After: 1`` instead of queueing**: a queue would hide
@@ -201,6 +202,11 @@ class Receiver:
                 "missing or wrong bearer token",
                 [("www-authenticate", 'Bearer realm="connector"')],
             )
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None and encoding.lower() != "identity":
+            # Not decoded: no sender of events compresses, and a small gzip body can
+            # inflate far past max_body_bytes.
+            return _text(415, "send the body uncompressed", [("accept-encoding", "identity")])
         if self._in_flight >= self._max_concurrency:
             return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
         return None
