@@ -34,7 +34,7 @@ from cdk.codec import to_batch, to_binary, to_structured
 from cdk.config import SinkConfig
 from cdk.http import HTTPError, HTTPServer, Request, Response
 from cdk.metrics import CONTENT_TYPE, Metrics
-from cdk.receiver import RETRY_AFTER, Receiver, SinkHandler
+from cdk.receiver import RETRY_AFTER, ReadyCheck, Receiver, SinkHandler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,16 +97,18 @@ def make_config(**values: Any) -> SinkConfig:
 
 
 def build(
-    sink: cdk.Sink, config: SinkConfig, metrics: Metrics | None = None
+    sink: cdk.Sink, config: SinkConfig, ready_check: ReadyCheck | None = None
 ) -> tuple[HTTPServer, Receiver, Metrics]:
-    metrics = metrics or Metrics("test")
-    receiver = Receiver(SinkHandler(sink, metrics), config, metrics)
+    metrics = Metrics("test")
+    receiver = Receiver(SinkHandler(sink, metrics), config, metrics, ready_check=ready_check)
     return receiver.http_server(), receiver, metrics
 
 
 @asynccontextmanager
-async def serving(sink: cdk.Sink, **config: Any) -> AsyncIterator[Served]:
-    server, receiver, metrics = build(sink, make_config(**config))
+async def serving(
+    sink: cdk.Sink, ready_check: ReadyCheck | None = None, **config: Any
+) -> AsyncIterator[Served]:
+    server, receiver, metrics = build(sink, make_config(**config), ready_check)
     await server.start()
     receiver.ready = True
     try:
@@ -401,6 +403,67 @@ def test_health_readiness_and_metrics() -> None:
             assert b"cdk_arrived_latency_seconds_bucket" in text
             status, _, text = await s.get("/healthz", "HEAD")
             assert (status, text) == (200, b"")
+
+    run(body())
+
+
+def test_readiness_follows_the_connectors_check_and_says_why_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state: dict[str, Any] = {"answer": True, "calls": 0}
+
+    def check() -> bool:  # a plain def, as a ready() that pings a database would be
+        state["calls"] += 1
+        if isinstance(state["answer"], Exception):
+            raise state["answer"]
+        return bool(state["answer"])
+
+    async def body() -> None:
+        async with serving(RecordingSink(), ready_check=check) as s:
+            assert (await s.get("/readyz"))[::2] == (200, b"ready")
+            state["answer"] = False
+            status, _, text = await s.get("/readyz")
+            assert (status, text) == (503, b"not ready: the connector reports it is not ready")
+            state["answer"] = ConnectionError("database at 10.0.0.5 refused")
+            for _ in range(2):
+                status, _, text = await s.get("/readyz")
+                assert (status, text) == (
+                    503,
+                    b"not ready: the readiness check raised ConnectionError",
+                )
+            assert (await s.get("/healthz"))[0] == 200
+            state["answer"] = True
+            assert (await s.get("/readyz"))[0] == 200
+            # Shutting down: not ready whatever the check says, and it is not asked.
+            s.receiver.ready = False
+            calls = state["calls"]
+            assert (await s.get("/readyz"))[0] == 503
+            assert state["calls"] == calls
+
+    with caplog.at_level(logging.INFO, logger="cdk.receiver"):
+        run(body())
+    logged = [r.getMessage() for r in caplog.records if r.name == "cdk.receiver"]
+    # One line when it stops being ready (the first reason), one when it is back.
+    assert logged == ["not ready: the connector reports it is not ready", "ready again"]
+
+
+def test_concurrent_probes_share_one_async_readiness_check() -> None:
+    release = asyncio.Event()
+    calls = 0
+
+    async def check() -> bool:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return True
+
+    async def body() -> None:
+        async with serving(RecordingSink(), ready_check=check) as s:
+            probes = [asyncio.ensure_future(s.get("/readyz")) for _ in range(3)]
+            await until(lambda: calls == 1)
+            release.set()
+            assert [(await probe)[0] for probe in probes] == [200, 200, 200]
+            assert calls == 1
 
     run(body())
 

@@ -42,6 +42,7 @@ import hmac
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cdk.codec import CodecError, from_http
@@ -55,11 +56,15 @@ if TYPE_CHECKING:
     from cdk.config import ServerConfig
     from cdk.metrics import Metrics
 
-__all__ = ["RETRY_AFTER", "Receiver", "SinkHandler"]
+__all__ = ["RETRY_AFTER", "ReadyCheck", "Receiver", "SinkHandler"]
+
+#: What ``Receiver(ready_check=...)`` takes: the connector's ``ready`` hook, plain or async.
+ReadyCheck = Callable[[], bool | Awaitable[bool]]
 
 #: Seconds a client is asked to wait (``Retry-After``) when the concurrency cap is reached.
 RETRY_AFTER = 1
 
+_READY_TIMEOUT = 5.0
 _POST_ALLOW = "POST, OPTIONS"
 _READ_ALLOW = "GET, HEAD"
 _READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -114,8 +119,15 @@ class Receiver:
         logger: logging.Logger | None = None,
         *,
         any_path: bool = False,
+        ready_check: ReadyCheck | None = None,
     ) -> None:
+        """``ready_check`` (a plain ``def`` runs in a worker thread) is asked on each
+        ``GET /readyz`` while :attr:`ready`: False, raising or taking longer than 5 s
+        answers 503 with a short reason; one check at a time serves concurrent probes."""
         self.ready = False
+        self._ready_check = ready_check
+        self._checking: asyncio.Future[Response] | None = None
+        self._was_ready = True
         self._config = config
         self._post = post
         # A webhook source takes POSTs on any path (make_event sees request.path);
@@ -158,7 +170,7 @@ class Receiver:
         if refusal is not None:
             response = refusal
         elif request.method != "POST":
-            response = self._read(request)
+            response = await self._read(request)
         else:
             # The POST handler is awaited right here, not in a helper coroutine: this is
             # the path of every event, and each coroutine layer costs on every request.
@@ -211,16 +223,47 @@ class Receiver:
             return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
         return None
 
-    def _read(self, request: Request) -> Response:
-        """What a GET, HEAD or OPTIONS that passed ``_refusal`` is answered: no waiting."""
+    async def _read(self, request: Request) -> Response:
+        """What a GET, HEAD or OPTIONS that passed ``_refusal`` is answered."""
         path = request.path
         if path == "/healthz":
             return _text(200, "ok")
         if path == "/readyz":
-            return _text(200, "ready") if self.ready else _text(503, "not ready")
+            if not self.ready:
+                return _text(503, "not ready")
+            if self._ready_check is None:
+                return _text(200, "ready")
+            if self._checking is None or self._checking.done():
+                self._checking = asyncio.ensure_future(self._check_ready(self._ready_check))
+            return await asyncio.shield(self._checking)
         if path == "/metrics":
             return Response(200, self._metrics.render(), CONTENT_TYPE)
         return self._options(request)
+
+    async def _check_ready(self, check: ReadyCheck) -> Response:
+        try:
+            if inspect.iscoroutinefunction(check):
+                result = await asyncio.wait_for(check(), _READY_TIMEOUT)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await asyncio.wait_for(loop.run_in_executor(None, check), _READY_TIMEOUT)
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, _READY_TIMEOUT)
+            reason = detail = "" if result else "the connector reports it is not ready"
+        except TimeoutError:
+            reason = detail = f"the readiness check took more than {_READY_TIMEOUT:g} s"
+        except Exception as exc:
+            # The probe needs no token: the error's text goes to the log only.
+            reason = f"the readiness check raised {type(exc).__name__}"
+            detail = self._config.redact(f"{reason}: {exc}")
+        ready = not reason
+        if ready != self._was_ready:  # logged when it changes, not on every probe
+            self._was_ready = ready
+            if ready:
+                self._log.info("ready again")
+            else:
+                self._log.warning("not ready: %s", detail)
+        return _text(200, "ready") if ready else _text(503, f"not ready: {reason}")
 
     def _options(self, request: Request) -> Response:
         origin = request.headers.get("webhook-request-origin")
