@@ -584,6 +584,64 @@ def test_a_compressed_body_gets_415_naming_what_is_accepted() -> None:
     run(body())
 
 
+def test_refused_requests_are_logged_once_each_and_counted_under_a_flood(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flood = 100
+
+    async def body() -> None:
+        async with serving(RecordingSink(), auth_token=TOKEN) as s:
+            headers, data = to_binary(event())
+            for _ in range(flood):
+                assert (await s.post(headers, data, path="/?x=%0d%0aforged"))[0] == 401
+
+            def counted() -> int:
+                return sum(int(m.split()[0]) for m in messages() if "more requests" in m)
+
+            # The count of what was left out is logged once its second is over.
+            await until(lambda: len(refusals()) + counted() == flood)
+
+    def messages() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "cdk.http"]
+
+    def refusals() -> list[str]:
+        return [m for m in messages() if m.startswith("refused ")]
+
+    with caplog.at_level(logging.INFO, logger="cdk.http"):
+        run(body())
+    assert refusals()[0] == "refused POST / from 127.0.0.1: 401 missing or wrong bearer token"
+    assert 0 < len(refusals()) < flood  # rate-limited, not silent
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "cdk.http")
+
+
+def test_the_access_log_has_one_line_per_request_when_asked_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def body(**config: Any) -> None:
+        async with serving(RecordingSink(), auth_token=TOKEN, **config) as s:
+            headers, data = to_binary(event())
+            good = {**headers, "Authorization": f"Bearer {TOKEN}"}
+            assert (await s.post(good, data, path="/?a=1"))[0] == 200
+            assert (await s.get("/heal%0athz"))[0] == 404
+            assert (await s.post(headers, data))[0] == 401
+
+    with caplog.at_level(logging.INFO, logger="cdk.access"):
+        run(body())
+        assert [r for r in caplog.records if r.name == "cdk.access"] == []
+        run(body(access_log=True))
+    records = [r for r in caplog.records if r.name == "cdk.access"]
+    # client "request" status bytes duration
+    lines = [r.getMessage().rsplit(" ", 2) for r in records]
+    assert [line[0] for line in lines] == [
+        '127.0.0.1 "POST /" 200',
+        '127.0.0.1 "GET /heal\\nthz" 404',
+        '127.0.0.1 "POST /" 401',
+    ]
+    assert all(int(size) > 0 and duration.endswith("ms") for _, size, duration in lines)
+    fields = [(r.__dict__["method"], r.__dict__["status"]) for r in records]
+    assert fields == [("POST", 200), ("GET", 404), ("POST", 401)]
+
+
 # -- concurrency cap ------------------------------------------------------------------------
 
 

@@ -186,6 +186,11 @@ class ServerConfig(ConnectorConfig):
         "estimate of the events decoded from them; beyond it new requests get 503 with "
         "Retry-After.",
     )
+    access_log: bool = Field(
+        False,
+        description="Log one line per request (client, method, path, status, bytes, "
+        "duration) to the `cdk.access` logger.",
+    )
 
     @field_validator("auth_token")
     @classmethod

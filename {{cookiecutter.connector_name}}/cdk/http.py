@@ -62,6 +62,11 @@ import orjson
 __all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response"]
 
 _LOG = logging.getLogger("cdk.http")
+_ACCESS = logging.getLogger("cdk.access")
+#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second), whether the
+#: server or the application made them; 404 and 405 are not news.
+_LOGGED_REFUSALS = frozenset({400, 401, 408, 413, 415, 417, 429, 431, 501, 503, 505})
+_REFUSALS_LOGGED = 10
 
 _TEXT = "text/plain; charset=utf-8"
 _REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus}
@@ -95,6 +100,7 @@ class Request:
     client: tuple[str, int] | None = None
     _conn: _Connection | None = field(default=None, repr=False, compare=False)
     _held: int = field(default=0, repr=False, compare=False)
+    _began: float = field(default=0.0, repr=False, compare=False)
 
     @property
     def disconnected(self) -> bool:
@@ -222,10 +228,13 @@ def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = 
     return Response(status, message.encode("utf-8"), headers=headers or [])
 
 
+def _escaped(text: str) -> str:
+    # For a log line: "%0d%0a" decoded in a path must not start a forged line.
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def _shown(request: Request) -> str:
-    """``METHOD path`` for a log line, the decoded path escaped: ``%0d%0a`` must not
-    start a forged line."""
-    return f"{request.method} {request.path.encode('unicode_escape').decode('ascii')}"
+    return f"{request.method} {_escaped(request.path)}"
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
@@ -312,11 +321,10 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         if len(server.connections) >= server.max_connections and not server.make_room():
-            server.rejected(503)
             self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
             refusal = _refusal(503, "too many connections", [("retry-after", "1")])
-            transport.write(encode_response(refusal, keep_alive=False))
+            transport.write(self._refused(refusal))
             transport.close()
             return
         server.connections.add(self)
@@ -355,12 +363,10 @@ class _Connection(asyncio.Protocol):
             return
         self._head_fresh = False
         try:
-            if self.reading <= _IDLE:
-                # llhttp skips repeated spaces in a request line, which Go's server refuses
-                # as malformed: checked on the line a read begins with.
-                end = data.find(b"\n")
-                if end > 0 and data.find(b"  ", 0, end) >= 0:
-                    self._stop(400, "malformed request line")
+            # llhttp skips repeated spaces in a request line, which Go's server refuses as
+            # malformed: checked on the line a read begins with.
+            if self.reading <= _IDLE and data.find(b"  ", 0, data.find(b"\n")) >= 0:
+                self._stop(400, "malformed request line")
             while True:
                 try:
                     self.parser.feed_data(data)
@@ -545,7 +551,10 @@ class _Connection(asyncio.Protocol):
             path = unquote(path)
         method = self.parser.get_method().decode("ascii")
         query = raw_query.decode("latin-1")
-        return Request(method, path, query, self._headers, b"", self.client, self)
+        request = Request(method, path, query, self._headers, b"", self.client, self)
+        if self.server.access_log:
+            request._began = self.loop.time()
+        return request
 
     def on_chunk_header(self) -> None:
         # After the last chunk's size line come the trailers, buffered by httptools like
@@ -610,11 +619,25 @@ class _Connection(asyncio.Protocol):
         """Queue a refusal after the answers already due, and stop reading requests."""
         self.reading = _DONE
         self._reject = None
+        self.queue.append((None, False, False, self._refused(refusal)))
         if self._request is not None:
             self.server.release(self._request)
             self._request = None
-        self.server.rejected(refusal.status)
-        self.queue.append((None, False, False, encode_response(refusal, keep_alive=False)))
+
+    def _refused(self, refusal: Response) -> bytes:
+        """The bytes of a refusal the server makes itself, counted and logged."""
+        server = self.server
+        data = encode_response(refusal, keep_alive=False)
+        if server.on_reject is not None:
+            try:
+                server.on_reject(refusal.status)
+            except Exception:
+                server.logger.exception("on_reject callback failed")
+        if refusal.status in _LOGGED_REFUSALS:
+            server.log_refusal(self._request, refusal, self.client)
+        if server.access_log:
+            server.log_access(self._request, refusal.status, len(data), self.client)
+        return data
 
     def _next(self) -> None:
         """Start the next queued request, or go back to reading when there is none."""
@@ -681,6 +704,10 @@ class _Connection(asyncio.Protocol):
             data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
         assert self.transport is not None
         self.transport.write(data)
+        if response.status in _LOGGED_REFUSALS:
+            server.log_refusal(request, response, self.client)
+        if server.access_log:
+            server.log_access(request, response.status, len(data), self.client)
         if keep_alive:
             self._next()
         else:
@@ -688,7 +715,8 @@ class _Connection(asyncio.Protocol):
 
     def _handled(self, request: Request) -> None:
         self.task = None
-        self.server.release(request)
+        if request._held:
+            self.server.release(request)
         if self.state == _LOST:
             self.server.forget(self)
 
@@ -749,11 +777,8 @@ class _Connection(asyncio.Protocol):
         elif self.task is not None:
             return
         elif self.in_message and not self.queue:
-            self.server.rejected(408)
             self.reading = _DONE
-            self._write_and_linger(
-                encode_response(_refusal(408, "request not received in time"), keep_alive=False)
-            )
+            self._write_and_linger(self._refused(_refusal(408, "request not received in time")))
         else:
             self._close()
 
@@ -812,6 +837,7 @@ class HTTPServer:
         check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         logger: logging.Logger | None = None,
+        access_log: bool = False,
     ) -> None:
         """``check_head`` sees each request with a body once its head is complete (its
         ``body`` still empty): a Response it returns is the answer, sent before the body
@@ -832,6 +858,9 @@ class HTTPServer:
         self.held = 0
         self._held_peak = 0
         self.check_head = check_head
+        self.access_log = access_log
+        self._refusals = 0
+        self._refusals_until = 0.0
         self.on_reject = on_reject
         self.logger = logger or _LOG
         self.connections: set[_Connection] = set()
@@ -931,21 +960,46 @@ class HTTPServer:
         held = self.held
         if held + nbytes > self.max_bytes_in_flight and held > request._held:
             return False
-        self.held = held = held + nbytes
+        self.held = held + nbytes
         request._held += nbytes
-        self._held_peak = max(self._held_peak, held)
         return True
 
     def release(self, request: Request) -> None:
         self.held -= request._held
         request._held = 0
 
-    def rejected(self, status: int) -> None:
-        if self.on_reject is not None:
-            try:
-                self.on_reject(status)
-            except Exception:
-                self.logger.exception("on_reject callback failed")
+    def log_refusal(
+        self, request: Request | None, answer: Response, client: tuple[str, int] | None
+    ) -> None:
+        """One INFO line per refused request; under a flood at most ``_REFUSALS_LOGGED`` a
+        second, then how many were left out."""
+        now = self.loop.time()
+        if now >= self._refusals_until:
+            self._count_unlogged_refusals()
+            self._refusals_until = now + 1.0
+        self._refusals += 1
+        if self._refusals <= _REFUSALS_LOGGED:
+            reason = _escaped(answer.body[:200].decode("utf-8", "replace"))
+            what = _shown(request) if request is not None else "a request"
+            host = client[0] if client else "?"
+            self.logger.info("refused %s from %s: %d %s", what, host, answer.status, reason)
+
+    def _count_unlogged_refusals(self) -> None:
+        if self._refusals > _REFUSALS_LOGGED:
+            left_out = self._refusals - _REFUSALS_LOGGED
+            self.logger.info("%d more requests refused in a second, not logged", left_out)
+        self._refusals = 0
+
+    def log_access(
+        self, request: Request | None, status: int, size: int, client: tuple[str, int] | None
+    ) -> None:
+        ms = (self.loop.time() - request._began) * 1000 if request is not None else 0.0
+        what = _shown(request) if request is not None else "- -"
+        host = client[0] if client else "-"
+        method, _, path = what.partition(" ")
+        fields = {"client": host, "method": method, "path": path, "status": status}
+        fields.update(bytes=size, duration_ms=round(ms, 1))
+        _ACCESS.info('%s "%s" %d %d %.1fms', host, what, status, size, ms, extra=fields)
 
     def _sweep(self) -> None:
         loop = self.loop
@@ -953,6 +1007,9 @@ class HTTPServer:
         expired = [conn for conn in self.connections if conn.deadline <= now]
         for conn in expired:
             conn.expire()
+        if now >= self._refusals_until:
+            self._count_unlogged_refusals()
+        self._held_peak = max(self._held_peak, self.held)
         if self._held_peak >= _TRIM_AFTER and self.held * 4 <= self._held_peak:
             # A burst is over: hand the memory its requests held back to the system,
             # which glibc's allocator otherwise keeps for the process.

@@ -162,6 +162,7 @@ class Receiver:
             check_head=self._refusal,
             on_reject=self.record_status,
             logger=logger,
+            access_log=config.access_log,
         )
 
     async def handle(self, request: Request) -> Response:
