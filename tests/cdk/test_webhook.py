@@ -387,7 +387,7 @@ def test_a_full_queue_is_answered_503_at_once_instead_of_waiting(
 
     with caplog.at_level(logging.ERROR, logger="cdk.webhook"):
         asyncio.run(asyncio.wait_for(scenario(), 20))
-    assert "raise queue_size" in caplog.text
+    assert "never fit in queue_size" in caplog.text
 
 
 class GatedWebhook(cdk.WebhookSource):

@@ -1,43 +1,15 @@
 """HTTP/1.1 server: an asyncio Protocol driving the ``httptools`` (llhttp) parser directly.
 
-This module owns the wire-level HTTP work of a receiver: parsing, keep-alive, pipelining,
-chunked request bodies, ``Expect: 100-continue``, size limits, timeouts, connection
-limits and graceful shutdown. It knows nothing about CloudEvents; the application is one
-async :data:`Handler` that maps a :class:`Request` to a :class:`Response`.
-
-Why not a framework: a Protocol on top of httptools answers several times more requests
-per second than an ASGI server on the same parser, and a receiver's cost is dominated by
-that per-request overhead. The hot path therefore avoids per-request closures and timers,
-builds each answer in one join and hands it to ``transport.write`` once.
-
-Behaviour, as clients see it:
-
-- Keep-alive by default for HTTP/1.1, and for HTTP/1.0 with ``Connection: keep-alive``.
-  Pipelined requests are answered in order; while a request is being handled, or while
-  the client is not reading its answers, reading from that connection is paused, so one
-  client cannot queue unbounded work.
-- Limits answer and then close the connection: a request head over ``max_header_bytes``
-  gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
-  running total of a chunked body says so (``Expect: 100-continue`` with a declared length
-  over the limit gets 413 instead of ``100 Continue``), a request that is not valid HTTP
-  gets 400, as do (like Go's server) a request line without a version or with repeated
-  spaces, an HTTP/1.1 request without exactly one valid ``Host`` and HTTP/1.0 with
-  ``Transfer-Encoding``; HTTP/2.0 gets 505. A transfer coding other than ``chunked``
-  gets 501 and an ``Expect`` other than ``100-continue`` gets 417. After a refusal the
-  server reads and drops what the client still sends for a while (see ``_LINGER_*``).
-  A client that takes longer than ``read_timeout`` to send a whole request gets
-  408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
-  stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
-  (lowered to fit the process's open-file limit) the keep-alive connection idle longest is
-  closed to make room; when none is idle, a new connection gets 503 with ``Retry-After``.
-- The server never switches protocols: ``Upgrade`` (h2c, websocket) is ignored, as RFC
-  9110, 7.8 allows, and the request is read and answered as HTTP/1.1; CONNECT gets 501.
-- A handler raising :class:`HTTPError` answers with its status and message; any other
-  exception answers 500 with a generic body (the traceback goes to the log only).
-
-Each request is handled in its own Task, started with a fresh copy of the context
-:meth:`HTTPServer.start` ran in: what one request's handler sets in a context variable is
-never seen by the next one on the same connection.
+It owns a receiver's wire-level work (parsing, keep-alive, pipelining, chunked bodies,
+``100 Continue``, limits, timeouts, the memory budget, logs of refusals, shutdown) and
+knows nothing of CloudEvents: the application is an async :data:`Handler` from
+:class:`Request` to :class:`Response`, and a ``check_head`` that may refuse a request
+before its body is read. No framework: on this parser a Protocol answers several times
+more requests a second than an ASGI server, so the hot path has no per-request closures
+or timers and writes each answer once. The framing rules are stricter than llhttp's, as
+strict as Go's server; ``Upgrade`` is ignored. The generated README's Security section
+says what clients see. Each request runs in its own Task, in a copy of ``start()``'s
+context, so what one handler sets in a context variable the next one does not see.
 """
 
 from __future__ import annotations
@@ -45,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ctypes
-import functools
 import logging
 import math
 import resource
@@ -63,8 +34,8 @@ __all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response"]
 
 _LOG = logging.getLogger("cdk.http")
 _ACCESS = logging.getLogger("cdk.access")
-#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second), whether the
-#: server or the application made them; 404 and 405 are not news.
+#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second), made by the
+#: server or the application; 404 and 405 are not news.
 _LOGGED_REFUSALS = frozenset({400, 401, 408, 413, 415, 417, 429, 431, 501, 503, 505})
 _REFUSALS_LOGGED = 10
 
@@ -73,18 +44,15 @@ _REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus
 _CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
-#: After refusing a request the server half-closes, then reads and drops what the client
-#: still sends, as nginx does (30 s at most, 5 s between reads, here also 64 MiB at most):
-#: closing with unread data resets the connection, and the client that writes its whole
-#: body before reading (Python's http.client) would lose the answer.
+#: After a refusal the server half-closes, then drops what the client still sends, as
+#: nginx does (30 s, 5 s between reads; 64 MiB here): closing on unread data resets the
+#: connection, losing the answer for a client writing its whole body first (http.client).
 _LINGER_SECONDS = 30.0
 _LINGER_IDLE = 5.0
 _LINGER_BYTES = 64 << 20
-#: After a burst of requests holding this much, the server asks the allocator to return
-#: free memory to the system (``malloc_trim``, where the C library has it).
+#: After a burst holding this much, free memory goes back to the system (glibc keeps it).
 _TRIM_AFTER = 16 << 20
-#: File descriptors kept free beside the connections: the listening socket, the 503 answer
-#: to one connection too many, logs, the application's own files and sockets.
+#: File descriptors kept free beside connections: listening socket, logs, the app's own.
 _FD_RESERVE = 64
 
 
@@ -104,15 +72,15 @@ class Request:
 
     @property
     def disconnected(self) -> bool:
-        """True once the client closed the connection (or its sending side, which clients
-        do when they give up, as Go's server also takes it): skip work nobody waits for."""
+        """True once the client closed the connection, or its sending side (as clients do
+        when they give up; Go's server takes it so too): no one waits for the answer."""
         conn = self._conn
         return conn is not None and (conn.state != _OPEN or conn.reading == _EOF)
 
     def reserve(self, nbytes: int) -> bool:
-        """Count ``nbytes`` more (say, for what was decoded from the body) against the
-        server's ``max_bytes_in_flight`` until this request is answered. False, and nothing
-        counted, when that would pass the budget while other requests hold part of it."""
+        """Count ``nbytes`` more (what was decoded from the body, say) against the server's
+        ``max_bytes_in_flight`` until this request is answered; False, counting nothing,
+        when that would pass the budget while other requests hold some of it."""
         return self._conn is None or self._conn.server.reserve(self, nbytes)
 
     def query_params(self) -> dict[str, list[str]]:
@@ -148,12 +116,8 @@ class HTTPError(Exception):
     ) -> None:
         self.status = status
         self.message = message or _REASONS.get(status, "error")
-        if headers is None:
-            self.headers: list[tuple[str, str]] = []
-        elif isinstance(headers, Mapping):
-            self.headers = list(headers.items())
-        else:
-            self.headers = list(headers)
+        pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+        self.headers: list[tuple[str, str]] = list(pairs)
         super().__init__(status, self.message)
 
     def __str__(self) -> str:
@@ -169,48 +133,20 @@ Handler = Callable[[Request], Awaitable[Response]]
 _HEAD_CACHE: dict[tuple[int, bool, bool], bytes] = {}
 
 
-def _status_line(status: int) -> str:
-    return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-
-
 def encode_response(
     response: Response, keep_alive: bool = True, http10: bool = False, head: bool = False
 ) -> bytes:
-    """The bytes of ``response`` on the wire, head and body joined.
-
-    ``keep_alive`` False adds ``Connection: close``; an HTTP/1.0 client that asked for
-    keep-alive gets ``Connection: keep-alive``; ``head`` leaves the body out.
-    """
-    status = response.status
-    body = response.body
-    headers = response.headers
-    if not body and not headers:
-        # The common answers (200/202 with nothing to say) are cached whole.
-        key = (status, keep_alive, http10)
-        cached = _HEAD_CACHE.get(key)
-        if cached is None:
-            cached = _HEAD_CACHE.setdefault(
-                key, _encode_head(status, b"", None, (), keep_alive, http10)
-            )
+    """The bytes of ``response`` on the wire: ``keep_alive`` False adds ``Connection:
+    close``, ``http10`` with keep-alive ``Connection: keep-alive``; ``head`` drops the body."""
+    status, body, headers = response.status, response.body, response.headers
+    # The common answers (200/202 with nothing to say) are cached whole.
+    key = (status, keep_alive, http10) if not body and not headers else None
+    if key is not None and (cached := _HEAD_CACHE.get(key)) is not None:
         return cached
-    data = _encode_head(status, body, response.content_type, headers, keep_alive, http10)
-    if body and not head and status not in _NO_BODY_STATUSES:
-        return data + body
-    return data
-
-
-def _encode_head(
-    status: int,
-    body: bytes,
-    content_type: str | None,
-    headers: Iterable[tuple[str, str]],
-    keep_alive: bool,
-    http10: bool,
-) -> bytes:
-    parts = [_status_line(status)]
+    parts = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
     if status not in _NO_BODY_STATUSES and status >= 200:
-        if body and content_type:
-            parts.append(f"content-type: {content_type}\r\n")
+        if body and response.content_type:
+            parts.append(f"content-type: {response.content_type}\r\n")
         parts.append(f"content-length: {len(body)}\r\n")
     for name, value in headers:
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
@@ -221,7 +157,12 @@ def _encode_head(
     elif http10:
         parts.append("connection: keep-alive\r\n")
     parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    data = "".join(parts).encode("latin-1")
+    if key is not None:
+        _HEAD_CACHE[key] = data
+    if body and not head and status not in _NO_BODY_STATUSES:
+        return data + body
+    return data
 
 
 def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -242,7 +183,7 @@ _BUSY = _refusal(503, "busy: requests in progress hold too much; retry", [("retr
 
 
 class _Stop(Exception):
-    """Raised inside a parser callback to stop parsing; the reason is on the connection."""
+    """Raised in a parser callback to stop parsing; the refusal is ``_Connection._reject``."""
 
 
 # What the reading side of a connection is doing (``_Connection.reading``).
@@ -266,19 +207,16 @@ _LOST = 2  # connection_lost came: the server forgets it once no handler runs
 class _Connection(asyncio.Protocol):
     """One client connection: feeds the parser, queues whole requests, answers them in order.
 
-    Three things are tracked apart, as in uvicorn: the connection's life (``state``), the
-    request being read (``reading`` and the fields of the message), and flow control
-    (``read_paused`` while answers are due, ``write_paused`` while the client does not
-    read). A handler runs while ``task`` is set. A ``queue`` item is ``(request,
-    keep_alive, http10, canned)``: ``canned`` is a finished refusal (then ``request`` is
-    None), written once the answers before it went out. One ``deadline`` at a time; what
-    passing it means follows from the state (see :meth:`expire`).
+    Apart, as in uvicorn: its life (``state``), the request read (``reading`` and the
+    ``_`` fields), flow control (``read_paused``, ``write_paused``); ``task`` is the handler
+    running. ``queue``: ``(request, keep_alive, http10, canned)``, ``canned`` the bytes of a
+    refusal (``request`` None). The state says what passing ``deadline`` means (expire).
     """
 
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
         self.loop = server.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, called first
         self.parser = httptools.HttpRequestParser(self)
         self.client: tuple[str, int] | None = None
         self.queue: deque[tuple[Request | None, bool, bool, bytes]] = deque()
@@ -291,7 +229,6 @@ class _Connection(asyncio.Protocol):
         self._linger_bytes = 0
         self._linger_end = 0.0
         self._reject: Response | None = None
-        # The message being read.
         self._url = b""
         self._headers: dict[str, str] = {}
         self._request: Request | None = None
@@ -303,10 +240,9 @@ class _Connection(asyncio.Protocol):
         self._version = "1.1"
 
     @property
-    def in_message(self) -> bool:
-        return _HEAD <= self.reading <= _UPGRADE
-
-    # -- transport events -------------------------------------------------------------
+    def idle(self) -> bool:
+        """Between two requests of a keep-alive connection."""
+        return self.reading == _IDLE and self.task is None and not self.queue
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
@@ -328,7 +264,6 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         server.connections.add(self)
-        # A fresh connection must start its request promptly.
         self.deadline = self.loop.time() + min(server.read_timeout, server.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -363,8 +298,7 @@ class _Connection(asyncio.Protocol):
             return
         self._head_fresh = False
         try:
-            # llhttp skips repeated spaces in a request line, which Go's server refuses as
-            # malformed: checked on the line a read begins with.
+            # llhttp skips repeated spaces in a request line; Go refuses them. Checked per read.
             if self.reading <= _IDLE and data.find(b"  ", 0, data.find(b"\n")) >= 0:
                 self._stop(400, "malformed request line")
             while True:
@@ -374,24 +308,16 @@ class _Connection(asyncio.Protocol):
                 except httptools.HttpParserUpgrade as exc:
                     data = self._without_upgrade(data[exc.args[0] :])
         except (httptools.HttpParserError, _Stop) as exc:
-            reject = self._reject
-            if reject is None:
-                # httptools turns an exception raised in a callback into a parser error,
-                # with the original as its context: that is a fault here, not the client's.
-                cause = exc.__context__
-                if cause is not None and not isinstance(cause, _Stop):
-                    self.server.logger.error("failed to read a request", exc_info=cause)
-                    reject = _refusal(500, "internal error")
-                else:
-                    reject = _refusal(400, "malformed HTTP request")
-            self._reject_request(reject)
+            # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
+            cause = exc.__context__
+            if self._reject is None and cause is not None and not isinstance(cause, _Stop):
+                self.server.logger.error("failed to read a request", exc_info=cause)
+                self._reject = _refusal(500, "internal error")
+            self._reject_request(self._reject or _refusal(400, "malformed HTTP request"))
         else:
             if _HEAD <= self.reading <= _TRAILER:
                 if not self._head_fresh:
-                    # The whole chunk belongs to a head (or trailers) begun earlier and
-                    # still unfinished. httptools buffers a header line until it ends, so
-                    # raw bytes count too: one endless header line must not grow memory
-                    # without limit.
+                    # httptools buffers a header line until it ends: count an endless one.
                     self._head_raw += len(data)
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
@@ -400,15 +326,12 @@ class _Connection(asyncio.Protocol):
             self._next()
         if (
             (self.task is not None or self.write_paused)
-            and (self.queue or self.in_message)
+            and (self.queue or _HEAD <= self.reading <= _UPGRADE)
             and not self.read_paused
             and self.state == _OPEN
         ):
-            # More arrived while a request is being handled or while its answer cannot be
-            # sent yet (pipelining): stop reading until the answers are out, so one client
-            # cannot queue unbounded work.
+            # Pipelining: read on once answered, so one client cannot queue unbounded work.
             self.read_paused = True
-            assert self.transport is not None
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
@@ -417,8 +340,6 @@ class _Connection(asyncio.Protocol):
         if self.task is None and not self.queue:
             self._close()
         return True
-
-    # -- parser callbacks (called by httptools from feed_data) ------------------------
 
     def on_message_begin(self) -> None:
         self.reading = _HEAD
@@ -436,27 +357,18 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The size limit is checked once per read and at the end of the head, not here:
-        # this runs for every header of every request. Each line costs at least 4 bytes
-        # beyond its name and value (": ", CRLF), counted here so that a name repeated
-        # thousands of times counts as many lines, not one.
+        # Checked per read, not per header; 4 more bytes a line (": ", CRLF): repeats count.
         self._head_bytes += len(name) + len(value) + 4
         if self.reading != _HEAD:
             self._on_trailer()
             return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        headers = self._headers
-        if key in headers:
-            headers[key] = f"{headers[key]}, {text}"
-        else:
-            headers[key] = text
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
 
     def _on_trailer(self) -> None:
-        # Fields after a chunked body are dropped, not merged into the headers (RFC 9110,
-        # 6.5.1): the application decided on the head alone, and an Authorization or a
-        # Content-Type arriving after the body must not override what it checked. They
-        # still count toward the head limit, as they are held in memory until parsed.
+        # Counted, then dropped (RFC 9110, 6.5.1): no Authorization may follow the body.
         if self._head_bytes + len(self._url) > self.server.max_header_bytes:
             self._stop(431, "request header fields too large")
 
@@ -465,29 +377,25 @@ class _Connection(asyncio.Protocol):
         if parser.should_upgrade():
             if parser.get_method() == b"CONNECT":
                 self._stop(501, "CONNECT is not supported")
-            # httptools then skips the body and stops after the head; the head is checked
-            # once, when _without_upgrade has it parsed again.
+            # httptools then skips the body: the head is checked when parsed again.
             self.reading = _UPGRADE
             return
         self.reading = _BODY
         headers = self._headers
         server = self.server
         version = self._version = parser.get_http_version()
-        if version != "1.1":
-            # llhttp takes a request line without a version as HTTP/0.9, and HTTP/2.0.
-            if version == "2.0":
-                self._stop(505, "only HTTP/1.1 and HTTP/1.0 are supported")
-            if version != "1.0":
-                self._stop(400, "malformed request line")
+        # As Go's server does: llhttp reads a request line without a version as HTTP/0.9.
+        if version == "2.0":
+            self._stop(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+        if version not in ("1.1", "1.0"):
+            self._stop(400, "malformed request line")
         if self._head_bytes + len(self._url) > server.max_header_bytes:
             self._stop(431, "request header fields too large")
+        # RFC 9112, 3.2: exactly one valid Host (repeats are joined by ", "; no host has ",").
         host = headers.get("host")
-        if host is None:
-            if version == "1.1":
-                # RFC 9112, 3.2: an HTTP/1.1 request without Host, or with more than one, gets
-                # 400. Repeats are joined by ", " above, and no valid host has a comma.
-                self._stop(400, "a Host header is required")
-        elif "," in host or " " in host or not (host.isascii() and host.isprintable()):
+        if host is None and version == "1.1":
+            self._stop(400, "a Host header is required")
+        if host and ("," in host or " " in host or not (host.isascii() and host.isprintable())):
             self._stop(400, "exactly one valid Host header is required")
         declared = 0
         length = headers.get("content-length")
@@ -499,33 +407,26 @@ class _Connection(asyncio.Protocol):
             if declared > server.max_body_bytes:
                 self._stop(413, "request body too large")
         coding = headers.get("transfer-encoding")
-        if coding is not None:
-            if version == "1.0":
-                # RFC 9112, 6.1: framing an HTTP/1.0 message so is faulty: refuse and close.
-                self._stop(400, "Transfer-Encoding is not allowed in HTTP/1.0")
-            if coding.lower() != "chunked":
-                # llhttp accepts codings before a final "chunked" and undoes only that one:
-                # the body would reach the handler still compressed. RFC 9112, 6.1: 501.
-                self._stop(501, "only the chunked transfer coding is supported")
+        if coding is not None and version == "1.0":
+            self._stop(400, "Transfer-Encoding is not allowed in HTTP/1.0")  # RFC 9112, 6.1
+        if coding is not None and coding.lower() != "chunked":
+            # llhttp undoes only a final "chunked": the body would stay compressed.
+            self._stop(501, "only the chunked transfer coding is supported")
         expect = headers.get("expect")
         if expect is not None and expect.lower() != "100-continue":
-            # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
-            self._stop(417, "only Expect: 100-continue is supported")
+            self._stop(417, "only Expect: 100-continue is supported")  # RFC 9110, 10.1.1
         request = self._request = self._make_request()
         if server.check_head is not None and (declared or coding is not None):
-            # Refused before a byte of the body is read or asked for (100 Continue).
             self._reject = server.check_head(request)
             if self._reject is not None:
                 raise _Stop
         if declared and not server.reserve(request, declared):
             self._reject = _BUSY
             raise _Stop
-        if expect is not None and version == "1.1":
-            # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
+        if expect is not None and version == "1.1":  # HTTP/1.0 knows no 100 Continue
             if self.task is not None or self.queue:
                 self.reading = _CONTINUE
             else:
-                assert self.transport is not None
                 self.transport.write(_CONTINUE_ANSWER)
 
     def _stop(self, status: int, message: str) -> NoReturn:
@@ -557,9 +458,7 @@ class _Connection(asyncio.Protocol):
         return request
 
     def on_chunk_header(self) -> None:
-        # After the last chunk's size line come the trailers, buffered by httptools like
-        # header lines: count their raw bytes as a head's until on_chunk_complete. After
-        # any other size line, the chunk's data follows and on_body stops the count.
+        # A size line, and the trailers after the last, are buffered like header lines.
         self.reading = _TRAILER
         self._head_fresh = True
 
@@ -595,25 +494,14 @@ class _Connection(asyncio.Protocol):
         self.queue.append((request, parser.should_keep_alive(), self._version == "1.0", b""))
 
     def _without_upgrade(self, rest: bytes) -> bytes:
-        """The head of the request that asked for an upgrade, without ``Upgrade``, + ``rest``.
-
-        The server never switches protocols (RFC 9110, 7.8 lets it ignore the header):
-        Java's HttpClient and ``curl --http2`` ask for h2c on requests with a body, and
-        that body, then any pipelined request, must be read as HTTP/1.1. A fresh parser
-        reads the head again without the header, so the body is framed as usual.
-        """
-        parser = self.parser
-        version = parser.get_http_version().encode()
-        lines = [b"%s %s HTTP/%s\r\n" % (parser.get_method(), self._url, version)]
-        lines += [
-            f"{name}: {value}\r\n".encode("latin-1")
-            for name, value in self._headers.items()
-            if name != "upgrade"
-        ]
+        """The head that asked for an upgrade, without ``Upgrade``, and ``rest``, for a fresh
+        parser: the server never switches protocols (RFC 9110, 7.8), and the body of an h2c
+        request (Java's HttpClient, ``curl --http2``) must be read as usual."""
+        version = self.parser.get_http_version().encode()
+        line = b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self._url, version)
+        fields = "".join(f"{k}: {v}\r\n" for k, v in self._headers.items() if k != "upgrade")
         self.parser = httptools.HttpRequestParser(self)
-        return b"".join(lines) + b"\r\n" + rest
-
-    # -- answering ----------------------------------------------------------------------
+        return line + fields.encode("latin-1") + b"\r\n" + rest
 
     def _reject_request(self, refusal: Response) -> None:
         """Queue a refusal after the answers already due, and stop reading requests."""
@@ -629,14 +517,8 @@ class _Connection(asyncio.Protocol):
         server = self.server
         data = encode_response(refusal, keep_alive=False)
         if server.on_reject is not None:
-            try:
-                server.on_reject(refusal.status)
-            except Exception:
-                server.logger.exception("on_reject callback failed")
-        if refusal.status in _LOGGED_REFUSALS:
-            server.log_refusal(self._request, refusal, self.client)
-        if server.access_log:
-            server.log_access(self._request, refusal.status, len(data), self.client)
+            server.on_reject(refusal.status)
+        server.log(self._request, refusal, len(data), self.client)
         return data
 
     def _next(self) -> None:
@@ -650,12 +532,8 @@ class _Connection(asyncio.Protocol):
                 self._write_and_linger(canned)
                 return
             self.deadline = math.inf
-            # A Task per request, even for handlers that never wait: running those right
-            # here would save the Task, but then every answer is written on its own
-            # instead of together with the others due in this pass of the loop, and
-            # waking the clients one write at a time costs more than the Task saves.
-            # The Task runs in a fresh copy of the server's context: this may be called
-            # from the Task of the request before, whose context is not this one's.
+            # A Task even for handlers that never wait: answers of one loop pass then go out
+            # together. A fresh context: this may run in the Task of the request before.
             self.task = self.loop.create_task(
                 self._respond(request, keep_alive, http10), context=self.server.context.copy()
             )
@@ -666,12 +544,10 @@ class _Connection(asyncio.Protocol):
             return
         if self.read_paused:
             self.read_paused = False
-            assert self.transport is not None
             self.transport.resume_reading()
         if in_message:
             if self.reading == _CONTINUE:
                 self.reading = _BODY
-                assert self.transport is not None
                 self.transport.write(_CONTINUE_ANSWER)
             self.deadline = self.loop.time() + self.server.read_timeout
         else:
@@ -702,12 +578,9 @@ class _Connection(asyncio.Protocol):
         except (ValueError, UnicodeError):
             server.logger.exception("handler answer cannot be sent on %s", _shown(request))
             data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
-        assert self.transport is not None
         self.transport.write(data)
-        if response.status in _LOGGED_REFUSALS:
-            server.log_refusal(request, response, self.client)
-        if server.access_log:
-            server.log_access(request, response.status, len(data), self.client)
+        if server.access_log or response.status in _LOGGED_REFUSALS:
+            server.log(request, response, len(data), self.client)
         if keep_alive:
             self._next()
         else:
@@ -732,7 +605,6 @@ class _Connection(asyncio.Protocol):
 
     def _write_and_linger(self, data: bytes) -> None:
         transport = self.transport
-        assert transport is not None
         transport.write(data)
         self._drop()
         if not transport.can_write_eof():
@@ -751,23 +623,14 @@ class _Connection(asyncio.Protocol):
 
     def _close(self, abort: bool = False) -> None:
         """Close once what is written went out, or with ``abort`` drop the connection now."""
-        if self.state == _OPEN:
-            self.state = _CLOSED
-        elif not abort:
-            return
-        self.deadline = math.inf
-        self._drop()
-        assert self.transport is not None
-        if abort:
-            self.transport.abort()
-        else:
-            self.transport.close()
-
-    # -- server-driven events -----------------------------------------------------------
+        if self.state == _OPEN or abort:
+            self.state = max(self.state, _CLOSED)
+            self.deadline = math.inf
+            self._drop()
+            (self.transport.abort if abort else self.transport.close)()
 
     def expire(self) -> None:
-        """The deadline passed (called by the server's sweep): what that means depends on
-        what the connection is doing."""
+        """The deadline passed (the server's sweep): what it means depends on the state."""
         self.deadline = math.inf
         if self.state != _OPEN:
             return
@@ -776,7 +639,7 @@ class _Connection(asyncio.Protocol):
             self._close(abort=True)
         elif self.task is not None:
             return
-        elif self.in_message and not self.queue:
+        elif _HEAD <= self.reading <= _UPGRADE and not self.queue:
             self.reading = _DONE
             self._write_and_linger(self._refused(_refusal(408, "request not received in time")))
         else:
@@ -786,7 +649,7 @@ class _Connection(asyncio.Protocol):
         """Shutdown began: close now if idle, else after the answer in progress."""
         if self.reading == _LINGER:
             self._close(abort=True)
-        elif self.task is None and not self.queue and not self.in_message:
+        elif self.task is None and not self.queue and not _HEAD <= self.reading <= _UPGRADE:
             self._close()
 
     def kill(self) -> None:
@@ -796,22 +659,14 @@ class _Connection(asyncio.Protocol):
             self.task.cancel()
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
-    except (OSError, AttributeError):
-        return None  # not glibc
-
-
-_MALLOC_TRIM = _malloc_trim()
+try:
+    _MALLOC_TRIM: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 
 def _fit_fd_limit(wanted: int) -> int:
-    """``wanted`` connections, or fewer when the open-file limit cannot hold them all.
-
-    Past that limit accept() fails: the event loop logs an error, stops accepting for a
-    while and new clients wait unanswered, instead of getting a 503 they can retry on.
-    """
+    """``wanted``, or fewer to fit the file limit: past it clients wait, with no 503."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
@@ -832,18 +687,16 @@ class HTTPServer:
         read_timeout: float = 10.0,
         keepalive_timeout: float = 75.0,
         max_connections: int = 10_000,
-        backlog: int = 1024,
         max_bytes_in_flight: int = 64 << 20,
         check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         logger: logging.Logger | None = None,
         access_log: bool = False,
     ) -> None:
-        """``check_head`` sees each request with a body once its head is complete (its
-        ``body`` still empty): a Response it returns is the answer, sent before the body
-        is read or a ``100 Continue`` is, and the connection closes after it. ``on_reject``
-        is called with the status of every answer the server makes itself (those
-        included), so the application can count them."""
+        """``check_head`` sees each request with a body once its head is complete (``body``
+        empty): a Response it returns is sent before the body is read or ``100 Continue``,
+        then the connection closes. ``on_reject`` gets the status of each refusal the
+        server makes (those included)."""
         self.handler = handler
         self.host = host
         self.requested_port = port
@@ -852,7 +705,6 @@ class HTTPServer:
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = _fit_fd_limit(max_connections)
-        self.backlog = backlog
         self.max_bytes_in_flight = max_bytes_in_flight
         #: Bytes the requests in progress hold (bodies, and what handlers reserve).
         self.held = 0
@@ -866,35 +718,28 @@ class HTTPServer:
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._all_gone: asyncio.Event | None = None
-        # Deadlines are checked by one periodic sweep rather than a timer per request;
-        # a deadline fires at most a quarter of the shortest timeout late.
+        self._sweeper: asyncio.TimerHandle  # set by start()
+        self._all_gone = asyncio.Event()
+        # One sweep for all deadlines, not a timer per request: late by a tick at most.
         self._tick = max(0.005, min(1.0, read_timeout / 4, keepalive_timeout / 4))
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by start()
         #: What each request's Task starts from: the context ``start()`` was called in.
         self.context = contextvars.Context()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        assert self._loop is not None, "HTTPServer.start() was not called"
-        return self._loop
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
         if self._server is not None:
             raise RuntimeError("HTTPServer already started")
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.context = contextvars.copy_context()
-        self._all_gone = asyncio.Event()
-        self._server = await self._loop.create_server(
-            functools.partial(_Connection, self),
+        self._server = await self.loop.create_server(
+            lambda: _Connection(self),
             self.host,
             self.requested_port,
-            backlog=self.backlog,
+            backlog=1024,
             reuse_address=True,
         )
-        self._sweeper = self._loop.call_later(self._tick, self._sweep)
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
     @property
     def port(self) -> int:
@@ -904,56 +749,37 @@ class HTTPServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self, grace: float = 10.0) -> None:
-        """Stop accepting, let in-flight handlers finish within ``grace``, close every
-        connection (idle ones at once), then drop whatever is left."""
+        """Stop accepting, close idle connections, give handlers ``grace`` seconds, drop."""
         if self._server is None or self.draining:
             return
         self.draining = True
         self._server.close()
         for conn in list(self.connections):
             conn.drain()
-        assert self._all_gone is not None
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
             except TimeoutError:
-                self.logger.warning(
-                    "%d connection(s) still busy after the %.1f s grace period; closing them",
-                    len(self.connections),
-                    grace,
-                )
+                busy = len(self.connections)
+                self.logger.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
         for conn in list(self.connections):
             conn.kill()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._sweeper.cancel()
         await self._server.wait_closed()
 
-    # -- used by connections ------------------------------------------------------------
-
     def make_room(self) -> bool:
-        """Close the keep-alive connection idle for longest (as nginx does), or False if
-        none is: idle clients must not lock new ones out of a full server."""
-        idle = [
-            conn
-            for conn in self.connections
-            if conn.state == _OPEN
-            and conn.reading == _IDLE
-            and conn.task is None
-            and not conn.queue
-        ]
-        if not idle:
-            return False
-        # Their deadlines all count from when they went idle.
-        min(idle, key=lambda conn: conn.deadline)._close()
-        return True
+        """Close the keep-alive connection idle longest, as nginx does; False if none is."""
+        idle = [conn for conn in self.connections if conn.idle and conn.state == _OPEN]
+        if idle:  # their deadlines all count from when they went idle
+            min(idle, key=lambda conn: conn.deadline)._close()
+        return bool(idle)
 
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
-        if self.draining and not self.connections and self._all_gone is not None:
+        if self.draining and not self.connections:
             self._all_gone.set()
 
     def reserve(self, request: Request, nbytes: int) -> bool:
@@ -968,38 +794,24 @@ class HTTPServer:
         self.held -= request._held
         request._held = 0
 
-    def log_refusal(
-        self, request: Request | None, answer: Response, client: tuple[str, int] | None
+    def log(
+        self, request: Request | None, answer: Response, size: int, client: tuple[str, int] | None
     ) -> None:
-        """One INFO line per refused request; under a flood at most ``_REFUSALS_LOGGED`` a
-        second, then how many were left out."""
-        now = self.loop.time()
-        if now >= self._refusals_until:
-            self._count_unlogged_refusals()
-            self._refusals_until = now + 1.0
-        self._refusals += 1
-        if self._refusals <= _REFUSALS_LOGGED:
-            reason = _escaped(answer.body[:200].decode("utf-8", "replace"))
-            what = _shown(request) if request is not None else "a request"
-            host = client[0] if client else "?"
-            self.logger.info("refused %s from %s: %d %s", what, host, answer.status, reason)
-
-    def _count_unlogged_refusals(self) -> None:
-        if self._refusals > _REFUSALS_LOGGED:
-            left_out = self._refusals - _REFUSALS_LOGGED
-            self.logger.info("%d more requests refused in a second, not logged", left_out)
-        self._refusals = 0
-
-    def log_access(
-        self, request: Request | None, status: int, size: int, client: tuple[str, int] | None
-    ) -> None:
-        ms = (self.loop.time() - request._began) * 1000 if request is not None else 0.0
+        """A refusal's INFO line (at most ``_REFUSALS_LOGGED`` a second), an access line."""
         what = _shown(request) if request is not None else "- -"
         host = client[0] if client else "-"
-        method, _, path = what.partition(" ")
-        fields = {"client": host, "method": method, "path": path, "status": status}
-        fields.update(bytes=size, duration_ms=round(ms, 1))
-        _ACCESS.info('%s "%s" %d %d %.1fms', host, what, status, size, ms, extra=fields)
+        status = answer.status
+        if status in _LOGGED_REFUSALS:
+            self._refusals += 1  # in this second: the sweep counts those left out
+            if self._refusals <= _REFUSALS_LOGGED:
+                reason = _escaped(answer.body[:200].decode("utf-8", "replace"))
+                self.logger.info("refused %s from %s: %d %s", what, host, status, reason)
+        if self.access_log:
+            ms = round((self.loop.time() - request._began) * 1000, 1) if request else 0.0
+            method, _, path = what.partition(" ")
+            fields = {"client": host, "method": method, "path": path, "status": status}
+            fields.update(bytes=size, duration_ms=ms)
+            _ACCESS.info('%s "%s" %d %d %.1fms', host, what, status, size, ms, extra=fields)
 
     def _sweep(self) -> None:
         loop = self.loop
@@ -1008,11 +820,12 @@ class HTTPServer:
         for conn in expired:
             conn.expire()
         if now >= self._refusals_until:
-            self._count_unlogged_refusals()
+            if self._refusals > _REFUSALS_LOGGED:
+                left_out = self._refusals - _REFUSALS_LOGGED
+                self.logger.info("%d more requests refused in a second, not logged", left_out)
+            self._refusals, self._refusals_until = 0, now + 1.0
         self._held_peak = max(self._held_peak, self.held)
         if self._held_peak >= _TRIM_AFTER and self.held * 4 <= self._held_peak:
-            # A burst is over: hand the memory its requests held back to the system,
-            # which glibc's allocator otherwise keeps for the process.
             self._held_peak = self.held
             if _MALLOC_TRIM is not None:
                 _MALLOC_TRIM(0)

@@ -1,41 +1,28 @@
 """The webhook source's request handler: one HTTP request in, its events delivered, one answer.
 
-:class:`WebhookHandler` is the ``POST`` handler the runtime mounts in a
-:class:`cdk.receiver.Receiver` for a :class:`cdk.WebhookSource` (the receiver has
-already checked auth, size limits and concurrency). For each request it calls the
-user's ``make_event(request)``, puts every event it returns into the source's
-``chan``, and answers once each of those events was delivered or given up on by the
-delivery engine.
+:class:`WebhookHandler` is the POST handler of a :class:`cdk.WebhookSource`'s
+:class:`cdk.receiver.Receiver` (which checked auth, size and concurrency). It calls
+``make_event(request)`` (``async def`` awaited, or a quick CPU-only plain ``def`` called
+on the loop), puts the events into ``chan`` and answers, in JSON, once each was
+delivered or given up on, or ``response_timeout`` passed:
 
-How the caller is answered:
+=========================================  ======  ========================================
+every event delivered                      200     ``{"ids": [...]}``
+no event (``None`` or ``[]``)              202     ``{"ids": []}``
+``make_event`` raised ``cdk.HTTPError``    its     ``{"error": message}``, its headers
+``make_event`` raised or returned junk     500     generic; the details are logged
+the target refused or kept failing         502     ``{"error", "delivered", "failed"}``
+the last attempt timed out                 504     same
+an event could not be encoded              500     same
+shutdown came first                        503     same, ``Retry-After: 5``
+not settled within ``response_timeout``    504     ``{"error", "pending"}``: still queued
+no room in ``chan``                        503     ``{"error"}``, ``Retry-After: 1``
+the caller hung up before queueing         499     nothing queued (nobody reads it)
+=========================================  ======  ========================================
 
-==========================================  ======  =======================================
-what happened                               status  body (JSON)
-==========================================  ======  =======================================
-every event delivered                       200     ``{"ids": [...]}``
-``make_event`` returned ``None`` or ``[]``  202     ``{"ids": []}``; nothing sent
-``make_event`` raised ``cdk.HTTPError``     its     ``{"error": message}``, its headers
-``make_event`` raised anything else         500     generic; the traceback is logged
-``make_event`` returned something else      500     generic; logged
-the target rejected it or kept failing      502     ``{"error", "delivered", "failed"}``
-the last attempt timed out                  504     same
-the event could not be encoded              500     same (``make_event`` built a bad event)
-the connector shut down first               503     same, with ``Retry-After``
-not settled within ``response_timeout``     504     ``{"error", "pending"}``; still queued
-``chan`` has no room for the events         503     ``{"error"}``, ``Retry-After: 1``
-the caller hung up before they were queued  499     nothing queued (nobody reads it)
-==========================================  ======  =======================================
-
-Every status the kit chooses for a failed delivery (5xx) is one webhook callers and
-Knative retry. ``delivered`` and ``failed`` list event ids; ``error`` is a generic
-sentence, as what the target answered goes to the log only (secrets masked by
-``config.redact``). A retry sends the delivered events again, which the at-least-once
-contract allows.
-
-``make_event`` may be ``async def`` (awaited on the event loop) or a plain ``def``,
-which is called directly on the event loop: it is meant to be quick, CPU-only work
-(read the request, build an event). One that does blocking I/O should be
-``async def`` and use ``await asyncio.to_thread(...)``.
+``error`` is generic and the lists hold event ids: the target's answer may name internal
+hosts or echo the token, so it goes to the log only, secrets masked (``config.redact``).
+Callers and Knative retry the 5xx; resending delivered events is what at-least-once allows.
 """
 
 from __future__ import annotations
@@ -44,7 +31,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -65,44 +52,18 @@ __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
 RETRY_AFTER_SHUTDOWN = 5
 
 _JSON = "application/json"
-_RETRY_SOON = [("retry-after", "1")]
 _EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
-class _Outcome:
-    """The fates of one request's events; resolves ``done`` once every event has one."""
+def _tuple(event: Any, fate: asyncio.Future[BaseException | None]) -> Tuple:
+    """``fate`` gets None once ``event`` is delivered, the error once it is given up on
+    (the delivery engine calls back on the event loop)."""
 
-    __slots__ = ("count", "done", "errors", "loop", "settled")
+    def settle(error: BaseException | None = None) -> None:
+        if not fate.done():  # cancelled: the caller went away, or got its 504
+            fate.set_result(error)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        self.loop = loop
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.count = count
-        self.settled: set[int] = set()
-        self.errors: dict[int, BaseException] = {}
-
-    def tuple(self, index: int, event: Any) -> Tuple:
-        return Tuple(event, lambda: self._resolve(index, None), lambda e: self._resolve(index, e))
-
-    def _resolve(self, index: int, error: BaseException | None) -> None:
-        # The delivery engine calls back on the event loop; anything else must hop onto it.
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._settle(index, error)
-        else:
-            self.loop.call_soon_threadsafe(self._settle, index, error)
-
-    def _settle(self, index: int, error: BaseException | None) -> None:
-        if error is not None:
-            self.errors[index] = error
-        self.settled.add(index)
-        # The caller may have gone away (handler cancelled): then nobody awaits `done`,
-        # which is harmless because it only ever holds a result, never an exception.
-        if len(self.settled) == self.count and not self.done.done():
-            self.done.set_result(None)
+    return Tuple(event, settle, settle)
 
 
 class WebhookHandler:
@@ -128,11 +89,8 @@ class WebhookHandler:
         self._closed = False
 
     def close(self) -> None:
-        """Shutdown began: take no more events (callers get 503 with ``Retry-After``).
-
-        Events already in ``chan`` are still delivered (or failed) by the delivery
-        engine's drain.
-        """
+        """Shutdown began: take no more events (callers get 503); those in ``chan`` are
+        still delivered or failed by the delivery engine's drain."""
         self._closed = True
 
     async def __call__(self, request: Request) -> Response:
@@ -153,35 +111,30 @@ class WebhookHandler:
             return _json_response(499, {"error": "the caller closed the connection"})
         if chan.maxsize and chan.qsize() + len(events) > chan.maxsize:
             if len(events) > chan.maxsize:
-                self.log.error(
-                    "make_event returned %d events, more than queue_size (%d) holds: "
-                    "raise queue_size; answering 500",
-                    len(events),
-                    chan.maxsize,
-                )
+                self.log.error("%d events never fit in queue_size: raise it", len(events))
                 return _json_response(500, {"error": "internal error while queueing events"})
-            # Answered at once rather than waiting for room: the caller retries later, and
-            # waiting callers would hold their connection and memory meanwhile.
-            return _json_response(503, {"error": "busy: the queue is full"}, _RETRY_SOON)
-        outcome = _Outcome(asyncio.get_running_loop(), len(events))
-        for index, event in enumerate(events):
-            chan.put_nowait(outcome.tuple(index, event))
-        done, _ = await asyncio.wait((outcome.done,), timeout=self._response_timeout)
-        if not done:
-            # GitHub, for one, gives up after 10 s. The events stay queued: a caller that
-            # sends them again gets them delivered twice, which at-least-once allows.
-            pending = [e.get_id() for i, e in enumerate(events) if i not in outcome.settled]
-            self.log.warning(
-                "events not delivered within response_timeout (%s s), answering 504; "
-                "still queued: %s",
-                self._response_timeout,
-                ", ".join(map(str, pending[:20])),
-            )
+            # At once: waiting for room would hold the caller's connection and memory.
+            return _json_response(503, {"error": "busy: the queue is full"}, [("retry-after", "1")])
+        loop = asyncio.get_running_loop()
+        fates: list[asyncio.Future[BaseException | None]] = [loop.create_future() for _ in events]
+        for event, fate in zip(events, fates, strict=True):
+            chan.put_nowait(_tuple(event, fate))
+        try:
+            await asyncio.wait(fates, timeout=self._response_timeout)
+        finally:
+            for fate in fates:
+                fate.cancel()  # those not settled yet stay queued all the same
+        pending = [e.get_id() for e, fate in zip(events, fates, strict=True) if fate.cancelled()]
+        if pending:
+            # GitHub gives up after 10 s; if it sends again, at-least-once allows twice.
+            ids = ", ".join(map(str, pending[:20]))
+            self.log.warning("not delivered within response_timeout, still queued: %s", ids)
             late = {"error": "not delivered in time; the events stay queued", "pending": pending}
             return _json_response(504, late)
-        if not outcome.errors:
+        errors = {i: failure for i, fate in enumerate(fates) if (failure := fate.result())}
+        if not errors:
             return _json_response(200, {"ids": [event.get_id() for event in events]})
-        return self._failure_response(events, outcome.errors)
+        return self._failure_response(events, errors)
 
     async def _make_events(self, request: Request) -> list[Any]:
         """Call ``make_event`` and normalise its answer to a list of events."""
@@ -211,9 +164,7 @@ class WebhookHandler:
         )
         raise HTTPError(500, "internal error while making the event")
 
-    def _failure_response(self, events: list[Any], errors: dict[int, BaseException]) -> Response:
-        # The target's own words stay in the log: they may name internal hosts, or echo
-        # the request with its token, to a caller who need not be trusted.
+    def _failure_response(self, events: list[Any], errors: Mapping[int, BaseException]) -> Response:
         failures = list(errors.values())
         headers: list[tuple[str, str]] = []
         if any(isinstance(e, ShutdownError) for e in failures):
@@ -248,6 +199,4 @@ def _timed_out(error: BaseException) -> bool:
 def _json_response(
     status: int, body: Any, headers: list[tuple[str, str]] | None = None
 ) -> Response:
-    return Response(
-        status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers or []
-    )
+    return Response(status, orjson.dumps(body), _JSON, headers or [])
