@@ -71,20 +71,9 @@ def serve(port: int, gate: Path, kind: str) -> None:
 
 def batch_body() -> bytes:
     import orjson
+    from bench_sink import event_json
 
-    def event(n: int) -> dict[str, object]:
-        return {
-            "specversion": "1.0",
-            "id": f"8d3c1a2e-5b7f-4c1e-9a0b-{n:012d}",
-            "source": "https://example.com/connectors/source-burst",
-            "type": "com.example.burst.created",
-            "time": "2026-11-26T12:30:15.123Z",
-            "datacontenttype": "application/json",
-            "subject": "orders/42",
-            "data": {"order": n, "customer": "ada", "items": [1, 2, 3], "paid": True},
-        }
-
-    return orjson.dumps([event(n) for n in range(3300)])
+    return orjson.dumps([event_json(n) for n in range(3300)])
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:

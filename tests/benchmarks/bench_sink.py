@@ -54,7 +54,7 @@ LOAD_CPU = 1
 # -- the two receivers (run in a child process: ``--serve KIND --port N``) --------------
 
 
-def _event_json(i: int) -> dict[str, object]:
+def event_json(i: int) -> dict[str, object]:
     return {
         "specversion": "1.0",
         "id": f"8d3c1a2e-5b7f-4c1e-9a0b-{i:012d}",
@@ -152,7 +152,7 @@ def _lua_string(value: str) -> str:
 def write_scripts(directory: Path) -> dict[str, Path]:
     import orjson
 
-    single_body = orjson.dumps(_event_json(0)["data"]).decode()
+    single_body = orjson.dumps(event_json(0)["data"]).decode()
     single = directory / "post.lua"
     single.write_text(
         'wrk.method = "POST"\n'
@@ -165,7 +165,7 @@ def write_scripts(directory: Path) -> dict[str, Path]:
         'wrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = {_lua_string(single_body)}\n"
     )
-    batch_body = orjson.dumps([_event_json(i) for i in range(BATCH)]).decode()
+    batch_body = orjson.dumps([event_json(i) for i in range(BATCH)]).decode()
     batch = directory / "post_batch.lua"
     batch.write_text(
         'wrk.method = "POST"\n'

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import httptools
 import pytest
+from waiting import until
 
 from cdk.http import HTTPError, HTTPServer, Request, Response, encode_response
 
@@ -274,18 +275,6 @@ def test_a_logged_path_is_escaped_so_it_cannot_forge_log_lines(
     (message,) = [r.getMessage() for r in caplog.records if r.name == "cdk.http"]
     assert "\r" not in message and "\n" not in message
     assert "GET /x\\r\\nFORGED line\\u20ac" in message
-
-
-def test_http_2_0_gets_505_and_close() -> None:
-    async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
-            await client.send(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
-            answer = await client.answer()
-            assert (answer.status, answer.headers["connection"]) == (505, "close")
-            assert await client.closed()
-
-    run(body())
 
 
 def test_a_client_writing_its_whole_large_body_before_reading_gets_the_413() -> None:
@@ -807,13 +796,21 @@ def test_a_websocket_upgrade_is_answered_as_http_and_no_frame_is_read_as_a_reque
     run(main())
 
 
-def test_connect_gets_501_and_close() -> None:
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
+    ],
+    ids=["http2", "connect"],
+)
+def test_what_the_server_does_not_speak_gets_its_status_and_close(raw: bytes, status: int) -> None:
     async def main() -> None:
         async with serving() as server:
             client = await RawClient.connect(server.port)
-            await client.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            await client.send(raw)
             answer = await client.answer()
-            assert (answer.status, answer.headers["connection"]) == (501, "close")
+            assert (answer.status, answer.headers["connection"]) == (status, "close")
             assert await client.closed()
 
     run(main())
@@ -1072,16 +1069,6 @@ def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
             writer.close()
 
     run(body())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait for a condition on the server's state, checking it every few milliseconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 # -- framing and header rules ---------------------------------------------------------------

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ import httptools
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from waiting import until
 
 import cdk
 from cdk.codec import to_batch, to_binary, to_structured
@@ -768,15 +769,6 @@ def test_a_sync_arrived_skips_requests_whose_sender_left_while_they_waited() -> 
         assert sink.ids == ["kept"]
 
     run(body())
-
-
-async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 # -- shutdown ---------------------------------------------------------------------------------

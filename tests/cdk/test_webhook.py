@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from waiting import until
 
 import cdk
 from cdk.connector import Tuple
@@ -419,12 +420,3 @@ def test_a_caller_gone_before_its_events_are_queued_queues_nothing() -> None:
             assert chan.empty()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
