@@ -364,8 +364,8 @@ class _Connection(asyncio.Protocol):
             return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        headers = self._headers
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def _on_trailer(self) -> None:
         # Counted, then dropped (RFC 9110, 6.5.1): no Authorization may follow the body.
@@ -415,7 +415,27 @@ class _Connection(asyncio.Protocol):
         expect = headers.get("expect")
         if expect is not None and expect.lower() != "100-continue":
             self._stop(417, "only Expect: 100-continue is supported")  # RFC 9110, 10.1.1
-        request = self._request = self._make_request()
+        url = self._url
+        if url[:1] == b"/":
+            if b"#" in url:  # clients do not send fragments, but llhttp lets them through
+                url = url.partition(b"#")[0]
+            raw_path, _, raw_query = url.partition(b"?")
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raw_path, raw_query = url, b""
+            else:
+                raw_path, raw_query = parsed.path or b"/", parsed.query or b""
+        path = raw_path.decode("latin-1")
+        if "%" in path:
+            path = unquote(path)
+        method = parser.get_method().decode("ascii")
+        query = raw_query.decode("latin-1")
+        request = Request(method, path, query, headers, b"", self.client, self)
+        self._request = request
+        if server.access_log:
+            request._began = self.loop.time()
         if server.check_head is not None and (declared or coding is not None):
             self._reject = server.check_head(request)
             if self._reject is not None:
@@ -432,30 +452,6 @@ class _Connection(asyncio.Protocol):
     def _stop(self, status: int, message: str) -> NoReturn:
         self._reject = _refusal(status, message)
         raise _Stop
-
-    def _make_request(self) -> Request:
-        url = self._url
-        if url[:1] == b"/":
-            if b"#" in url:
-                # Clients do not send fragments, but llhttp lets them through.
-                url = url.partition(b"#")[0]
-            raw_path, _, raw_query = url.partition(b"?")
-        else:
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                raw_path, raw_query = url, b""
-            else:
-                raw_path, raw_query = parsed.path or b"/", parsed.query or b""
-        path = raw_path.decode("latin-1")
-        if "%" in path:
-            path = unquote(path)
-        method = self.parser.get_method().decode("ascii")
-        query = raw_query.decode("latin-1")
-        request = Request(method, path, query, self._headers, b"", self.client, self)
-        if self.server.access_log:
-            request._began = self.loop.time()
-        return request
 
     def on_chunk_header(self) -> None:
         # A size line, and the trailers after the last, are buffered like header lines.
