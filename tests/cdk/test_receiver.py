@@ -568,8 +568,9 @@ def test_unauthenticated_large_bodies_are_not_buffered() -> None:
         finally:
             tracemalloc.stop()
     assert answers == [b"HTTP/1.1 401"] * 400
-    # Sixteen 1 MiB bodies at a time, none held: what the server allocates stays small.
-    assert peak < 8 * MIB, peak
+    # 16 bodies of 1 MiB at a time: about 20 MiB when held, 2.5 MiB when not (up to 8.5
+    # seen in a full run, where more of the process allocates meanwhile).
+    assert peak < 12 * MIB, peak
 
 
 def test_a_compressed_body_gets_415_naming_what_is_accepted() -> None:
