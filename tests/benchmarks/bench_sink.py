@@ -54,7 +54,7 @@ LOAD_CPU = 1
 # -- the two receivers (run in a child process: ``--serve KIND --port N``) --------------
 
 
-def _event_json(i: int) -> dict[str, object]:
+def event_json(i: int) -> dict[str, object]:
     return {
         "specversion": "1.0",
         "id": f"8d3c1a2e-5b7f-4c1e-9a0b-{i:012d}",
@@ -74,7 +74,6 @@ def serve_cdk(port: int) -> None:
 
     import cdk
     from cdk.config import SinkConfig
-    from cdk.http import HTTPServer
     from cdk.metrics import Metrics
     from cdk.receiver import Receiver, SinkHandler
 
@@ -87,13 +86,7 @@ def serve_cdk(port: int) -> None:
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
         receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
-        server = HTTPServer(
-            receiver.handle,
-            host=config.host,
-            port=config.port,
-            max_body_bytes=config.max_body_bytes,
-            on_reject=receiver.record_status,
-        )
+        server = receiver.http_server()
         await server.start()
         receiver.ready = True
         await asyncio.Event().wait()
@@ -159,7 +152,7 @@ def _lua_string(value: str) -> str:
 def write_scripts(directory: Path) -> dict[str, Path]:
     import orjson
 
-    single_body = orjson.dumps(_event_json(0)["data"]).decode()
+    single_body = orjson.dumps(event_json(0)["data"]).decode()
     single = directory / "post.lua"
     single.write_text(
         'wrk.method = "POST"\n'
@@ -172,7 +165,7 @@ def write_scripts(directory: Path) -> dict[str, Path]:
         'wrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = {_lua_string(single_body)}\n"
     )
-    batch_body = orjson.dumps([_event_json(i) for i in range(BATCH)]).decode()
+    batch_body = orjson.dumps([event_json(i) for i in range(BATCH)]).decode()
     batch = directory / "post_batch.lua"
     batch.write_text(
         'wrk.method = "POST"\n'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import http.client
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import httptools
 import pytest
+from waiting import until
 
 from cdk.http import HTTPError, HTTPServer, Request, Response, encode_response
 
@@ -254,6 +256,45 @@ def test_handler_crash_answers_500_without_details_and_logs_the_traceback(
         run(body())
     assert "secret detail" in caplog.text  # in the log, never on the wire
     assert "Traceback" in caplog.text
+
+
+def test_a_logged_path_is_escaped_so_it_cannot_forge_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def crash(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    async def body() -> None:
+        async with serving(crash) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(request_bytes("GET", "/x%0d%0aFORGED%20line%E2%82%AC"))
+            assert (await client.answer()).status == 500
+
+    with caplog.at_level(logging.ERROR, logger="cdk.http"):
+        run(body())
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "cdk.http"]
+    assert "\r" not in message and "\n" not in message
+    assert "GET /x\\r\\nFORGED line\\u20ac" in message
+
+
+def test_a_client_writing_its_whole_large_body_before_reading_gets_the_413() -> None:
+    # Python's http.client (and requests) send all of the body first: closing at once
+    # would reset the connection under it and lose the answer.
+    async def body() -> tuple[int, bytes]:
+        async with serving() as server:
+
+            def post() -> tuple[int, bytes]:
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
+                try:
+                    connection.request("POST", "/big", body=b"x" * (50 << 20))
+                    response = connection.getresponse()
+                    return response.status, response.read()
+                finally:
+                    connection.close()
+
+            return await asyncio.to_thread(post)
+
+    assert run(body()) == (413, b"request body too large")
 
 
 def test_head_request_gets_headers_only() -> None:
@@ -596,6 +637,31 @@ def test_expect_100_continue_behind_a_pipelined_request_waits_its_turn() -> None
     run(body())
 
 
+def test_check_head_refuses_a_request_with_a_body_before_reading_it() -> None:
+    seen: list[tuple[str, str, bytes]] = []
+    statuses: list[int] = []
+
+    def check(request: Request) -> Response | None:
+        seen.append((request.method, request.path, request.body))
+        return Response(403, b"no", headers=[("x-why", "test")]) if request.path == "/no" else None
+
+    async def main() -> None:
+        async with serving(check_head=check, on_reject=statuses.append) as server:
+            client = await RawClient.connect(server.port)
+            # Requests without a body are not checked; ones with a body are, once.
+            await client.send(request_bytes("GET", "/no") + request_bytes("POST", "/yes", b"abc"))
+            assert (await client.answer()).status == 200
+            assert (await client.answer()).body.endswith(b"|abc")
+            await client.send(expect_head(5).replace(b"/e", b"/no"))
+            answer = await client.answer()
+            assert (answer.status, answer.body, answer.headers["x-why"]) == (403, b"no", "test")
+            assert await client.closed()
+
+    run(main())
+    assert seen == [("POST", "/yes", b""), ("POST", "/no", b"")]
+    assert statuses == [403]
+
+
 def test_header_over_the_limit_gets_431() -> None:
     async def body() -> None:
         async with serving(max_header_bytes=2048) as server:
@@ -646,6 +712,10 @@ def test_an_endless_header_line_sent_in_pieces_gets_431() -> None:
         b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"GET / HTTP/9.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+        b"GET  / HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /  HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ],
 )
@@ -662,20 +732,88 @@ def test_malformed_requests_get_400_and_close(raw: bytes) -> None:
     run(body())
 
 
-def test_an_upgrade_request_is_answered_then_the_connection_closed() -> None:
-    async def body() -> None:
+H2C = {
+    "Connection": "Upgrade, HTTP2-Settings",
+    "Upgrade": "h2c",
+    "HTTP2-Settings": "AAMAAABkAAQAoAAAAAIAAAAA",
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_upgrade_is_ignored_the_body_read_and_the_connection_kept(chunked: bool) -> None:
+    # What Java's HttpClient and curl --http2 send on every POST over http://.
+    headers = dict(H2C)
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" if chunked else b"hello world"
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+
+    async def main() -> None:
         async with serving() as server:
             client = await RawClient.connect(server.port)
-            await client.send(
-                request_bytes(headers={"Upgrade": "websocket", "Connection": "upgrade"})
-                + b"\x81\x05hello"
-            )
+            post = request_bytes("POST", "/up", body, headers)
+            # The body in the same write as the head, then in a later one; pipelined
+            # requests after it are framed as HTTP/1.1.
+            await client.send(post + request_bytes("GET", "/next"))
+            head, rest = post.split(b"\r\n\r\n", 1)
+            await client.send(head + b"\r\n\r\n")
+            await client.send(rest + request_bytes("POST", "/last", b"x"))
+            up = b"POST /up q= len=11|hello world"
+            for expected in (up, b"GET /next q= len=0|", up, b"POST /last q= len=1|x"):
+                answer = await client.answer()
+                assert (answer.status, answer.body) == (200, expected)
+                assert "connection" not in answer.headers
+            await client.aclose()
+
+    run(main())
+
+
+def test_an_upgrade_request_with_expect_gets_one_100_continue_then_its_answer() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            headers = {**H2C, "Content-Length": "4", "Expect": "100-continue"}
+            await client.send(request_bytes("POST", "/e", headers=headers))
+            assert (await client.answer()).status == 100
+            await client.send(b"data" + request_bytes("GET", "/after"))
+            final = await client.answer()
+            assert (final.status, final.body) == (200, b"POST /e q= len=4|data")
+            assert (await client.answer()).body.startswith(b"GET /after")
+
+    run(main())
+
+
+def test_a_websocket_upgrade_is_answered_as_http_and_no_frame_is_read_as_a_request() -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            upgrade = {"Upgrade": "websocket", "Connection": "upgrade"}
+            await client.send(request_bytes(headers=upgrade) + b"\x81\x05hello")
             answer = await client.answer()
             assert answer.status == 200
-            assert answer.headers["connection"] == "close"
+            assert (await client.answer()).status == 400
             assert await client.closed()
 
-    run(body())
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+        (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501),
+    ],
+    ids=["http2", "connect"],
+)
+def test_what_the_server_does_not_speak_gets_its_status_and_close(raw: bytes, status: int) -> None:
+    async def main() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            await client.send(raw)
+            answer = await client.answer()
+            assert (answer.status, answer.headers["connection"]) == (status, "close")
+            assert await client.closed()
+
+    run(main())
 
 
 # -- timeouts and connection limits -------------------------------------------------------
@@ -744,32 +882,96 @@ def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() -> No
     run(body())
 
 
-def test_connections_beyond_max_connections_get_503() -> None:
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room() -> None:
     async def body() -> None:
         rejected: list[int] = []
         async with serving(max_connections=2, on_reject=rejected.append) as server:
             first = await RawClient.connect(server.port)
             second = await RawClient.connect(server.port)
-            await first.send(request_bytes())
+            for client in (first, second):
+                await client.send(request_bytes())
+                assert (await client.answer()).status == 200
+            # Both idle: the one idle for longer is closed, the newcomer is served.
+            third = await RawClient.connect(server.port)
+            assert await first.closed()
+            await third.send(request_bytes())
+            assert (await third.answer()).status == 200
             await second.send(request_bytes())
-            assert (await first.answer()).status == 200
             assert (await second.answer()).status == 200
+        assert rejected == []
+
+    run(body())
+
+
+def test_connections_beyond_max_connections_get_503_when_none_is_idle() -> None:
+    async def body() -> None:
+        rejected: list[int] = []
+        async with serving(max_connections=2, on_reject=rejected.append) as server:
+            # Requests half sent are in progress, not idle.
+            busy = [await RawClient.connect(server.port) for _ in range(2)]
+            for client in busy:
+                await client.send(b"GET / HTTP/1.1\r\n")
+            await until(lambda: len(server.connections) == 2)
             third = await RawClient.connect(server.port)
             answer = await third.answer()
-            assert answer.status == 503
-            assert answer.headers["retry-after"] == "1"
+            assert (answer.status, answer.headers["retry-after"]) == (503, "1")
             assert await third.closed()
-            await first.aclose()
+            await busy[0].send(b"Host: t\r\nConnection: close\r\n\r\n")
+            assert (await busy[0].answer()).status == 200
             # Once a slot frees up, connections are accepted again.
-            assert await first.closed()
+            assert await busy[0].closed()
             fourth = await RawClient.connect(server.port)
             await fourth.send(request_bytes())
             assert (await fourth.answer()).status == 200
-            await fourth.aclose()
-            await second.aclose()
         assert rejected == [503]
 
     run(body())
+
+
+def test_requests_beyond_the_bytes_budget_get_503_and_bodyless_ones_are_served() -> None:
+    release = asyncio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/hold":
+            await release.wait()
+        return Response(200, request.path.encode())
+
+    async def main() -> None:
+        async with serving(handler, max_bytes_in_flight=50_000) as server:
+            holder = await RawClient.connect(server.port)
+            await holder.send(request_bytes("POST", "/hold", b"h" * 40_000))
+            await until(lambda: server.held == 40_000)
+            # A declared body over what is left: 503 on its head, before the body.
+            over = await RawClient.connect(server.port)
+            await over.send(request_bytes("POST", "/x", headers={"Content-Length": "20000"}))
+            answer = await over.answer()
+            assert (answer.status, answer.headers["retry-after"]) == (503, "1")
+            assert await over.closed()
+            # A chunked body is counted as it comes.
+            chunked = await RawClient.connect(server.port)
+            head = request_bytes("POST", "/c", headers={"Transfer-Encoding": "chunked"})
+            await chunked.send(head + b"2710\r\n" + b"c" * 10_000 + b"\r\n")
+            await chunked.send(b"2710\r\n" + b"c" * 10_000 + b"\r\n")
+            assert (await chunked.answer()).status == 503
+            # Requests without a body (health checks) are served meanwhile.
+            health = await RawClient.connect(server.port)
+            await health.send(request_bytes("GET", "/healthz"))
+            assert (await health.answer()).body == b"/healthz"
+            # A body dropped half-way gives back what it held.
+            dropped = await RawClient.connect(server.port)
+            await dropped.send(request_bytes("POST", "/d", headers={"Content-Length": "9000"}))
+            await until(lambda: server.held == 49_000)
+            await dropped.aclose()
+            await until(lambda: server.held == 40_000)
+            release.set()
+            assert (await holder.answer()).body == b"/hold"
+            assert server.held == 0
+            # Alone, a request may hold more than the budget: it would never fit otherwise.
+            await holder.send(request_bytes("POST", "/big", b"b" * 60_000))
+            assert (await holder.answer()).status == 200
+            assert server.held == 0
+
+    run(main())
 
 
 # -- shutdown -------------------------------------------------------------------------------
@@ -869,16 +1071,6 @@ def test_a_client_that_never_reads_its_answers_is_dropped() -> None:
     run(body())
 
 
-async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Wait for a condition on the server's state, checking it every few milliseconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
 # -- framing and header rules ---------------------------------------------------------------
 
 
@@ -961,6 +1153,8 @@ def test_an_expectation_other_than_100_continue_gets_417() -> None:
         b"GET / HTTP/1.1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\xe9\r\n\r\n",
     ],
 )
 def test_an_http11_request_without_exactly_one_host_gets_400(raw: bytes) -> None:
@@ -1091,15 +1285,19 @@ def test_connections_beyond_the_open_file_limit_get_503_not_silence() -> None:
             line = await asyncio.wait_for(process.stdout.readline(), WAIT)
             port, cap = (int(word) for word in line.split())
             assert cap < 200
-            # Every connection gets an answer: 200 within the cap, 503 beyond it.
-            statuses: list[int] = []
-            for _ in range(230):
+            # Every connection gets an answer: 200 within the cap, 503 beyond it (none is
+            # idle: each has a request half sent).
+            for _ in range(cap):
                 client = await RawClient.connect(port)
                 clients.append(client)
-                await client.send(request_bytes())
-                statuses.append((await client.answer()).status)
-            assert statuses.count(200) == cap
-            assert set(statuses[cap:]) == {503}
+                await client.send(b"GET / HTTP/1.1\r\n")
+            for _ in range(230 - cap):
+                client = await RawClient.connect(port)
+                assert (await client.answer()).status == 503
+                await client.aclose()
+            for client in clients:
+                await client.send(b"Host: t\r\n\r\n")
+                assert (await client.answer()).status == 200
         finally:
             for client in clients:
                 await client.aclose()

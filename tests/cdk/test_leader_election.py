@@ -9,6 +9,7 @@ produced when: each replica's events form one run, never interleaved with anothe
 from __future__ import annotations
 
 import signal
+import urllib.request
 from pathlib import Path
 
 from etcd_support import EtcdCluster
@@ -43,10 +44,17 @@ def replica_dir(tmp_path: Path, name: str, target: str, store: str) -> Path:
     directory.mkdir()
     (directory / "config.yml").write_text(
         f"target: {target}\nposition_store: {store}\nleader_election: true\n"
-        f"leader_lease: {LEASE}\ninterval: 0.005\nmax_in_flight: 1\n",
+        f"leader_lease: {LEASE}\ninterval: 0.005\nmax_in_flight: 1\n"
+        "host: 127.0.0.1\nmetrics_port: 0\n",
         encoding="utf-8",
     )
     return directory
+
+
+def readyz(process: Process) -> str:
+    port = process.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)").group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+        return str(answer.read().decode())
 
 
 def runs(replicas: list[str]) -> list[str]:
@@ -142,6 +150,9 @@ def test_only_one_of_three_replicas_produces(
             process.wait_for("campaigning to lead")
         target.wait_until(lambda: len(target.events) >= 60, timeout=30)
         leaders = [p for p in processes if "leading: producing" in p.stderr]
+        # /readyz says who leads; every replica is ready (the followers wait, ready).
+        roles = sorted(readyz(p) for p in processes)
+        assert roles == ["ready (follower)", "ready (follower)", "ready (leader)"]
         # Followers first: a leader stopping first resigns, and a follower would take over.
         for process in sorted(processes, key=lambda p: p in leaders):
             process.send(signal.SIGTERM)

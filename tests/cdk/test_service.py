@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from pydantic import SecretStr
 
 import cdk
+from cdk import signature
 from cdk.codec import to_binary
 from cdk.service import ServiceError, service_for
 from cdk.testing import CaptureTarget
@@ -415,3 +416,44 @@ def test_webhook_dry_run_serves_and_prints_instead_of_delivering(
     [line] = capfd.readouterr().out.splitlines()
     event = json.loads(line)
     assert (event["id"], event["source"], event["data"]) == ("w1", "/hook", "hi")
+
+
+def test_readyz_follows_the_connectors_ready_hook() -> None:
+    class Flaky(RecordingSink):
+        healthy = False
+
+        async def ready(self) -> bool:
+            return self.healthy
+
+    async def scenario() -> None:
+        sink = Flaky()
+        service = service_for(sink, sink_config())
+        await service.start()
+        url = f"http://127.0.0.1:{service.port}/readyz"
+        assert await fetch("GET", url) == (503, "not ready: the connector reports it is not ready")
+        sink.healthy = True
+        assert await fetch("GET", url) == (200, "ready")
+        await service.stop(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_webhook_with_a_secret_takes_only_signed_requests() -> None:
+    async def scenario(target: CaptureTarget) -> None:
+        config = cdk.WebhookSourceConfig.model_validate(
+            {"target": target.url, "host": "127.0.0.1", "port": 0, "webhook_secret": "hook-s3cret"}
+        )
+        service = service_for(EchoWebhook(), config)
+        await service.start()
+        url = f"http://127.0.0.1:{service.port}/"
+        status, text = await fetch("POST", url, data=b"hi")
+        assert status == 401 and "x-hub-signature-256" in text
+        wrong = {signature.HEADER: signature.sign("other", b"hi")}
+        assert (await fetch("POST", url, data=b"hi", headers=wrong))[0] == 401
+        signed = {signature.HEADER: signature.sign("hook-s3cret", b"hi")}
+        assert (await fetch("POST", url, data=b"hi", headers=signed))[0] == 200
+        await service.stop(1.0)
+
+    with CaptureTarget.in_thread() as target:
+        asyncio.run(scenario(target))
+        assert [e.get_data() for e in target.events] == ["hi"]

@@ -382,3 +382,47 @@ def test_the_kits_delivery_sends_each_request_in_a_span_on_real_http(
     assert by_event["new"].headers["ce-traceparent"] == traceparent_of(new_span)
     retried = next(s for s in sends if s.attributes["cloudevents.event_id"] == "kept")
     assert retried.attributes["http.response.status_code"] == by_event["kept"].status
+
+
+def test_a_webhook_source_and_a_sink_carry_one_trace_from_caller_to_arrived(
+    spans: InMemorySpanExporter,
+) -> None:
+    import aiohttp
+
+    import cdk
+    from cdk.service import service_for
+
+    arrived: list[CloudEvent] = []
+
+    class Sink(cdk.Sink[cdk.SinkConfig]):
+        def arrived(self, *events: CloudEvent) -> cdk.Result:
+            arrived.extend(events)
+            return cdk.SUCCESS
+
+    class Hook(cdk.WebhookSource[cdk.WebhookSourceConfig]):
+        def make_event(self, request: cdk.Request) -> CloudEvent:
+            return event("hooked")
+
+    async def scenario() -> None:
+        sink = service_for(Sink(), cdk.SinkConfig(host="127.0.0.1", port=0))
+        await sink.start()
+        config = cdk.WebhookSourceConfig(
+            target=f"http://127.0.0.1:{sink.port}/", host="127.0.0.1", port=0
+        )
+        hook = service_for(Hook(), config)
+        await hook.start()
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{hook.port}/"
+            async with session.post(url, data=b"{}", headers={"traceparent": OTHER_PARENT}) as r:
+                assert r.status == 200
+        await hook.stop(1.0)
+        await sink.stop(1.0)
+
+    asyncio.run(scenario())
+    finished = {span.name: span for span in spans.get_finished_spans()}
+    assert {"POST", "send", "process"} <= set(finished)
+    # Caller -> webhook span -> delivery span -> the sink's span around arrived: one trace.
+    assert {ids(span)[0] for span in finished.values()} == {OTHER_TRACE}
+    assert finished["send"].parent.span_id == finished["POST"].context.span_id
+    assert finished["process"].parent.span_id == finished["send"].context.span_id
+    assert arrived[0].get_extension("traceparent") == traceparent_of(finished["POST"])

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from waiting import until
 
 import cdk
+from cdk.connector import Tuple
+from cdk.delivery import Deliverer
 from cdk.http import Request
+from cdk.metrics import Metrics
+from cdk.receiver import Receiver
 from cdk.testing import CaptureTarget
-from cdk.testing.client import SinkClient
+from cdk.testing.client import Reply, SinkClient
 from cdk.testing.runner import Running, run_in_thread
-from cdk.webhook import RETRY_AFTER_SHUTDOWN
+from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler
 
 pytestmark = pytest.mark.timeout(60)
+
+
+async def post_json(url: str, value: Any) -> Reply:
+    """POST from a worker thread, so the server on this test's loop can answer."""
+    return await asyncio.to_thread(SinkClient(url).post_json, value)
 
 
 class JSONWebhook(cdk.WebhookSource):
@@ -57,10 +69,10 @@ def _event(event_id: str, data: dict[str, Any]) -> cdk.CloudEvent:
     return cdk.CloudEvent({"id": event_id, "source": "/webhook-test", "type": "test.webhook"}, data)
 
 
-def _config(target: CaptureTarget, **extra: Any) -> cdk.WebhookSourceConfig:
+def _config(target: CaptureTarget | None, **extra: Any) -> cdk.WebhookSourceConfig:
     # Fast retries keep failure tests short; two attempts show a retry happened.
     values: dict[str, Any] = {
-        "target": target.url,
+        "target": target.url if target else "http://127.0.0.1:9/",
         "send_event_attempts": 2,
         "retry_backoff": 0.01,
         "retry_backoff_max": 0.02,
@@ -155,17 +167,22 @@ def test_make_event_raising_answers_500_without_details(
     assert target.attempts == 0
 
 
-def test_rejecting_target_answers_502_with_the_reason(
-    target: CaptureTarget, webhook: tuple[JSONWebhook, Running]
+def test_rejecting_target_answers_502_and_its_reason_goes_to_the_log_only(
+    target: CaptureTarget,
+    webhook: tuple[JSONWebhook, Running],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, running = webhook
-    target.reject_next(1, 400, "schema mismatch")
-    reply = SinkClient(running.url).post_json({"id": "bad"})
+    target.reject_next(1, 400, "schema mismatch at http://10.0.0.7:9000/internal")
+    with caplog.at_level(logging.WARNING, logger="cdk.webhook"):
+        reply = SinkClient(running.url).post_json({"id": "bad"})
     assert reply.status == 502
-    body = reply.json()
-    assert body["delivered"] == []
-    assert body["failed"][0]["id"] == "bad-0"
-    assert "400" in body["error"] and "schema mismatch" in body["error"]
+    assert reply.json() == {
+        "error": "the target did not take the events",
+        "delivered": [],
+        "failed": ["bad-0"],
+    }
+    assert "10.0.0.7" in caplog.text and "bad-0" in caplog.text
     assert target.events == []
 
 
@@ -176,8 +193,7 @@ def test_failing_target_answers_502_after_retries_then_recovers(
     client = SinkClient(running.url)
     target.fail_next(2, 503)
     reply = client.post_json({"id": "flaky"})
-    assert reply.status == 502
-    assert "gave up after 2 attempt(s)" in reply.json()["error"]
+    assert (reply.status, reply.json()["failed"]) == (502, ["flaky-0"])
     assert target.attempts == 2
     # The caller retries, as webhook senders do, and this time it goes through.
     retry = client.post_json({"id": "flaky"})
@@ -194,8 +210,7 @@ def test_partly_delivered_request_names_what_got_through(target: CaptureTarget) 
         reply = SinkClient(running.url).post_json({"id": "mix", "events": 3})
     assert reply.status == 502
     body = reply.json()
-    assert body["delivered"] == ["mix-0", "mix-2"]
-    assert [f["id"] for f in body["failed"]] == ["mix-1"]
+    assert (body["delivered"], body["failed"]) == (["mix-0", "mix-2"], ["mix-1"])
 
 
 def test_timeouts_answer_504(target: CaptureTarget) -> None:
@@ -204,8 +219,7 @@ def test_timeouts_answer_504(target: CaptureTarget) -> None:
     with run_in_thread(source, config) as running:
         target.delay_next(1, 2.0)
         reply = SinkClient(running.url).post_json({"id": "slow"})
-    assert reply.status == 504
-    assert reply.json()["failed"][0]["id"] == "slow-0"
+    assert (reply.status, reply.json()["failed"]) == (504, ["slow-0"])
 
 
 def test_shutdown_before_delivery_answers_503_with_retry_after(target: CaptureTarget) -> None:
@@ -226,7 +240,7 @@ def test_shutdown_before_delivery_answers_503_with_retry_after(target: CaptureTa
     (reply,) = replies
     assert reply.status == 503
     assert reply.headers["retry-after"] == str(RETRY_AFTER_SHUTDOWN)
-    assert reply.json()["failed"][0]["id"] == "late-0"
+    assert reply.json()["failed"] == ["late-0"]
 
 
 def test_auth_token_is_required_when_configured(target: CaptureTarget) -> None:
@@ -256,8 +270,7 @@ def test_async_make_event_and_metrics(target: CaptureTarget) -> None:
 
 def test_concurrent_requests_each_wait_for_their_own_events(target: CaptureTarget) -> None:
     source = JSONWebhook()
-    # A small queue makes producers wait on it (backpressure) while deliveries proceed.
-    with run_in_thread(source, _config(target, queue_size=2)) as running:
+    with run_in_thread(source, _config(target)) as running:
         url = running.url
         replies: dict[int, Any] = {}
 
@@ -288,55 +301,124 @@ def test_posts_to_any_path_reach_make_event(
     assert [e.get_id() for e in target.events] == ["gh-0"]
 
 
-def test_shutdown_answers_requests_still_waiting_for_room_in_the_queue(
+@asynccontextmanager
+async def webhook_server(
+    source: cdk.WebhookSource, config: cdk.WebhookSourceConfig, *, deliver: bool = True
+) -> AsyncIterator[tuple[str, asyncio.Queue[Tuple], Metrics]]:
+    """A webhook source's receiver and delivery, given its config; with ``deliver`` False
+    nothing drains the queue."""
+    chan: asyncio.Queue[Tuple] = asyncio.Queue(maxsize=config.queue_size)
+    metrics = Metrics("test")
+    handler = WebhookHandler(source, chan, metrics, config=config)
+    server = Receiver(handler, config, metrics, any_path=True).http_server()
+    deliverer = Deliverer(config, metrics)
+    delivering = asyncio.ensure_future(deliverer.run(chan)) if deliver else None
+    await server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", chan, metrics
+    finally:
+        handler.close()
+        await server.close(0.5)
+        if delivering is not None:
+            await deliverer.stop(0.5)
+            await delivering
+
+
+def undrained(source: cdk.WebhookSource, queue_size: int) -> Any:
+    config = _config(None, queue_size=queue_size, host="127.0.0.1", port=0)
+    return webhook_server(source, config, deliver=False)
+
+
+def test_what_the_target_answers_is_logged_with_secrets_masked_and_never_relayed(
+    target: CaptureTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "tok-7f3a9c2e51d8"
+    config = _config(
+        target, target_auth_token=token, send_event_attempts=1, host="127.0.0.1", port=0
+    )
+    echo = f"refused: Authorization: Bearer {token} from 10.0.0.7"
+    target.reject_next(1, 400, echo)
+
+    async def scenario() -> Any:
+        async with webhook_server(JSONWebhook(), config) as (url, _, _):
+            return await post_json(url, {"id": "leak"})
+
+    with caplog.at_level(logging.WARNING, logger="cdk.webhook"):
+        reply = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert (reply.status, reply.json()["failed"]) == (502, ["leak-0"])
+    assert token not in reply.text and "10.0.0.7" not in reply.text
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "cdk.webhook")
+    assert "10.0.0.7" in logged and "leak-0" in logged
+    assert token not in logged
+
+
+def test_past_response_timeout_the_caller_gets_504_and_the_event_is_still_delivered(
     target: CaptureTarget,
 ) -> None:
-    source = JSONWebhook()
-    # One event in flight (retried forever against a failing target), one queued, and
-    # the third request waits for room in the queue when the shutdown begins.
-    config = _config(target, send_event_attempts=0, max_in_flight=1, queue_size=1, grace_period=1.0)
-    target.fail_with(503)
-    replies: dict[int, Any] = {}
-    with run_in_thread(source, config, grace=1.0) as running:
-        url = running.url
+    config = _config(target, response_timeout=0.2, attempt_timeout=5.0, host="127.0.0.1", port=0)
+    target.delay_next(1, 1.5)
 
-        def post(n: int) -> None:
-            replies[n] = SinkClient(url).post_json({"id": f"w{n}"})
+    async def scenario() -> Any:
+        async with webhook_server(JSONWebhook(), config) as (url, _, _):
+            reply = await post_json(url, {"id": "slow"})
+            assert target.events == []  # answered while the target still holds it
+            await asyncio.to_thread(target.wait_for_sync, 1)
+            return reply
 
-        threads = [threading.Thread(target=post, args=(n,)) for n in range(3)]
-        for thread in threads:
-            thread.start()
-        target.wait_until(lambda: target.attempts >= 1 and len(source.requests) == 3, timeout=10)
-    for thread in threads:
-        thread.join(timeout=10)
-    assert sorted(replies) == [0, 1, 2]
-    assert [reply.status for reply in replies.values()] == [503, 503, 503]
-    retry_after = {reply.headers["retry-after"] for reply in replies.values()}
-    assert retry_after == {str(RETRY_AFTER_SHUTDOWN)}
+    reply = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert (reply.status, reply.json()["pending"]) == (504, ["slow-0"])
+    assert [e.get_id() for e in target.events] == ["slow-0"]
 
 
-def test_request_cancelled_while_waiting_for_room_queues_nothing() -> None:
-    # A caller that hangs up while its request waits on a full queue must not leave an
-    # event behind that is queued later, when room frees up, with nobody waiting for it.
-    from cdk.connector import Tuple
-    from cdk.metrics import Metrics
-    from cdk.webhook import WebhookHandler
-
+def test_a_full_queue_is_answered_503_at_once_instead_of_waiting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
-        chan: asyncio.Queue[Tuple] = asyncio.Queue(maxsize=1)
-        chan.put_nowait(Tuple(_event("already-queued", {})))
-        handler = WebhookHandler(JSONWebhook(), chan, Metrics("test"))
-        request = Request("POST", "/", "", {"content-type": "application/json"}, b'{"id": "w"}')
-        waiting = asyncio.ensure_future(handler(request))
-        for _ in range(10):  # let the handler reach the full queue
-            await asyncio.sleep(0)
-        assert not waiting.done()
-        waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert chan.get_nowait().event.get_id() == "already-queued"
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert chan.empty()
+        async with undrained(JSONWebhook(), queue_size=1) as (url, chan, _):
+            # The first request's event takes the only place; it waits for its delivery.
+            first = asyncio.ensure_future(post_json(url, {"id": "first"}))
+            await until(lambda: chan.full())
+            busy = await post_json(url, {"id": "second"})
+            assert (busy.status, busy.headers["retry-after"]) == (503, "1")
+            assert "queue is full" in busy.json()["error"]
+            # More events than the queue can ever hold: a configuration problem, said so.
+            too_many = await post_json(url, {"id": "many", "events": 2})
+            assert too_many.status == 500
+            assert not first.done()
+            assert chan.qsize() == 1
+            first.cancel()
 
-    asyncio.run(scenario())
+    with caplog.at_level(logging.ERROR, logger="cdk.webhook"):
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert "never fit in queue_size" in caplog.text
+
+
+class GatedWebhook(cdk.WebhookSource):
+    """``make_event`` waits for ``release``, so a caller can hang up meanwhile."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.release = asyncio.Event()
+
+    async def make_event(self, request: Request) -> cdk.CloudEvent:
+        self.requests.append(request)
+        await self.release.wait()
+        return _event("gated", {})
+
+
+def test_a_caller_gone_before_its_events_are_queued_queues_nothing() -> None:
+    async def scenario() -> None:
+        source = GatedWebhook()
+        async with undrained(source, queue_size=10) as (url, chan, metrics):
+            port = int(url.rsplit(":", 1)[1])
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+            await until(lambda: bool(source.requests))
+            writer.close()  # the caller gives up while make_event runs
+            await until(lambda: source.requests[0].disconnected)
+            source.release.set()
+            sample = metrics.registry.get_sample_value
+            await until(lambda: sample("cdk_http_responses_total", {"status": "499"}) == 1)
+            assert chan.empty()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -206,6 +206,18 @@ class ServerConfig(ConnectorConfig):
         ge=1,
         description="Requests handled at once; beyond it the server answers 429 with Retry-After.",
     )
+    max_bytes_in_flight: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Memory requests in progress may hold: their bodies plus, in a sink, an "
+        "estimate of the events decoded from them; beyond it new requests get 503 with "
+        "Retry-After.",
+    )
+    access_log: bool = Field(
+        False,
+        description="Log one line per request (client, method, path, status, bytes, "
+        "duration) to the `cdk.access` logger.",
+    )
 
     @field_validator("auth_token")
     @classmethod
@@ -370,6 +382,13 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
         description="When set, a POST needs the HMAC-SHA256 of its body under this secret in "
         "`X-Hub-Signature-256` (`sha256=<hex>`, as GitHub signs; bare hex or base64 too), "
         "else 401. Keep it in secret.yml.",
+    )
+
+    response_timeout: float = Field(
+        8.0,
+        gt=0,
+        description="Seconds a caller waits for its answer; past it the caller gets 504 and "
+        "its events stay queued (at-least-once: it may send them again).",
     )
 
     @field_validator("webhook_secret")

@@ -1,45 +1,22 @@
 """HTTP/1.1 server: an asyncio Protocol driving the ``httptools`` (llhttp) parser directly.
 
-This module owns the wire-level HTTP work of a receiver: parsing, keep-alive, pipelining,
-chunked request bodies, ``Expect: 100-continue``, size limits, timeouts, connection
-limits and graceful shutdown. It knows nothing about CloudEvents; the application is one
-async :data:`Handler` that maps a :class:`Request` to a :class:`Response`.
-
-Why not a framework: a Protocol on top of httptools answers several times more requests
-per second than an ASGI server on the same parser, and a receiver's cost is dominated by
-that per-request overhead. The hot path therefore avoids per-request closures and timers,
-builds each answer in one join and hands it to ``transport.write`` once.
-
-Behaviour, as clients see it:
-
-- Keep-alive by default for HTTP/1.1, and for HTTP/1.0 with ``Connection: keep-alive``.
-  Pipelined requests are answered in order; while a request is being handled, or while
-  the client is not reading its answers, reading from that connection is paused, so one
-  client cannot queue unbounded work.
-- Limits answer and then close the connection: a request head over ``max_header_bytes``
-  gets 431, a body over ``max_body_bytes`` gets 413 as soon as ``Content-Length`` or the
-  running total of a chunked body says so (``Expect: 100-continue`` with a declared length
-  over the limit gets 413 instead of ``100 Continue``), a request that is not valid HTTP
-  gets 400, as does an HTTP/1.1 request without exactly one ``Host``. A transfer coding
-  other than ``chunked`` gets 501 and an ``Expect`` other than ``100-continue`` gets 417.
-  A client that takes longer than ``read_timeout`` to send a whole request gets
-  408; an idle keep-alive connection is closed after ``keepalive_timeout``; a client that
-  stops reading its answers is dropped after ``read_timeout``. Beyond ``max_connections``
-  (lowered to fit the process's open-file limit) a new connection gets 503 with
-  ``Retry-After``.
-- A handler raising :class:`HTTPError` answers with its status and message; any other
-  exception answers 500 with a generic body (the traceback goes to the log only).
-
-Each request is handled in its own Task, started with a fresh copy of the context
-:meth:`HTTPServer.start` ran in: what one request's handler sets in a context variable is
-never seen by the next one on the same connection.
+It owns a receiver's wire-level work (parsing, keep-alive, pipelining, chunked bodies,
+``100 Continue``, limits, timeouts, the memory budget, logs of refusals, shutdown) and
+knows nothing of CloudEvents: the application is an async :data:`Handler` from
+:class:`Request` to :class:`Response`, and a ``check_head`` that may refuse a request
+before its body is read. No framework: on this parser a Protocol answers several times
+more requests a second than an ASGI server, so the hot path has no per-request closures
+or timers and writes each answer once. The framing rules are stricter than llhttp's, as
+strict as Go's server; ``Upgrade`` is ignored. The generated README's Security section
+says what clients see. Each request runs in its own Task, in a copy of ``start()``'s
+context, so what one handler sets in a context variable the next one does not see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
+import ctypes
 import logging
 import math
 import resource
@@ -47,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import parse_qs, unquote
 
 import httptools
@@ -56,19 +33,26 @@ import orjson
 __all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response"]
 
 _LOG = logging.getLogger("cdk.http")
+_ACCESS = logging.getLogger("cdk.access")
+#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second), made by the
+#: server or the application; 404 and 405 are not news.
+_LOGGED_REFUSALS = frozenset({400, 401, 408, 413, 415, 417, 429, 431, 501, 503, 505})
+_REFUSALS_LOGGED = 10
 
 _TEXT = "text/plain; charset=utf-8"
 _REASONS: dict[int, str] = {status.value: status.phrase for status in HTTPStatus}
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
-#: After an answer that rejects a request, how long (at most) the server keeps reading and
-#: discarding what the client still sends, so that closing does not reset the connection
-#: before the client has read the answer (a "lingering close").
-_LINGER_SECONDS = 2.0
-_LINGER_BYTES = 4 * 1024 * 1024
-#: File descriptors kept free beside the connections: the listening socket, the 503 answer
-#: to one connection too many, logs, the application's own files and sockets.
+#: After a refusal the server half-closes, then drops what the client still sends, as
+#: nginx does (30 s, 5 s between reads; 64 MiB here): closing on unread data resets the
+#: connection, losing the answer for a client writing its whole body first (http.client).
+_LINGER_SECONDS = 30.0
+_LINGER_IDLE = 5.0
+_LINGER_BYTES = 64 << 20
+#: After a burst holding this much, free memory goes back to the system (glibc keeps it).
+_TRIM_AFTER = 16 << 20
+#: File descriptors kept free beside connections: listening socket, logs, the app's own.
 _FD_RESERVE = 64
 
 
@@ -82,6 +66,22 @@ class Request:
     headers: dict[str, str]
     body: bytes
     client: tuple[str, int] | None = None
+    _conn: _Connection | None = field(default=None, repr=False, compare=False)
+    _held: int = field(default=0, repr=False, compare=False)
+    _began: float = field(default=0.0, repr=False, compare=False)
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the client closed the connection, or its sending side (as clients do
+        when they give up; Go's server takes it so too): no one waits for the answer."""
+        conn = self._conn
+        return conn is not None and (conn.state != _OPEN or conn.reading == _EOF)
+
+    def reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` more (what was decoded from the body, say) against the server's
+        ``max_bytes_in_flight`` until this request is answered; False, counting nothing,
+        when that would pass the budget while other requests hold some of it."""
+        return self._conn is None or self._conn.server.reserve(self, nbytes)
 
     def query_params(self) -> dict[str, list[str]]:
         """The query string decoded into name -> values (blank values kept)."""
@@ -116,12 +116,8 @@ class HTTPError(Exception):
     ) -> None:
         self.status = status
         self.message = message or _REASONS.get(status, "error")
-        if headers is None:
-            self.headers: list[tuple[str, str]] = []
-        elif isinstance(headers, Mapping):
-            self.headers = list(headers.items())
-        else:
-            self.headers = list(headers)
+        pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+        self.headers: list[tuple[str, str]] = list(pairs)
         super().__init__(status, self.message)
 
     def __str__(self) -> str:
@@ -137,48 +133,20 @@ Handler = Callable[[Request], Awaitable[Response]]
 _HEAD_CACHE: dict[tuple[int, bool, bool], bytes] = {}
 
 
-def _status_line(status: int) -> str:
-    return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-
-
 def encode_response(
     response: Response, keep_alive: bool = True, http10: bool = False, head: bool = False
 ) -> bytes:
-    """The bytes of ``response`` on the wire, head and body joined.
-
-    ``keep_alive`` False adds ``Connection: close``; an HTTP/1.0 client that asked for
-    keep-alive gets ``Connection: keep-alive``; ``head`` leaves the body out.
-    """
-    status = response.status
-    body = response.body
-    headers = response.headers
-    if not body and not headers:
-        # The common answers (200/202 with nothing to say) are cached whole.
-        key = (status, keep_alive, http10)
-        cached = _HEAD_CACHE.get(key)
-        if cached is None:
-            cached = _HEAD_CACHE.setdefault(
-                key, _encode_head(status, b"", None, (), keep_alive, http10)
-            )
+    """The bytes of ``response`` on the wire: ``keep_alive`` False adds ``Connection:
+    close``, ``http10`` with keep-alive ``Connection: keep-alive``; ``head`` drops the body."""
+    status, body, headers = response.status, response.body, response.headers
+    # The common answers (200/202 with nothing to say) are cached whole.
+    key = (status, keep_alive, http10) if not body and not headers else None
+    if key is not None and (cached := _HEAD_CACHE.get(key)) is not None:
         return cached
-    data = _encode_head(status, body, response.content_type, headers, keep_alive, http10)
-    if body and not head and status not in _NO_BODY_STATUSES:
-        return data + body
-    return data
-
-
-def _encode_head(
-    status: int,
-    body: bytes,
-    content_type: str | None,
-    headers: Iterable[tuple[str, str]],
-    keep_alive: bool,
-    http10: bool,
-) -> bytes:
-    parts = [_status_line(status)]
+    parts = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"]
     if status not in _NO_BODY_STATUSES and status >= 200:
-        if body and content_type:
-            parts.append(f"content-type: {content_type}\r\n")
+        if body and response.content_type:
+            parts.append(f"content-type: {response.content_type}\r\n")
         parts.append(f"content-length: {len(body)}\r\n")
     for name, value in headers:
         if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
@@ -189,99 +157,92 @@ def _encode_head(
     elif http10:
         parts.append("connection: keep-alive\r\n")
     parts.append("\r\n")
-    return "".join(parts).encode("latin-1")
+    data = "".join(parts).encode("latin-1")
+    if key is not None:
+        _HEAD_CACHE[key] = data
+    if body and not head and status not in _NO_BODY_STATUSES:
+        return data + body
+    return data
 
 
-def _error_bytes(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> bytes:
-    response = Response(status, message.encode("utf-8"), headers=headers or [])
-    return encode_response(response, keep_alive=False)
+def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, message.encode("utf-8"), headers=headers or [])
+
+
+def _escaped(text: str) -> str:
+    # For a log line: "%0d%0a" decoded in a path must not start a forged line.
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _shown(request: Request) -> str:
+    return f"{request.method} {_escaped(request.path)}"
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
+_BUSY = _refusal(503, "busy: requests in progress hold too much; retry", [("retry-after", "1")])
 
 
 class _Stop(Exception):
-    """Raised inside a parser callback to stop parsing; the reason is on the connection."""
+    """Raised in a parser callback to stop parsing; the refusal is ``_Connection._reject``."""
 
 
-# Deadline kinds of a connection (what happens when it passes).
-_IDLE = 0  # no request started: close quietly
-_READING = 1  # a request is arriving too slowly: 408 and close
-_WRITING = 2  # the client does not read its answers: drop
-_LINGER = 3  # a rejected client is still sending: drop
+# What the reading side of a connection is doing (``_Connection.reading``).
+_NEW = 0  # no request yet
+_IDLE = 1  # between requests (keep-alive)
+_HEAD = 2  # a request line and headers arriving
+_TRAILER = 3  # a chunk-size line or the trailers: buffered by httptools like a head
+_BODY = 4  # the body arriving (or none to come)
+_CONTINUE = 5  # the client waits for a 100 Continue, owed once the answers before are out
+_UPGRADE = 6  # the head asked for an upgrade: it is read again without (_without_upgrade)
+_DONE = 7  # no more requests are read: one was refused
+_EOF = 8  # no more requests are read: the client half-closed (Request.disconnected)
+_LINGER = 9  # after refusing: what the client still sends is read and dropped, briefly
+
+# Where a connection is in its life (``_Connection.state``).
+_OPEN = 0
+_CLOSED = 1  # closed or aborted here; connection_lost is still to come
+_LOST = 2  # connection_lost came: the server forgets it once no handler runs
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: feeds the parser, queues whole requests, answers them in order.
 
-    A queue item is ``(request, keep_alive, http10, canned)``: ``canned`` is a finished
-    rejection (then ``request`` is None) to be written once the answers before it went out.
+    Apart, as in uvicorn: its life (``state``), the request read (``reading`` and the
+    ``_`` fields), flow control (``read_paused``, ``write_paused``); ``task`` is the handler
+    running. ``queue``: ``(request, keep_alive, http10, canned)``, ``canned`` the bytes of a
+    refusal (``request`` None). The state says what passing ``deadline`` means (expire).
     """
-
-    __slots__ = (
-        "_body",
-        "_body_len",
-        "_busy",
-        "_closed",
-        "_expect_continue",
-        "_head_bytes",
-        "_head_fresh",
-        "_head_raw",
-        "_headers",
-        "_in_head",
-        "_in_message",
-        "_in_trailers",
-        "_linger_bytes",
-        "_lingering",
-        "_lost",
-        "_no_more",
-        "_reading_paused",
-        "_reject",
-        "_task",
-        "_url",
-        "_writing_paused",
-        "client",
-        "deadline",
-        "deadline_kind",
-        "loop",
-        "parser",
-        "queue",
-        "server",
-        "transport",
-    )
 
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
         self.loop = server.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # set by connection_made, called first
         self.parser = httptools.HttpRequestParser(self)
         self.client: tuple[str, int] | None = None
         self.queue: deque[tuple[Request | None, bool, bool, bytes]] = deque()
         self.deadline = math.inf
-        self.deadline_kind = _IDLE
-        self._task: asyncio.Task[None] | None = None
-        self._busy = False
-        self._closed = False
-        self._lost = False
-        self._no_more = False
-        self._reading_paused = False
-        self._writing_paused = False
-        self._lingering = False
+        self.task: asyncio.Task[None] | None = None
+        self.state = _OPEN
+        self.reading = _NEW
+        self.read_paused = False
+        self.write_paused = False
         self._linger_bytes = 0
-        self._reject: tuple[int, str] | None = None
-        self._in_message = False
-        self._in_head = False
-        self._in_trailers = False
+        self._linger_end = 0.0
+        self._reject: Response | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._request: Request | None = None
         self._head_bytes = 0
         self._head_raw = 0
         self._head_fresh = False
         self._body: list[bytes] = []
         self._body_len = 0
-        self._expect_continue = False
+        self._version = "1.1"
 
-    # -- transport events -------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Between two requests of a keep-alive connection."""
+        return self.reading == _IDLE and self.task is None and not self.queue
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
@@ -292,113 +253,96 @@ class _Connection(asyncio.Protocol):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client = (str(peer[0]), int(peer[1]))
         if server.draining:
-            self._closed = True
+            self.state = _CLOSED
             transport.abort()
             return
-        if len(server.connections) >= server.max_connections:
-            server.rejected(503)
-            self._closed = True
+        if len(server.connections) >= server.max_connections and not server.make_room():
+            self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
-            transport.write(_error_bytes(503, "too many connections", [("retry-after", "1")]))
+            refusal = _refusal(503, "too many connections", [("retry-after", "1")])
+            transport.write(self._refused(refusal))
             transport.close()
             return
         server.connections.add(self)
-        # A fresh connection must start its request promptly.
         self.deadline = self.loop.time() + min(server.read_timeout, server.keepalive_timeout)
-        self.deadline_kind = _IDLE
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._closed = True
-        self.queue.clear()
+        self.state = _LOST
+        self._drop()
         self.deadline = math.inf
-        if not self._busy:
+        if self.task is None:
             self.server.forget(self)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
+        self.write_paused = True
         self.deadline = self.loop.time() + self.server.read_timeout
-        self.deadline_kind = _WRITING
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self._lingering:
+        self.write_paused = False
+        if self.reading == _LINGER:
             return
         self.deadline = math.inf
-        if not self._busy:
+        if self.task is None:
             self._next()
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self.state != _OPEN:
             return
-        if self._lingering:
-            self._linger_bytes += len(data)
-            if self._linger_bytes > _LINGER_BYTES:
-                self._abort()
-            return
-        if self._no_more:
+        if self.reading >= _DONE:
+            if self.reading == _LINGER:
+                self._linger_bytes += len(data)
+                if self._linger_bytes > _LINGER_BYTES:
+                    self._close(abort=True)
+                else:
+                    self.deadline = min(self._linger_end, self._linger_deadline())
             return
         self._head_fresh = False
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request before the upgrade was answered normally; the rest of the stream
-            # speaks another protocol, which this server does not: close after answering.
-            self._no_more = True
-            if self.queue:
-                request, _, http10, canned = self.queue[-1]
-                self.queue[-1] = (request, False, http10, canned)
-        except httptools.HttpParserError as exc:
-            reject = self._reject
-            if reject is None:
-                # httptools turns an exception raised in a callback into a parser error,
-                # with the original as its context: that is a fault here, not the client's.
-                cause = exc.__context__
-                if cause is not None and not isinstance(cause, _Stop):
-                    self.server.logger.error("failed to read a request", exc_info=cause)
-                    reject = (500, "internal error")
-                else:
-                    reject = (400, "malformed HTTP request")
-            self._reject_request(*reject)
+            # llhttp skips repeated spaces in a request line; Go refuses them. Checked per read.
+            if self.reading <= _IDLE and data.find(b"  ", 0, data.find(b"\n")) >= 0:
+                self._stop(400, "malformed request line")
+            while True:
+                try:
+                    self.parser.feed_data(data)
+                    break
+                except httptools.HttpParserUpgrade as exc:
+                    data = self._without_upgrade(data[exc.args[0] :])
+        except (httptools.HttpParserError, _Stop) as exc:
+            # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
+            cause = exc.__context__
+            if self._reject is None and cause is not None and not isinstance(cause, _Stop):
+                self.server.logger.error("failed to read a request", exc_info=cause)
+                self._reject = _refusal(500, "internal error")
+            self._reject_request(self._reject or _refusal(400, "malformed HTTP request"))
         else:
-            if self._in_head:
+            if _HEAD <= self.reading <= _TRAILER:
                 if not self._head_fresh:
-                    # The whole chunk belongs to a head (or trailers) begun earlier and
-                    # still unfinished. httptools buffers a header line until it ends, so
-                    # raw bytes count too: one endless header line must not grow memory
-                    # without limit.
+                    # httptools buffers a header line until it ends: count an endless one.
                     self._head_raw += len(data)
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                    self._reject_request(431, "request header fields too large")
-        if not self._busy and self.queue:
+                    self._reject_request(_refusal(431, "request header fields too large"))
+        if self.task is None and self.queue:
             self._next()
         if (
-            (self._busy or self._writing_paused)
-            and (self.queue or self._in_message)
-            and not self._reading_paused
-            and not self._closed
+            (self.task is not None or self.write_paused)
+            and (self.queue or _HEAD <= self.reading <= _UPGRADE)
+            and not self.read_paused
+            and self.state == _OPEN
         ):
-            # More arrived while a request is being handled or while its answer cannot be
-            # sent yet (pipelining): stop reading until the answers are out, so one client
-            # cannot queue unbounded work.
-            self._reading_paused = True
-            assert self.transport is not None
+            # Pipelining: read on once answered, so one client cannot queue unbounded work.
+            self.read_paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
-        self._no_more = True
-        if not self._busy and not self.queue:
+        self.reading = _EOF
+        if self.task is None and not self.queue:
             self._close()
         return True
 
-    # -- parser callbacks (called by httptools from feed_data) ------------------------
-
     def on_message_begin(self) -> None:
-        self._in_message = True
-        self._in_head = True
-        self._in_trailers = False
+        self.reading = _HEAD
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
@@ -406,115 +350,74 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = True
         self._body = []
         self._body_len = 0
-        self._expect_continue = False
-        if not self._busy and not self.queue and not self._writing_paused:
+        if self.task is None and not self.queue and not self.write_paused:
             self.deadline = self.loop.time() + self.server.read_timeout
-            self.deadline_kind = _READING
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The size limit is checked once per read and at the end of the head, not here:
-        # this runs for every header of every request. Each line costs at least 4 bytes
-        # beyond its name and value (": ", CRLF), counted here so that a name repeated
-        # thousands of times counts as many lines, not one.
+        # Checked per read, not per header; 4 more bytes a line (": ", CRLF): repeats count.
         self._head_bytes += len(name) + len(value) + 4
-        if self._in_trailers:
+        if self.reading != _HEAD:
             self._on_trailer()
             return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
-        if key in headers:
-            headers[key] = f"{headers[key]}, {text}"
-        else:
-            headers[key] = text
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def _on_trailer(self) -> None:
-        # Fields after a chunked body are dropped, not merged into the headers (RFC 9110,
-        # 6.5.1): the application decided on the head alone, and an Authorization or a
-        # Content-Type arriving after the body must not override what it checked. They
-        # still count toward the head limit, as they are held in memory until parsed.
+        # Counted, then dropped (RFC 9110, 6.5.1): no Authorization may follow the body.
         if self._head_bytes + len(self._url) > self.server.max_header_bytes:
-            self._reject = (431, "request header fields too large")
-            raise _Stop
+            self._stop(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._in_trailers = True
+        parser = self.parser
+        if parser.should_upgrade():
+            if parser.get_method() == b"CONNECT":
+                self._stop(501, "CONNECT is not supported")
+            # httptools then skips the body: the head is checked when parsed again.
+            self.reading = _UPGRADE
+            return
+        self.reading = _BODY
         headers = self._headers
-        if self._head_bytes + len(self._url) > self.server.max_header_bytes:
-            self._reject = (431, "request header fields too large")
-            raise _Stop
+        server = self.server
+        version = self._version = parser.get_http_version()
+        # As Go's server does: llhttp reads a request line without a version as HTTP/0.9.
+        if version == "2.0":
+            self._stop(505, "only HTTP/1.1 and HTTP/1.0 are supported")
+        if version not in ("1.1", "1.0"):
+            self._stop(400, "malformed request line")
+        if self._head_bytes + len(self._url) > server.max_header_bytes:
+            self._stop(431, "request header fields too large")
+        # RFC 9112, 3.2: exactly one valid Host (repeats are joined by ", "; no host has ",").
         host = headers.get("host")
-        if (host is None and self.parser.get_http_version() == "1.1") or (
-            host is not None and "," in host
-        ):
-            # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host
-            # or with more than one; repeats are joined by ", " above, and a host never
-            # contains a comma.
-            self._reject = (400, "exactly one Host header is required")
-            raise _Stop
+        if host is None and version == "1.1":
+            self._stop(400, "a Host header is required")
+        if host and ("," in host or " " in host or not (host.isascii() and host.isprintable())):
+            self._stop(400, "exactly one valid Host header is required")
+        declared = 0
         length = headers.get("content-length")
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
-                self._reject = (400, "bad Content-Length")
-                raise _Stop from None
-            if declared > self.server.max_body_bytes:
-                self._reject = (413, "request body too large")
-                raise _Stop
+                self._stop(400, "bad Content-Length")
+            if declared > server.max_body_bytes:
+                self._stop(413, "request body too large")
         coding = headers.get("transfer-encoding")
+        if coding is not None and version == "1.0":
+            self._stop(400, "Transfer-Encoding is not allowed in HTTP/1.0")  # RFC 9112, 6.1
         if coding is not None and coding.lower() != "chunked":
-            # llhttp accepts any codings before a final "chunked" and undoes only that
-            # one: the body would reach the handler still compressed, looking like data.
-            # RFC 9112, 6.1: an unknown transfer coding is answered 501.
-            self._reject = (501, "only the chunked transfer coding is supported")
-            raise _Stop
+            # llhttp undoes only a final "chunked": the body would stay compressed.
+            self._stop(501, "only the chunked transfer coding is supported")
         expect = headers.get("expect")
-        if expect is None:
-            return
-        if expect.lower() != "100-continue":
-            # RFC 9110, 10.1.1: an expectation the server cannot meet gets 417.
-            self._reject = (417, "only Expect: 100-continue is supported")
-            raise _Stop
-        if self.parser.get_http_version() == "1.1":
-            # An HTTP/1.0 client cannot understand 100 Continue: its expectation is ignored.
-            if self._busy or self.queue:
-                # Written once the answers before this request are out.
-                self._expect_continue = True
-            else:
-                assert self.transport is not None
-                self.transport.write(_CONTINUE)
-
-    def on_chunk_header(self) -> None:
-        # After the last chunk's size line come the trailers, buffered by httptools like
-        # header lines: count their raw bytes as a head's until on_chunk_complete. After
-        # any other size line, the chunk's data follows and on_body stops the count.
-        self._in_head = True
-        self._head_fresh = True
-
-    def on_chunk_complete(self) -> None:
-        self._in_head = False
-
-    def on_body(self, body: bytes) -> None:
-        self._in_head = False
-        self._body_len += len(body)
-        if self._body_len > self.server.max_body_bytes:
-            self._reject = (413, "request body too large")
-            raise _Stop
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._in_message = False
-        self._expect_continue = False
-        parser = self.parser
+        if expect is not None and expect.lower() != "100-continue":
+            self._stop(417, "only Expect: 100-continue is supported")  # RFC 9110, 10.1.1
         url = self._url
         if url[:1] == b"/":
-            if b"#" in url:
-                # Clients do not send fragments, but llhttp lets them through.
+            if b"#" in url:  # clients do not send fragments, but llhttp lets them through
                 url = url.partition(b"#")[0]
             raw_path, _, raw_query = url.partition(b"?")
         else:
@@ -527,32 +430,96 @@ class _Connection(asyncio.Protocol):
         path = raw_path.decode("latin-1")
         if "%" in path:
             path = unquote(path)
+        method = parser.get_method().decode("ascii")
+        query = raw_query.decode("latin-1")
+        request = Request(method, path, query, headers, b"", self.client, self)
+        self._request = request
+        if server.access_log:
+            request._began = self.loop.time()
+        if server.check_head is not None and (declared or coding is not None):
+            self._reject = server.check_head(request)
+            if self._reject is not None:
+                raise _Stop
+        if declared and not server.reserve(request, declared):
+            self._reject = _BUSY
+            raise _Stop
+        if expect is not None and version == "1.1":  # HTTP/1.0 knows no 100 Continue
+            if self.task is not None or self.queue:
+                self.reading = _CONTINUE
+            else:
+                self.transport.write(_CONTINUE_ANSWER)
+
+    def _stop(self, status: int, message: str) -> NoReturn:
+        self._reject = _refusal(status, message)
+        raise _Stop
+
+    def on_chunk_header(self) -> None:
+        # A size line, and the trailers after the last, are buffered like header lines.
+        self.reading = _TRAILER
+        self._head_fresh = True
+
+    def on_chunk_complete(self) -> None:
+        self.reading = _BODY
+
+    def on_body(self, body: bytes) -> None:
+        self.reading = _BODY
+        length = self._body_len = self._body_len + len(body)
+        server = self.server
+        if length > server.max_body_bytes:
+            self._stop(413, "request body too large")
+        request = self._request
+        assert request is not None
+        # A chunked body is counted against the budget as it comes.
+        if length > request._held and not server.reserve(request, length - request._held):
+            self._reject = _BUSY
+            raise _Stop
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.reading == _UPGRADE:
+            return
+        self.reading = _IDLE
+        request = self._request
+        assert request is not None
+        self._request = None
         body = self._body
-        request = Request(
-            parser.get_method().decode("ascii"),
-            path,
-            raw_query.decode("latin-1"),
-            self._headers,
-            body[0] if len(body) == 1 else b"".join(body),
-            self.client,
-        )
-        self._body = []
-        self.queue.append(
-            (request, parser.should_keep_alive(), parser.get_http_version() == "1.0", b"")
-        )
+        if body:
+            request.body = body[0] if len(body) == 1 else b"".join(body)
+            self._body = []
+        parser = self.parser
+        self.queue.append((request, parser.should_keep_alive(), self._version == "1.0", b""))
 
-    # -- answering ----------------------------------------------------------------------
+    def _without_upgrade(self, rest: bytes) -> bytes:
+        """The head that asked for an upgrade, without ``Upgrade``, and ``rest``, for a fresh
+        parser: the server never switches protocols (RFC 9110, 7.8), and the body of an h2c
+        request (Java's HttpClient, ``curl --http2``) must be read as usual."""
+        version = self.parser.get_http_version().encode()
+        line = b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self._url, version)
+        fields = "".join(f"{k}: {v}\r\n" for k, v in self._headers.items() if k != "upgrade")
+        self.parser = httptools.HttpRequestParser(self)
+        return line + fields.encode("latin-1") + b"\r\n" + rest
 
-    def _reject_request(self, status: int, message: str) -> None:
-        """Queue a rejection after the answers already due, and stop reading requests."""
-        self._no_more = True
+    def _reject_request(self, refusal: Response) -> None:
+        """Queue a refusal after the answers already due, and stop reading requests."""
+        self.reading = _DONE
         self._reject = None
-        self.server.rejected(status)
-        self.queue.append((None, False, False, _error_bytes(status, message)))
+        self.queue.append((None, False, False, self._refused(refusal)))
+        if self._request is not None:
+            self.server.release(self._request)
+            self._request = None
+
+    def _refused(self, refusal: Response) -> bytes:
+        """The bytes of a refusal the server makes itself, counted and logged."""
+        server = self.server
+        data = encode_response(refusal, keep_alive=False)
+        if server.on_reject is not None:
+            server.on_reject(refusal.status)
+        server.log(self._request, refusal, len(data), self.client)
+        return data
 
     def _next(self) -> None:
         """Start the next queued request, or go back to reading when there is none."""
-        if self._closed or self._busy or self._writing_paused:
+        if self.state != _OPEN or self.task is not None or self.write_paused:
             return
         queue = self.queue
         if queue:
@@ -560,35 +527,27 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 self._write_and_linger(canned)
                 return
-            self._busy = True
             self.deadline = math.inf
-            # A Task per request, even for handlers that never wait: running those right
-            # here would save the Task, but then every answer is written on its own
-            # instead of together with the others due in this pass of the loop, and
-            # waking the clients one write at a time costs more than the Task saves.
-            # The Task runs in a fresh copy of the server's context: this may be called
-            # from the Task of the request before, whose context is not this one's.
-            self._task = self.loop.create_task(
+            # A Task even for handlers that never wait: answers of one loop pass then go out
+            # together. A fresh context: this may run in the Task of the request before.
+            self.task = self.loop.create_task(
                 self._respond(request, keep_alive, http10), context=self.server.context.copy()
             )
             return
-        if self._no_more or (self.server.draining and not self._in_message):
+        in_message = _HEAD <= self.reading <= _UPGRADE
+        if self.reading >= _DONE or (self.server.draining and not in_message):
             self._close()
             return
-        if self._reading_paused:
-            self._reading_paused = False
-            assert self.transport is not None
+        if self.read_paused:
+            self.read_paused = False
             self.transport.resume_reading()
-        if self._in_message:
-            if self._expect_continue:
-                self._expect_continue = False
-                assert self.transport is not None
-                self.transport.write(_CONTINUE)
+        if in_message:
+            if self.reading == _CONTINUE:
+                self.reading = _BODY
+                self.transport.write(_CONTINUE_ANSWER)
             self.deadline = self.loop.time() + self.server.read_timeout
-            self.deadline_kind = _READING
         else:
             self.deadline = self.loop.time() + self.server.keepalive_timeout
-            self.deadline_kind = _IDLE
 
     async def _respond(self, request: Request, keep_alive: bool, http10: bool) -> None:
         server = self.server
@@ -599,117 +558,111 @@ class _Connection(asyncio.Protocol):
         except HTTPError as exc:
             response = exc.to_response()
         except asyncio.CancelledError:
-            self._busy = False
-            self._task = None
-            if self._lost:
-                server.forget(self)
+            self._handled(request)
             raise
         except Exception:
-            server.logger.exception("handler failed on %s %s", request.method, request.path)
+            server.logger.exception("handler failed on %s", _shown(request))
             response = _INTERNAL_ERROR
-        self._busy = False
-        self._task = None
-        if self._closed:
-            # Dropped while the handler ran (client gone, or it stopped reading).
-            if self._lost:
-                server.forget(self)
-            return
-        if server.draining or (self._no_more and not self.queue):
+        self._handled(request)
+        if self.state != _OPEN:
+            return  # dropped while the handler ran (client gone, or it stopped reading)
+        if server.draining or (self.reading >= _DONE and not self.queue):
             keep_alive = False
+        head = request.method == "HEAD"
         try:
-            data = encode_response(response, keep_alive, http10, request.method == "HEAD")
+            data = encode_response(response, keep_alive, http10, head)
         except (ValueError, UnicodeError):
-            server.logger.exception(
-                "handler answer cannot be sent on %s %s", request.method, request.path
-            )
-            data = encode_response(_INTERNAL_ERROR, keep_alive, http10, request.method == "HEAD")
-        assert self.transport is not None
+            server.logger.exception("handler answer cannot be sent on %s", _shown(request))
+            data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
         self.transport.write(data)
+        if server.access_log or response.status in _LOGGED_REFUSALS:
+            server.log(request, response, len(data), self.client)
         if keep_alive:
             self._next()
         else:
             self._close()
 
+    def _handled(self, request: Request) -> None:
+        self.task = None
+        if request._held:
+            self.server.release(request)
+        if self.state == _LOST:
+            self.server.forget(self)
+
+    def _drop(self) -> None:
+        """Forget the requests not handled yet, and what they held of the budget."""
+        for request, *_ in self.queue:
+            if request is not None:
+                self.server.release(request)
+        self.queue.clear()
+        if self._request is not None:
+            self.server.release(self._request)
+            self._request = None
+
     def _write_and_linger(self, data: bytes) -> None:
         transport = self.transport
-        assert transport is not None
         transport.write(data)
-        self.queue.clear()
+        self._drop()
         if not transport.can_write_eof():
             self._close()
             return
-        # Half-close, then read and drop what the client still sends for a short while:
-        # closing with unread data would reset the connection and could destroy the answer.
         transport.write_eof()
-        self._lingering = True
-        self.deadline = self.loop.time() + min(_LINGER_SECONDS, self.server.read_timeout)
-        self.deadline_kind = _LINGER
-        if self._reading_paused:
-            self._reading_paused = False
+        self.reading = _LINGER
+        self._linger_end = self.loop.time() + _LINGER_SECONDS
+        self.deadline = self._linger_deadline()
+        if self.read_paused:
+            self.read_paused = False
             transport.resume_reading()
 
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
+    def _linger_deadline(self) -> float:
+        return self.loop.time() + min(_LINGER_IDLE, self.server.read_timeout)
+
+    def _close(self, abort: bool = False) -> None:
+        """Close once what is written went out, or with ``abort`` drop the connection now."""
+        if self.state == _OPEN or abort:
+            self.state = max(self.state, _CLOSED)
             self.deadline = math.inf
-            self.queue.clear()
-            if self.transport is not None:
-                self.transport.close()
-
-    def _abort(self) -> None:
-        self._closed = True
-        self.deadline = math.inf
-        self.queue.clear()
-        if self.transport is not None:
-            self.transport.abort()
-
-    # -- server-driven events -----------------------------------------------------------
+            self._drop()
+            (self.transport.abort if abort else self.transport.close)()
 
     def expire(self) -> None:
-        """The connection's deadline passed (called by the server's sweep)."""
-        kind = self.deadline_kind
+        """The deadline passed (the server's sweep): what it means depends on the state."""
         self.deadline = math.inf
-        if self._closed:
+        if self.state != _OPEN:
             return
-        if self._writing_paused:
-            # The client stopped reading its answers: nothing more can reach it.
-            self._abort()
+        if self.write_paused or self.reading == _LINGER:
+            # The client stopped reading its answers, or a refused client keeps sending.
+            self._close(abort=True)
+        elif self.task is not None:
             return
-        if self._busy:
-            return
-        if kind == _READING and self._in_message and not self.queue:
-            self.server.rejected(408)
-            self._no_more = True
-            self._write_and_linger(_error_bytes(408, "request not received in time"))
-        elif kind in (_WRITING, _LINGER):
-            self._abort()
+        elif _HEAD <= self.reading <= _UPGRADE and not self.queue:
+            self.reading = _DONE
+            self._write_and_linger(self._refused(_refusal(408, "request not received in time")))
         else:
             self._close()
 
     def drain(self) -> None:
         """Shutdown began: close now if idle, else after the answer in progress."""
-        if self._lingering:
-            self._abort()
-        elif not self._busy and not self.queue and not self._in_message:
+        if self.reading == _LINGER:
+            self._close(abort=True)
+        elif self.task is None and not self.queue and not _HEAD <= self.reading <= _UPGRADE:
             self._close()
 
     def kill(self) -> None:
         """The grace period is over: drop the connection and cancel its handler."""
-        self._abort()
-        if self._task is not None:
-            self._task.cancel()
+        self._close(abort=True)
+        if self.task is not None:
+            self.task.cancel()
 
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
+
+try:
+    _MALLOC_TRIM: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _MALLOC_TRIM = None
 
 
 def _fit_fd_limit(wanted: int) -> int:
-    """``wanted`` connections, or fewer when the open-file limit cannot hold them all.
-
-    Past that limit accept() fails: the event loop logs an error, stops accepting for a
-    while and new clients wait unanswered, instead of getting a 503 they can retry on.
-    """
+    """``wanted``, or fewer to fit the file limit: past it clients wait, with no 503."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
@@ -730,12 +683,16 @@ class HTTPServer:
         read_timeout: float = 10.0,
         keepalive_timeout: float = 75.0,
         max_connections: int = 10_000,
-        backlog: int = 1024,
+        max_bytes_in_flight: int = 64 << 20,
+        check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         logger: logging.Logger | None = None,
+        access_log: bool = False,
     ) -> None:
-        """``on_reject`` is called with the status of every answer the server makes itself
-        (400, 408, 413, 431, 503), so the application can count them."""
+        """``check_head`` sees each request with a body once its head is complete (``body``
+        empty): a Response it returns is sent before the body is read or ``100 Continue``,
+        then the connection closes. ``on_reject`` gets the status of each refusal the
+        server makes (those included)."""
         self.handler = handler
         self.host = host
         self.requested_port = port
@@ -744,41 +701,41 @@ class HTTPServer:
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = _fit_fd_limit(max_connections)
-        self.backlog = backlog
+        self.max_bytes_in_flight = max_bytes_in_flight
+        #: Bytes the requests in progress hold (bodies, and what handlers reserve).
+        self.held = 0
+        self._held_peak = 0
+        self.check_head = check_head
+        self.access_log = access_log
+        self._refusals = 0
+        self._refusals_until = 0.0
         self.on_reject = on_reject
         self.logger = logger or _LOG
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._all_gone: asyncio.Event | None = None
-        # Deadlines are checked by one periodic sweep rather than a timer per request;
-        # a deadline fires at most a quarter of the shortest timeout late.
+        self._sweeper: asyncio.TimerHandle  # set by start()
+        self._all_gone = asyncio.Event()
+        # One sweep for all deadlines, not a timer per request: late by a tick at most.
         self._tick = max(0.005, min(1.0, read_timeout / 4, keepalive_timeout / 4))
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop  # set by start()
         #: What each request's Task starts from: the context ``start()`` was called in.
         self.context = contextvars.Context()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        assert self._loop is not None, "HTTPServer.start() was not called"
-        return self._loop
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
         if self._server is not None:
             raise RuntimeError("HTTPServer already started")
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.context = contextvars.copy_context()
-        self._all_gone = asyncio.Event()
-        self._server = await self._loop.create_server(
-            functools.partial(_Connection, self),
+        self._server = await self.loop.create_server(
+            lambda: _Connection(self),
             self.host,
             self.requested_port,
-            backlog=self.backlog,
+            backlog=1024,
             reuse_address=True,
         )
-        self._sweeper = self._loop.call_later(self._tick, self._sweep)
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
     @property
     def port(self) -> int:
@@ -788,47 +745,69 @@ class HTTPServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self, grace: float = 10.0) -> None:
-        """Stop accepting, let in-flight handlers finish within ``grace``, close every
-        connection (idle ones at once), then drop whatever is left."""
+        """Stop accepting, close idle connections, give handlers ``grace`` seconds, drop."""
         if self._server is None or self.draining:
             return
         self.draining = True
         self._server.close()
         for conn in list(self.connections):
             conn.drain()
-        assert self._all_gone is not None
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
             except TimeoutError:
-                self.logger.warning(
-                    "%d connection(s) still busy after the %.1f s grace period; closing them",
-                    len(self.connections),
-                    grace,
-                )
+                busy = len(self.connections)
+                self.logger.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
         for conn in list(self.connections):
             conn.kill()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        self._sweeper.cancel()
         await self._server.wait_closed()
 
-    # -- used by connections ------------------------------------------------------------
+    def make_room(self) -> bool:
+        """Close the keep-alive connection idle longest, as nginx does; False if none is."""
+        idle = [conn for conn in self.connections if conn.idle and conn.state == _OPEN]
+        if idle:  # their deadlines all count from when they went idle
+            min(idle, key=lambda conn: conn.deadline)._close()
+        return bool(idle)
 
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
-        if self.draining and not self.connections and self._all_gone is not None:
+        if self.draining and not self.connections:
             self._all_gone.set()
 
-    def rejected(self, status: int) -> None:
-        if self.on_reject is not None:
-            try:
-                self.on_reject(status)
-            except Exception:
-                self.logger.exception("on_reject callback failed")
+    def reserve(self, request: Request, nbytes: int) -> bool:
+        held = self.held
+        if held + nbytes > self.max_bytes_in_flight and held > request._held:
+            return False
+        self.held = held + nbytes
+        request._held += nbytes
+        return True
+
+    def release(self, request: Request) -> None:
+        self.held -= request._held
+        request._held = 0
+
+    def log(
+        self, request: Request | None, answer: Response, size: int, client: tuple[str, int] | None
+    ) -> None:
+        """A refusal's INFO line (at most ``_REFUSALS_LOGGED`` a second), an access line."""
+        what = _shown(request) if request is not None else "- -"
+        host = client[0] if client else "-"
+        status = answer.status
+        if status in _LOGGED_REFUSALS:
+            self._refusals += 1  # in this second: the sweep counts those left out
+            if self._refusals <= _REFUSALS_LOGGED:
+                reason = _escaped(answer.body[:200].decode("utf-8", "replace"))
+                self.logger.info("refused %s from %s: %d %s", what, host, status, reason)
+        if self.access_log:
+            ms = round((self.loop.time() - request._began) * 1000, 1) if request else 0.0
+            method, _, path = what.partition(" ")
+            fields = {"client": host, "method": method, "path": path, "status": status}
+            fields.update(bytes=size, duration_ms=ms)
+            _ACCESS.info('%s "%s" %d %d %.1fms', host, what, status, size, ms, extra=fields)
 
     def _sweep(self) -> None:
         loop = self.loop
@@ -836,4 +815,14 @@ class HTTPServer:
         expired = [conn for conn in self.connections if conn.deadline <= now]
         for conn in expired:
             conn.expire()
+        if now >= self._refusals_until:
+            if self._refusals > _REFUSALS_LOGGED:
+                left_out = self._refusals - _REFUSALS_LOGGED
+                self.logger.info("%d more requests refused in a second, not logged", left_out)
+            self._refusals, self._refusals_until = 0, now + 1.0
+        self._held_peak = max(self._held_peak, self.held)
+        if self._held_peak >= _TRIM_AFTER and self.held * 4 <= self._held_peak:
+            self._held_peak = self.held
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
         self._sweeper = loop.call_later(self._tick, self._sweep)

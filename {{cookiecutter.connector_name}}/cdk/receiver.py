@@ -1,35 +1,18 @@
 """Receiving: the HTTP application of a sink (or a webhook source) on top of ``cdk.http``.
 
-:class:`Receiver` owns routing, auth, the concurrency cap and the answer counters;
-:class:`SinkHandler` is a sink's ``POST /``: decode the CloudEvents, call the user's
-``arrived``, turn its :class:`~cdk.connector.Result` into an HTTP answer.
+:class:`Receiver` owns routing, auth, the concurrency cap, readiness and the answer
+counters; :class:`SinkHandler` is a sink's ``POST /``: decode the CloudEvents, call the
+user's ``arrived``, turn its :class:`~cdk.connector.Result` into an HTTP answer.
 
-Routes:
-
-==================  ==================================================================
-``POST /``          the connector's handler (needs the token when ``auth_token`` is set);
-                    with ``any_path=True`` (webhook sources) a POST to any path
-``OPTIONS /``       the CloudEvents webhook handshake (``WebHook-Request-Origin`` in,
-                    ``WebHook-Allowed-Origin``, ``WebHook-Allowed-Rate`` and ``Allow`` out);
-                    with ``any_path=True`` on any path, as the handshake goes to the URL
-                    events are sent to
-``GET /healthz``    200 while the process serves
-``GET /readyz``     200 while :attr:`Receiver.ready` is True (after ``initialize``, until
-                    shutdown begins), else 503
-``GET /metrics``    Prometheus text format
-other method, /     405 with ``Allow: POST, OPTIONS`` (any path with ``any_path=True``)
-other path          404
-==================  ==================================================================
-
-Auth: with ``auth_token`` set, a POST needs ``Authorization: Bearer <token>`` or
-``?access_token=<token>`` (compared in constant time), else 401 with
-``WWW-Authenticate: Bearer``. Health, readiness, metrics and OPTIONS need no token.
-
-Concurrency cap: at most ``max_concurrency`` POSTs are handled at once. Beyond that the
-receiver answers **429 with ``Retry-After: 1`` instead of queueing**: a queue would hide
-overload from the sender while holding its connection and memory, whereas 429 with
-``Retry-After`` is what the CloudEvents webhook spec prescribes and what Knative and
-the cdk's own delivery retry on. Over-capacity requests cost the server almost nothing.
+Routes: ``POST /`` (any path with ``any_path=True``, for webhook sources); ``OPTIONS``
+there, the CloudEvents webhook handshake; ``GET /healthz`` (200 while serving),
+``/readyz`` (200 while :attr:`Receiver.ready` and the connector's readiness check agree,
+else 503 and why), ``/metrics`` (Prometheus); else 405 with ``Allow`` or 404. With
+``auth_token``, a POST needs ``Authorization: Bearer <token>`` or ``?access_token=``
+(compared in constant time), else 401. Route, method, token, content coding (415 but
+for ``identity``) and capacity are checked on the head, so a refused body is never read.
+Beyond ``max_concurrency`` POSTs the answer is 429 with Retry-After, not a queue that
+would hide overload from the sender while holding its connection and memory.
 """
 
 from __future__ import annotations
@@ -39,59 +22,55 @@ import hmac
 import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from cdk import tracing
 from cdk.codec import CodecError, from_http
-from cdk.connector import Result, Sink
-from cdk.http import Handler, HTTPError, Request, Response
+from cdk.connector import Result, Sink, call
+from cdk.http import Handler, HTTPError, HTTPServer, Request, Response
 from cdk.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
-
     from cdk.config import ServerConfig
     from cdk.metrics import Metrics
 
-__all__ = ["RETRY_AFTER", "Receiver", "SinkHandler"]
+__all__ = ["RETRY_AFTER", "ReadyCheck", "Receiver", "SinkHandler"]
+
+#: What ``Receiver(ready_check=...)`` takes: the connector's ``ready`` hook, plain or async.
+ReadyCheck = Callable[[], bool | Awaitable[bool]]
 
 #: Seconds a client is asked to wait (``Retry-After``) when the concurrency cap is reached.
 RETRY_AFTER = 1
 
+_READY_TIMEOUT = 5.0
 _POST_ALLOW = "POST, OPTIONS"
-_READ_ALLOW = "GET, HEAD"
-
+_READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+_SERVER_KEYS = {"host", "port", "max_body_bytes", "max_header_bytes", "read_timeout"}
+_SERVER_KEYS |= {"keepalive_timeout", "max_bytes_in_flight", "access_log"}
+#: What decoding counts against ``max_bytes_in_flight`` beside the body: about what a
+#: small event takes, and (estimated before decoding a body over ``_SMALL_BODY``) what
+#: JSON takes as Python objects per byte.
+_EVENT_BYTES = 1024
+_DECODED_PER_BYTE = 3
+_SMALL_BODY = 64 * 1024
+_GONE = object()  # what _call_sync returns for a sender that is gone
 
 # Shared answers of the hot path (answers are never mutated once returned).
 _OK = Response(200)
 _ACCEPTED = Response(202)
+_BUSY = Response(503, b"busy: too many events in progress", headers=[("retry-after", "1")])
 
 
 def _text(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
     return Response(status, text.encode("utf-8"), headers=headers or [])
 
 
-class _StatusCounter:
-    """Counts answers by status, caching one prometheus child per status (labels() is slow)."""
-
-    __slots__ = ("_children", "_counter")
-
-    def __init__(self, counter: Counter) -> None:
-        self._counter = counter
-        self._children: dict[int, Any] = {}
-
-    def __call__(self, status: int) -> None:
-        child = self._children.get(status)
-        if child is None:
-            child = self._children.setdefault(status, self._counter.labels(str(status)))
-        child.inc()
-
-
 class Receiver:
-    """Routes requests to the POST handler, health, readiness and metrics; see the module doc.
+    """Routes requests to the POST handler, health, readiness and metrics (module doc).
 
-    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`. Pass :meth:`record_status` as
-    ``HTTPServer(on_reject=...)`` so the answers the server makes itself (400, 408, 413,
-    431, 503) are counted too.
+    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`; :meth:`http_server` builds the
+    server for it, which refuses on the head what :meth:`handle` would refuse.
     """
 
     def __init__(
@@ -102,43 +81,55 @@ class Receiver:
         logger: logging.Logger | None = None,
         *,
         any_path: bool = False,
+        ready_check: ReadyCheck | None = None,
     ) -> None:
+        """``ready_check`` is asked on each ``GET /readyz`` while :attr:`ready`: False,
+        raising or taking over 5 s answers 503 with a short reason; concurrent probes
+        share one check."""
         self.ready = False
+        #: Said after "ready" on ``/readyz`` (a replica's role under leader election).
+        self.note = ""
+        self._config = config
         self._post = post
-        # A webhook source takes POSTs on any path (make_event sees request.path);
-        # a sink only on "/".
         self._any_path = any_path
+        self._ready_check = ready_check
+        self._checking: asyncio.Future[Response] | None = None
+        self._was_ready = True
         self._metrics = metrics
         self._log = logger or logging.getLogger("cdk.receiver")
         secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
         self._token: bytes | None = secret.encode("utf-8") if secret else None
-        self._max_concurrency = config.max_concurrency
-        self._in_flight = 0
-        self.record_status = _StatusCounter(metrics.responses)
+        self.in_flight = 0  # POST requests being handled right now
+        self._counted: dict[int, Any] = {}
 
-    @property
-    def in_flight(self) -> int:
-        """POST requests being handled right now."""
-        return self._in_flight
+    def record_status(self, status: int) -> None:
+        """Count an answer, with one prometheus child per status (labels() is slow)."""
+        child = self._counted.get(status)
+        if child is None:
+            child = self._counted[status] = self._metrics.responses.labels(str(status))
+        child.inc()
+
+    def http_server(self, logger: logging.Logger | None = None) -> HTTPServer:
+        """The server for this receiver, with the config's limits."""
+        limits = self._config.model_dump(include=_SERVER_KEYS)  # named as HTTPServer's
+        return HTTPServer(
+            self.handle,
+            check_head=self._refusal,
+            on_reject=self.record_status,
+            logger=logger,
+            **limits,
+        )
 
     async def handle(self, request: Request) -> Response:
         """Answer one request and count the answer."""
-        if request.method != "POST" or (request.path != "/" and not self._any_path):
-            response = self._route(request)
-        elif self._token is not None and not self._authorized(request):
-            response = _text(
-                401,
-                "missing or wrong bearer token",
-                [("www-authenticate", 'Bearer realm="connector"')],
-            )
-        elif self._in_flight >= self._max_concurrency:
-            response = _text(
-                429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))]
-            )
+        refusal = self._refusal(request)
+        if refusal is not None:
+            response = refusal
+        elif request.method != "POST":
+            response = await self._read(request)
         else:
-            # The POST handler is awaited right here, not in a helper coroutine: this is
-            # the path of every event, and each coroutine layer costs on every request.
-            self._in_flight += 1
+            # Awaited here, not in a helper: each coroutine layer costs on every event.
+            self.in_flight += 1
             try:
                 response = await self._post(request)
                 if not isinstance(response, Response):
@@ -151,59 +142,84 @@ class Receiver:
                 self._log.exception("POST handler failed")
                 response = _text(500, "internal error")
             finally:
-                self._in_flight -= 1
+                self.in_flight -= 1
         self.record_status(response.status)
         return response
 
-    def _route(self, request: Request) -> Response:
-        """Every route but ``POST /``: all answered without waiting on anything."""
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer refusing ``request`` on its head alone, or None."""
         path = request.path
         method = request.method
-        if path in ("/healthz", "/readyz", "/metrics"):
-            if method not in ("GET", "HEAD"):
-                return _text(405, "method not allowed", [("allow", _READ_ALLOW)])
-            if path == "/healthz":
-                return _text(200, "ok")
-            if path == "/readyz":
-                return _text(200, "ready") if self.ready else _text(503, "not ready")
-            return Response(200, self._metrics.render(), CONTENT_TYPE)
-        if path == "/" or self._any_path:
-            # With any_path every path takes POSTs, so every path is a delivery target:
-            # the webhook handshake goes to that same URL, and other methods get 405.
+        if path in _READ_ROUTES:
+            if method in ("GET", "HEAD"):
+                return None
+            return _text(405, "method not allowed", [("allow", "GET, HEAD")])
+        if path != "/" and not self._any_path:
+            return _text(404, "not found")
+        if method != "POST":
             if method == "OPTIONS":
-                return self._options(request)
+                return None
             return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
-        return _text(404, "not found")
+        if self._token is not None and not self._authorized(request):
+            challenge = [("www-authenticate", 'Bearer realm="connector"')]
+            return _text(401, "missing or wrong bearer token", challenge)
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None and encoding.lower() != "identity":
+            # Not decoded: no event sender compresses, and gzip can inflate past any limit.
+            return _text(415, "send the body uncompressed", [("accept-encoding", "identity")])
+        if self.in_flight >= self._config.max_concurrency:
+            return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
+        return None
 
-    def _options(self, request: Request) -> Response:
+    async def _read(self, request: Request) -> Response:
+        """What a GET, HEAD or OPTIONS that passed ``_refusal`` is answered."""
+        path = request.path
+        if path == "/healthz":
+            return _text(200, "ok")
+        if path == "/readyz":
+            if not self.ready:
+                return _text(503, "not ready")
+            if self._ready_check is None:
+                return _text(200, f"ready{self.note}")
+            if self._checking is None or self._checking.done():
+                self._checking = asyncio.ensure_future(self._check_ready(self._ready_check))
+            return await asyncio.shield(self._checking)
+        if path == "/metrics":
+            return Response(200, self._metrics.render(), CONTENT_TYPE)
         origin = request.headers.get("webhook-request-origin")
         if origin is None:
             return Response(200, headers=[("allow", _POST_ALLOW)])
-        return Response(
-            200,
-            headers=[
-                ("allow", "POST"),
-                ("webhook-allowed-origin", origin.strip() or "*"),
-                ("webhook-allowed-rate", "*"),
-            ],
-        )
+        allowed = [("webhook-allowed-origin", origin.strip() or "*"), ("webhook-allowed-rate", "*")]
+        return Response(200, headers=[("allow", "POST"), *allowed])
+
+    async def _check_ready(self, check: ReadyCheck) -> Response:
+        try:
+            ready = bool(await asyncio.wait_for(call(check, thread=True), _READY_TIMEOUT))
+            reason = detail = "" if ready else "the connector reports it is not ready"
+        except TimeoutError:
+            reason = detail = f"the readiness check took more than {_READY_TIMEOUT:g} s"
+        except Exception as exc:
+            # The probe needs no token: the error's text goes to the log only.
+            reason = f"the readiness check raised {type(exc).__name__}"
+            detail = self._config.redact(f"{reason}: {exc}")
+        if (not reason) != self._was_ready:  # logged when it changes, not on every probe
+            self._was_ready = not reason
+            if reason:
+                self._log.warning("not ready: %s", detail)
+            else:
+                self._log.info("ready again")
+        return _text(503, f"not ready: {reason}") if reason else _text(200, f"ready{self.note}")
 
     def _authorized(self, request: Request) -> bool:
         token = self._token
         assert token is not None
-        header = request.headers.get("authorization")
-        if header is not None:
-            scheme, _, credentials = header.strip().partition(" ")
-            # Header values arrive decoded as latin-1: encoding back gives the raw bytes.
-            if scheme.lower() == "bearer" and hmac.compare_digest(
-                credentials.strip().encode("latin-1"), token
-            ):
-                return True
-        if "access_token" in request.query:
-            for value in request.query_params().get("access_token", ()):
-                if hmac.compare_digest(value.encode("utf-8"), token):
-                    return True
-        return False
+        scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
+        # Header values arrive decoded as latin-1: encoding back gives the raw bytes.
+        given = credentials.strip().encode("latin-1")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, token):
+            return True
+        query = request.query_params() if "access_token" in request.query else {}
+        return any(hmac.compare_digest(v.encode(), token) for v in query.get("access_token", ()))
 
 
 def _ids(events: tuple[Any, ...] | list[Any]) -> str:
@@ -214,21 +230,9 @@ def _ids(events: tuple[Any, ...] | list[Any]) -> str:
 
 class SinkHandler:
     """A sink's ``POST /``: decode, call ``arrived`` (a plain ``def`` in a worker thread),
-    and answer.
-
-    ======================================  ====================================
-    what happened                           answer
-    ======================================  ====================================
-    not a valid CloudEvent                  400, the codec's message
-    unsupported event format or charset     415, the codec's message
-    an empty batch                          202; ``arrived`` is not called
-    ``arrived`` returned ``SUCCESS``        200
-    ``arrived`` returned a failed Result    its code, its message as the body
-    ``arrived`` raised                      500 ``internal error`` (traceback and event ids
-                                            go to the log, never to the client)
-    ``arrived`` returned something else     500, logged as a programming error
-    ======================================  ====================================
-    """
+    answer: 400 or 415 (the codec's message) for what it cannot read; 202 for an empty
+    batch; 200 for ``SUCCESS``; a failed Result's code and message; 500 when ``arrived``
+    raises or returns something else (details and event ids go to the log)."""
 
     def __init__(
         self, sink: Sink[Any], metrics: Metrics, logger: logging.Logger | None = None
@@ -239,18 +243,26 @@ class SinkHandler:
         self._metrics = metrics
         self._log = logger or logging.getLogger("cdk.sink")
         self._received: dict[str, Any] = {}
-        # The in-flight gauge reads this count when scraped, as the delivery engine's
-        # gauges do, rather than being raised and lowered around every call.
+        # Read by the in-flight gauge when scraped, as the delivery engine's gauges do.
         self._calls = 0
         metrics.handler_in_flight.set_function(lambda: self._calls)
 
     async def __call__(self, request: Request) -> Response:
+        # Decoding counts against the budget: by size before (a burst is refused without
+        # being decoded), by the events after.
+        size = len(request.body)
+        estimate = size * _DECODED_PER_BYTE if size > _SMALL_BODY else 0
+        if estimate and not request.reserve(estimate):
+            return _BUSY
         try:
             mode, events = from_http(request.headers, request.body)
         except CodecError as exc:
             return _text(exc.status, str(exc))
         if not events:
             return _ACCEPTED
+        extra = len(events) * _EVENT_BYTES - estimate
+        if len(events) > 1 and extra > 0 and not request.reserve(extra):
+            return _BUSY
         counter = self._received.get(mode)
         if counter is None:
             counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
@@ -258,20 +270,21 @@ class SinkHandler:
         self._calls += 1
         started = time.perf_counter()
         try:
-            if self._is_async:
+            if tracing.active:
+                with tracing.arrived(events, request.headers):
+                    result = await call(self._call_sync, request, events, thread=not self._is_async)
+            elif self._is_async:
                 result = await self._arrived(*events)  # type: ignore[misc]
             else:
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(None, self._call_sync, events)
-                if inspect.isawaitable(result):
-                    # A plain def that returned an awaitable: finish it here, on the loop.
-                    result = await result
+                result = await call(self._call_sync, request, events, thread=True)
         except Exception:
             self._log.exception("arrived raised; event ids: %s", _ids(events))
             return _text(500, "internal error")
         finally:
             self._calls -= 1
             self._metrics.handler_latency.observe(time.perf_counter() - started)
+        if result is _GONE:
+            return _text(499, "client closed the connection")
         if not isinstance(result, Result):
             self._log.error(
                 "%s.arrived returned %r, not a cdk.Result (return cdk.SUCCESS or "
@@ -285,5 +298,8 @@ class SinkHandler:
             return _OK
         return _text(result.code, result.message)
 
-    def _call_sync(self, events: list[Any]) -> Any:
+    def _call_sync(self, request: Request, events: list[Any]) -> Any:
+        if request.disconnected:
+            # The sender gave up while this waited for a worker thread: it will send again.
+            return _GONE
         return self._arrived(*events)

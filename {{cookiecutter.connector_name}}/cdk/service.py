@@ -44,7 +44,7 @@ from cdk.config import (
 )
 from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
 from cdk.delivery import Deliverer, DeliveryQueue
-from cdk.http import HTTPServer, Request, Response
+from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
 from cdk.receiver import Receiver, SinkHandler
@@ -140,23 +140,18 @@ class Service:
 
     async def _serve(self, receiver: Receiver, config: ServerConfig) -> None:
         self.receiver = receiver
-        server = HTTPServer(
-            receiver.handle,
-            host=config.host,
-            port=config.port,
-            max_body_bytes=config.max_body_bytes,
-            max_header_bytes=config.max_header_bytes,
-            read_timeout=config.read_timeout,
-            keepalive_timeout=config.keepalive_timeout,
-            on_reject=receiver.record_status,
-            logger=logging.getLogger("cdk.http"),
-        )
+        server = receiver.http_server(logging.getLogger("cdk.http"))
         try:
             await server.start()
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ServiceError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
         self.server = server
+
+    def _receiver(self, post: Handler, config: ServerConfig, any_path: bool = False) -> Receiver:
+        """The receiver, asking the connector's ``ready()`` on ``/readyz`` if it has its own."""
+        check = None if type(self.connector).ready is Connector.ready else self.connector.ready
+        return Receiver(post, config, self.metrics, any_path=any_path, ready_check=check)
 
     async def _close_server(self, grace: float) -> None:
         if self.receiver is not None:
@@ -209,7 +204,7 @@ class SinkService(Service):
 
     async def _begin(self) -> None:
         handler = SinkHandler(self.connector, self.metrics)
-        await self._serve(Receiver(handler, self.config, self.metrics), self.config)
+        await self._serve(self._receiver(handler, self.config), self.config)
 
 
 class _Chan(DeliveryQueue):
@@ -394,12 +389,14 @@ class PollingSourceService(_SourceService):
         port = self.config.metrics_port
         if port is not None:
             settings = {"host": self.config.host, "port": port, "log_level": self.config.log_level}
-            await self._serve(
-                Receiver(_metrics_only, ServerConfig.model_validate(settings), self.metrics),
-                ServerConfig.model_validate(settings),
-            )
+            server_config = ServerConfig.model_validate(settings)
+            await self._serve(self._receiver(_metrics_only, server_config), server_config)
         produce = self._produce() if self.leadership is None else self._lead(self.leadership)
         self._producing = asyncio.create_task(produce, name="cdk-produce")
+
+    def _note(self, role: str) -> None:
+        if self.receiver is not None:
+            self.receiver.note = role  # on /readyz: who leads
 
     async def _lead(self, leadership: Leadership) -> None:
         """Produce only while this replica leads; between terms, settle and campaign again."""
@@ -409,6 +406,7 @@ class PollingSourceService(_SourceService):
             registry=self.metrics.registry,
         )
         first = True
+        self._note(" (follower)")
         try:
             while True:
                 self.log.info("campaigning to lead (leader_election)")
@@ -417,6 +415,7 @@ class PollingSourceService(_SourceService):
                     self._new_term()  # resume where the last leader left off
                 first = False
                 leading.set(1)
+                self._note(" (leader)")
                 self.log.info("leading: producing from position %r", self.connector.position)
                 producer = asyncio.ensure_future(self._produce())
                 lost = asyncio.ensure_future(leadership.lost())
@@ -427,6 +426,7 @@ class PollingSourceService(_SourceService):
                 producer.cancel()
                 await asyncio.wait({producer})
                 leading.set(0)
+                self._note(" (follower)")
                 self.log.warning("lost the lead; settling the events in flight, then campaigning")
                 await self.chan.join()
                 assert self.connector.checkpoint is not None
@@ -491,9 +491,8 @@ class WebhookSourceService(_SourceService):
         from cdk.webhook import WebhookHandler
 
         await super()._begin()
-        self.handler = WebhookHandler(self.connector, self.chan, self.metrics)
-        receiver = Receiver(self.handler, self.config, self.metrics, any_path=True)
-        await self._serve(receiver, self.config)
+        self.handler = WebhookHandler(self.connector, self.chan, self.metrics, config=self.config)
+        await self._serve(self._receiver(self.handler, self.config, any_path=True), self.config)
 
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.grace_period if grace is None else grace

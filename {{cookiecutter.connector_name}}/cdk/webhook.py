@@ -1,36 +1,28 @@
 """The webhook source's request handler: one HTTP request in, its events delivered, one answer.
 
-:class:`WebhookHandler` is the ``POST`` handler the runtime mounts in a
-:class:`cdk.receiver.Receiver` for a :class:`cdk.WebhookSource` (the receiver has
-already checked auth, size limits and concurrency). For each request it calls the
-user's ``make_event(request)``, puts every event it returns into the source's
-``chan`` (waiting when it is full: backpressure reaches the caller), and answers only
-once each of those events was delivered or given up on by the delivery engine.
+:class:`WebhookHandler` is the POST handler of a :class:`cdk.WebhookSource`'s
+:class:`cdk.receiver.Receiver` (which checked auth, size and concurrency). It calls
+``make_event(request)`` (``async def`` awaited, or a quick CPU-only plain ``def`` called
+on the loop), puts the events into ``chan`` and answers, in JSON, once each was
+delivered or given up on, or ``response_timeout`` passed:
 
-How the caller is answered:
+=========================================  ======  ========================================
+every event delivered                      200     ``{"ids": [...]}``
+no event (``None`` or ``[]``)              202     ``{"ids": []}``
+``make_event`` raised ``cdk.HTTPError``    its     ``{"error": message}``, its headers
+``make_event`` raised or returned junk     500     generic; the details are logged
+the target refused or kept failing         502     ``{"error", "delivered", "failed"}``
+the last attempt timed out                 504     same
+an event could not be encoded              500     same
+shutdown came first                        503     same, ``Retry-After: 5``
+not settled within ``response_timeout``    504     ``{"error", "pending"}``: still queued
+no room in ``chan``                        503     ``{"error"}``, ``Retry-After: 1``
+the caller hung up before queueing         499     nothing queued (nobody reads it)
+=========================================  ======  ========================================
 
-==========================================  ======  =======================================
-what happened                               status  body (JSON)
-==========================================  ======  =======================================
-every event delivered                       200     ``{"ids": [...]}``
-``make_event`` returned ``None`` or ``[]``  202     ``{"ids": []}``; nothing sent
-``make_event`` raised ``cdk.HTTPError``     its     ``{"error": message}``, its headers
-``make_event`` raised anything else         500     generic; the traceback is logged
-``make_event`` returned something else      500     generic; logged
-the target rejected it or kept failing      502     ``{"error", "delivered", "failed"}``
-the last attempt timed out                  504     same
-the event could not be encoded              500     same (``make_event`` built a bad event)
-the connector shut down first               503     same, with ``Retry-After``
-==========================================  ======  =======================================
-
-Every status the kit chooses for a failed delivery (5xx) is one webhook callers and
-Knative retry. The events of a request that did reach the target are listed under
-``delivered``; a retry sends them again, which the at-least-once contract allows.
-
-``make_event`` may be ``async def`` (awaited on the event loop) or a plain ``def``,
-which is called directly on the event loop: it is meant to be quick, CPU-only work
-(read the request, build an event). One that does blocking I/O should be
-``async def`` and use ``await asyncio.to_thread(...)``.
+``error`` is generic and the lists hold event ids: the target's answer may name internal
+hosts or echo the token, so it goes to the log only, secrets masked (``config.redact``).
+Callers and Knative retry the 5xx; resending delivered events is what at-least-once allows.
 """
 
 from __future__ import annotations
@@ -39,18 +31,20 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from cloudevents.core.v03.event import CloudEvent as CloudEventV03
 from cloudevents.core.v1.event import CloudEvent
 
+from cdk import signature, tracing
 from cdk.connector import Tuple, WebhookSource
 from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
 from cdk.http import HTTPError, Request, Response
 
 if TYPE_CHECKING:
+    from cdk.config import WebhookSourceConfig
     from cdk.metrics import Metrics
 
 __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
@@ -62,43 +56,15 @@ _JSON = "application/json"
 _EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
-class _Outcome:
-    """The fates of one request's events; resolves ``done`` once every event has one."""
+def _tuple(event: Any, fate: asyncio.Future[BaseException | None]) -> Tuple:
+    """``fate`` gets None once ``event`` is delivered, the error once it is given up on
+    (the delivery engine calls back on the event loop)."""
 
-    __slots__ = ("done", "errors", "loop", "remaining")
+    def settle(error: BaseException | None = None) -> None:
+        if not fate.done():  # cancelled: the caller went away, or got its 504
+            fate.set_result(error)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        self.loop = loop
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.remaining = count
-        self.errors: dict[int, BaseException] = {}
-
-    def tuple(self, index: int, event: Any) -> Tuple:
-        return Tuple(event, lambda: self._resolve(index, None), lambda e: self._resolve(index, e))
-
-    def fail(self, index: int, error: BaseException) -> None:
-        """Settle an event that never reached the delivery engine (on the event loop)."""
-        self._settle(index, error)
-
-    def _resolve(self, index: int, error: BaseException | None) -> None:
-        # The delivery engine calls back on the event loop; anything else must hop onto it.
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._settle(index, error)
-        else:
-            self.loop.call_soon_threadsafe(self._settle, index, error)
-
-    def _settle(self, index: int, error: BaseException | None) -> None:
-        if error is not None:
-            self.errors[index] = error
-        self.remaining -= 1
-        # The caller may have gone away (handler cancelled): then nobody awaits `done`,
-        # which is harmless because it only ever holds a result, never an exception.
-        if self.remaining == 0 and not self.done.done():
-            self.done.set_result(None)
+    return Tuple(event, settle, settle)
 
 
 class WebhookHandler:
@@ -110,63 +76,84 @@ class WebhookHandler:
         chan: asyncio.Queue[Tuple],
         metrics: Metrics,
         logger: logging.Logger | None = None,
+        *,
+        config: WebhookSourceConfig | None = None,
     ) -> None:
+        """``config`` gives ``response_timeout`` and ``redact`` (for what is logged and
+        answered)."""
         self.source = source
         self.chan = chan
         self.metrics = metrics
         self.log = logger or logging.getLogger("cdk.webhook")
+        self._redact: Callable[[str], str] = config.redact if config else str
+        self._response_timeout = config.response_timeout if config else 8.0
+        secret = config.webhook_secret if config else None
+        self._secret = None if secret is None else secret.get_secret_value()
         self._closed = False
-        self._closing: asyncio.Future[None] | None = None
 
     def close(self) -> None:
-        """Shutdown began: take no more events, and release requests waiting for room.
-
-        Events already in ``chan`` are still delivered (or failed) by the delivery
-        engine's drain; events that never got in are answered 503 right away, instead of
-        waiting for a queue nobody drains any more.
-        """
+        """Shutdown began: take no more events (callers get 503); those in ``chan`` are
+        still delivered or failed by the delivery engine's drain."""
         self._closed = True
-        if self._closing is not None and not self._closing.done():
-            self._closing.set_result(None)
-
-    async def _put(self, item: Tuple) -> bool:
-        """Queue ``item``, waiting while ``chan`` is full; False once shutdown began."""
-        if self._closed:
-            return False
-        if not self.chan.full():
-            self.chan.put_nowait(item)
-            return True
-        # Slow path, only under backpressure: wait for room or for shutdown.
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-        put = asyncio.ensure_future(self.chan.put(item))
-        try:
-            await asyncio.wait({put, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Also when this request is cancelled (its connection closed): a put left
-            # behind would queue an event nobody waits for, or linger past shutdown.
-            if not put.done():
-                put.cancel()
-        return put.done() and not put.cancelled() and put.exception() is None
 
     async def __call__(self, request: Request) -> Response:
+        if self._secret is not None and not signature.verify(
+            self._secret, request.body, request.headers.get(signature.HEADER)
+        ):
+            return _json_response(401, {"error": f"missing or wrong {signature.HEADER} signature"})
+        if not tracing.active:
+            return await self._answer(request)
+        with tracing.webhook(request.headers, request.method):
+            return await self._answer(request)
+
+    async def _answer(self, request: Request) -> Response:
         try:
             events = await self._make_events(request)
         except HTTPError as exc:
-            return _http_error_response(exc)
+            body = {"error": self._redact(exc.message)}
+            return _json_response(exc.status, body, list(exc.headers))
         if not events:
             return _json_response(202, {"ids": []})
         self.metrics.received.labels("webhook").inc(len(events))
-        outcome = _Outcome(asyncio.get_running_loop(), len(events))
-        for index, event in enumerate(events):
-            if not await self._put(outcome.tuple(index, event)):
-                for rest in range(index, len(events)):
-                    outcome.fail(rest, ShutdownError("shut down before the event was queued"))
-                break
-        await outcome.done
-        if not outcome.errors:
+        chan = self.chan
+        if self._closed:
+            error = ShutdownError("shut down before the event was queued")
+            return self._failure_response(events, dict.fromkeys(range(len(events)), error))
+        if request.disconnected:
+            # Nobody waits for the answer: the caller will send again, nothing is queued.
+            return _json_response(499, {"error": "the caller closed the connection"})
+        if tracing.active:
+            events = [tracing.inject(event) for event in events]  # delivery continues the trace
+        # Events waiting for a retry take room too (cdk.delivery.DeliveryQueue).
+        if chan.maxsize and chan.qsize() + getattr(chan, "waiting", 0) + len(events) > chan.maxsize:
+            if len(events) > chan.maxsize:
+                self.log.error("%d events never fit in queue_size: raise it", len(events))
+                return _json_response(500, {"error": "internal error while queueing events"})
+            # At once: waiting for room would hold the caller's connection and memory.
+            return _json_response(503, {"error": "busy: the queue is full"}, [("retry-after", "1")])
+        loop = asyncio.get_running_loop()
+        fates: list[asyncio.Future[BaseException | None]] = [loop.create_future() for _ in events]
+        for event, fate in zip(events, fates, strict=True):
+            try:
+                chan.put_nowait(_tuple(event, fate))
+            except asyncio.QueueFull:  # --max-events reached: the source takes no more
+                fate.set_result(ShutdownError("the connector takes no more events"))
+        try:
+            await asyncio.wait(fates, timeout=self._response_timeout)
+        finally:
+            for fate in fates:
+                fate.cancel()  # those not settled yet stay queued all the same
+        pending = [e.get_id() for e, fate in zip(events, fates, strict=True) if fate.cancelled()]
+        if pending:
+            # GitHub gives up after 10 s; if it sends again, at-least-once allows twice.
+            ids = ", ".join(map(str, pending[:20]))
+            self.log.warning("not delivered within response_timeout, still queued: %s", ids)
+            late = {"error": "not delivered in time; the events stay queued", "pending": pending}
+            return _json_response(504, late)
+        errors = {i: failure for i, fate in enumerate(fates) if (failure := fate.result())}
+        if not errors:
             return _json_response(200, {"ids": [event.get_id() for event in events]})
-        return self._failure_response(events, outcome.errors)
+        return self._failure_response(events, errors)
 
     async def _make_events(self, request: Request) -> list[Any]:
         """Call ``make_event`` and normalise its answer to a list of events."""
@@ -196,31 +183,29 @@ class WebhookHandler:
         )
         raise HTTPError(500, "internal error while making the event")
 
-    def _failure_response(self, events: list[Any], errors: dict[int, BaseException]) -> Response:
+    def _failure_response(self, events: list[Any], errors: Mapping[int, BaseException]) -> Response:
         failures = list(errors.values())
         headers: list[tuple[str, str]] = []
         if any(isinstance(e, ShutdownError) for e in failures):
-            status = 503
-            headers.append(("Retry-After", str(RETRY_AFTER_SHUTDOWN)))
+            status, message = 503, "the connector is shutting down; send the events again"
+            headers.append(("retry-after", str(RETRY_AFTER_SHUTDOWN)))
         elif any(isinstance(e, EncodeError) for e in failures):
-            status = 500
+            status, message = 500, "internal error: an event could not be encoded"
         elif all(_timed_out(e) for e in failures):
-            status = 504
+            status, message = 504, "the target did not answer in time"
         else:
-            status = 502
-        first = failures[0]
+            status, message = 502, "the target did not take the events"
+        failed = [events[i].get_id() for i in errors]
         self.log.warning(
-            "%d of %d event(s) not delivered, answering %d: %s",
+            "%d of %d event(s) not delivered (ids: %s), answering %d: %s",
             len(failures),
             len(events),
+            ", ".join(map(str, failed[:20])),
             status,
-            first,
+            self._redact(str(failures[0])),
         )
-        body = {
-            "error": f"delivery failed: {first}",
-            "delivered": [e.get_id() for i, e in enumerate(events) if i not in errors],
-            "failed": [{"id": events[i].get_id(), "error": str(err)} for i, err in errors.items()],
-        }
+        delivered = [e.get_id() for i, e in enumerate(events) if i not in errors]
+        body = {"error": message, "delivered": delivered, "failed": failed}
         return _json_response(status, body, headers)
 
 
@@ -233,10 +218,4 @@ def _timed_out(error: BaseException) -> bool:
 def _json_response(
     status: int, body: Any, headers: list[tuple[str, str]] | None = None
 ) -> Response:
-    return Response(
-        status=status, body=orjson.dumps(body), content_type=_JSON, headers=headers or []
-    )
-
-
-def _http_error_response(error: HTTPError) -> Response:
-    return _json_response(error.status, {"error": error.message}, list(error.headers))
+    return Response(status, orjson.dumps(body), _JSON, headers or [])
