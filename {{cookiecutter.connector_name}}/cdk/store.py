@@ -218,6 +218,8 @@ class PositionStore:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
+#: Shortest time between two position writes of a checkpoint on an event loop (seconds).
+WRITE_INTERVAL = 0.05
 #: Longest wait between two attempts to write a position the store refused.
 _WRITE_BACKOFF_MAX = 5.0
 
@@ -410,6 +412,9 @@ class Checkpoint:
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
+                # At most one write per interval: a busy source would otherwise keep a
+                # network store (etcd) writing flat out for positions soon replaced.
+                await asyncio.sleep(WRITE_INTERVAL)
             else:
                 await asyncio.sleep(delay)
                 delay = min(_WRITE_BACKOFF_MAX, delay * 2)
