@@ -30,17 +30,9 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit
 import httptools
 
 from cdk.codec import TOKEN_CHARS
+from cdk.logs import one_line
 
-__all__ = [
-    "Client",
-    "ClientError",
-    "ClientResponse",
-    "ConnectError",
-    "ConnectionClosed",
-    "ProtocolError",
-    "RequestTimeout",
-    "describe",
-]
+__all__ = ["Client", "ClientError", "ClientResponse"]
 
 #: Most bytes of an answer's head (status line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
@@ -84,12 +76,6 @@ class ClientResponse:
     headers: dict[str, str]
     body: bytes
     truncated: bool = False
-
-
-def describe(error: BaseException) -> str:
-    """``error`` in words: its text, after its type name (often all a transport error says)."""
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class _Connection(asyncio.Protocol):
@@ -260,7 +246,7 @@ class _Connection(asyncio.Protocol):
         when = "before the answer was complete" if self.received else "before answering"
         if exc is None:
             return ConnectionClosed(f"the server closed the connection {when}", self.received)
-        return ConnectionClosed(f"connection lost {when} ({describe(exc)})", self.received)
+        return ConnectionClosed(f"connection lost {when} ({one_line(exc)})", self.received)
 
 
 class Client:
@@ -486,7 +472,7 @@ class Client:
                 text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
                 raise ConnectError(text) from exc
             if isinstance(exc, OSError):  # refused, unreachable, DNS, other TLS failures
-                raise ConnectError(f"cannot connect to {where}: {describe(exc)}") from exc
+                raise ConnectError(f"cannot connect to {where}: {one_line(exc)}") from exc
             raise
         if conn.closed:
             self.drop(conn)

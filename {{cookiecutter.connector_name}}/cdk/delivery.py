@@ -34,17 +34,16 @@ from cloudevents.core.v1.event import CloudEvent
 from pydantic import SecretStr
 
 from cdk import tracing
-from cdk.client import Client, ClientError, ClientResponse, describe
+from cdk.client import Client, ClientError, ClientResponse
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
 from cdk.config import DeliveryConfig, redact_url
 from cdk.connector import Tuple
+from cdk.logs import one_line
 from cdk.metrics import Metrics
 
 __all__ = [
     "AttemptsExhausted",
-    "DeadLettered",
     "Deliverer",
-    "DeliveryError",
     "DeliveryQueue",
     "EncodeError",
     "ShutdownError",
@@ -127,7 +126,7 @@ class EncodeError(DeliveryError):
 
 
 def _describe(error: BaseException) -> str:
-    return str(error) if isinstance(error, DeliveryError) else describe(error)
+    return str(error) if isinstance(error, DeliveryError) else one_line(error)
 
 
 def _reason(error: BaseException) -> str:
@@ -416,7 +415,7 @@ class Deliverer:
             except Exception as exc:  # a bug must not lose tuples or stop the worker
                 self.log.exception("delivery of %d request(s) failed unexpectedly", len(owned))
                 for req in owned:
-                    await self._settle(req, None if req.delivered else DeliveryError(describe(exc)))
+                    await self._settle(req, None if req.delivered else DeliveryError(one_line(exc)))
                 owned = []
 
     async def _take(self, chan: asyncio.Queue[Tuple]) -> list[Tuple] | None:

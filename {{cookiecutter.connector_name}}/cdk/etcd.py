@@ -37,7 +37,7 @@ from cdk.store import NotLeader, StoreError
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
 
-__all__ = ["Access", "EtcdBackend", "Leadership"]
+__all__ = ["EtcdBackend", "Leadership"]
 
 T = TypeVar("T")
 log = logging.getLogger("cdk.etcd")
