@@ -110,8 +110,7 @@ class _Connection(asyncio.Protocol):
             return waiter
         self.received = False
         self._head_raw = 0
-        self._headers_done = False
-        self._until_eof = False
+        self._headers_done = False  # _until_eof means nothing until they are
         self.waiter = waiter
         self.transport.write(data)
         return waiter
@@ -177,7 +176,6 @@ class _Connection(asyncio.Protocol):
         self._kept = 0
         self._truncated = False
         self._headers_done = False
-        self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
@@ -203,14 +201,12 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         room = self.pool.max_body - self._kept
-        if room <= 0:
-            self._truncated = True
-            return
         if len(body) > room:
-            body = body[:room]
+            body = body[: max(room, 0)]
             self._truncated = True
-        self._body.append(body)
-        self._kept += len(body)
+        if body:
+            self._body.append(body)
+            self._kept += len(body)
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:
@@ -250,13 +246,7 @@ class _Connection(asyncio.Protocol):
 
 
 class Client:
-    """POSTs to one URL over a pool of at most ``limit`` keep-alive connections.
-
-    ``await post(body, headers)`` returns a :class:`ClientResponse` for any status, or
-    raises a :class:`ClientError`: :class:`ConnectError`, :class:`ConnectionClosed`,
-    :class:`ProtocolError` or :class:`RequestTimeout`. ``headers`` may not name Host,
-    Content-Length, Transfer-Encoding, Connection or User-Agent (the client writes them).
-    """
+    """POSTs to one URL over a pool of at most ``limit`` keep-alive connections."""
 
     def __init__(
         self,
@@ -282,8 +272,7 @@ class Client:
         self.timeout = timeout
         self.keepalive = keepalive
         self.max_body = max_body
-        self._tls = parts.scheme == "https"
-        self._ssl_context = ssl
+        self._ssl = (ssl or _ssl.create_default_context()) if parts.scheme == "https" else None
         self._head = self._make_head(parts, user_agent, authorization)
         self._head_lines = self._head.count("\n")
         self._known_names: set[str] = set()
@@ -443,8 +432,7 @@ class Client:
         conn.idle = False
         if self.loop.time() - conn.idle_since > self.keepalive:
             # The newest idle connection is too old, so every other one is older still.
-            conn.close()
-            for old in list(idle):
+            for old in [conn, *idle]:
                 old.close()
             return None
         return conn
@@ -453,20 +441,12 @@ class Client:
         self._count += 1
         conn = _Connection(self)
         try:
-            if self._tls:
-                context = self._ssl_context
-                if context is None:
-                    context = self._ssl_context = _ssl.create_default_context()
-                await self.loop.create_connection(
-                    lambda: conn, self.host, self.port, ssl=context, server_hostname=self.host
-                )
-            else:
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+            hostname = None if self._ssl is None else self.host
+            await self.loop.create_connection(
+                lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=hostname
+            )
         except BaseException as exc:
-            conn.closed = True
-            if conn.transport is not None:
-                conn.transport.abort()
-            self.drop(conn)
+            conn.abort()
             where = f"{self.host}:{self.port}"
             if isinstance(exc, _ssl.SSLCertVerificationError):
                 text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
