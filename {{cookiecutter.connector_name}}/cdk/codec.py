@@ -107,7 +107,6 @@ def _show(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- strings
-
 # Control characters, surrogates and noncharacters are not allowed in any String.
 # ``str.isprintable()`` is true for nearly every valid value, so this regex only runs
 # on the rare string containing a non-printable (but perhaps allowed) character.
@@ -189,7 +188,6 @@ _uri: Final = functools.partial(_checked_uri, absolute=True)
 
 
 # --------------------------------------------------------------------------- media types
-
 # RFC 9110 token characters: media types, parameter names, header names.
 TOKEN_CHARS: Final = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -246,8 +244,6 @@ def _media_of(datacontenttype: str | None) -> _Media:
 
 
 # --------------------------------------------------------------------------- time
-
-
 def _timestamp(attribute: str, value: Any) -> datetime:
     """RFC 3339 ``date-time``: full date, ``T``, full time, fraction, ``Z`` or offset."""
     # datetime.fromisoformat is fast but takes more than RFC 3339 (week dates, ','
@@ -288,7 +284,6 @@ def _json_time(value: datetime) -> datetime:
 
 
 # --------------------------------------------------------------------------- attributes
-
 _Check = Callable[[str, Any], Any]
 _CHECKS_V1: Final[dict[str, _Check]] = {
     "specversion": _nonempty_str,
@@ -367,7 +362,6 @@ def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> 
 
 
 # --------------------------------------------------------------------------- JSON format
-
 _MISSING: Final = object()
 
 
@@ -493,17 +487,8 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
 
 
 # --------------------------------------------------------------------------- binary mode
-
 _QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
-
-
-def _unquote(attribute: str, value: str) -> str:
-    """Undo an RFC 7230 quoted-string (backslash escapes)."""
-    match = _QUOTED.fullmatch(value)
-    if match is None:
-        raise _invalid(attribute, "header has a malformed quoted-string")
-    return _QUOTED_PAIR.sub(r"\1", match[1])
 
 
 def _percent_decode(attribute: str, raw: bytes) -> str:
@@ -514,8 +499,11 @@ def _percent_decode(attribute: str, raw: bytes) -> str:
 
 
 def _header_value(attribute: str, value: str) -> str:
-    if value[:1] == '"':
-        value = _unquote(attribute, value)
+    if value[:1] == '"':  # an RFC 7230 quoted-string: undo its backslash escapes
+        match = _QUOTED.fullmatch(value)
+        if match is None:
+            raise _invalid(attribute, "header has a malformed quoted-string")
+        value = _QUOTED_PAIR.sub(r"\1", match[1])
     if value.isascii():
         return _percent_decode(attribute, value.encode()) if "%" in value else value
     # Raw UTF-8 from a sender that does not percent-encode (sdk-go), which the HTTP layer
@@ -587,8 +575,6 @@ def _binary_data(media: _Media, body: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------- reading
-
-
 def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
     """Decode an HTTP request (lower-case header names) into its mode and events.
 
@@ -637,7 +623,6 @@ def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> Clou
 
 
 # --------------------------------------------------------------------------- writing
-
 # Names of events written before: their values need no check but the SDK's own and the
 # character check where they are written (header or JSON body). The URIs dataschema and
 # schemaurl always get one.
