@@ -1,19 +1,13 @@
 """HTTP/1.1 client for POSTing to one target: asyncio Protocols driving ``httptools`` directly.
 
 It owns the wire-level work of sending (a keep-alive pool, the request bytes, parsing the
-answer, timeouts) and turns every failure into one of the errors defined here; it knows
-nothing of CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU
-per request, and a Protocol feeding llhttp spends a fraction of a general client's.
-
-- At most ``limit`` connections; idle ones are reused last-in first-out so a burst's
-  extras age out. A connection goes after any error, ``Connection: close``, an answer
-  that ends it or came before the whole request was written, or ``keepalive`` s idle.
-- A reused connection the server closed while idle fails before any byte of the answer;
-  that request is sent again, once, on a fresh connection (never after part of one).
-- ``timeout`` covers waiting for a connection, connecting, sending and receiving; on
-  expiry the connection is dropped and :class:`RequestTimeout` raised.
-- 1xx answers are skipped, chunked ones decoded (trailers ignored); at most ``max_body``
-  bytes of a body are kept, the rest read and dropped so the connection stays usable.
+answer, timeouts) and turns every failure into a :class:`ClientError`; it knows nothing of
+CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU per request,
+and a Protocol feeding llhttp spends a fraction of a general client's. Idle connections
+are reused last-in first-out, so a burst's extras age out after ``keepalive`` seconds;
+``timeout`` covers waiting for a connection, connecting, sending and receiving; at most
+``max_body`` bytes of an answer are kept, the rest read and dropped so that the
+connection stays usable.
 """
 
 from __future__ import annotations
@@ -491,20 +485,14 @@ class Client:
     async def close(self) -> None:
         """Close every connection; requests in flight fail, later ones raise ClientError."""
         self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)  # wakes into the closed check
-        self._waiters.clear()
-        conns = list(self._conns)
+        while self._waiters:
+            self._wake()  # into the closed check
         lost: list[asyncio.Future[None]] = []
-        for conn in conns:
+        for conn in list(self._conns):
             if conn.transport is not None and not conn.closed:
                 conn.lost = self.loop.create_future()
                 lost.append(conn.lost)
-            if conn.idle:
-                conn.close()
-            else:
-                conn.abort()
+            conn.close(polite=conn.idle)
         if lost:
             # Closing completes on later loop iterations (a TLS close exchanges messages).
             await asyncio.wait(lost, timeout=1.0)
