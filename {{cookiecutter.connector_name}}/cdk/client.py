@@ -4,7 +4,7 @@ It owns the wire-level work of sending (a keep-alive pool, the request bytes, pa
 answer, timeouts) and turns every failure into a :class:`ClientError`; it knows nothing of
 CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU per request,
 and a Protocol feeding llhttp spends a fraction of a general client's. Idle connections
-are reused last-in first-out, so a burst's extras age out after ``keepalive`` seconds;
+are reused last-in first-out, so a burst's extras age out after ``KEEPALIVE_SECONDS``;
 ``timeout`` covers waiting for a connection, connecting, sending and receiving; at most
 ``max_body`` bytes of an answer are kept, the rest read and dropped so that the
 connection stays usable.
@@ -30,6 +30,7 @@ __all__ = ["Client", "ClientError", "ClientResponse"]
 
 #: Most bytes of an answer's head (status line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
+KEEPALIVE_SECONDS = 30.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Header names the client writes itself; a caller may not send them too.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "user-agent"})
@@ -248,7 +249,6 @@ class Client:
         *,
         limit: int = 16,
         timeout: float | None = 5.0,
-        keepalive: float = 30.0,
         max_body: int = 64 * 1024,
         ssl: _ssl.SSLContext | None = None,
         user_agent: str | None = None,
@@ -264,7 +264,6 @@ class Client:
         self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
         self.limit = limit
         self.timeout = timeout
-        self.keepalive = keepalive
         self.max_body = max_body
         self._ssl = (ssl or _ssl.create_default_context()) if parts.scheme == "https" else None
         self._head = self._make_head(parts, user_agent, authorization)
@@ -424,7 +423,7 @@ class Client:
             return None
         conn = idle.pop()
         conn.idle = False
-        if self.loop.time() - conn.idle_since > self.keepalive:
+        if self.loop.time() - conn.idle_since > KEEPALIVE_SECONDS:
             # The newest idle connection is too old, so every other one is older still.
             for old in [conn, *idle]:
                 old.close()

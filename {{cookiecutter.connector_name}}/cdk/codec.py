@@ -29,6 +29,7 @@ import base64
 import binascii
 import functools
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NamedTuple
@@ -186,12 +187,9 @@ def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
 _uri_reference: Final = functools.partial(_checked_uri, absolute=False)
 _uri: Final = functools.partial(_checked_uri, absolute=True)
 
-
 # --------------------------------------------------------------------------- media types
 # RFC 9110 token characters: media types, parameter names, header names.
-TOKEN_CHARS: Final = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters)
 
 
 class _Media(NamedTuple):
@@ -302,7 +300,6 @@ _CHECKS_V03: Final[dict[str, _Check]] = {
 }
 _REQUIRED: Final = ("id", "source", "type")
 
-
 # How the hot loops handle each context attribute without a call in the common case.
 _STR, _URI_REF, _MEDIA_TYPE, _TIME, _ABS_URI = range(5)
 _KIND_OF_CHECK: Final[dict[_Check, int]] = {
@@ -395,10 +392,8 @@ def _b64decode(attribute: str, value: Any) -> bytes:
 
 
 def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> CloudEvent:
-    """One event of the JSON format, parsed; ``deep`` when nesting must be checked.
-
-    ``batch_spec`` is the specversion every event of a batch must share.
-    """
+    """One event of the JSON format, parsed; ``deep`` when nesting must be checked, and
+    ``batch_spec`` the specversion every event of a batch must share."""
     if type(obj) is not dict:
         raise InvalidEvent(f"a CloudEvent must be a JSON object, got {type(obj).__name__}")
     spec = _spec_for(obj.get("specversion"))
@@ -576,11 +571,8 @@ def _binary_data(media: _Media, body: bytes) -> Any:
 
 # --------------------------------------------------------------------------- reading
 def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
-    """Decode an HTTP request (lower-case header names) into its mode and events.
-
-    Binary and structured give one event, batch a list (maybe empty). Raises
-    ``InvalidEvent`` (400) or ``UnsupportedContentType`` (415).
-    """
+    """Decode an HTTP request (lower-case header names) into its mode and events: one
+    event in binary and structured mode, a list (maybe empty) for a batch."""
     contenttype = headers.get("content-type") or None  # an empty one says nothing
     mode = _FORMATS.get(contenttype or "")  # the usual values, before anything is parsed
     if mode is None and contenttype is not None and contenttype[:23].lower() == _CE_PREFIX:

@@ -233,10 +233,8 @@ class _Request:
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`).
-
-    ``reminder``: the fewest seconds between two warnings that deliveries still fail.
-    """
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`);
+    ``reminder`` is the fewest seconds between two warnings that deliveries still fail."""
 
     def __init__(
         self,
