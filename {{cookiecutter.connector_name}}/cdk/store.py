@@ -1,16 +1,10 @@
 """Positions: where a polling source remembers how far it got, across restarts.
 
-:class:`PositionStore` is a small key-value store scoped to one connector (its
-``namespace``): ``get``, ``set`` and ``delete`` JSON values. Without a path it keeps
-them in memory; with one it keeps them in an SQLite file (standard library), one row
-per key, each ``set`` committed on its own; ``etcd://`` URLs keep them in etcd.
-
-:class:`Checkpoint` decides *when* a position may be written: only once every event
-tracked before it was acknowledged by the target. Deliveries complete out of order
-(``max_in_flight`` > 1), so the checkpoint advances to the highest position whose
-predecessors are all acknowledged, and a failed event stops it from advancing at all.
-A source killed at any moment therefore resumes at or before the first event the
-target has not acknowledged: it may send some events again, never skip one.
+:class:`PositionStore` keeps JSON values by key for one connector (its ``namespace``):
+in memory, in an SQLite file or in etcd. :class:`Checkpoint` writes a position only once
+every event tracked before it was acknowledged, so a source killed at any moment resumes
+at or before the first event the target has not acknowledged: it may send some events
+again, never skip one.
 """
 
 from __future__ import annotations
@@ -74,21 +68,17 @@ class _Backend(Protocol):
 
 
 class _SQLiteBackend:
-    """One SQLite file in WAL mode (or an in-memory database, for ``path`` None: values
-    that live as long as the process); every ``set`` is its own committed transaction.
+    """One SQLite file in WAL mode (in memory for ``path`` None); each ``set`` commits.
 
-    ``synchronous=NORMAL``: in WAL mode a commit is written to the log before ``set``
-    returns, so a killed process (SIGKILL, OOM, crash) loses nothing; only an OS crash
-    or power loss may drop the last commits, never corrupt the file. A lost commit only
-    moves the resume point back, so events are sent again (at-least-once allows it).
-    ``FULL`` would add an fsync per commit, milliseconds each on real disks, and cap
-    how many events a second a checkpointing source can acknowledge.
+    ``synchronous=NORMAL``: a killed process loses no commit; an OS crash or power loss
+    may drop the last ones, never corrupt the file, and that only moves the resume point
+    back (at-least-once allows it). ``FULL`` would fsync every commit, milliseconds each
+    on real disks, capping how many events a second a source can acknowledge.
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        # Callbacks may run on the event loop or in worker threads; one lock serialises
-        # access to the single connection.
+        # Callbacks run on the event loop and in worker threads: one lock, one connection.
         self._lock = threading.Lock()
         try:
             if path is not None:
@@ -124,9 +114,7 @@ class _SQLiteBackend:
 
     def _run(self, sql: str, params: tuple[str, ...]) -> Any:
         """Execute ``sql`` and return its first row (None when it has none)."""
-        with self._lock:
-            # fetchone() steps the statement on the shared connection: it belongs
-            # under the lock as much as execute() does.
+        with self._lock:  # fetchone() too steps the statement on the shared connection
             try:
                 return self._db.execute(sql, params).fetchone()
             except sqlite3.Error as exc:
@@ -136,10 +124,9 @@ class _SQLiteBackend:
 class PositionStore:
     """A key-value store of JSON values, scoped to one connector by ``namespace``.
 
-    ``PositionStore("source-x")`` keeps values in memory; ``PositionStore("source-x",
-    "state/positions.db")`` keeps them in an SQLite file that several connectors may
-    share (each sees only its own namespace), ``"etcd://host:2379/prefix"`` in etcd. Calls
-    are synchronous: tens of microseconds for SQLite, a round trip (with timeouts) for etcd.
+    ``path`` None keeps values in memory, a file path in SQLite (connectors sharing the
+    file each see their own namespace), ``etcd://host:2379/prefix`` in etcd. Calls are
+    synchronous: tens of microseconds for SQLite, a round trip (with timeouts) for etcd.
     """
 
     def __init__(
@@ -185,18 +172,14 @@ class PositionStore:
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON: None, bool, int, float, str, list, dict with str keys)."""
-        try:
-            raw = orjson.dumps(value, option=_DUMP_OPTIONS)
-        except TypeError as exc:
-            raise TypeError(f"position {key!r} must be a JSON value: {exc}") from None
-        self._backend_checked().set(self.namespace, key, raw)
+        self._backend_checked().set(self.namespace, key, _dumps(value, key))
 
     def delete(self, key: str) -> None:
         """Forget ``key``; nothing happens when it is not stored."""
         self._backend_checked().delete(self.namespace, key)
 
     def close(self) -> None:
-        """Release the file; later calls raise :class:`StoreError`. Safe to call twice."""
+        """Release the store; later calls raise :class:`StoreError`. Safe to call twice."""
         if not self._closed:
             self._closed = True
             self._backend.close()
@@ -216,11 +199,17 @@ class PositionStore:
         return self._backend
 
 
+def _dumps(value: Any, name: object) -> bytes:
+    try:
+        return orjson.dumps(value, option=_DUMP_OPTIONS)
+    except TypeError as exc:
+        raise TypeError(f"position {name!r} must be a JSON value: {exc}") from None
+
+
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
 #: Shortest time between two position writes of a checkpoint on an event loop (seconds).
 WRITE_INTERVAL = 0.05
-#: Longest wait between two attempts to write a position the store refused.
 _WRITE_BACKOFF_MAX = 5.0
 
 
@@ -234,9 +223,8 @@ class Supervisor(Protocol):
         """An event a checkpoint tracks failed for good: stop, settle, exit 1."""
 
 
-#: Set by the kit while a source runs: a checkpoint made then (in ``initialize`` or in
-#: ``loop_produce_event``) reports to it, so a failed event stops the source instead of
-#: leaving a gap behind, and its last position is written before ``destroy``.
+#: Set by the kit while a source runs, for the checkpoints made then: a failed event
+#: stops the source instead of leaving a gap, and the last position is written first.
 SUPERVISOR: ContextVar[Supervisor | None] = ContextVar("cdk_supervisor", default=None)
 
 
@@ -258,17 +246,12 @@ class Checkpoint:
         ...
         await self.chan.put(checkpoint.tuple(event, offset))
 
-    Several events may carry the same position (one record made into several events):
-    it is written once the last of them is acknowledged. Positions need not grow; what
-    counts is the order of :meth:`track` calls. On an event loop, writes happen in a
-    worker thread, coalesced (only the newest position is written) and retried with
-    backoff while the store is unreachable: never skipped.
-
-    An event that failed for good (its delivery attempts ran out) stops the checkpoint:
-    :attr:`failed` holds the error and the stored position stays before that event. If
-    the source runs under the kit, it then stops producing, settles what is in flight and
-    exits 1 naming the event, so a restart resumes at it: nothing is skipped. An event
-    taken by a dead-letter target counts as acknowledged.
+    Deliveries complete out of order; the written position is the newest whose events
+    and all before them were acknowledged (positions need not grow: the order of calls
+    counts). On an event loop, writes run in a worker thread, coalesced, and are retried
+    while the store is unreachable. An event that failed for good (a dead-lettered one
+    counts as acknowledged) stops the checkpoint, :attr:`failed` holds the error; under
+    the kit the source then settles and exits 1 naming the event, so nothing is skipped.
     """
 
     def __init__(
@@ -297,10 +280,7 @@ class Checkpoint:
         self, position: Any, event_id: str | None = None
     ) -> tuple[Callable[[], None], Callable[[BaseException], None]]:
         """Register the next event; returns its ``(success, failed)`` callbacks."""
-        try:
-            orjson.dumps(position, option=_DUMP_OPTIONS)
-        except TypeError as exc:
-            raise TypeError(f"position {position!r} must be a JSON value: {exc}") from None
+        _dumps(position, position)
         entry = _Pending(position, event_id)
         if self.failed is None:
             self._pending.append(entry)
@@ -362,8 +342,7 @@ class Checkpoint:
         if self.failed is not None:
             return
         self.failed = error
-        # Nothing after the failed event may ever be written: drop what is queued so a
-        # source that goes on producing does not grow this deque without bound.
+        # Nothing after it may ever be written: a source producing on must not grow this.
         self._pending.clear()
         # The newest acknowledged position: written, or about to be.
         resume = self.position if self._unwritten is _NOTHING else self._unwritten
@@ -412,8 +391,8 @@ class Checkpoint:
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
-                # At most one write per interval: a busy source would otherwise keep a
-                # network store (etcd) writing flat out for positions soon replaced.
+                # A busy source would otherwise keep etcd writing flat out for positions
+                # soon replaced.
                 await asyncio.sleep(WRITE_INTERVAL)
             else:
                 await asyncio.sleep(delay)
