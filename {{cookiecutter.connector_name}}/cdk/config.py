@@ -1,9 +1,8 @@
 """Configuration: where config.yml and secret.yml come from, and what they may say.
 
-``load_config`` finds the files (flag, then environment variable, then default path),
-deep-merges the secret over the config, applies environment fallbacks, and validates
-the result with the connector's pydantic model. Every problem becomes one line in a
-:class:`ConfigError` naming the field; secret values never appear in those lines.
+``load_config`` finds the files, deep-merges the secret over the config, applies the
+environment fallbacks and validates the result with the connector's pydantic model.
+Every problem becomes one line of a :class:`ConfigError` naming the field, secrets masked.
 """
 
 from __future__ import annotations
@@ -47,12 +46,8 @@ __all__ = [
     "resolve_paths",
 ]
 
-DEFAULT_CONFIG_PATH = "config.yml"
-DEFAULT_SECRET_PATH = "secret.yml"
-
-#: Every environment variable the kit reads: (name, config key it stands in for when the
-#: key is absent from both files, or None, what it does). ``--help`` lists them, the test
-#: kit clears them for connector processes, and fallbacks are tried in this order.
+#: Every environment variable the kit reads: (name, the config key it stands in for when
+#: both files lack it, or None, what it does). Fallbacks are tried in this order.
 ENVIRONMENT: tuple[tuple[str, str | None, str], ...] = (
     ("CONNECTOR_CONFIG", None, "config file when --config is not given (default ./config.yml)"),
     (
@@ -76,8 +71,7 @@ ENV_FALLBACKS: dict[str, tuple[str, ...]] = {
 
 C = TypeVar("C", bound="ConnectorConfig")
 
-#: Secret values shorter than this are not searched for in messages: too short to be
-#: secrets worth the name, and masking them would garble ordinary words.
+#: Shorter values are not masked in messages: masking them would garble ordinary words.
 _MIN_REDACTED_LENGTH = 4
 _MASK = "**********"
 
@@ -156,16 +150,12 @@ class ConnectorConfig(BaseModel):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    #: Values :func:`load_config` read from secret.yml or from secret-typed fields: masked
-    #: wherever the configuration is shown, even in fields not typed as secrets.
+    #: What secret.yml held and secret-typed fields hold: masked wherever shown.
     _masked_values: list[str] | None = PrivateAttr(default=None)
 
     def redact(self, text: str) -> str:
-        """``text`` with every configured secret value masked: for logs, errors and answers.
-
-        Secrets are what secret.yml held and every secret-typed field, so a target that
-        echoes its request (with the bearer token) cannot leak the token through an excerpt.
-        """
+        """``text`` with every configured secret masked: for logs, errors and answers (a
+        target echoing its request must not leak the token through an excerpt)."""
         if self._masked_values is None:
             self._masked_values = _secret_values(type(self), self.model_dump(), {})
         return _redact(text, self._masked_values) if self._masked_values else text
@@ -185,7 +175,6 @@ def _header_safe(value: SecretStr | None) -> SecretStr | None:
     return _not_blank(value)
 
 
-#: A secret that must not be blank, and one that also fits in an HTTP header.
 Secret = Annotated[SecretStr | None, AfterValidator(_not_blank)]
 BearerToken = Annotated[SecretStr | None, AfterValidator(_header_safe)]
 
@@ -215,21 +204,16 @@ class ServerConfig(ConnectorConfig):
         75.0, gt=0, description="Seconds an idle keep-alive connection stays open."
     )
     max_concurrency: int = Field(
-        256,
-        ge=1,
-        description="Requests handled at once; beyond it the server answers 429 with Retry-After.",
+        256, ge=1, description="Requests handled at once; more get 429 with Retry-After."
     )
     max_bytes_in_flight: int = Field(
         64 * 1024 * 1024,
         ge=64 * 1024,
-        description="Memory requests in progress may hold: their bodies plus, in a sink, an "
-        "estimate of the events decoded from them; beyond it new requests get 503 with "
-        "Retry-After.",
+        description="Memory requests in progress may hold (bodies, and in a sink the events "
+        "decoded from them); beyond it new requests get 503 with Retry-After.",
     )
     access_log: bool = Field(
-        False,
-        description="Log one line per request (client, method, path, status, bytes, "
-        "duration) to the `cdk.access` logger.",
+        False, description="One line per request on the `cdk.access` logger (status, duration...)."
     )
 
 
@@ -240,9 +224,7 @@ class DeliveryConfig(ConnectorConfig):
         ..., description="URL events are POSTed to (fallback `$CONNECTOR_TARGET`, then `$K_SINK`)."
     )
     target_auth_token: BearerToken = Field(
-        None,
-        description="Sent to the target as `Authorization: Bearer <token>` (a sink's "
-        "`auth_token`). Keep it in secret.yml.",
+        None, description="The target's `auth_token`, sent as `Authorization: Bearer <token>`."
     )
     send_event_attempts: int = Field(
         3, description="Attempts per event; 0 or less retries until delivered or shut down."
@@ -268,9 +250,7 @@ class DeliveryConfig(ConnectorConfig):
         60.0, ge=0, description="Longest `Retry-After` honoured, in seconds."
     )
     queue_size: int = Field(
-        1000,
-        ge=1,
-        description="Events queued in `chan` or waiting for a retry before the producer waits.",
+        1000, ge=1, description="Events in `chan` or waiting for a retry before the producer waits."
     )
     dead_letter_target: str | None = Field(
         None,
@@ -278,14 +258,10 @@ class DeliveryConfig(ConnectorConfig):
         "extensions `knativeerrordest`, `knativeerrorcode` and `knativeerrordata`.",
     )
     dead_letter_auth_token: BearerToken = Field(
-        None,
-        description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`. "
-        "Keep it in secret.yml.",
+        None, description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`."
     )
     target_ca_file: str | None = Field(
-        None,
-        description="PEM file of CAs trusted for an https:// target, besides the system's "
-        "and `$K_CA_CERTS`.",
+        None, description="PEM file of CAs trusted for an https:// target (and `$K_CA_CERTS`)."
     )
 
     @field_validator("target_ca_file")
@@ -326,31 +302,25 @@ class SourceConfig(DeliveryConfig):
     )
     position_store: str | None = Field(
         None,
-        description="Where the source keeps its position across restarts: an SQLite file, "
-        "or `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (`etcds://` for TLS); unset keeps it "
-        "in memory.",
+        description="Where positions are kept across restarts: an SQLite file, or "
+        "`etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (`etcds://` for TLS); unset: in memory.",
     )
     etcd_username: str | None = Field(
         None, description="User for an etcd `position_store` with auth on (in secret.yml too)."
     )
-    etcd_password: Secret = Field(
-        None, description="Password of `etcd_username`. Keep it in secret.yml."
-    )
+    etcd_password: Secret = Field(None, description="Password of `etcd_username`.")
     etcd_ca_file: str | None = Field(
-        None,
-        description="PEM file of the CAs an `etcds://` store's certificate is checked against.",
+        None, description="PEM file of CAs an `etcds://` store's certificate is checked against."
     )
     leader_election: bool = Field(
-        False,
-        description="Replicas campaign for one lease in the etcd `position_store`; only the "
-        "leader produces events.",
+        False, description="Replicas campaign for one etcd lease; only the leader produces events."
     )
     leader_lease: float = Field(
         10.0,
         ge=2,
         le=3600,
-        description="Seconds a leader's lease lasts: a leader that cannot renew it stops, "
-        "and another replica takes over within about this long.",
+        description="Seconds a lease lasts: a leader that cannot renew it stops, and another "
+        "replica takes over within about this long.",
     )
 
     @field_validator("position_store")
@@ -381,9 +351,8 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
         None,
         description="When set, a POST needs the HMAC-SHA256 of its body under this secret in "
         "`X-Hub-Signature-256` (`sha256=<hex>`, as GitHub signs; bare hex or base64 too), "
-        "else 401. Keep it in secret.yml.",
+        "else 401.",
     )
-
     response_timeout: float = Field(
         8.0,
         gt=0,
@@ -397,8 +366,8 @@ def resolve_paths(
 ) -> tuple[Path, Path, bool]:
     """Return (config path, secret path, whether that must exist: only a --secret one)."""
     env = os.environ if environ is None else environ
-    config_path = config or env.get("CONNECTOR_CONFIG") or DEFAULT_CONFIG_PATH
-    secret_path = secret or env.get("CONNECTOR_SECRET") or DEFAULT_SECRET_PATH
+    config_path = config or env.get("CONNECTOR_CONFIG") or "config.yml"
+    secret_path = secret or env.get("CONNECTOR_SECRET") or "secret.yml"
     return Path(config_path), Path(secret_path), bool(secret)
 
 
@@ -481,11 +450,8 @@ def _leaf_values(data: Any) -> list[str]:
 
 
 def _secret_leaves(annotation: Any, data: Any) -> list[str]:
-    """The values in ``data`` that ``annotation`` types as secrets, at any depth.
-
-    Follows sub-models, lists and dict values, so ``db: {password: ...}`` is found when
-    ``password`` is a ``SecretStr`` of a nested model.
-    """
+    """The values in ``data`` that ``annotation`` types as secrets, at any depth (in
+    sub-models, lists and dict values)."""
     if annotation in (SecretStr, SecretBytes):
         return _leaf_values(data)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -523,7 +489,6 @@ def _secret_values(
 
 
 def _redact(text: str, secrets: list[str]) -> str:
-    """``text`` with every one of ``secrets`` masked."""
     for value in secrets:
         text = text.replace(value, _MASK)
     return text
@@ -583,8 +548,8 @@ def load_config(
 
 
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
-    """``config`` as JSON-ready data fit for logs: secret-typed fields show asterisks, a
-    password in ``target`` is masked, and so is any value that came from secret.yml."""
+    """``config`` as JSON-ready data fit for logs, every secret (and ``target``'s password)
+    masked."""
     data = config.model_dump(mode="json")
     if isinstance(data.get("target"), str):
         data["target"] = redact_url(data["target"])
