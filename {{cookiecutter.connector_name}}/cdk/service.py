@@ -1,24 +1,16 @@
 """Services: a connector's lifecycle in-process, without the process around it.
 
-:func:`service_for` picks the service by the connector's class: :class:`SinkService`
-serves ``POST /`` and hands events to ``arrived``; :class:`PollingSourceService` runs
-``loop_produce_event`` and delivers ``chan``; :class:`WebhookSourceService` serves HTTP,
-calls ``make_event(request)`` and delivers. All share :class:`Service`: ``initialize``
-and ``destroy`` exactly once, readiness, the HTTP server, ``start``/``wait``/``stop``.
-``cdk.runtime`` runs one as a process; ``cdk.testing`` runs them in a thread.
+:func:`service_for` picks the service by the connector's class (sink, polling source,
+webhook source). Each calls ``initialize`` and ``destroy`` exactly once and serves HTTP
+between ``start`` and ``stop``; ``cdk.runtime`` runs one as a process, ``cdk.testing``
+in a thread. Lines other programs wait for (INFO, stable): ``sink listening on
+http://HOST:PORT``, ``source listening on ...`` (webhook) or ``metrics listening on ...``
+(``metrics_port``), ``source started, target=URL`` (a source's last start-up line),
+``sink stopped`` / ``source stopped``.
 
-Lines other programs may wait for (logged at INFO; stable):
-
-- ``sink listening on http://HOST:PORT`` once a sink serves;
-- ``source listening on http://HOST:PORT`` once a webhook source serves, or
-  ``metrics listening on http://HOST:PORT`` for a polling source's ``metrics_port``;
-- ``source started, target=URL`` once a source runs (always its last start-up line);
-- ``sink stopped`` / ``source stopped``.
-
-Stopping: ``stop(grace)`` clears readiness, stops accepting and producing, and lets
-in-flight work finish within ``grace`` seconds. ``stop()`` without a grace (a source
-that finished by itself) settles every event, however long its attempts take; a later
-``stop(grace)`` hurries it up.
+``stop(grace)`` clears readiness, stops accepting and producing, and lets in-flight work
+finish within ``grace`` seconds; ``stop()`` (a source that finished by itself) settles
+every event however long that takes, and a later ``stop(grace)`` hurries it up.
 """
 
 from __future__ import annotations
@@ -70,11 +62,15 @@ class Service:
     kind: ClassVar[str]
     #: What the service's HTTP port is, in the "... listening on" line.
     role: ClassVar[str]
+    receiving: ClassVar[bool] = True  # which series its Metrics has
+    delivering: ClassVar[bool] = True
 
     def __init__(self, connector: Connector[Any], config: Any, metrics: Metrics | None = None):
         self.connector = connector
         self.config = config
-        self.metrics = metrics if metrics is not None else self._metrics(connector.name())
+        self.metrics = metrics or Metrics(
+            connector.name(), receiving=self.receiving, delivering=self.delivering
+        )
         self.log = logging.getLogger(f"cdk.{self.kind}")
         self.receiver: Receiver | None = None
         self.server: HTTPServer | None = None
@@ -83,9 +79,6 @@ class Service:
         self._state = "new"  # new -> started -> initialized -> destroyed
         self._finished = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
-
-    def _metrics(self, name: str) -> Metrics:
-        return Metrics(name)
 
     @property
     def port(self) -> int:
@@ -138,20 +131,17 @@ class Service:
         self.error = self.error or error
         self._finished.set()
 
-    async def _serve(self, receiver: Receiver, config: ServerConfig) -> None:
-        self.receiver = receiver
-        server = receiver.http_server(logging.getLogger("cdk.http"))
+    async def _serve(self, post: Handler, config: ServerConfig, any_path: bool = False) -> None:
+        """Serve ``post``; ``/readyz`` asks the connector's ``ready()`` if it has its own."""
+        check = None if type(self.connector).ready is Connector.ready else self.connector.ready
+        self.receiver = Receiver(post, config, self.metrics, any_path=any_path, ready_check=check)
+        server = self.receiver.http_server(logging.getLogger("cdk.http"))
         try:
             await server.start()
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ServiceError(f"cannot listen on {config.host}:{config.port}: {reason}") from exc
         self.server = server
-
-    def _receiver(self, post: Handler, config: ServerConfig, any_path: bool = False) -> Receiver:
-        """The receiver, asking the connector's ``ready()`` on ``/readyz`` if it has its own."""
-        check = None if type(self.connector).ready is Connector.ready else self.connector.ready
-        return Receiver(post, config, self.metrics, any_path=any_path, ready_check=check)
 
     async def _close_server(self, grace: float) -> None:
         if self.receiver is not None:
@@ -197,14 +187,11 @@ class SinkService(Service):
     """A sink: serve ``POST /``, hand events to ``arrived``, drain, ``destroy``."""
 
     kind = role = "sink"
+    delivering = False
     connector: Sink[Any]
 
-    def _metrics(self, name: str) -> Metrics:
-        return Metrics(name, delivering=False)
-
     async def _begin(self) -> None:
-        handler = SinkHandler(self.connector, self.metrics)
-        await self._serve(self._receiver(handler, self.config), self.config)
+        await self._serve(SinkHandler(self.connector, self.metrics), self.config)
 
 
 class _Chan(DeliveryQueue):
@@ -331,6 +318,7 @@ class PollingSourceService(_SourceService):
     """A polling source: run ``loop_produce_event``, deliver ``chan``, settle, ``destroy``."""
 
     role = "metrics"
+    receiving = False
     connector: Source[Any]
     config: SourceConfig
 
@@ -342,9 +330,6 @@ class PollingSourceService(_SourceService):
         self.leadership: Leadership | None = None
         self._producing: asyncio.Task[None] | None = None
         self._checkpoints: list[Checkpoint] = []
-
-    def _metrics(self, name: str) -> Metrics:
-        return Metrics(name, receiving=False)
 
     # The supervisor of the checkpoints made while this source runs (cdk.store.SUPERVISOR).
     def watch(self, checkpoint: Checkpoint) -> None:
@@ -390,7 +375,7 @@ class PollingSourceService(_SourceService):
         if port is not None:
             settings = {"host": self.config.host, "port": port, "log_level": self.config.log_level}
             server_config = ServerConfig.model_validate(settings)
-            await self._serve(self._receiver(_metrics_only, server_config), server_config)
+            await self._serve(_metrics_only, server_config)
         produce = self._produce() if self.leadership is None else self._lead(self.leadership)
         self._producing = asyncio.create_task(produce, name="cdk-produce")
 
@@ -473,11 +458,8 @@ class PollingSourceService(_SourceService):
 
 
 async def _metrics_only(request: Request) -> Response:
-    return Response(
-        405,
-        b"this port serves GET /metrics, /healthz and /readyz only\n",
-        headers=[("allow", "GET, HEAD")],
-    )
+    body = b"this port serves GET /metrics, /healthz and /readyz only\n"
+    return Response(405, body, headers=[("allow", "GET, HEAD")])
 
 
 class WebhookSourceService(_SourceService):
@@ -492,7 +474,7 @@ class WebhookSourceService(_SourceService):
 
         await super()._begin()
         self.handler = WebhookHandler(self.connector, self.chan, self.metrics, config=self.config)
-        await self._serve(self._receiver(self.handler, self.config, any_path=True), self.config)
+        await self._serve(self.handler, self.config, any_path=True)
 
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.grace_period if grace is None else grace
@@ -500,9 +482,8 @@ class WebhookSourceService(_SourceService):
             self.receiver.ready = False
         if getattr(self, "handler", None) is not None:
             self.handler.close()
-        # Both at once: pending webhook requests wait for their deliveries, and the
-        # deliverer's deadline falls a little earlier so those requests can still be
-        # answered (503 for what was not delivered) before connections close.
+        # Both at once: pending requests wait for their deliveries, whose deadline falls a
+        # little earlier so those requests are still answered before connections close.
         margin = min(1.0, grace / 10)
         await asyncio.gather(self._close_server(grace), self._settle(max(0.0, grace - margin)))
         await self._end(0.0)
@@ -529,10 +510,10 @@ def check_classes(config_cls: type, connector_cls: type) -> type[Service]:
 
 
 def service_for(connector: Connector[Any], config: Any, **options: Any) -> Service:
-    """The service that runs ``connector`` (a Sink, Source or WebhookSource) with ``config``.
+    """The service that runs ``connector`` with ``config``; ``TypeError`` if they do not fit.
 
-    ``options`` go to source services: ``overrides`` (K_CE_OVERRIDES extensions),
-    ``dry_run``, ``max_events``. Raises ``TypeError`` when the config model does not fit.
+    ``options`` go to source services: ``overrides`` (K_CE_OVERRIDES), ``dry_run``,
+    ``max_events``.
     """
     service = check_classes(type(config), type(connector))
     return service(connector, config, **options)
