@@ -1,16 +1,12 @@
 """The process: ``run_source`` / ``run_sink``, signals, the shutdown watchdog, exit statuses.
 
-What ``cmd/main.py`` calls: parse the command line (``cdk.cli``), load and validate the
-configuration, set up logging, run the connector's service (``cdk.service``) until it
-finishes or a signal asks it to stop, and exit 0, 1 or 2 (``--help`` explains each).
-
-Signals: the first SIGTERM or SIGINT, at any moment, asks for a graceful stop within
-``grace_period``; a second ends the process at once with status 1, and so does a stop
-still running ``SHUTDOWN_ALLOWANCE`` seconds after the grace period. A source that
-finishes by itself (``loop_produce_event`` returned, ``--max-events``) settles every
-event before exiting 0, however long that takes, unless a signal cuts it short. From
-the start of ``run_source`` to the process's very last instruction, a signal never
-kills the process by its default action.
+``cmd/main.py`` calls them: parse the command line (``cdk.cli``), load the configuration,
+set up logging, run the connector's service (``cdk.service``) until it finishes or a
+signal stops it, and exit 0, 1 or 2 (``--help`` explains each). The first SIGTERM or
+SIGINT asks for a graceful stop within ``grace_period``; a second one, or a stop still
+running ``SHUTDOWN_ALLOWANCE`` seconds past it, ends the process at once with status 1.
+From the start of ``run_source`` to the process's last instruction, a signal never kills
+the process by its default action.
 """
 
 from __future__ import annotations
@@ -197,10 +193,6 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def _kind(connector_cls: type) -> str:
-    return "sink" if issubclass(connector_cls, Sink) else "source"
-
-
 def _load(config_cls: type[ConnectorConfig], args: argparse.Namespace) -> ConnectorConfig:
     defaults = {"target": _DRY_RUN_TARGET} if getattr(args, "dry_run", False) else None
     config = load_config(config_cls, args.config, args.secret, defaults=defaults)
@@ -227,18 +219,14 @@ def _main(
     config_cls: type[Any], connector_cls: type[Any], argv: Sequence[str] | None, signals: _Signals
 ) -> int:
     try:
-        check_classes(config_cls, connector_cls)
+        kind = check_classes(config_cls, connector_cls).kind
     except TypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    kind = _kind(connector_cls)
-    args = build_parser(kind, connector_cls.__name__, config_cls).parse_args(argv)
+    name = connector_cls.__name__
+    args = build_parser(kind, name, config_cls).parse_args(argv)
     if args.about:
-        print(
-            orjson.dumps(
-                about(config_cls, kind, connector_cls.__name__), option=orjson.OPT_INDENT_2
-            ).decode()
-        )
+        print(orjson.dumps(about(config_cls, kind, name), option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
     try:
         config = _load(config_cls, args)
@@ -251,7 +239,7 @@ def _main(
         print(f"config OK: {resolve_paths(args.config, args.secret)[0]}")
         return EXIT_OK
     configure_logging(config.log_level, config.log_format)
-    tracing.setup(service_name=project_metadata().get("name", connector_cls.__name__))
+    tracing.setup(service_name=project_metadata().get("name", name))
     _log.debug(
         "effective config: %s",
         orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode(),
@@ -264,7 +252,7 @@ def _main(
         service = service_for(connector, config, **options)
     except Exception as exc:
         _log.debug("constructor raised", exc_info=True)
-        _log.error("cannot create %s: %s", connector_cls.__name__, one_line(exc))
+        _log.error("cannot create %s: %s", name, one_line(exc))
         return EXIT_FAILURE
     if signals.received is not None:
         _log.info("received %s, shutting down", signals.received)
