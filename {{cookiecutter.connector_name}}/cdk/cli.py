@@ -29,7 +29,6 @@ __all__ = [
     "SHUTDOWN_ALLOWANCE",
     "about",
     "build_parser",
-    "config_schema",
     "project_metadata",
     "settings",
 ]
@@ -89,8 +88,7 @@ def _type_name(prop: dict[str, Any]) -> str:
         elif branch.get("writeOnly"):
             names.append("string (secret)")
         else:
-            kind = branch.get("type") or branch.get("$ref", "object").rsplit("/", 1)[-1]
-            names.append({"number": "number", "integer": "integer"}.get(kind, kind))
+            names.append(branch.get("type") or branch.get("$ref", "object").rsplit("/", 1)[-1])
     return " or ".join(names) or "any"
 
 
@@ -173,11 +171,7 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add(
-        "--config",
-        metavar="FILE",
-        help="config file (default: $CONNECTOR_CONFIG, else ./config.yml)",
-    )
+    add("--config", metavar="FILE", help="config file (default: $CONNECTOR_CONFIG or ./config.yml)")
     add(
         "--secret",
         metavar="FILE",
