@@ -1,10 +1,9 @@
 """The user-facing connector types: what a connector author subclasses and returns.
 
-A source puts :class:`Tuple` objects into ``Source.chan`` (the kit's default
-``loop_produce_event`` does it around ``make_event``); the kit delivers them. A sink
+A source puts :class:`Tuple` objects into ``Source.chan`` for the kit to deliver; a sink
 implements :meth:`Sink.arrived` and answers with a :class:`Result`. The bases are generic
-in their config model, so ``class MySource(cdk.Source[Config])`` sees ``self.config`` as a
-``Config``. The service (``cdk.service``) sets ``config`` and ``chan`` before ``initialize``.
+in their config model: ``class MySource(cdk.Source[Config])`` sees ``self.config`` as a
+``Config``.
 """
 
 from __future__ import annotations
@@ -36,15 +35,14 @@ KC = TypeVar("KC", bound="SinkConfig")
 IDLE_WAIT = 0.1
 
 _log = logging.getLogger("cdk.source")
+#: What a polling source's ``make_event`` returns (or its coroutine does).
+Made = CloudEvent | tuple[CloudEvent, Any] | None
 
 
 @dataclass(slots=True)
 class Tuple:
-    """An event on its way to the target, with the callbacks that report its fate.
-
-    Exactly one of ``success`` or ``failed`` is called, exactly once, after the
-    event was delivered or given up on. ``failed`` receives the exception.
-    """
+    """An event on its way to the target, with the callbacks that report its fate: once it
+    was delivered or given up on, ``success()`` or ``failed(exception)`` is called, once."""
 
     event: CloudEvent
     success: Callable[[], Any] | None = None
@@ -71,11 +69,7 @@ SUCCESS = Result(0, "")
 
 
 async def call(function: Callable[..., Any], *args: Any, thread: bool = False) -> Any:
-    """Call a hook that may be a plain function or a coroutine function.
-
-    ``thread=True`` runs a plain function in a worker thread, so blocking I/O in it
-    never stalls the event loop.
-    """
+    """Call a plain or ``async`` hook; ``thread=True`` runs a plain one in a worker thread."""
     if thread and not inspect.iscoroutinefunction(function):
         result = await asyncio.to_thread(function, *args)
     else:
@@ -99,10 +93,8 @@ class Connector(Generic[C]):
         return type(self).__name__
 
     def initialize(self, config: C) -> Awaitable[None] | None:
-        """Called once with the validated config before any event flows.
-
-        May be ``async def``. Raising here stops the connector with exit status 1.
-        """
+        """Called once with the validated config before any event flows; may be ``async
+        def``. Raising here stops the connector with exit status 1."""
         return None
 
     def destroy(self) -> Awaitable[None] | None:
@@ -111,19 +103,16 @@ class Connector(Generic[C]):
 
     def ready(self) -> bool | Awaitable[bool]:
         """Whether the connector can take work now (``GET /readyz``); may be ``async def``.
-
-        Return False (or raise) while a dependency is down, e.g. a sink's database.
-        """
+        Return False (or raise) while a dependency is down, e.g. a sink's database."""
         return True
 
 
 class Source(Connector[SC]):
     """Base for polling sources: implement :meth:`make_event`.
 
-    The kit's :meth:`loop_produce_event` calls ``make_event`` every ``interval``
-    seconds and puts what it returns into ``chan``; override the loop for anything else
-    (``await self.chan.put(cdk.Tuple(event, success, failed))``). When the loop
-    returns, the kit delivers what is queued and the process exits 0.
+    Override :meth:`loop_produce_event` for anything else (``await self.chan.put(
+    cdk.Tuple(event, success, failed))``); once it returns, the kit delivers what is
+    queued and the process exits 0.
     """
 
     chan: asyncio.Queue[Tuple]
@@ -133,14 +122,7 @@ class Source(Connector[SC]):
     #: Set by the kit: where the positions ``make_event`` returns are recorded.
     checkpoint: Checkpoint | None = None
 
-    def make_event(
-        self,
-    ) -> (
-        CloudEvent
-        | tuple[CloudEvent, Any]
-        | Awaitable[CloudEvent | tuple[CloudEvent, Any] | None]
-        | None
-    ):
+    def make_event(self) -> Made | Awaitable[Made]:
         """The next event, ``(event, position)`` to resume after it, or None for nothing now.
 
         A plain ``def`` runs in a worker thread (blocking reads are fine); an
@@ -158,9 +140,8 @@ class Source(Connector[SC]):
             if made is None:
                 await asyncio.sleep(interval or IDLE_WAIT)
                 continue
-            event, position, tracked = (
-                (*made, True) if isinstance(made, tuple) else (made, None, False)
-            )
+            tracked = isinstance(made, tuple)
+            event, position = made if tracked else (made, None)
             item = _logged(event)
             if tracked and self.checkpoint is not None:
                 self.position = position
@@ -191,9 +172,7 @@ class WebhookSource(Connector[WC]):
         self, request: Request
     ) -> CloudEvent | list[CloudEvent] | Awaitable[CloudEvent | list[CloudEvent] | None] | None:
         """Build the event(s) for one request; ``None`` or ``[]`` answers 202 with nothing sent.
-
-        Raise ``cdk.HTTPError(status, message)`` to answer the caller with that status.
-        """
+        Raise ``cdk.HTTPError(status, message)`` to answer the caller with that status."""
         raise NotImplementedError(f"{type(self).__name__} must implement make_event(request)")
 
 
