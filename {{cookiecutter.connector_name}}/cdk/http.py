@@ -1,15 +1,13 @@
 """HTTP/1.1 server: an asyncio Protocol driving the ``httptools`` (llhttp) parser directly.
 
-It owns a receiver's wire-level work (parsing, keep-alive, pipelining, chunked bodies,
-``100 Continue``, limits, timeouts, the memory budget, logs of refusals, shutdown) and
-knows nothing of CloudEvents: the application is an async :data:`Handler` from
-:class:`Request` to :class:`Response`, and a ``check_head`` that may refuse a request
-before its body is read. No framework: on this parser a Protocol answers several times
-more requests a second than an ASGI server, so the hot path has no per-request closures
-or timers and writes each answer once. The framing rules are stricter than llhttp's, as
-strict as Go's server; ``Upgrade`` is ignored. The generated README's Security section
-says what clients see. Each request runs in its own Task, in a copy of ``start()``'s
-context, so what one handler sets in a context variable the next one does not see.
+It owns the wire (parsing, keep-alive, pipelining, chunked bodies, ``100 Continue``,
+limits, timeouts, the memory budget, refusal logs, shutdown) and knows nothing of
+CloudEvents: the application is an async :data:`Handler` from :class:`Request` to
+:class:`Response`, and a ``check_head`` that may refuse a request before its body is
+read. No framework: on this parser a Protocol answers several times more requests a
+second than an ASGI server; the hot path has no per-request closures or timers and
+writes each answer once. Framing is as strict as Go's server; ``Upgrade`` is ignored.
+Each request runs in its own Task, in a fresh copy of ``start()``'s context.
 """
 
 from __future__ import annotations
@@ -30,12 +28,12 @@ from urllib.parse import parse_qs, unquote
 import httptools
 import orjson
 
-__all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response"]
+__all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response", "text_answer"]
 
 _LOG = logging.getLogger("cdk.http")
 _ACCESS = logging.getLogger("cdk.access")
-#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second), made by the
-#: server or the application; 404 and 405 are not news.
+#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second); 404 and 405
+#: are not news.
 _LOGGED_REFUSALS = frozenset({400, 401, 408, 413, 415, 417, 429, 431, 501, 503, 505})
 _REFUSALS_LOGGED = 10
 
@@ -72,15 +70,14 @@ class Request:
 
     @property
     def disconnected(self) -> bool:
-        """True once the client closed the connection, or its sending side (as clients do
-        when they give up; Go's server takes it so too): no one waits for the answer."""
+        """True once the client closed the connection or its sending side (as clients do
+        when they give up): no one waits for the answer."""
         conn = self._conn
         return conn is not None and (conn.state != _OPEN or conn.reading == _EOF)
 
     def reserve(self, nbytes: int) -> bool:
-        """Count ``nbytes`` more (what was decoded from the body, say) against the server's
-        ``max_bytes_in_flight`` until this request is answered; False, counting nothing,
-        when that would pass the budget while other requests hold some of it."""
+        """Count ``nbytes`` more against ``max_bytes_in_flight`` until this is answered;
+        False, counting nothing, when that passes the budget others hold some of."""
         return self._conn is None or self._conn.server.reserve(self, nbytes)
 
     def query_params(self) -> dict[str, list[str]]:
@@ -124,8 +121,7 @@ class HTTPError(Exception):
         return f"{self.status} {self.message}"
 
     def to_response(self) -> Response:
-        """The answer this error stands for."""
-        return Response(self.status, self.message.encode("utf-8"), _TEXT, list(self.headers))
+        return text_answer(self.status, self.message, list(self.headers))
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -165,7 +161,10 @@ def encode_response(
     return data
 
 
-def _refusal(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+def text_answer(
+    status: int, message: str, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    """A plain-text answer."""
     return Response(status, message.encode("utf-8"), headers=headers or [])
 
 
@@ -179,11 +178,11 @@ def _shown(request: Request) -> str:
 
 
 _INTERNAL_ERROR = Response(500, b"internal error")
-_BUSY = _refusal(503, "busy: requests in progress hold too much; retry", [("retry-after", "1")])
+_BUSY = text_answer(503, "busy: requests in progress hold too much; retry", [("retry-after", "1")])
 
 
 class _Stop(Exception):
-    """Raised in a parser callback to stop parsing; the refusal is ``_Connection._reject``."""
+    """Raised in a parser callback to stop parsing, with the refusal in ``_reject``."""
 
 
 # What the reading side of a connection is doing (``_Connection.reading``).
@@ -207,10 +206,9 @@ _LOST = 2  # connection_lost came: the server forgets it once no handler runs
 class _Connection(asyncio.Protocol):
     """One client connection: feeds the parser, queues whole requests, answers them in order.
 
-    Apart, as in uvicorn: its life (``state``), the request read (``reading`` and the
-    ``_`` fields), flow control (``read_paused``, ``write_paused``); ``task`` is the handler
-    running. ``queue``: ``(request, keep_alive, http10, canned)``, ``canned`` the bytes of a
-    refusal (``request`` None). The state says what passing ``deadline`` means (expire).
+    Apart, as in uvicorn: its life (``state``), the request read (``reading``, ``_`` fields),
+    flow control (``*_paused``); ``task`` runs the handler. ``queue`` holds ``(request,
+    keep_alive, http10, canned)``, ``canned`` a refusal's bytes (``request`` None).
     """
 
     def __init__(self, server: HTTPServer) -> None:
@@ -259,7 +257,7 @@ class _Connection(asyncio.Protocol):
         if len(server.connections) >= server.max_connections and not server.make_room():
             self.state = _CLOSED
             # Senders retry a 503 and honour Retry-After (Knative, the cdk's own client).
-            refusal = _refusal(503, "too many connections", [("retry-after", "1")])
+            refusal = text_answer(503, "too many connections", [("retry-after", "1")])
             transport.write(self._refused(refusal))
             transport.close()
             return
@@ -312,8 +310,8 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__
             if self._reject is None and cause is not None and not isinstance(cause, _Stop):
                 self.server.logger.error("failed to read a request", exc_info=cause)
-                self._reject = _refusal(500, "internal error")
-            self._reject_request(self._reject or _refusal(400, "malformed HTTP request"))
+                self._reject = text_answer(500, "internal error")
+            self._reject_request(self._reject or text_answer(400, "malformed HTTP request"))
         else:
             if _HEAD <= self.reading <= _TRAILER:
                 if not self._head_fresh:
@@ -321,7 +319,7 @@ class _Connection(asyncio.Protocol):
                     self._head_raw += len(data)
                 limit = self.server.max_header_bytes
                 if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                    self._reject_request(_refusal(431, "request header fields too large"))
+                    self._reject_request(text_answer(431, "request header fields too large"))
         if self.task is None and self.queue:
             self._next()
         if (
@@ -450,7 +448,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(_CONTINUE_ANSWER)
 
     def _stop(self, status: int, message: str) -> NoReturn:
-        self._reject = _refusal(status, message)
+        self._reject = text_answer(status, message)
         raise _Stop
 
     def on_chunk_header(self) -> None:
@@ -637,7 +635,7 @@ class _Connection(asyncio.Protocol):
             return
         elif _HEAD <= self.reading <= _UPGRADE and not self.queue:
             self.reading = _DONE
-            self._write_and_linger(self._refused(_refusal(408, "request not received in time")))
+            self._write_and_linger(self._refused(text_answer(408, "request not received in time")))
         else:
             self._close()
 
@@ -686,7 +684,6 @@ class HTTPServer:
         max_bytes_in_flight: int = 64 << 20,
         check_head: Callable[[Request], Response | None] | None = None,
         on_reject: Callable[[int], None] | None = None,
-        logger: logging.Logger | None = None,
         access_log: bool = False,
     ) -> None:
         """``check_head`` sees each request with a body once its head is complete (``body``
@@ -710,7 +707,7 @@ class HTTPServer:
         self._refusals = 0
         self._refusals_until = 0.0
         self.on_reject = on_reject
-        self.logger = logger or _LOG
+        self.logger = _LOG
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None

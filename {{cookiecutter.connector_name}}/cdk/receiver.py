@@ -1,18 +1,12 @@
 """Receiving: the HTTP application of a sink (or a webhook source) on top of ``cdk.http``.
 
-:class:`Receiver` owns routing, auth, the concurrency cap, readiness and the answer
-counters; :class:`SinkHandler` is a sink's ``POST /``: decode the CloudEvents, call the
-user's ``arrived``, turn its :class:`~cdk.connector.Result` into an HTTP answer.
-
-Routes: ``POST /`` (any path with ``any_path=True``, for webhook sources); ``OPTIONS``
-there, the CloudEvents webhook handshake; ``GET /healthz`` (200 while serving),
-``/readyz`` (200 while :attr:`Receiver.ready` and the connector's readiness check agree,
-else 503 and why), ``/metrics`` (Prometheus); else 405 with ``Allow`` or 404. With
-``auth_token``, a POST needs ``Authorization: Bearer <token>`` or ``?access_token=``
-(compared in constant time), else 401. Route, method, token, content coding (415 but
-for ``identity``) and capacity are checked on the head, so a refused body is never read.
-Beyond ``max_concurrency`` POSTs the answer is 429 with Retry-After, not a queue that
-would hide overload from the sender while holding its connection and memory.
+:class:`Receiver` routes ``POST /`` (any path with ``any_path``, for webhook sources) to
+the POST handler, answers ``OPTIONS`` there (the CloudEvents webhook handshake), ``GET
+/healthz``, ``/readyz`` (503 and why unless :attr:`Receiver.ready` and the connector's
+check agree) and ``/metrics``; else 405 or 404. Route, method, bearer token (constant
+time), content coding and capacity are checked on the head, so a refused body is never
+read; past ``max_concurrency`` the answer is 429 with Retry-After, not a queue that hides
+overload from the sender. :class:`SinkHandler` is a sink's ``POST /``.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cdk import tracing
 from cdk.codec import CodecError, from_http
 from cdk.connector import Result, Sink, call
-from cdk.http import Handler, HTTPError, HTTPServer, Request, Response
+from cdk.http import Handler, HTTPError, HTTPServer, Request, Response, text_answer
 from cdk.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -62,30 +56,20 @@ _ACCEPTED = Response(202)
 _BUSY = Response(503, b"busy: too many events in progress", headers=[("retry-after", "1")])
 
 
-def _text(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response(status, text.encode("utf-8"), headers=headers or [])
-
-
 class Receiver:
-    """Routes requests to the POST handler, health, readiness and metrics (module doc).
-
-    :meth:`handle` is an HTTP :data:`~cdk.http.Handler`; :meth:`http_server` builds the
-    server for it, which refuses on the head what :meth:`handle` would refuse.
-    """
+    """Routes requests (see the module docstring); :meth:`http_server` builds its server."""
 
     def __init__(
         self,
         post: Handler,
         config: ServerConfig,
         metrics: Metrics,
-        logger: logging.Logger | None = None,
         *,
         any_path: bool = False,
         ready_check: ReadyCheck | None = None,
     ) -> None:
-        """``ready_check`` is asked on each ``GET /readyz`` while :attr:`ready`: False,
-        raising or taking over 5 s answers 503 with a short reason; concurrent probes
-        share one check."""
+        """``ready_check`` is asked on each ``GET /readyz`` while :attr:`ready` (concurrent
+        probes share one): False, raising or taking over 5 s answers 503 and why."""
         self.ready = False
         #: Said after "ready" on ``/readyz`` (a replica's role under leader election).
         self.note = ""
@@ -96,7 +80,7 @@ class Receiver:
         self._checking: asyncio.Future[Response] | None = None
         self._was_ready = True
         self._metrics = metrics
-        self._log = logger or logging.getLogger("cdk.receiver")
+        self._log = logging.getLogger("cdk.receiver")
         secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
         self._token: bytes | None = secret.encode("utf-8") if secret else None
         self.in_flight = 0  # POST requests being handled right now
@@ -109,15 +93,11 @@ class Receiver:
             child = self._counted[status] = self._metrics.responses.labels(str(status))
         child.inc()
 
-    def http_server(self, logger: logging.Logger | None = None) -> HTTPServer:
-        """The server for this receiver, with the config's limits."""
+    def http_server(self) -> HTTPServer:
+        """The server for this receiver, with the config's limits, refusing on the head."""
         limits = self._config.model_dump(include=_SERVER_KEYS)  # named as HTTPServer's
         return HTTPServer(
-            self.handle,
-            check_head=self._refusal,
-            on_reject=self.record_status,
-            logger=logger,
-            **limits,
+            self.handle, check_head=self._refusal, on_reject=self.record_status, **limits
         )
 
     async def handle(self, request: Request) -> Response:
@@ -140,7 +120,7 @@ class Receiver:
                 response = exc.to_response()
             except Exception:
                 self._log.exception("POST handler failed")
-                response = _text(500, "internal error")
+                response = text_answer(500, "internal error")
             finally:
                 self.in_flight -= 1
         self.record_status(response.status)
@@ -153,34 +133,36 @@ class Receiver:
         if path in _READ_ROUTES:
             if method in ("GET", "HEAD"):
                 return None
-            return _text(405, "method not allowed", [("allow", "GET, HEAD")])
+            return text_answer(405, "method not allowed", [("allow", "GET, HEAD")])
         if path != "/" and not self._any_path:
-            return _text(404, "not found")
+            return text_answer(404, "not found")
         if method != "POST":
             if method == "OPTIONS":
                 return None
-            return _text(405, "method not allowed; POST CloudEvents here", [("allow", _POST_ALLOW)])
+            allow = [("allow", _POST_ALLOW)]
+            return text_answer(405, "method not allowed; POST CloudEvents here", allow)
         if self._token is not None and not self._authorized(request):
             challenge = [("www-authenticate", 'Bearer realm="connector"')]
-            return _text(401, "missing or wrong bearer token", challenge)
+            return text_answer(401, "missing or wrong bearer token", challenge)
         encoding = request.headers.get("content-encoding")
         if encoding is not None and encoding.lower() != "identity":
             # Not decoded: no event sender compresses, and gzip can inflate past any limit.
-            return _text(415, "send the body uncompressed", [("accept-encoding", "identity")])
+            return text_answer(415, "send the body uncompressed", [("accept-encoding", "identity")])
         if self.in_flight >= self._config.max_concurrency:
-            return _text(429, "too many requests in progress", [("retry-after", str(RETRY_AFTER))])
+            retry = [("retry-after", str(RETRY_AFTER))]
+            return text_answer(429, "too many requests in progress", retry)
         return None
 
     async def _read(self, request: Request) -> Response:
         """What a GET, HEAD or OPTIONS that passed ``_refusal`` is answered."""
         path = request.path
         if path == "/healthz":
-            return _text(200, "ok")
+            return text_answer(200, "ok")
         if path == "/readyz":
             if not self.ready:
-                return _text(503, "not ready")
+                return text_answer(503, "not ready")
             if self._ready_check is None:
-                return _text(200, f"ready{self.note}")
+                return text_answer(200, f"ready{self.note}")
             if self._checking is None or self._checking.done():
                 self._checking = asyncio.ensure_future(self._check_ready(self._ready_check))
             return await asyncio.shield(self._checking)
@@ -208,7 +190,9 @@ class Receiver:
                 self._log.warning("not ready: %s", detail)
             else:
                 self._log.info("ready again")
-        return _text(503, f"not ready: {reason}") if reason else _text(200, f"ready{self.note}")
+        if reason:
+            return text_answer(503, f"not ready: {reason}")
+        return text_answer(200, f"ready{self.note}")
 
     def _authorized(self, request: Request) -> bool:
         token = self._token
@@ -234,14 +218,12 @@ class SinkHandler:
     batch; 200 for ``SUCCESS``; a failed Result's code and message; 500 when ``arrived``
     raises or returns something else (details and event ids go to the log)."""
 
-    def __init__(
-        self, sink: Sink[Any], metrics: Metrics, logger: logging.Logger | None = None
-    ) -> None:
+    def __init__(self, sink: Sink[Any], metrics: Metrics) -> None:
         self._sink = sink
         self._arrived = sink.arrived
         self._is_async = inspect.iscoroutinefunction(self._arrived)
         self._metrics = metrics
-        self._log = logger or logging.getLogger("cdk.sink")
+        self._log = logging.getLogger("cdk.sink")
         self._received: dict[str, Any] = {}
         # Read by the in-flight gauge when scraped, as the delivery engine's gauges do.
         self._calls = 0
@@ -257,7 +239,7 @@ class SinkHandler:
         try:
             mode, events = from_http(request.headers, request.body)
         except CodecError as exc:
-            return _text(exc.status, str(exc))
+            return text_answer(exc.status, str(exc))
         if not events:
             return _ACCEPTED
         extra = len(events) * _EVENT_BYTES - estimate
@@ -279,12 +261,12 @@ class SinkHandler:
                 result = await call(self._call_sync, request, events, thread=True)
         except Exception:
             self._log.exception("arrived raised; event ids: %s", _ids(events))
-            return _text(500, "internal error")
+            return text_answer(500, "internal error")
         finally:
             self._calls -= 1
             self._metrics.handler_latency.observe(time.perf_counter() - started)
         if result is _GONE:
-            return _text(499, "client closed the connection")
+            return text_answer(499, "client closed the connection")
         if not isinstance(result, Result):
             self._log.error(
                 "%s.arrived returned %r, not a cdk.Result (return cdk.SUCCESS or "
@@ -293,10 +275,10 @@ class SinkHandler:
                 type(result).__name__,
                 _ids(events),
             )
-            return _text(500, "internal error")
+            return text_answer(500, "internal error")
         if result.code == 0:
             return _OK
-        return _text(result.code, result.message)
+        return text_answer(result.code, result.message)
 
     def _call_sync(self, request: Request, events: list[Any]) -> Any:
         if request.disconnected:

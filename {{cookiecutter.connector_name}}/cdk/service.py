@@ -135,7 +135,7 @@ class Service:
         """Serve ``post``; ``/readyz`` asks the connector's ``ready()`` if it has its own."""
         check = None if type(self.connector).ready is Connector.ready else self.connector.ready
         self.receiver = Receiver(post, config, self.metrics, any_path=any_path, ready_check=check)
-        server = self.receiver.http_server(logging.getLogger("cdk.http"))
+        server = self.receiver.http_server()
         try:
             await server.start()
         except OSError as exc:

@@ -1,10 +1,9 @@
 """The webhook source's request handler: one HTTP request in, its events delivered, one answer.
 
-:class:`WebhookHandler` is the POST handler of a :class:`cdk.WebhookSource`'s
-:class:`cdk.receiver.Receiver` (which checked auth, size and concurrency). It calls
-``make_event(request)`` (``async def`` awaited, or a quick CPU-only plain ``def`` called
-on the loop), puts the events into ``chan`` and answers, in JSON, once each was
-delivered or given up on, or ``response_timeout`` passed:
+:class:`WebhookHandler`, behind the :class:`cdk.receiver.Receiver` (auth, size,
+concurrency), checks the signature, calls ``make_event(request)`` (a plain ``def`` runs
+on the loop: keep it quick), puts the events into ``chan`` and answers in JSON once each
+was delivered or given up on, or ``response_timeout`` passed:
 
 =========================================  ======  ========================================
 every event delivered                      200     ``{"ids": [...]}``
@@ -21,8 +20,8 @@ the caller hung up before queueing         499     nothing queued (nobody reads 
 =========================================  ======  ========================================
 
 ``error`` is generic and the lists hold event ids: the target's answer may name internal
-hosts or echo the token, so it goes to the log only, secrets masked (``config.redact``).
-Callers and Knative retry the 5xx; resending delivered events is what at-least-once allows.
+hosts or echo the token, so it goes to the log only, secrets masked. Callers retry the
+5xx; resending delivered events is what at-least-once allows.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -57,8 +56,7 @@ _EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
 def _tuple(event: Any, fate: asyncio.Future[BaseException | None]) -> Tuple:
-    """``fate`` gets None once ``event`` is delivered, the error once it is given up on
-    (the delivery engine calls back on the event loop)."""
+    """``fate`` gets None once ``event`` is delivered, else the error (on the event loop)."""
 
     def settle(error: BaseException | None = None) -> None:
         if not fate.done():  # cancelled: the caller went away, or got its 504
@@ -75,25 +73,21 @@ class WebhookHandler:
         source: WebhookSource[Any],
         chan: asyncio.Queue[Tuple],
         metrics: Metrics,
-        logger: logging.Logger | None = None,
         *,
-        config: WebhookSourceConfig | None = None,
+        config: WebhookSourceConfig,
     ) -> None:
-        """``config`` gives ``response_timeout`` and ``redact`` (for what is logged and
-        answered)."""
         self.source = source
         self.chan = chan
         self.metrics = metrics
-        self.log = logger or logging.getLogger("cdk.webhook")
-        self._redact: Callable[[str], str] = config.redact if config else str
-        self._response_timeout = config.response_timeout if config else 8.0
-        secret = config.webhook_secret if config else None
+        self.log = logging.getLogger("cdk.webhook")
+        self._redact = config.redact
+        self._response_timeout = config.response_timeout
+        secret = config.webhook_secret
         self._secret = None if secret is None else secret.get_secret_value()
         self._closed = False
 
     def close(self) -> None:
-        """Shutdown began: take no more events (callers get 503); those in ``chan`` are
-        still delivered or failed by the delivery engine's drain."""
+        """Shutdown began: take no more events (callers get 503); ``chan`` is still drained."""
         self._closed = True
 
     async def __call__(self, request: Request) -> Response:
