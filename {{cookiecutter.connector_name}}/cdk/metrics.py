@@ -8,6 +8,8 @@ same registry (``self.metrics.registry``); label values are bounded sets.
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,60 +26,43 @@ class Metrics:
     def __init__(
         self, connector: str = "connector", *, receiving: bool = True, delivering: bool = True
     ) -> None:
-        self.registry = r = CollectorRegistry(auto_describe=True)
-        Gauge("cdk_connector_info", "Connector identity.", ["connector"], registry=r).labels(
-            connector
-        ).set(1)
+        self.registry = CollectorRegistry(auto_describe=True)
+        counter = partial(Counter, registry=self.registry)
+        gauge = partial(Gauge, registry=self.registry)
+        histogram = partial(Histogram, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        gauge("cdk_connector_info", "Connector identity.", ["connector"]).labels(connector).set(1)
         if delivering:
-            self.delivered = Counter(
-                "cdk_events_delivered", "Events the target accepted.", registry=r
+            self.delivered = counter("cdk_events_delivered", "Events the target accepted.")
+            self.failed = counter("cdk_events_failed", "Events given up on, by reason.", ["reason"])
+            self.retries = counter("cdk_delivery_retries", "Delivery attempts that were retried.")
+            self.delivery_in_flight = gauge(
+                "cdk_delivery_in_flight", "Delivery requests in flight."
             )
-            self.failed = Counter(
-                "cdk_events_failed", "Events given up on, by reason.", ["reason"], registry=r
-            )
-            self.retries = Counter(
-                "cdk_delivery_retries", "Delivery attempts that were retried.", registry=r
-            )
-            self.delivery_in_flight = Gauge(
-                "cdk_delivery_in_flight", "Delivery requests in flight.", registry=r
-            )
-            self.delivery_latency = Histogram(
+            self.delivery_latency = histogram(
                 "cdk_delivery_latency_seconds",
                 "Time from the first attempt to the target's final answer, per request.",
-                buckets=_LATENCY_BUCKETS,
-                registry=r,
             )
-            self.queue_depth = Gauge(
-                "cdk_source_queue_depth", "Events waiting in Source.chan.", registry=r
+            self.queue_depth = gauge("cdk_source_queue_depth", "Events waiting in Source.chan.")
+            self.delivery_waiting = gauge(
+                "cdk_delivery_waiting", "Events waiting for their next attempt."
             )
-            self.delivery_waiting = Gauge(
-                "cdk_delivery_waiting", "Events waiting for their next attempt.", registry=r
+            self.retry_window = gauge(
+                "cdk_delivery_retry_window", "Requests that may wait for or make a retry at once."
             )
-            self.retry_window = Gauge(
-                "cdk_delivery_retry_window",
-                "Requests that may wait for or make a retry at once.",
-                registry=r,
-            )
-            self.dead_lettered = Counter(
-                "cdk_events_dead_lettered", "Events the dead-letter target took.", registry=r
+            self.dead_lettered = counter(
+                "cdk_events_dead_lettered", "Events the dead-letter target took."
             )
         # Every port the kit serves counts its answers (a polling source's metrics_port too).
-        self.responses = Counter(
-            "cdk_http_responses", "HTTP answers, by status code.", ["status"], registry=r
-        )
+        self.responses = counter("cdk_http_responses", "HTTP answers, by status code.", ["status"])
         if receiving:
-            self.received = Counter(
-                "cdk_events_received", "Events received, by content mode.", ["mode"], registry=r
+            self.received = counter(
+                "cdk_events_received", "Events received, by content mode.", ["mode"]
             )
-            self.handler_latency = Histogram(
+            self.handler_latency = histogram(
                 "cdk_arrived_latency_seconds",
                 "Time spent in the connector's handler (arrived or make_event), per request.",
-                buckets=_LATENCY_BUCKETS,
-                registry=r,
             )
-            self.handler_in_flight = Gauge(
-                "cdk_arrived_in_flight", "Handler calls in progress.", registry=r
-            )
+            self.handler_in_flight = gauge("cdk_arrived_in_flight", "Handler calls in progress.")
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""
