@@ -1,17 +1,10 @@
 """cdk: the connector-development kit vendored into every generated connector.
 
-Public API (everything else is private and may change):
-
-- ``CloudEvent``: the CloudEvents SDK event type handed to and taken from users.
-- ``Source``, ``WebhookSource``, ``Sink``: the bases a connector subclasses.
-- ``Tuple``, ``Result``, ``SUCCESS``: what a source queues and what a sink answers.
-- ``SourceConfig``, ``SinkConfig``, ``WebhookSourceConfig``: config models to extend.
-- ``Request``, ``HTTPError``: what a webhook source's ``make_event`` receives and raises.
-- ``run_source``, ``run_sink``: the entry points ``cmd/main.py`` calls.
-- ``PositionStore``, ``Checkpoint``: where a polling source keeps its position across
-  restarts, advanced only past acknowledged events.
-- ``ConfigError``, ``StoreError``: what a bad configuration or an unusable position
-  store raises.
+Its public API is what this module exports; everything else is private and may change:
+the SDK's ``CloudEvent``, the bases ``Source``, ``WebhookSource`` and ``Sink``, what they
+queue and answer (``Tuple``, ``Result``, ``SUCCESS``), the config models, ``Request`` and
+``HTTPError`` for webhook sources, ``run_source`` / ``run_sink``, ``PositionStore`` and
+``Checkpoint`` for positions kept across restarts, ``ConfigError`` and ``StoreError``.
 """
 
 from cloudevents.core.v1.event import CloudEvent
