@@ -362,7 +362,9 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
 
 
 def resolve_paths(
-    config: str | None = None, secret: str | None = None, environ: Mapping[str, str] | None = None
+    config: str | os.PathLike[str] | None = None,
+    secret: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[Path, Path, bool]:
     """Return (config path, secret path, whether that must exist: only a --secret one)."""
     env = os.environ if environ is None else environ
@@ -506,11 +508,7 @@ def load_config(
     ``defaults`` stand in for keys that neither file nor environment set.
     """
     env = os.environ if environ is None else environ
-    config_path, secret_path, secret_required = resolve_paths(
-        None if config is None else os.fspath(config),
-        None if secret is None else os.fspath(secret),
-        env,
-    )
+    config_path, secret_path, secret_required = resolve_paths(config, secret, env)
     config_data = _read_yaml(config_path, "config", required=True)
     secret_data = _read_yaml(secret_path, "secret", required=secret_required)
     data = deep_merge(config_data, secret_data)

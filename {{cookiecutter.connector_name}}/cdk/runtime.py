@@ -196,11 +196,8 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 def _load(config_cls: type[ConnectorConfig], args: argparse.Namespace) -> ConnectorConfig:
     defaults = {"target": _DRY_RUN_TARGET} if getattr(args, "dry_run", False) else None
     config = load_config(config_cls, args.config, args.secret, defaults=defaults)
-    update = {
-        key: value
-        for key, value in (("log_level", args.log_level), ("log_format", args.log_format))
-        if value is not None
-    }
+    flags = {"log_level": args.log_level, "log_format": args.log_format}
+    update = {key: value for key, value in flags.items() if value is not None}
     return config.model_copy(update=update) if update else config
 
 

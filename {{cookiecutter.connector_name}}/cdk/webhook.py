@@ -27,7 +27,6 @@ hosts or echo the token, so it goes to the log only, secrets masked. Callers ret
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ from cloudevents.core.v03.event import CloudEvent as CloudEventV03
 from cloudevents.core.v1.event import CloudEvent
 
 from cdk import signature, tracing
-from cdk.connector import Tuple, WebhookSource
+from cdk.connector import Tuple, WebhookSource, call
 from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
 from cdk.http import HTTPError, Request, Response
 
@@ -154,9 +153,7 @@ class WebhookHandler:
         self.metrics.handler_in_flight.inc()
         started = time.perf_counter()
         try:
-            made = self.source.make_event(request)
-            if inspect.isawaitable(made):
-                made = await made
+            made = await call(self.source.make_event, request)
         except HTTPError:
             raise
         except Exception:
