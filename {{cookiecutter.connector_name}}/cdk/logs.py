@@ -20,11 +20,7 @@ __all__ = ["LEVELS", "configure_logging", "format_now", "one_line"]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: Attributes every LogRecord has: anything else on a record came from ``extra=``.
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message",
-    "asctime",
-    "taskName",
-}
+_STANDARD = frozenset({"message", "asctime", "taskName", *logging.makeLogRecord({}).__dict__})
 
 
 def one_line(error: BaseException) -> str:
