@@ -59,9 +59,8 @@ _DRY_RUN_TARGET = "http://dry-run.invalid/"
 class _Signals:
     """SIGTERM/SIGINT: the first asks for a graceful stop, the second ends the process.
 
-    Plain ``signal.signal`` handlers rather than ``loop.add_signal_handler``: Python runs
-    them even while a synchronous ``destroy`` or ``initialize`` blocks the event loop,
-    which is exactly when the second signal has to work.
+    ``signal.signal``, not ``loop.add_signal_handler``: Python runs these even while a
+    blocking ``initialize`` or ``destroy`` holds the loop, just when a second one must work.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -78,11 +77,8 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self, final: bool = False) -> None:
-        """Put the previous handlers back; ``final``: ignore signals from now on instead.
-
-        CPython resets handlers to the default action while the interpreter shuts down,
-        so a signal in those last milliseconds would kill the process by the signal.
-        """
+        """Put the previous handlers back; ``final``: ignore signals instead, as CPython
+        restores the default action (death by signal) while the interpreter shuts down."""
         for sig, previous in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if final else previous)
         self._previous.clear()
@@ -123,12 +119,9 @@ def _force_exit(message: str) -> NoReturn:
 
 
 class _Watchdog:
-    """Ends the process when a signalled stop overruns its allowance.
-
-    Disarmed only once the event loop is closed: closing the loop waits for its worker
-    threads, and a plain-``def`` ``arrived`` that never returns would otherwise keep the
-    process alive after "sink stopped".
-    """
+    """Ends the process when a signalled stop overruns its allowance. Disarmed only once
+    the loop is closed: that waits for worker threads, and a plain ``def arrived`` that
+    never returns would otherwise keep the process alive after "sink stopped"."""
 
     def __init__(self) -> None:
         self._timer: threading.Timer | None = None
@@ -272,10 +265,7 @@ def run(
     final: bool = False,
 ) -> int:
     """Run a connector in this process until it stops; returns the exit status.
-
-    The kind of service (sink, polling or webhook source) follows from the class.
-    ``final``: the process ends right after, so signals stay handled to the very end.
-    """
+    ``final``: the process ends right after, so signals stay handled to the very end."""
     signals = _Signals()
     # From the very start SIGTERM/SIGINT ask for a clean stop: loading the config and the
     # connector's constructor may take a while, and a signal meanwhile must not kill it.

@@ -1,16 +1,13 @@
 """Services: a connector's lifecycle in-process, without the process around it.
 
 :func:`service_for` picks the service by the connector's class (sink, polling source,
-webhook source). Each calls ``initialize`` and ``destroy`` exactly once and serves HTTP
-between ``start`` and ``stop``; ``cdk.runtime`` runs one as a process, ``cdk.testing``
-in a thread. Lines other programs wait for (INFO, stable): ``sink listening on
-http://HOST:PORT``, ``source listening on ...`` (webhook) or ``metrics listening on ...``
-(``metrics_port``), ``source started, target=URL`` (a source's last start-up line),
-``sink stopped`` / ``source stopped``.
-
-``stop(grace)`` clears readiness, stops accepting and producing, and lets in-flight work
-finish within ``grace`` seconds; ``stop()`` (a source that finished by itself) settles
-every event however long that takes, and a later ``stop(grace)`` hurries it up.
+webhook source). Each calls ``initialize`` and ``destroy`` exactly once; ``cdk.runtime``
+runs one as a process, ``cdk.testing`` in a thread. Lines other programs wait for (INFO,
+stable): ``sink listening on http://HOST:PORT``, ``source listening on ...`` (webhook) or
+``metrics listening on ...`` (``metrics_port``), ``source started, target=URL`` (a
+source's last start-up line), ``sink stopped`` / ``source stopped``. ``stop(grace)``
+lets in-flight work finish within ``grace`` seconds; ``stop()`` (a source that finished
+by itself) settles every event first, and a later ``stop(grace)`` hurries it up.
 """
 
 from __future__ import annotations
@@ -385,11 +382,8 @@ class PollingSourceService(_SourceService):
 
     async def _lead(self, leadership: Leadership) -> None:
         """Produce only while this replica leads; between terms, settle and campaign again."""
-        leading = Gauge(
-            "cdk_leader",
-            "1 while this replica leads (leader_election).",
-            registry=self.metrics.registry,
-        )
+        description = "1 while this replica leads (leader_election)."
+        leading = Gauge("cdk_leader", description, registry=self.metrics.registry)
         first = True
         self._note(" (follower)")
         try:

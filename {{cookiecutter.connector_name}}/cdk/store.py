@@ -69,11 +69,9 @@ class _Backend(Protocol):
 
 class _SQLiteBackend:
     """One SQLite file in WAL mode (in memory for ``path`` None); each ``set`` commits.
-
-    ``synchronous=NORMAL``: a killed process loses no commit; an OS crash or power loss
-    may drop the last ones, never corrupt the file, and that only moves the resume point
-    back (at-least-once allows it). ``FULL`` would fsync every commit, milliseconds each
-    on real disks, capping how many events a second a source can acknowledge.
+    ``synchronous=NORMAL``: a killed process loses no commit; an OS crash may drop the last
+    ones, which only moves the resume point back. ``FULL`` would fsync every commit,
+    milliseconds each on real disks, capping the events a second a source can acknowledge.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -122,11 +120,10 @@ class _SQLiteBackend:
 
 
 class PositionStore:
-    """A key-value store of JSON values, scoped to one connector by ``namespace``.
-
-    ``path`` None keeps values in memory, a file path in SQLite (connectors sharing the
-    file each see their own namespace), ``etcd://host:2379/prefix`` in etcd. Calls are
-    synchronous: tens of microseconds for SQLite, a round trip (with timeouts) for etcd.
+    """JSON values by key for one connector (``namespace``): in memory for ``path`` None,
+    else in that SQLite file (shared by several connectors, each seeing its own namespace)
+    or ``etcd://host:2379/prefix``. Calls are synchronous: tens of microseconds for SQLite,
+    a round trip (with timeouts) for etcd.
     """
 
     def __init__(
@@ -238,20 +235,14 @@ class _Pending:
 class Checkpoint:
     """Writes a position to the store only once every event before it was acknowledged.
 
-    Call :meth:`track` (or :meth:`tuple`) for each event *in the order the source
-    produces them*, with the position to resume after once that event is delivered::
-
-        checkpoint = cdk.Checkpoint(store, "offset")
-        start = checkpoint.position          # None on the first run
-        ...
-        await self.chan.put(checkpoint.tuple(event, offset))
-
-    Deliveries complete out of order; the written position is the newest whose events
-    and all before them were acknowledged (positions need not grow: the order of calls
-    counts). On an event loop, writes run in a worker thread, coalesced, and are retried
-    while the store is unreachable. An event that failed for good (a dead-lettered one
-    counts as acknowledged) stops the checkpoint, :attr:`failed` holds the error; under
-    the kit the source then settles and exits 1 naming the event, so nothing is skipped.
+    Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for
+    each event *in the order the source produces them*, with the position to resume after
+    once that event is delivered. Deliveries complete out of order; the written position
+    is the newest whose events and all before them were acknowledged. On an event loop,
+    writes run in a worker thread, coalesced, retried while the store is unreachable. An
+    event that failed for good (a dead-lettered one counts as acknowledged) stops the
+    checkpoint (:attr:`failed`); under the kit the source then settles and exits 1 naming
+    the event, so nothing is skipped.
     """
 
     def __init__(
