@@ -395,9 +395,8 @@ def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            [f"{what} file {path} must hold a mapping of keys, not {type(data).__name__}"]
-        )
+        kind = type(data).__name__
+        raise ConfigError([f"{what} file {path} must hold a mapping of keys, not {kind}"])
     return data
 
 
@@ -417,10 +416,8 @@ def _describe(error: Mapping[str, Any], from_env: Mapping[str, str]) -> str:
     field = ".".join(str(part) for part in loc) or "(root)"
     kind = error["type"]
     if kind == "missing":
-        hint = ""
-        env_names = ENV_FALLBACKS.get(str(loc[0]))
-        if env_names:
-            hint = " (or set " + " / ".join(f"${name}" for name in env_names) + ")"
+        names = " / ".join(f"${name}" for name in ENV_FALLBACKS.get(str(loc[0]), ()))
+        hint = f" (or set {names})" if names else ""
         return f"{field}: required but missing{hint}"
     if kind == "extra_forbidden":
         return f"{field}: unknown key (check the spelling; the config model does not define it)"
@@ -503,10 +500,8 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> C:
-    """Load, merge and validate the connector's configuration, or raise ConfigError.
-
-    ``defaults`` stand in for keys that neither file nor environment set.
-    """
+    """Load, merge and validate the connector's configuration, or raise ConfigError;
+    ``defaults`` stand in for keys that neither file nor environment set."""
     env = os.environ if environ is None else environ
     config_path, secret_path, secret_required = resolve_paths(config, secret, env)
     config_data = _read_yaml(config_path, "config", required=True)
@@ -515,7 +510,7 @@ def load_config(
     from_env: dict[str, str] = {}
     for key, names in ENV_FALLBACKS.items():
         # A key left empty (``target:``) counts as absent: a ConfigMap may list it and
-        # leave the value to $K_SINK. None of these keys accepts null anyway.
+        # leave the value to $K_SINK (none of these keys accepts null anyway).
         if key in model.model_fields and data.get(key) is None:
             for name in names:
                 if env.get(name):
