@@ -1,8 +1,7 @@
 """The command line of ``cmd/main.py``: flags, ``--help``, ``--about`` and the exit statuses.
 
 ``--help``, ``--about`` and the generated README's configuration table all describe the
-config model from one source, its JSON schema (:func:`config_schema`, :func:`settings`),
-and the environment variables from ``cdk.config.ENVIRONMENT``.
+config model from its JSON schema, and the environment from ``cdk.config.ENVIRONMENT``.
 """
 
 from __future__ import annotations

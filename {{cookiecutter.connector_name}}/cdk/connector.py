@@ -1,9 +1,7 @@
 """The user-facing connector types: what a connector author subclasses and returns.
 
-A source puts :class:`Tuple` objects into ``Source.chan`` for the kit to deliver; a sink
-implements :meth:`Sink.arrived` and answers with a :class:`Result`. The bases are generic
-in their config model: ``class MySource(cdk.Source[Config])`` sees ``self.config`` as a
-``Config``.
+The bases are generic in their config model: ``class MySource(cdk.Source[Config])`` sees
+``self.config`` as a ``Config``.
 """
 
 from __future__ import annotations

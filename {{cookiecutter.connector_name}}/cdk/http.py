@@ -1,13 +1,9 @@
 """HTTP/1.1 server: an asyncio Protocol driving the ``httptools`` (llhttp) parser directly.
 
-It owns the wire (parsing, keep-alive, pipelining, chunked bodies, ``100 Continue``,
-limits, timeouts, the memory budget, refusal logs, shutdown) and knows nothing of
-CloudEvents: the application is an async :data:`Handler` from :class:`Request` to
-:class:`Response`, and a ``check_head`` that may refuse a request before its body is
-read. No framework: on this parser a Protocol answers several times more requests a
-second than an ASGI server; the hot path has no per-request closures or timers and
-writes each answer once. Framing is as strict as Go's server; ``Upgrade`` is ignored.
-Each request runs in its own Task, in a fresh copy of ``start()``'s context.
+It owns the wire (framing as strict as Go's server, keep-alive, pipelining, limits,
+timeouts, the memory budget, refusal logs, shutdown) and knows nothing of CloudEvents.
+No framework: on this parser a Protocol answers several times more requests a second
+than an ASGI server, so the hot path has no per-request closures or timers.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Logging: every record to stderr as a text line or one JSON object, and exceptions as one line.
 
-JSON lines carry ``time``, ``level``, ``logger``, ``message``, the ``extra=`` fields of the
-call (``event_ids`` among them where the kit knows which events a line is about) and the
-traceback, if any. :func:`one_line` is the kit's one way to show an exception in a line.
+JSON lines carry ``time``, ``level``, ``logger``, ``message``, the call's ``extra=`` fields
+(``event_ids`` among them) and the traceback, if any.
 """
 
 from __future__ import annotations

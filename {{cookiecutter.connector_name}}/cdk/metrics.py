@@ -1,9 +1,7 @@
 """Metrics: the Prometheus series a connector exposes on ``GET /metrics``.
 
-Each :class:`Metrics` owns its own registry, so several connectors (or tests) in one
-process never share counters. A sink has only the receiving series, a polling source
-only the delivery series, a webhook source both. A connector adds its own series on the
-same registry (``self.metrics.registry``); label values are bounded sets.
+Each :class:`Metrics` has its own registry (``self.metrics.registry``, where a connector
+adds its own series), so connectors or tests in one process never share counters.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Receiving: the HTTP application of a sink (or a webhook source) on top of ``cdk.http``.
 
-:class:`Receiver` routes ``POST /`` (any path with ``any_path``, for webhook sources) to
-the POST handler, answers ``OPTIONS`` there (the CloudEvents webhook handshake), ``GET
-/healthz``, ``/readyz`` (503 and why unless :attr:`Receiver.ready` and the connector's
-check agree) and ``/metrics``; else 405 or 404. Route, method, bearer token (constant
-time), content coding and capacity are checked on the head, so a refused body is never
-read; past ``max_concurrency`` the answer is 429 with Retry-After, not a queue that hides
-overload from the sender. :class:`SinkHandler` is a sink's ``POST /``.
+:class:`Receiver` owns the routes (``POST``, the ``OPTIONS`` webhook handshake,
+``/healthz``, ``/readyz``, ``/metrics``), auth, readiness and the concurrency cap, all
+checked on the head; :class:`SinkHandler` is a sink's ``POST /``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The process: ``run_source`` / ``run_sink``, signals, the shutdown watchdog, exit statuses.
 
-``cmd/main.py`` calls them: parse the command line (``cdk.cli``), load the configuration,
-set up logging, run the connector's service (``cdk.service``) until it finishes or a
-signal stops it, and exit 0, 1 or 2 (``--help`` explains each). The first SIGTERM or
-SIGINT asks for a graceful stop within ``grace_period``; a second one, or a stop still
-running ``SHUTDOWN_ALLOWANCE`` seconds past it, ends the process at once with status 1.
-From the start of ``run_source`` to the process's last instruction, a signal never kills
-the process by its default action.
+The first SIGTERM or SIGINT asks the service (``cdk.service``) to stop within
+``grace_period``; a second one, or a stop running ``SHUTDOWN_ALLOWANCE`` seconds past it,
+ends the process at once with status 1. From the start of ``run_source`` to the last
+instruction, a signal never kills the process by its default action.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Positions: where a polling source remembers how far it got, across restarts.
 
-:class:`PositionStore` keeps JSON values by key for one connector (its ``namespace``):
-in memory, in an SQLite file or in etcd. :class:`Checkpoint` writes a position only once
-every event tracked before it was acknowledged, so a source killed at any moment resumes
-at or before the first event the target has not acknowledged: it may send some events
-again, never skip one.
+:class:`PositionStore` keeps them (memory, SQLite or etcd); :class:`Checkpoint` writes a
+position only past acknowledged events, so a source killed at any moment may send some
+events again, never skip one.
 """
 
 from __future__ import annotations

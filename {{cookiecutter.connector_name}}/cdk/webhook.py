@@ -1,8 +1,7 @@
 """The webhook source's request handler: one HTTP request in, its events delivered, one answer.
 
-:class:`WebhookHandler`, behind the :class:`cdk.receiver.Receiver` (auth, size,
-concurrency), checks the signature, calls ``make_event(request)`` (a plain ``def`` runs
-on the loop: keep it quick), puts the events into ``chan`` and answers in JSON once each
+:class:`WebhookHandler` checks the signature, calls ``make_event(request)`` (a plain
+``def`` runs on the loop: keep it quick), queues the events and answers in JSON once each
 was delivered or given up on, or ``response_timeout`` passed:
 
 =========================================  ======  ========================================
