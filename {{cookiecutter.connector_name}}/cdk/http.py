@@ -305,7 +305,7 @@ class _Connection(asyncio.Protocol):
             # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
             cause = exc.__context__
             if self._reject is None and cause is not None and not isinstance(cause, _Stop):
-                self.server.logger.error("failed to read a request", exc_info=cause)
+                _LOG.error("failed to read a request", exc_info=cause)
                 self._reject = text_answer(500, "internal error")
             self._reject_request(self._reject or text_answer(400, "malformed HTTP request"))
         else:
@@ -555,7 +555,7 @@ class _Connection(asyncio.Protocol):
             self._handled(request)
             raise
         except Exception:
-            server.logger.exception("handler failed on %s", _shown(request))
+            _LOG.exception("handler failed on %s", _shown(request))
             response = _INTERNAL_ERROR
         self._handled(request)
         if self.state != _OPEN:
@@ -566,7 +566,7 @@ class _Connection(asyncio.Protocol):
         try:
             data = encode_response(response, keep_alive, http10, head)
         except (ValueError, UnicodeError):
-            server.logger.exception("handler answer cannot be sent on %s", _shown(request))
+            _LOG.exception("handler answer cannot be sent on %s", _shown(request))
             data = encode_response(_INTERNAL_ERROR, keep_alive, http10, head)
         self.transport.write(data)
         if server.access_log or response.status in _LOGGED_REFUSALS:
@@ -703,7 +703,6 @@ class HTTPServer:
         self._refusals = 0
         self._refusals_until = 0.0
         self.on_reject = on_reject
-        self.logger = _LOG
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
@@ -750,7 +749,7 @@ class HTTPServer:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
             except TimeoutError:
                 busy = len(self.connections)
-                self.logger.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
+                _LOG.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
         for conn in list(self.connections):
             conn.kill()
@@ -794,7 +793,7 @@ class HTTPServer:
             self._refusals += 1  # in this second: the sweep counts those left out
             if self._refusals <= _REFUSALS_LOGGED:
                 reason = _escaped(answer.body[:200].decode("utf-8", "replace"))
-                self.logger.info("refused %s from %s: %d %s", what, host, status, reason)
+                _LOG.info("refused %s from %s: %d %s", what, host, status, reason)
         if self.access_log:
             ms = round((self.loop.time() - request._began) * 1000, 1) if request else 0.0
             method, _, path = what.partition(" ")
@@ -811,7 +810,7 @@ class HTTPServer:
         if now >= self._refusals_until:
             if self._refusals > _REFUSALS_LOGGED:
                 left_out = self._refusals - _REFUSALS_LOGGED
-                self.logger.info("%d more requests refused in a second, not logged", left_out)
+                _LOG.info("%d more requests refused in a second, not logged", left_out)
             self._refusals, self._refusals_until = 0, now + 1.0
         self._held_peak = max(self._held_peak, self.held)
         if self._held_peak >= _TRIM_AFTER and self.held * 4 <= self._held_peak:
