@@ -187,9 +187,7 @@ class ServerConfig(ConnectorConfig):
         8080, ge=0, le=65535, description="Port to listen on (fallback `$CONNECTOR_PORT`)."
     )
     auth_token: BearerToken = Field(
-        None,
-        description="When set, every POST needs `Authorization: Bearer <token>` "
-        "or `?access_token=<token>`. Keep it in secret.yml.",
+        None, description="POSTs need `Authorization: Bearer <token>` or `?access_token=<token>`."
     )
     max_body_bytes: int = Field(
         1024 * 1024, ge=64 * 1024, description="Largest request body accepted (413 above)."
@@ -349,9 +347,8 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
 
     webhook_secret: Secret = Field(
         None,
-        description="When set, a POST needs the HMAC-SHA256 of its body under this secret in "
-        "`X-Hub-Signature-256` (`sha256=<hex>`, as GitHub signs; bare hex or base64 too), "
-        "else 401.",
+        description="POSTs need their body's HMAC-SHA256 under it in `X-Hub-Signature-256` "
+        "(`sha256=<hex>`, as GitHub signs; bare hex or base64 too), else 401.",
     )
     response_timeout: float = Field(
         8.0,
