@@ -59,15 +59,12 @@ class Service:
     kind: ClassVar[str]
     #: What the service's HTTP port is, in the "... listening on" line.
     role: ClassVar[str]
-    receiving: ClassVar[bool] = True  # which series its Metrics has
-    delivering: ClassVar[bool] = True
+    series: ClassVar[Mapping[str, bool]] = {}  # which Metrics series it has
 
     def __init__(self, connector: Connector[Any], config: Any, metrics: Metrics | None = None):
         self.connector = connector
         self.config = config
-        self.metrics = metrics or Metrics(
-            connector.name(), receiving=self.receiving, delivering=self.delivering
-        )
+        self.metrics = metrics or Metrics(connector.name(), **self.series)
         self.log = logging.getLogger(f"cdk.{self.kind}")
         self.receiver: Receiver | None = None
         self.server: HTTPServer | None = None
@@ -184,7 +181,7 @@ class SinkService(Service):
     """A sink: serve ``POST /``, hand events to ``arrived``, drain, ``destroy``."""
 
     kind = role = "sink"
-    delivering = False
+    series: ClassVar[Mapping[str, bool]] = {"delivering": False}
     connector: Sink[Any]
 
     async def _begin(self) -> None:
@@ -301,10 +298,7 @@ class _SourceService(Service):
     async def _settle(self, grace: float | None) -> None:
         """Deliver (or fail) everything queued and in flight, then end the delivery task."""
         if self.deliverer is not None:
-            if grace is None:
-                await self.deliverer.drain()
-            else:
-                await self.deliverer.stop(grace)
+            await (self.deliverer.drain() if grace is None else self.deliverer.stop(grace))
         task = self._delivering
         if task is not None and not task.done():
             task.cancel()
@@ -315,7 +309,7 @@ class PollingSourceService(_SourceService):
     """A polling source: run ``loop_produce_event``, deliver ``chan``, settle, ``destroy``."""
 
     role = "metrics"
-    receiving = False
+    series: ClassVar[Mapping[str, bool]] = {"receiving": False}
     connector: Source[Any]
     config: SourceConfig
 
