@@ -22,16 +22,8 @@ from typing import Any, NoReturn
 
 import orjson
 
-from cdk import tracing
-from cdk.cli import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_OK,
-    SHUTDOWN_ALLOWANCE,
-    about,
-    build_parser,
-    project_metadata,
-)
+from cdk import cli, tracing
+from cdk.cli import SHUTDOWN_ALLOWANCE
 from cdk.config import (
     ConfigError,
     ConnectorConfig,
@@ -112,7 +104,7 @@ def _force_exit(message: str) -> NoReturn:
     with contextlib.suppress(OSError, RuntimeError, ValueError):
         sys.stderr.flush()
     os.write(2, format_now(logging.ERROR, "cdk.runtime", message))
-    os._exit(EXIT_FAILURE)
+    os._exit(cli.EXIT_FAILURE)
 
 
 class _Watchdog:
@@ -154,7 +146,7 @@ async def _run_service(
         await service.start()
     except ServiceError as exc:
         service.log.error("%s", exc)
-        return EXIT_FAILURE
+        return cli.EXIT_FAILURE
     finished = asyncio.ensure_future(service.wait())
     await _first(signalled.wait(), finished)
     if not signalled.is_set():
@@ -168,7 +160,7 @@ async def _run_service(
     else:
         watchdog.arm(grace + SHUTDOWN_ALLOWANCE)
         await service.stop(grace)
-    return EXIT_FAILURE if service.error is not None else EXIT_OK
+    return cli.EXIT_FAILURE if service.error is not None else cli.EXIT_OK
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -209,24 +201,24 @@ def _main(
         kind = check_classes(config_cls, connector_cls).kind
     except TypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return cli.EXIT_FAILURE
     name = connector_cls.__name__
-    args = build_parser(kind, name, config_cls).parse_args(argv)
+    args = cli.build_parser(kind, name, config_cls).parse_args(argv)
     if args.about:
-        print(orjson.dumps(about(config_cls, kind, name), option=orjson.OPT_INDENT_2).decode())
-        return EXIT_OK
+        print(orjson.dumps(cli.about(config_cls, kind, name), option=orjson.OPT_INDENT_2).decode())
+        return cli.EXIT_OK
     try:
         config = _load(config_cls, args)
         overrides = _overrides(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return EXIT_CONFIG
+        return cli.EXIT_CONFIG
     if args.check_config:
         print(f"config OK: {resolve_paths(args.config, args.secret)[0]}")
-        return EXIT_OK
+        return cli.EXIT_OK
     configure_logging(config.log_level, config.log_format)
-    tracing.setup(service_name=project_metadata().get("name", name))
+    tracing.setup(service_name=cli.project_metadata().get("name", name))
     _log.debug(
         "effective config: %s",
         orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode(),
@@ -240,16 +232,16 @@ def _main(
     except Exception as exc:
         _log.debug("constructor raised", exc_info=True)
         _log.error("cannot create %s: %s", name, one_line(exc))
-        return EXIT_FAILURE
+        return cli.EXIT_FAILURE
     if signals.received is not None:
         _log.info("received %s, shutting down", signals.received)
-        return EXIT_OK
+        return cli.EXIT_OK
     watchdog = _Watchdog()
     try:
         return _run_loop(_run_service(service, config.grace_period, signals, watchdog))
     except Exception:
         _log.exception("unexpected failure")
-        return EXIT_FAILURE
+        return cli.EXIT_FAILURE
     finally:
         watchdog.disarm()
 
