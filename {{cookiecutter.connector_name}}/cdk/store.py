@@ -40,14 +40,10 @@ _DUMP_OPTIONS = (
     | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS positions (
-    namespace TEXT NOT NULL,
-    key       TEXT NOT NULL,
-    value     TEXT NOT NULL,
-    PRIMARY KEY (namespace, key)
-) WITHOUT ROWID
-"""
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS positions (namespace TEXT NOT NULL, key TEXT NOT NULL,"
+    " value TEXT NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID"
+)
 
 
 class StoreError(Exception):
