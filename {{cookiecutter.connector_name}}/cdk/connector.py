@@ -123,10 +123,9 @@ class Source(Connector[SC]):
     def make_event(self) -> Made | Awaitable[Made]:
         """The next event, ``(event, position)`` to resume after it, or None for nothing now.
 
-        A plain ``def`` runs in a worker thread (blocking reads are fine); an
-        ``async def`` runs on the event loop. Returning a position makes the kit save
-        it once the event and every one before it were acknowledged, so a restarted
-        source resumes after it (``self.position``), never skipping an event.
+        A plain ``def`` runs in a worker thread (blocking reads are fine), an ``async def``
+        on the event loop. A position is saved once the event and every one before it were
+        acknowledged, so a restarted source resumes after it (``self.position``).
         """
         raise NotImplementedError(f"{type(self).__name__} must implement make_event()")
 
@@ -160,11 +159,8 @@ def _logged(event: CloudEvent) -> Tuple:
 
 
 class WebhookSource(Connector[WC]):
-    """Base for sources that serve HTTP: each request becomes zero or more events.
-
-    The kit answers the caller only once every event made from the request was
-    delivered (2xx) or given up on (an error status the caller can retry on).
-    """
+    """Base for sources that serve HTTP: each request becomes zero or more events, and the
+    caller is answered once they were delivered (2xx) or given up on (an error status)."""
 
     def make_event(
         self, request: Request
@@ -175,11 +171,8 @@ class WebhookSource(Connector[WC]):
 
 
 class Sink(Connector[KC]):
-    """Base for sinks: :meth:`arrived` receives every event the server accepts.
-
-    ``arrived`` may be ``async def`` (runs on the event loop) or a plain ``def``
-    (runs in a worker thread so it never blocks the server). A batch arrives in one call.
-    """
+    """Base for sinks: :meth:`arrived` receives every event the server accepts, a batch in
+    one call. An ``async def`` runs on the event loop, a plain ``def`` in a worker thread."""
 
     def arrived(self, *events: CloudEvent) -> Result | Awaitable[Result]:
         """Handle the events of one request; return ``cdk.SUCCESS`` or a failed Result."""
