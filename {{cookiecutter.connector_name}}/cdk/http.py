@@ -157,11 +157,9 @@ def encode_response(
     return data
 
 
-def text_answer(
-    status: int, message: str, headers: list[tuple[str, str]] | None = None
-) -> Response:
+def text_answer(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
     """A plain-text answer."""
-    return Response(status, message.encode("utf-8"), headers=headers or [])
+    return Response(status, text.encode("utf-8"), headers=headers or [])
 
 
 def _escaped(text: str) -> str:

@@ -313,10 +313,8 @@ class PollingSourceService(_SourceService):
     connector: Source[Any]
     config: SourceConfig
 
-    def __init__(
-        self, connector: Connector[Any], config: Any, metrics: Metrics | None = None, **kw: Any
-    ):
-        super().__init__(connector, config, metrics, **kw)
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.store: PositionStore | None = None
         self.leadership: Leadership | None = None
         self._producing: asyncio.Task[None] | None = None

@@ -92,7 +92,7 @@ class WebhookHandler:
         if self._secret is not None and not signature.verify(
             self._secret, request.body, request.headers.get(signature.HEADER)
         ):
-            return _json_response(401, {"error": f"missing or wrong {signature.HEADER} signature"})
+            return _json_answer(401, {"error": f"missing or wrong {signature.HEADER} signature"})
         if not tracing.active:
             return await self._answer(request)
         with tracing.webhook(request.headers, request.method):
@@ -103,9 +103,9 @@ class WebhookHandler:
             events = await self._make_events(request)
         except HTTPError as exc:
             body = {"error": self._redact(exc.message)}
-            return _json_response(exc.status, body, list(exc.headers))
+            return _json_answer(exc.status, body, list(exc.headers))
         if not events:
-            return _json_response(202, {"ids": []})
+            return _json_answer(202, {"ids": []})
         self.metrics.received.labels("webhook").inc(len(events))
         chan = self.chan
         if self._closed:
@@ -113,16 +113,16 @@ class WebhookHandler:
             return self._failure_response(events, dict.fromkeys(range(len(events)), error))
         if request.disconnected:
             # Nobody waits for the answer: the caller will send again, nothing is queued.
-            return _json_response(499, {"error": "the caller closed the connection"})
+            return _json_answer(499, {"error": "the caller closed the connection"})
         if tracing.active:
             events = [tracing.inject(event) for event in events]  # delivery continues the trace
         # Events waiting for a retry take room too (cdk.delivery.DeliveryQueue).
         if chan.maxsize and chan.qsize() + getattr(chan, "waiting", 0) + len(events) > chan.maxsize:
             if len(events) > chan.maxsize:
                 self.log.error("%d events never fit in queue_size: raise it", len(events))
-                return _json_response(500, {"error": "internal error while queueing events"})
+                return _json_answer(500, {"error": "internal error while queueing events"})
             # At once: waiting for room would hold the caller's connection and memory.
-            return _json_response(503, {"error": "busy: the queue is full"}, [("retry-after", "1")])
+            return _json_answer(503, {"error": "busy: the queue is full"}, [("retry-after", "1")])
         loop = asyncio.get_running_loop()
         fates: list[asyncio.Future[BaseException | None]] = [loop.create_future() for _ in events]
         for event, fate in zip(events, fates, strict=True):
@@ -141,10 +141,10 @@ class WebhookHandler:
             ids = ", ".join(map(str, pending[:20]))
             self.log.warning("not delivered within response_timeout, still queued: %s", ids)
             late = {"error": "not delivered in time; the events stay queued", "pending": pending}
-            return _json_response(504, late)
+            return _json_answer(504, late)
         errors = {i: failure for i, fate in enumerate(fates) if (failure := fate.result())}
         if not errors:
-            return _json_response(200, {"ids": [event.get_id() for event in events]})
+            return _json_answer(200, {"ids": [event.get_id() for event in events]})
         return self._failure_response(events, errors)
 
     async def _make_events(self, request: Request) -> list[Any]:
@@ -196,7 +196,7 @@ class WebhookHandler:
         )
         delivered = [e.get_id() for i, e in enumerate(events) if i not in errors]
         body = {"error": message, "delivered": delivered, "failed": failed}
-        return _json_response(status, body, headers)
+        return _json_answer(status, body, headers)
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -205,7 +205,5 @@ def _timed_out(error: BaseException) -> bool:
     return isinstance(error, TimeoutError)
 
 
-def _json_response(
-    status: int, body: Any, headers: list[tuple[str, str]] | None = None
-) -> Response:
+def _json_answer(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     return Response(status, orjson.dumps(body), _JSON, headers or [])
