@@ -158,7 +158,6 @@ def encode_response(
 
 
 def text_answer(status: int, text: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    """A plain-text answer."""
     return Response(status, text.encode("utf-8"), headers=headers or [])
 
 
@@ -662,8 +661,6 @@ def _fit_fd_limit(wanted: int) -> int:
 
 
 class HTTPServer:
-    """An HTTP/1.1 server calling ``handler`` for every request; see the module docstring."""
-
     def __init__(
         self,
         handler: Handler,
@@ -713,7 +710,6 @@ class HTTPServer:
         self.context = contextvars.Context()
 
     async def start(self) -> None:
-        """Bind and start accepting connections."""
         if self._server is not None:
             raise RuntimeError("HTTPServer already started")
         self.loop = asyncio.get_running_loop()

@@ -53,8 +53,6 @@ _BUSY = Response(503, b"busy: too many events in progress", headers=[("retry-aft
 
 
 class Receiver:
-    """Routes requests (see the module docstring); :meth:`http_server` builds its server."""
-
     def __init__(
         self,
         post: Handler,
@@ -97,7 +95,6 @@ class Receiver:
         )
 
     async def handle(self, request: Request) -> Response:
-        """Answer one request and count the answer."""
         refusal = self._refusal(request)
         if refusal is not None:
             response = refusal

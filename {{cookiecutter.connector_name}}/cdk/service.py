@@ -54,8 +54,6 @@ def _url(host: str, port: int) -> str:
 
 
 class Service:
-    """What every service shares; see the module docstring."""
-
     kind: ClassVar[str]
     #: What the service's HTTP port is, in the "... listening on" line.
     role: ClassVar[str]

@@ -105,7 +105,6 @@ class _SQLiteBackend:
             self._db.close()
 
     def _run(self, sql: str, params: tuple[str, ...]) -> Any:
-        """Execute ``sql`` and return its first row (None when it has none)."""
         with self._lock:  # fetchone() too steps the statement on the shared connection
             try:
                 return self._db.execute(sql, params).fetchone()
@@ -385,7 +384,6 @@ class Checkpoint:
 
 
 def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., None]:
-    """``first``, then ``then`` (when given), with the same arguments."""
     if then is None:
         return first
 

@@ -64,8 +64,6 @@ def _tuple(event: Any, fate: asyncio.Future[BaseException | None]) -> Tuple:
 
 
 class WebhookHandler:
-    """``await handler(request) -> Response``: make the events, deliver them, answer."""
-
     def __init__(
         self,
         source: WebhookSource[Any],
@@ -148,7 +146,6 @@ class WebhookHandler:
         return self._failure_response(events, errors)
 
     async def _make_events(self, request: Request) -> list[Any]:
-        """Call ``make_event`` and normalise its answer to a list of events."""
         self.metrics.handler_in_flight.inc()
         started = time.perf_counter()
         try:
