@@ -506,8 +506,7 @@ def load_config(
     data = deep_merge(config_data, secret_data)
     from_env: dict[str, str] = {}
     for key, names in ENV_FALLBACKS.items():
-        # A key left empty (``target:``) counts as absent: a ConfigMap may list it and
-        # leave the value to $K_SINK (none of these keys accepts null anyway).
+        # A key left empty (``target:``) counts as absent: a ConfigMap may leave it to $K_SINK.
         if key in model.model_fields and data.get(key) is None:
             for name in names:
                 if env.get(name):

@@ -28,8 +28,7 @@ SC = TypeVar("SC", bound="SourceConfig")
 WC = TypeVar("WC", bound="WebhookSourceConfig")
 KC = TypeVar("KC", bound="SinkConfig")
 
-#: Seconds the default loop waits after ``make_event`` returned None when ``interval`` is 0,
-#: so a source with nothing to say does not spin.
+#: Seconds the default loop waits after a None when ``interval`` is 0, so it does not spin.
 IDLE_WAIT = 0.1
 
 _log = logging.getLogger("cdk.source")
@@ -106,12 +105,9 @@ class Connector(Generic[C]):
 
 
 class Source(Connector[SC]):
-    """Base for polling sources: implement :meth:`make_event`.
-
-    Override :meth:`loop_produce_event` for anything else (``await self.chan.put(
-    cdk.Tuple(event, success, failed))``); once it returns, the kit delivers what is
-    queued and the process exits 0.
-    """
+    """Base for polling sources: implement :meth:`make_event`, or override
+    :meth:`loop_produce_event` (``await self.chan.put(cdk.Tuple(event, success, failed))``);
+    once the loop returns, the kit delivers what is queued and the process exits 0."""
 
     chan: asyncio.Queue[Tuple]
     #: The position to resume after: the last one ``make_event`` returned, or, at start,

@@ -28,8 +28,7 @@ __all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response", "text_an
 
 _LOG = logging.getLogger("cdk.http")
 _ACCESS = logging.getLogger("cdk.access")
-#: Refusals logged (at INFO, at most ``_REFUSALS_LOGGED`` lines a second); 404 and 405
-#: are not news.
+#: Refusals logged at INFO (at most ``_REFUSALS_LOGGED`` a second); 404 and 405 are not news.
 _LOGGED_REFUSALS = frozenset({400, 401, 408, 413, 415, 417, 429, 431, 501, 503, 505})
 _REFUSALS_LOGGED = 10
 
@@ -677,10 +676,9 @@ class HTTPServer:
         on_reject: Callable[[int], None] | None = None,
         access_log: bool = False,
     ) -> None:
-        """``check_head`` sees each request with a body once its head is complete (``body``
-        empty): a Response it returns is sent before the body is read or ``100 Continue``,
-        then the connection closes. ``on_reject`` gets the status of each refusal the
-        server makes (those included)."""
+        """``check_head`` sees each request with a body once its head is complete: a Response
+        it returns is sent before the body is read, then the connection closes. ``on_reject``
+        gets the status of each refusal the server makes (those included)."""
         self.handler = handler
         self.host = host
         self.requested_port = port

@@ -38,9 +38,8 @@ _POST_ALLOW = "POST, OPTIONS"
 _READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SERVER_KEYS = {"host", "port", "max_body_bytes", "max_header_bytes", "read_timeout"}
 _SERVER_KEYS |= {"keepalive_timeout", "max_bytes_in_flight", "access_log"}
-#: What decoding counts against ``max_bytes_in_flight`` beside the body: about what a
-#: small event takes, and (estimated before decoding a body over ``_SMALL_BODY``) what
-#: JSON takes as Python objects per byte.
+#: Counted against ``max_bytes_in_flight`` beside the body: about a small event's size, and
+#: (estimated before decoding a body over ``_SMALL_BODY``) JSON's size as objects per byte.
 _EVENT_BYTES = 1024
 _DECODED_PER_BYTE = 3
 _SMALL_BODY = 64 * 1024

@@ -87,8 +87,7 @@ class _Signals:
             _force_exit(f"received {name} again, stopping now")
         self.received = name
         if self._loop is not None and self._event is not None:
-            # The loop may already be closed (a signal while the process exits); there is
-            # nothing left to stop then, and raising here would print a traceback.
+            # A loop already closed (the process exits) has nothing left to stop.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._first, name)
 
@@ -256,8 +255,8 @@ def run(
     """Run a connector in this process until it stops; returns the exit status.
     ``final``: the process ends right after, so signals stay handled to the very end."""
     signals = _Signals()
-    # From the very start SIGTERM/SIGINT ask for a clean stop: loading the config and the
-    # connector's constructor may take a while, and a signal meanwhile must not kill it.
+    # From the very start: loading the config and the connector's constructor may take a
+    # while, and a signal meanwhile must ask for a clean stop, not kill the process.
     signals.install()
     try:
         return _main(config_cls, connector_cls, argv, signals)

@@ -495,9 +495,6 @@ def check_classes(config_cls: type, connector_cls: type) -> type[Service]:
 
 def service_for(connector: Connector[Any], config: Any, **options: Any) -> Service:
     """The service that runs ``connector`` with ``config``; ``TypeError`` if they do not fit.
-
-    ``options`` go to source services: ``overrides`` (K_CE_OVERRIDES), ``dry_run``,
-    ``max_events``.
-    """
+    ``options`` go to source services: ``overrides``, ``dry_run``, ``max_events``."""
     service = check_classes(type(config), type(connector))
     return service(connector, config, **options)

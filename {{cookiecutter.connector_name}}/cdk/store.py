@@ -32,8 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
-# Values must round-trip: a datetime or dataclass would come back as a string or a
-# dict, so they are refused instead of silently changing type.
+# Values must round-trip: a datetime or dataclass is refused, not turned into a str or dict.
 _DUMP_OPTIONS = (
     orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -114,9 +113,8 @@ class _SQLiteBackend:
 
 class PositionStore:
     """JSON values by key for one connector (``namespace``): in memory for ``path`` None,
-    else in that SQLite file (shared by several connectors, each seeing its own namespace)
-    or ``etcd://host:2379/prefix``. Calls are synchronous: tens of microseconds for SQLite,
-    a round trip (with timeouts) for etcd.
+    else in that SQLite file (connectors sharing it each see their own namespace) or
+    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd.
     """
 
     def __init__(
@@ -230,12 +228,10 @@ class Checkpoint:
 
     Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for
     each event *in the order the source produces them*, with the position to resume after
-    once that event is delivered. Deliveries complete out of order; the written position
-    is the newest whose events and all before them were acknowledged. On an event loop,
-    writes run in a worker thread, coalesced, retried while the store is unreachable. An
-    event that failed for good (a dead-lettered one counts as acknowledged) stops the
-    checkpoint (:attr:`failed`); under the kit the source then settles and exits 1 naming
-    the event, so nothing is skipped.
+    it. On an event loop, writes run in a worker thread, coalesced, retried while the store
+    is unreachable. An event that failed for good (a dead-lettered one counts as
+    acknowledged) stops the checkpoint (:attr:`failed`); under the kit the source then
+    settles and exits 1 naming the event, so nothing is skipped.
     """
 
     def __init__(
@@ -375,8 +371,7 @@ class Checkpoint:
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
-                # A busy source would otherwise keep etcd writing flat out for positions
-                # soon replaced.
+                # Else a busy source keeps etcd writing flat out for positions soon replaced.
                 await asyncio.sleep(WRITE_INTERVAL)
             else:
                 await asyncio.sleep(delay)
