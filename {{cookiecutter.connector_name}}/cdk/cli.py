@@ -12,7 +12,7 @@ import sys
 import textwrap
 import tomllib
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -138,22 +138,14 @@ def _entries(rows: Sequence[tuple[object, str]]) -> list[str]:
 
 
 def _epilog(config_cls: type[BaseModel]) -> str:
-    keys = [
-        (key, f"{kind}, {default}: {text}") for key, kind, default, text in settings(config_cls)
-    ]
+    keys = [(key, f"{kind}, {default}: {doc}") for key, kind, default, doc in settings(config_cls)]
     env = [(name, text) for name, _, text in ENVIRONMENT]
-    return "\n".join(
-        [
-            "configuration keys (config.yml, secret.yml):",
-            *_entries(keys),
-            "",
-            "environment variables:",
-            *_entries(env),
-            "",
-            "exit status:",
-            *_entries(_EXIT_HELP),
-        ]
+    sections = (
+        ("configuration keys (config.yml, secret.yml):", keys),
+        ("environment variables:", env),
+        ("exit status:", _EXIT_HELP),
     )
+    return "\n\n".join("\n".join([title, *_entries(rows)]) for title, rows in sections)
 
 
 def _prog() -> str:
@@ -170,6 +162,7 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
+    flag = partial(add, action="store_true")
     add("--config", metavar="FILE", help="config file (default: $CONNECTOR_CONFIG or ./config.yml)")
     add(
         "--secret",
@@ -177,18 +170,12 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
         help="secret file merged over the config"
         " (default: $CONNECTOR_SECRET, else ./secret.yml, each when it exists)",
     )
-    add(
+    flag(
         "--check-config",
-        action="store_true",
         help='validate the configuration, print "config OK: FILE" and exit 0,'
         " or print each problem and exit 2",
     )
-    add(
-        "--about",
-        action="store_true",
-        help="print the connector's self-description as JSON"
-        " (name, kind, versions, config schema, environment variables)",
-    )
+    flag("--about", help="print name, kind, versions, config schema and environment as JSON")
     add(
         "--log-level",
         type=str.upper,
@@ -198,11 +185,6 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
     )
     add("--log-format", choices=("text", "json"), help="text lines, or one JSON object per line")
     if kind == "source":
-        add(
-            "--dry-run",
-            action="store_true",
-            help="print each event as one line of structured JSON on stdout"
-            " instead of delivering it (no target needed)",
-        )
+        flag("--dry-run", help="print each event on stdout as a structured JSON line; send nothing")
         add("--max-events", type=int, metavar="N", help="stop after N events (then exit 0)")
     return parser
