@@ -520,12 +520,9 @@ def load_config(
     try:
         loaded = model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
-            [
-                _one_line(_redact(f"config: {_describe(error, from_env)}", secrets))
-                for error in exc.errors(include_input=False, include_url=False)
-            ]
-        ) from None
+        errors = exc.errors(include_input=False, include_url=False)
+        lines = [_one_line(_redact(f"config: {_describe(e, from_env)}", secrets)) for e in errors]
+        raise ConfigError(lines) from None
     except Exception as exc:
         # pydantic turns only ValueError and AssertionError into validation errors; a
         # validator raising anything else still means this configuration cannot be used.

@@ -218,10 +218,8 @@ def _main(
         return cli.EXIT_OK
     configure_logging(config.log_level, config.log_format)
     tracing.setup(service_name=cli.project_metadata().get("name", name))
-    _log.debug(
-        "effective config: %s",
-        orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode(),
-    )
+    effective = orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode()
+    _log.debug("effective config: %s", effective)
     options: dict[str, Any] = {}
     if kind == "source":
         options = {"overrides": overrides, "dry_run": args.dry_run, "max_events": args.max_events}
