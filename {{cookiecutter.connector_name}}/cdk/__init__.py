@@ -1,10 +1,7 @@
 """cdk: the connector-development kit vendored into every generated connector.
 
-Its public API is what this module exports; everything else is private and may change:
-the SDK's ``CloudEvent``, the bases ``Source``, ``WebhookSource`` and ``Sink``, what they
-queue and answer (``Tuple``, ``Result``, ``SUCCESS``), the config models, ``Request`` and
-``HTTPError`` for webhook sources, ``run_source`` / ``run_sink``, ``PositionStore`` and
-``Checkpoint`` for positions kept across restarts, ``ConfigError`` and ``StoreError``.
+Its public API is what this module exports (``__all__``; ``cdk/README.md`` maps the
+modules); everything else is private and may change.
 """
 
 from cloudevents.core.v1.event import CloudEvent
