@@ -207,8 +207,7 @@ class ServerConfig(ConnectorConfig):
     max_bytes_in_flight: int = Field(
         64 * 1024 * 1024,
         ge=64 * 1024,
-        description="Memory requests in progress may hold (bodies, and in a sink the events "
-        "decoded from them); beyond it new requests get 503 with Retry-After.",
+        description="Bytes requests in progress may hold (bodies, decoded events); more get 503.",
     )
     access_log: bool = Field(
         False, description="One line per request on the `cdk.access` logger (status, duration...)."
@@ -317,8 +316,7 @@ class SourceConfig(DeliveryConfig):
         10.0,
         ge=2,
         le=3600,
-        description="Seconds a lease lasts: a leader that cannot renew it stops, and another "
-        "replica takes over within about this long.",
+        description="Seconds a lease lasts: a leader unable to renew it stops, another takes over.",
     )
 
     @field_validator("position_store")
@@ -353,8 +351,7 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
     response_timeout: float = Field(
         8.0,
         gt=0,
-        description="Seconds a caller waits for its answer; past it the caller gets 504 and "
-        "its events stay queued (at-least-once: it may send them again).",
+        description="Seconds a caller waits for its answer; then 504, and its events stay queued.",
     )
 
 
