@@ -177,11 +177,7 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
     )
     flag("--about", help="print name, kind, versions, config schema and environment as JSON")
     add(
-        "--log-level",
-        type=str.upper,
-        choices=LEVELS,
-        metavar="LEVEL",
-        help="one of DEBUG, INFO, WARNING, ERROR, CRITICAL (overrides `log_level`)",
+        "--log-level", type=str.upper, choices=LEVELS, metavar="LEVEL", help="overrides `log_level`"
     )
     add("--log-format", choices=("text", "json"), help="text lines, or one JSON object per line")
     if kind == "source":
