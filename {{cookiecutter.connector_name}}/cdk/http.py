@@ -47,6 +47,8 @@ _LINGER_BYTES = 64 << 20
 _TRIM_AFTER = 16 << 20
 #: File descriptors kept free beside connections: listening socket, logs, the app's own.
 _FD_RESERVE = 64
+#: What ``HTTPError`` takes as headers.
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
 @dataclass(slots=True)
@@ -65,8 +67,7 @@ class Request:
 
     @property
     def disconnected(self) -> bool:
-        """True once the client closed the connection or its sending side (as clients do
-        when they give up): no one waits for the answer."""
+        """True once the client closed the connection, or its sending side: nobody waits."""
         conn = self._conn
         return conn is not None and (conn.state != _OPEN or conn.reading == _EOF)
 
@@ -100,12 +101,7 @@ class Response:
 class HTTPError(Exception):
     """Raised by a handler to answer with ``status``, ``message`` as the body and ``headers``."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str = "",
-        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-    ) -> None:
+    def __init__(self, status: int, message: str = "", headers: Headers | None = None) -> None:
         self.status = status
         self.message = message or _REASONS.get(status, "error")
         pairs = headers.items() if isinstance(headers, Mapping) else headers or ()

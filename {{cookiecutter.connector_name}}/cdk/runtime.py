@@ -41,8 +41,6 @@ from cdk.service import Service, ServiceError, check_classes, service_for
 __all__ = ["run", "run_sink", "run_source"]
 
 _log = logging.getLogger("cdk.runtime")
-#: Stands in for ``target`` in a dry run, where nothing is sent.
-_DRY_RUN_TARGET = "http://dry-run.invalid/"
 
 
 class _Signals:
@@ -175,7 +173,7 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _load(config_cls: type[ConnectorConfig], args: argparse.Namespace) -> ConnectorConfig:
-    defaults = {"target": _DRY_RUN_TARGET} if getattr(args, "dry_run", False) else None
+    defaults = {"target": "http://dry-run.invalid/"} if getattr(args, "dry_run", False) else None
     config = load_config(config_cls, args.config, args.secret, defaults=defaults)
     flags = {"log_level": args.log_level, "log_format": args.log_format}
     update = {key: value for key, value in flags.items() if value is not None}

@@ -18,9 +18,8 @@ no room in ``chan``                        503     ``{"error"}``, ``Retry-After:
 the caller hung up before queueing         499     nothing queued (nobody reads it)
 =========================================  ======  ========================================
 
-``error`` is generic and the lists hold event ids: the target's answer may name internal
-hosts or echo the token, so it goes to the log only, secrets masked. Callers retry the
-5xx; resending delivered events is what at-least-once allows.
+``error`` is generic and the lists hold event ids: the target's answer (which may name
+hosts or echo the token) goes to the log only. Callers retry the 5xx (at-least-once).
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
 #: Seconds a caller is asked to wait after the connector shut down before delivering.
 RETRY_AFTER_SHUTDOWN = 5
 
-_JSON = "application/json"
 _EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
@@ -197,10 +195,9 @@ class WebhookHandler:
 
 
 def _timed_out(error: BaseException) -> bool:
-    if isinstance(error, AttemptsExhausted):
-        return isinstance(error.last_error, TimeoutError)
-    return isinstance(error, TimeoutError)
+    cause = error.last_error if isinstance(error, AttemptsExhausted) else error
+    return isinstance(cause, TimeoutError)
 
 
 def _json_answer(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response(status, orjson.dumps(body), _JSON, headers or [])
+    return Response(status, orjson.dumps(body), "application/json", headers or [])
