@@ -141,6 +141,7 @@ class Receiver:
             # Not decoded: no event sender compresses, and gzip can inflate past any limit.
             return text_answer(415, "send the body uncompressed", [("accept-encoding", "identity")])
         if self.in_flight >= self._config.max_concurrency:
+            # Refused, not queued: a queue would hide overload from the sender.
             retry = [("retry-after", str(RETRY_AFTER))]
             return text_answer(429, "too many requests in progress", retry)
         return None
