@@ -41,15 +41,9 @@ def free_port() -> int:
 
 @dataclass(slots=True)
 class CapturedRequest:
-    """One request the target saw.
+    """One request the target saw: ``status`` None means it was left unanswered (dropped, or
+    delayed past the sender's patience); ``events`` is empty when it did not decode (``error``)."""
 
-    ``status`` is what the target answered; ``None`` means it closed the connection
-    without answering (a dropped request, or a delayed one the sender gave up on).
-    ``mode`` and ``events`` are empty when the body did not decode (see ``error``).
-    """
-
-    method: str
-    path: str
     headers: dict[str, str]
     body: bytes
     arrived: float
@@ -74,8 +68,7 @@ class _Behaviour:
 
 def _answer(status: int, body: bytes | str, retry_after: float | str | None) -> _Behaviour:
     if isinstance(retry_after, int | float):
-        whole = float(retry_after).is_integer()
-        retry_after = str(int(retry_after)) if whole else str(retry_after)
+        retry_after = f"{retry_after:g}"  # whole seconds as HTTP writes them: 3, not 3.0
     data = body.encode("utf-8") if isinstance(body, str) else body
     return _Behaviour("answer", status, data, retry_after)
 
@@ -243,12 +236,10 @@ class CaptureTarget:
         return await asyncio.to_thread(self.wait_for_sync, count, timeout)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        headers: dict[str, str] = {}
-        for name, value in request.headers.items():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        body = await request.read()
-        record = CapturedRequest(request.method, request.path, headers, body, time.monotonic())
+        headers = {
+            name.lower(): ", ".join(request.headers.getall(name)) for name in request.headers
+        }
+        record = CapturedRequest(headers, await request.read(), time.monotonic())
         behaviour = self._next_behaviour() or _Behaviour("accept")
         if behaviour.kind == "delay":
             await asyncio.sleep(behaviour.seconds)
