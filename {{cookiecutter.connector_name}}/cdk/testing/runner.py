@@ -1,11 +1,7 @@
-"""Runners: start a connector for a test, in-process or as the real ``cmd/main.py`` process.
-
-:func:`run_in_thread` runs the service the CLI runs (``cdk.service``) on an event loop
-in a background thread (a :class:`LoopThread`), so synchronous tests can talk to it over
-loopback HTTP. :class:`ConnectorProcess` runs ``python cmd/main.py`` with a config
-written for the test, waits for its ready line, and on stop sends SIGTERM and hands
-back the exit status and everything it printed. :func:`wait_on` is the one way the test
-kit waits for something another thread does.
+"""Runners: a connector in-process on a background event loop (:func:`run_in_thread`, so
+synchronous tests can talk to it over loopback HTTP) or as the real ``python cmd/main.py``
+(:class:`ConnectorProcess`); and :func:`wait_on`, the one way the test kit waits for
+what another thread does.
 """
 
 from __future__ import annotations
@@ -46,11 +42,8 @@ def wait_on(
     timeout: float,
     failure: Callable[[], str],
 ) -> None:
-    """Block until ``predicate()`` holds; after ``timeout`` s raise ``TimeoutError(failure())``.
-
-    The predicate runs with ``changed`` held, each time it is notified, and every 50 ms
-    (for a predicate that also reads state nobody notifies about).
-    """
+    """Block until ``predicate()`` holds, checked with ``changed`` held whenever it is notified
+    and every 50 ms (for state nobody notifies about); at ``timeout`` raise ``failure()``."""
     deadline = time.monotonic() + timeout
     with changed:
         while not predicate():
@@ -125,12 +118,9 @@ def run_in_thread(
     start_timeout: float = 30.0,
     **options: Any,
 ) -> Iterator[Running]:
-    """Run ``connector`` with its validated ``config`` for the ``with`` block.
-
-    A server (sink, webhook source) is bound to 127.0.0.1 on a free port. ``options`` go
-    to the service (``dry_run``, ``max_events``, ``overrides``). On exit the service
-    drains and calls ``destroy()`` within ``grace`` seconds.
-    """
+    """Run ``connector`` with its validated ``config`` (a server on a free 127.0.0.1 port) for
+    the ``with`` block; ``options`` go to the service (``dry_run``, ``max_events``,
+    ``overrides``). On exit the service drains and calls ``destroy()`` within ``grace`` s."""
     if isinstance(config, ServerConfig):
         config = config.model_copy(update={"host": "127.0.0.1", "port": 0})
     running = Running(service_for(connector, config, **options))
@@ -149,14 +139,10 @@ def run_in_thread(
 
 
 class ConnectorProcess:
-    """``python cmd/main.py`` of a connector project, run with a config written for the test.
-
-    ``config`` and ``secret`` are written as YAML into a temporary directory and passed
-    with ``--config`` / ``--secret``; the process gets ``env`` and none of the kit's
-    environment variables. Its output (stdout and stderr) is kept line by line, and
-    ``on_line`` sees each line as it arrives. Entering the context starts the process
-    and waits for the ready line; leaving it stops the process.
-    """
+    """``python cmd/main.py`` in ``project_dir`` with ``config`` and ``secret`` written to
+    temporary YAML files, ``env`` and none of the kit's environment variables. Its output
+    (stdout and stderr) is kept line by line, each also passed to ``on_line``. Entering the
+    context starts it and waits for the ready line; leaving it stops it."""
 
     def __init__(
         self,
@@ -204,7 +190,6 @@ class ConnectorProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
             encoding="utf-8",
             errors="replace",
             bufsize=1,
@@ -315,8 +300,7 @@ class ConnectorProcess:
         return self.returncode
 
     def stop(self, signal: int = SIGTERM, timeout: float = 20.0) -> int:
-        """Send ``signal`` (if still running) and wait, killing it after ``timeout``; return
-        the status (``-SIGKILL`` when killed). The output stays in :attr:`output`."""
+        """Send ``signal`` and wait, killing it after ``timeout``; return the exit status."""
         if self._process is None:
             raise RuntimeError("the process was not started")
         try:
