@@ -1,9 +1,6 @@
-"""SinkClient: send CloudEvents (or anything else) to a sink over real HTTP and read the answer.
-
-It uses only ``http.client``, so plain pytest functions can call a running sink without
-an event loop (an async test calls it through ``asyncio.to_thread``). Events are encoded
-with ``cdk.codec``, the same code the kit sends with; raw bodies and headers probe how a
-sink treats bad input.
+"""SinkClient: send CloudEvents (encoded by ``cdk.codec``, as the kit sends them) or raw
+bodies and headers to a sink over real HTTP, and read the :class:`Reply`. It uses only
+``http.client``, so a plain pytest function needs no event loop to call a running sink.
 """
 
 from __future__ import annotations
@@ -44,12 +41,9 @@ class Reply:
 
 
 class SinkClient:
-    """Synchronous client for one sink URL (``http://127.0.0.1:PORT``).
-
-    Every call opens its own connection, so a sink that closes connections (or a test
-    that stops the sink between calls) never leaves the client in a stale state.
-    ``token`` adds ``Authorization: Bearer <token>`` to every request that has none.
-    """
+    """Synchronous client for one sink URL; ``token`` adds ``Authorization: Bearer <token>``
+    to every request that has none. Each call opens its own connection, so a sink that
+    closes connections (or stops between calls) never leaves the client stale."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 10.0) -> None:
         parts = urlsplit(url)

@@ -306,17 +306,12 @@ _STRUCTURED = {"Content-Type": "application/cloudevents+json"}
 _BATCH = {"Content-Type": "application/cloudevents-batch+json"}
 _VALID = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
 _WITHOUT_ID = {k: v for k, v in _VALID.items() if k != "id"}
+_BINARY_WITHOUT_ID = {"Content-Type": "application/json"} | {
+    f"ce-{k}": v for k, v in _WITHOUT_ID.items()
+}
 #: Requests that carry no valid CloudEvent, each of which must be answered 400.
 _INVALID: dict[str, tuple[dict[str, str], bytes]] = {
-    "binary-without-id": (
-        {
-            "Content-Type": "application/json",
-            "ce-specversion": "1.0",
-            "ce-source": "/s",
-            "ce-type": "t",
-        },
-        b"{}",
-    ),
+    "binary-without-id": (_BINARY_WITHOUT_ID, b"{}"),
     "structured-without-id": (_STRUCTURED, orjson.dumps(_WITHOUT_ID)),
     "structured-not-json": (_STRUCTURED, b"{not json"),
     "structured-bad-specversion": (_STRUCTURED, orjson.dumps({**_VALID, "specversion": "9.9"})),
@@ -432,10 +427,8 @@ class _DeliveryRun:
 
 
 class SourceTests(_ConnectorTests):
-    """Contract tests for a source (polling or webhook); set ``source_class`` and ``config_class``.
-
-    Tests for the other style than ``source_class``'s are left out of the subclass.
-    """
+    """Contract tests for a source; set ``source_class`` and ``config_class`` in a subclass,
+    which keeps the tests of its style (polling or webhook) only."""
 
     __test__ = False
 
@@ -482,13 +475,9 @@ class SourceTests(_ConnectorTests):
             yield target
 
     def _run_polling(self, *, fail_status: int | None = None, **overrides: Any) -> _DeliveryRun:
-        """Run the source against a CaptureTarget.
-
-        Without ``fail_status`` the run lasts until ``event_count`` events arrived (or the
-        source finished) and each of them got its callback; the events captured are
-        those, accepted while the source ran normally. With ``fail_status`` the target
-        answers every request with it, and the run lasts until a ``failed`` callback.
-        """
+        """Run the source against a CaptureTarget until ``event_count`` events arrived (or the
+        source finished) and each got its callback; or, with ``fail_status`` answered to
+        every request, until a ``failed`` callback."""
         recorder = SourceRecorder()
         source = recording_source(self.source_class, recorder)()  # type: ignore[arg-type]
         captured: list[CloudEvent] = []
