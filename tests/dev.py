@@ -22,7 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = REPO / ".venv"
 REQUIREMENTS = REPO / "tests" / "requirements.txt"
 STAMP = VENV / ".requirements.sha256"
-BENCHMARKS = ("bench_codec.py", "bench_delivery.py", "bench_sink.py", "bench_store.py")
+BENCHMARKS = (
+    "bench_codec.py",
+    "bench_delivery.py",
+    "bench_sink.py",
+    "bench_burst.py",
+    "bench_store.py",
+    "bench_tracing.py",
+)
 
 
 def venv_python() -> Path:

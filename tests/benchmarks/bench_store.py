@@ -11,7 +11,16 @@ their data (with etcd's fsync per commit) to the same disk as the SQLite file; t
 fenced case writes through a store bound to a :class:`cdk.etcd.Leadership`, as a
 replica running with ``leader_election`` does.
 
-Sections (``--only NAME``) are independent measurements; ``writes`` is the first.
+Sections (``--only NAME``) are independent measurements:
+
+- ``writes``: ``PositionStore.set`` per second, as above.
+- ``latency``: a polling source (the kit's loop, ``make_event`` returning positions)
+  delivering to the kit's sink in this process: events per second and the latency from
+  ``make_event`` to ``arrived``, with its positions in memory, SQLite and etcd. Positions
+  are written off the event loop, coalesced, so the store should add no latency.
+- ``failover``: two source processes on one etcd with ``leader_election`` (lease 2 s);
+  the leader is killed with SIGKILL, and the time to the first event the other replica
+  makes is measured, ``--failovers`` times.
 """
 
 from __future__ import annotations
@@ -107,13 +116,129 @@ def section_writes(args: argparse.Namespace, base: Path) -> None:
         )
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {"writes": section_writes}
+class _Numbers:
+    """Builds the latency section's source: numbered events stamped with when they were made."""
+
+    @staticmethod
+    def source_class() -> type:
+        import cdk
+
+        class Numbers(cdk.Source[cdk.SourceConfig]):
+            def make_event(self) -> tuple[cdk.CloudEvent, int]:
+                n = (self.position or 0) + 1
+                event = cdk.CloudEvent(
+                    {"id": str(n), "source": "/b", "type": "t"}, {"t": time.perf_counter()}
+                )
+                return event, n
+
+        return Numbers
+
+
+def delivery_latency(store: str | None, seconds: float) -> tuple[float, list[float]]:
+    """(events/s, make-to-arrived seconds) of a source delivering to a sink in-process."""
+    import cdk
+    from cdk.testing import run_in_thread
+
+    latencies: list[float] = []
+
+    class Sink(cdk.Sink[cdk.SinkConfig]):
+        async def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+            now = time.perf_counter()
+            latencies.extend(now - e.get_data()["t"] for e in events)
+            return cdk.SUCCESS
+
+    with run_in_thread(Sink(), cdk.SinkConfig()) as sink:
+        config = cdk.SourceConfig(target=sink.url, interval=0, position_store=store)
+        with run_in_thread(_Numbers.source_class()(), config):
+            time.sleep(seconds)  # the measured stretch: a benchmark, not a test
+            count = len(latencies)
+    return count / seconds, latencies
+
+
+def section_latency(args: argparse.Namespace, base: Path) -> None:
+    results = {"memory (baseline)": delivery_latency(None, args.seconds)}
+    results["SQLite file"] = delivery_latency(str(base / "positions.db"), args.seconds)
+    with etcd(base / "one", 1) as single:
+        results["etcd, 1 member"] = delivery_latency(single.url("latency"), args.seconds)
+    baseline = results["memory (baseline)"]
+    print(f"{'make_event -> arrived, 16 in flight':36} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    for name, (rate, latencies) in results.items():
+        cuts = statistics.quantiles(latencies, n=100)
+        base_p50 = statistics.quantiles(baseline[1], n=100)[49]
+        print(
+            f"{name:36} {rate:9,.0f} {cuts[49] * 1e3:7.2f} {cuts[98] * 1e3:7.2f}"
+            f"   {rate / baseline[0]:5.2f}x rate, p50 {(cuts[49] - base_p50) * 1e3:+.2f} ms"
+        )
+
+
+REPLICA = """
+import os
+import cdk
+
+
+class Numbers(cdk.Source[cdk.SourceConfig]):
+    def make_event(self):
+        n = (self.position or 0) + 1
+        attributes = {"id": str(n), "source": "/f", "type": "t", "replica": os.environ["REPLICA"]}
+        return cdk.CloudEvent(attributes), n
+
+
+cdk.run_source(cdk.SourceConfig, Numbers)
+"""
+
+
+def section_failover(args: argparse.Namespace, base: Path) -> None:
+    import signal
+
+    from cdk.testing import CaptureTarget
+    from cdk.testing.runner import ConnectorProcess
+
+    lease = 2.0
+    project = base / "replica"
+    (project / "cmd").mkdir(parents=True)
+    (project / "cmd" / "main.py").write_text(REPLICA, encoding="utf-8")
+    env = {"PYTHONPATH": str(REPO / "{{cookiecutter.connector_name}}")}
+    times: list[float] = []
+    with etcd(base / "one", 1) as single, CaptureTarget.in_thread() as target:
+        for run in range(args.failovers):
+            config = {
+                "target": target.url,
+                "interval": 0.01,
+                "position_store": single.url(f"f{run}"),
+                "leader_election": True,
+                "leader_lease": lease,
+            }
+            a = ConnectorProcess(project, config, env={**env, "REPLICA": f"a{run}"}).start()
+            a.wait_for_line("leading: producing")
+            b = ConnectorProcess(project, config, env={**env, "REPLICA": f"b{run}"}).start()
+            b.wait_for_line("campaigning to lead")
+            a.stop(signal.SIGKILL)
+            killed = time.monotonic()
+            target.wait_until(
+                lambda r=run: any(e.get_extension("replica") == f"b{r}" for e in target.events),
+                timeout=lease * 5,
+            )
+            times.append(time.monotonic() - killed)
+            b.stop()
+    print(f"failover, lease {lease:g} s: kill -> first event of the new leader, {len(times)} runs")
+    print(
+        f"  min {min(times):.2f} s, median {statistics.median(times):.2f} s, max {max(times):.2f} s"
+        f"   ({statistics.median(times) / lease:.2f} x the lease)"
+    )
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
+    "writes": section_writes,
+    "latency": section_latency,
+    "failover": section_failover,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (best kept)")
+    parser.add_argument("--failovers", type=int, default=5, help="failovers measured")
     parser.add_argument("--only", choices=sorted(SECTIONS), help="run one section")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:

@@ -377,6 +377,10 @@ def test_source_killed_mid_stream_resumes_without_losing_events(tmp_path: Path) 
     (project / "cmd" / "main.py").write_text(NUMBERS_SOURCE, encoding="utf-8")
     db = tmp_path / "state" / "positions.db"
 
+    def stored(path: Path) -> object:
+        with PositionStore("numbers", path) as store:
+            return store.get("n")
+
     def refused_ids(target: CaptureTarget) -> set[int]:
         return {int(r.headers["ce-id"]) for r in target.all_requests if r.status == 503}
 
@@ -406,12 +410,14 @@ def test_source_killed_mid_stream_resumes_without_losing_events(tmp_path: Path) 
             # Once every other delivery worker is stuck on a refused event, each has
             # acknowledged all the events it took before.
             target.wait_until(lambda: len(refused_ids(target)) >= workers - 1, timeout=60)
+            seen_first = {int(e.get_id()) for e in target.events}
+            assert len(seen_first) == 100
+            first_gap = min(set(range(count)) - seen_first)  # the held event
+            assert first_gap < max(seen_first)  # later events were acknowledged before it
+            # Positions are written at most every 50 ms: wait for the newest one.
+            target.wait_until(lambda: stored(db) == first_gap - 1, timeout=10)
         finally:
             assert first.stop(signal.SIGKILL, timeout=10) == -signal.SIGKILL
-        seen_first = {int(e.get_id()) for e in target.events}
-        assert len(seen_first) == 100
-        first_gap = min(set(range(count)) - seen_first)  # the held event
-        assert first_gap < max(seen_first)  # later events were acknowledged before it
 
         with PositionStore("numbers", db) as store:
             position = store.get("n")

@@ -1,19 +1,13 @@
 """HTTP/1.1 client for POSTing to one target: asyncio Protocols driving ``httptools`` directly.
 
 It owns the wire-level work of sending (a keep-alive pool, the request bytes, parsing the
-answer, timeouts) and turns every failure into one of the errors defined here; it knows
-nothing of CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU
-per request, and a Protocol feeding llhttp spends a fraction of a general client's.
-
-- At most ``limit`` connections; idle ones are reused last-in first-out so a burst's
-  extras age out. A connection goes after any error, ``Connection: close``, an answer
-  that ends it or came before the whole request was written, or ``keepalive`` s idle.
-- A reused connection the server closed while idle fails before any byte of the answer;
-  that request is sent again, once, on a fresh connection (never after part of one).
-- ``timeout`` covers waiting for a connection, connecting, sending and receiving; on
-  expiry the connection is dropped and :class:`RequestTimeout` raised.
-- 1xx answers are skipped, chunked ones decoded (trailers ignored); at most ``max_body``
-  bytes of a body are kept, the rest read and dropped so the connection stays usable.
+answer, timeouts) and turns every failure into a :class:`ClientError`; it knows nothing of
+CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU per request,
+and a Protocol feeding llhttp spends a fraction of a general client's. Idle connections
+are reused last-in first-out, so a burst's extras age out after ``KEEPALIVE_SECONDS``;
+``timeout`` covers waiting for a connection, connecting, sending and receiving; at most
+``max_body`` bytes of an answer are kept, the rest read and dropped so that the
+connection stays usable.
 """
 
 from __future__ import annotations
@@ -30,20 +24,13 @@ from urllib.parse import SplitResult, quote, unquote, urlsplit
 import httptools
 
 from cdk.codec import TOKEN_CHARS
+from cdk.logs import one_line
 
-__all__ = [
-    "Client",
-    "ClientError",
-    "ClientResponse",
-    "ConnectError",
-    "ConnectionClosed",
-    "ProtocolError",
-    "RequestTimeout",
-    "describe",
-]
+__all__ = ["Client", "ClientError", "ClientResponse"]
 
 #: Most bytes of an answer's head (status line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
+KEEPALIVE_SECONDS = 30.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Header names the client writes itself; a caller may not send them too.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "user-agent"})
@@ -86,12 +73,6 @@ class ClientResponse:
     truncated: bool = False
 
 
-def describe(error: BaseException) -> str:
-    """``error`` in words: its text, after its type name (often all a transport error says)."""
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 class _Connection(asyncio.Protocol):
     """One connection: writes a request, feeds the answer to llhttp, resolves ``waiter``."""
 
@@ -124,8 +105,7 @@ class _Connection(asyncio.Protocol):
             return waiter
         self.received = False
         self._head_raw = 0
-        self._headers_done = False
-        self._until_eof = False
+        self._headers_done = False  # _until_eof means nothing until they are
         self.waiter = waiter
         self.transport.write(data)
         return waiter
@@ -191,7 +171,6 @@ class _Connection(asyncio.Protocol):
         self._kept = 0
         self._truncated = False
         self._headers_done = False
-        self._until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._headers_done:
@@ -217,14 +196,12 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         room = self.pool.max_body - self._kept
-        if room <= 0:
-            self._truncated = True
-            return
         if len(body) > room:
-            body = body[:room]
+            body = body[: max(room, 0)]
             self._truncated = True
-        self._body.append(body)
-        self._kept += len(body)
+        if body:
+            self._body.append(body)
+            self._kept += len(body)
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:
@@ -260,17 +237,11 @@ class _Connection(asyncio.Protocol):
         when = "before the answer was complete" if self.received else "before answering"
         if exc is None:
             return ConnectionClosed(f"the server closed the connection {when}", self.received)
-        return ConnectionClosed(f"connection lost {when} ({describe(exc)})", self.received)
+        return ConnectionClosed(f"connection lost {when} ({one_line(exc)})", self.received)
 
 
 class Client:
-    """POSTs to one URL over a pool of at most ``limit`` keep-alive connections.
-
-    ``await post(body, headers)`` returns a :class:`ClientResponse` for any status, or
-    raises a :class:`ClientError`: :class:`ConnectError`, :class:`ConnectionClosed`,
-    :class:`ProtocolError` or :class:`RequestTimeout`. ``headers`` may not name Host,
-    Content-Length, Transfer-Encoding, Connection or User-Agent (the client writes them).
-    """
+    """POSTs to one URL over a pool of at most ``limit`` keep-alive connections."""
 
     def __init__(
         self,
@@ -278,7 +249,6 @@ class Client:
         *,
         limit: int = 16,
         timeout: float | None = 5.0,
-        keepalive: float = 30.0,
         max_body: int = 64 * 1024,
         ssl: _ssl.SSLContext | None = None,
         user_agent: str | None = None,
@@ -294,10 +264,8 @@ class Client:
         self.port = parts.port or _DEFAULT_PORTS[parts.scheme]
         self.limit = limit
         self.timeout = timeout
-        self.keepalive = keepalive
         self.max_body = max_body
-        self._tls = parts.scheme == "https"
-        self._ssl_context = ssl
+        self._ssl = (ssl or _ssl.create_default_context()) if parts.scheme == "https" else None
         self._head = self._make_head(parts, user_agent, authorization)
         self._head_lines = self._head.count("\n")
         self._known_names: set[str] = set()
@@ -455,10 +423,9 @@ class Client:
             return None
         conn = idle.pop()
         conn.idle = False
-        if self.loop.time() - conn.idle_since > self.keepalive:
+        if self.loop.time() - conn.idle_since > KEEPALIVE_SECONDS:
             # The newest idle connection is too old, so every other one is older still.
-            conn.close()
-            for old in list(idle):
+            for old in [conn, *idle]:
                 old.close()
             return None
         return conn
@@ -467,26 +434,18 @@ class Client:
         self._count += 1
         conn = _Connection(self)
         try:
-            if self._tls:
-                context = self._ssl_context
-                if context is None:
-                    context = self._ssl_context = _ssl.create_default_context()
-                await self.loop.create_connection(
-                    lambda: conn, self.host, self.port, ssl=context, server_hostname=self.host
-                )
-            else:
-                await self.loop.create_connection(lambda: conn, self.host, self.port)
+            hostname = None if self._ssl is None else self.host
+            await self.loop.create_connection(
+                lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=hostname
+            )
         except BaseException as exc:
-            conn.closed = True
-            if conn.transport is not None:
-                conn.transport.abort()
-            self.drop(conn)
+            conn.abort()
             where = f"{self.host}:{self.port}"
             if isinstance(exc, _ssl.SSLCertVerificationError):
                 text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
                 raise ConnectError(text) from exc
             if isinstance(exc, OSError):  # refused, unreachable, DNS, other TLS failures
-                raise ConnectError(f"cannot connect to {where}: {describe(exc)}") from exc
+                raise ConnectError(f"cannot connect to {where}: {one_line(exc)}") from exc
             raise
         if conn.closed:
             self.drop(conn)
@@ -525,20 +484,14 @@ class Client:
     async def close(self) -> None:
         """Close every connection; requests in flight fail, later ones raise ClientError."""
         self._closed = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)  # wakes into the closed check
-        self._waiters.clear()
-        conns = list(self._conns)
+        while self._waiters:
+            self._wake()  # into the closed check
         lost: list[asyncio.Future[None]] = []
-        for conn in conns:
+        for conn in list(self._conns):
             if conn.transport is not None and not conn.closed:
                 conn.lost = self.loop.create_future()
                 lost.append(conn.lost)
-            if conn.idle:
-                conn.close()
-            else:
-                conn.abort()
+            conn.close(polite=conn.idle)
         if lost:
             # Closing completes on later loop iterations (a TLS close exchanges messages).
             await asyncio.wait(lost, timeout=1.0)

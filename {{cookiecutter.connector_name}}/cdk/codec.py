@@ -1,58 +1,26 @@
 """The wire format: CloudEvents to and from HTTP messages (pure functions, no I/O).
 
-This module owns the CloudEvents HTTP protocol binding and JSON event format: it reads
-1.0 and 0.3 and writes the version of the event it is given.
+It owns the CloudEvents HTTP protocol binding and JSON event format: it reads 1.0 and 0.3
+(the SDK's ``v03`` event) and writes the version of the event it is given. Every refusal
+is a ``CodecError`` (a ``ValueError``) naming the attribute or rule, with ``.attribute``
+and ``.status`` (400, or 415 for a format or charset it does not read).
 
-Reading (``from_http``)
-    The mode comes from Content-Type, case-insensitive, parameters allowed:
-    ``application/cloudevents-batch+json`` is batched, ``application/cloudevents+json``
-    is structured (``ce-`` headers are then ignored), another ``application/cloudevents``
-    format is a 415, anything else is binary. Header names must be lower-case.
+Reading (``from_http``): Content-Type, in any case, picks the mode (batched, structured,
+another ``application/cloudevents`` format is a 415, anything else binary); header names
+must be lower-case. Events are validated as the core spec says and nothing missing is
+invented (the SDK's constructor would add an id and a time). Binary header values are
+unquoted, then percent-decoded once into UTF-8; a stray ``%`` and raw UTF-8 (sdk-go does
+not percent-encode; the HTTP layer gives its bytes as Latin-1) are kept. Data is the
+parsed JSON for a JSON content type (or none, in the JSON format), a ``str`` for
+``text/*``, else ``bytes``. Data nested deeper than ``MAX_DATA_DEPTH`` is refused, so
+that anything read can be written again in any mode.
 
-    Events are validated as the core spec says; nothing missing is invented. ``id``,
-    ``source`` (URI-reference), ``specversion`` and ``type`` are required; strings are
-    non-empty and hold no control characters, lone surrogates or noncharacters; ``time``
-    is RFC 3339 with an offset (an aware ``datetime``); ``dataschema`` is an absolute URI;
-    ``datacontenttype`` an RFC 2046 media type; names are ``[a-z0-9]+``, not ``data``;
-    extensions are strings, booleans or 32-bit integers; a JSON ``null`` is unset.
-
-    Binary mode: attributes are ``ce-*`` headers, ``datacontenttype`` is Content-Type (an
-    empty one is none; ``ce-datacontenttype`` is a 400). An empty body is no data; a
-    ``*/json`` or ``*/*+json`` body is parsed JSON; ``text/*`` is a ``str`` in its charset
-    (UTF-8 by default; invalid text is a 400, an unknown charset a 415); anything else,
-    or no Content-Type, is the ``bytes``. Header values are unescaped from an RFC 7230
-    quoted-string, then percent-decoded once (either hex case) into UTF-8, which must be
-    valid; a ``%`` that starts no escape is kept, and so is raw UTF-8 (sdk-go does not
-    percent-encode; the HTTP layer gives its bytes as Latin-1). Extensions are strings.
-
-    Structured and batched: ``data_base64`` becomes ``bytes``; ``data`` stays the parsed
-    JSON value when ``datacontenttype`` is JSON or absent (a string is never parsed
-    again) and must be a string otherwise; ``data: null`` is no data; both fields is a
-    400. A batch is a JSON array (``[]`` included), all of one ``specversion``.
-
-    0.3 (the SDK's ``v03`` event type): ``schemaurl`` (URI-reference) and
-    ``datacontentencoding`` are context attributes; in structured mode
-    ``datacontentencoding: base64`` (any case) makes ``data`` base64 ``bytes``.
-
-    Data nested deeper than ``MAX_DATA_DEPTH`` (252) is refused, so anything read can be
-    written in any mode (orjson writes 254 levels; a batch adds two).
-
-Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``)
-    ``bytes`` data goes as is in binary mode and as ``data_base64`` in structured mode
-    (0.3: base64 ``data`` with ``datacontentencoding: base64``, set then and dropped
-    otherwise). With a JSON content type, or none, other data is written as JSON (a
-    ``str`` becomes a JSON string: pass ``bytes`` for a serialised document) and binary
-    mode sends ``Content-Type: application/json``; otherwise data must be ``str``
-    (encoded in the ``text/*`` charset, else UTF-8) or ``bytes``. Header values are
-    percent-encoded (space, ``"``, ``%`` and all outside U+0021-U+007E, as UTF-8, upper-
-    case hex). Booleans are ``true``/``false``; times RFC 3339, ``Z`` for UTC (an offset
-    with seconds, or a naive time, in UTC); bytes and datetime extensions their base64 or
-    RFC 3339 string. An event the reading rules refuse (a line break in a string, a bad
-    URI, name or integer, data too deep), or whose data cannot be written as its content
-    type says, is an ``UnwritableEvent`` before anything is sent.
-
-Every refusal is a ``CodecError`` (a ``ValueError``) whose message names the attribute
-or the rule, with ``.attribute`` and ``.status`` (400, or 415) for the HTTP answer.
+Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``): ``bytes`` data goes
+as it is in binary mode and as ``data_base64`` in the JSON format; with a JSON content
+type, or none, other data is written as JSON (a ``str`` as a JSON string: pass ``bytes``
+for a serialised document). Header values are percent-encoded as the binding says. An
+event the reading rules refuse, or whose data does not fit its content type, is an
+``UnwritableEvent`` before anything is sent.
 """
 
 from __future__ import annotations
@@ -61,6 +29,7 @@ import base64
 import binascii
 import functools
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NamedTuple
@@ -139,7 +108,6 @@ def _show(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- strings
-
 # Control characters, surrogates and noncharacters are not allowed in any String.
 # ``str.isprintable()`` is true for nearly every valid value, so this regex only runs
 # on the rare string containing a non-printable (but perhaps allowed) character.
@@ -192,51 +160,39 @@ _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _BAD_PERCENT: Final = re.compile("%(?![0-9A-Fa-f]{2})")
 
 
-def _uri_problem(value: Any, absolute: bool) -> str | None:
+def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
+    good = _GOOD_URIS if absolute else _GOOD_URI_REFS
+    if type(value) is str and value in good:
+        return value
     if type(value) is not str or not value:
-        return f"must be a non-empty {'URI' if absolute else 'URI-reference'}, got {_show(value)}"
+        what = "URI" if absolute else "URI-reference"
+        raise _invalid(attribute, f"must be a non-empty {what}, got {_show(value)}")
     if _URI_CHARS.fullmatch(value) is None:
-        return f"is not a valid URI: bad character in {_show(value)}"
+        raise _invalid(attribute, f"is not a valid URI: bad character in {_show(value)}")
     if _BAD_PERCENT.search(value) is not None:
-        return f"is not a valid URI: bad percent-encoding in {_show(value)}"
+        raise _invalid(attribute, f"is not a valid URI: bad percent-encoding in {_show(value)}")
     # A colon before any '/', '?' or '#' ends a scheme, which has its own syntax.
     head = value
     for stop in "/?#":
         head = head.split(stop, 1)[0]
     if ":" in head:
         if _SCHEME.fullmatch(head.split(":", 1)[0]) is None:
-            return f"is not a valid URI: bad scheme in {_show(value)}"
+            raise _invalid(attribute, f"is not a valid URI: bad scheme in {_show(value)}")
     elif absolute:
-        return f"must be an absolute URI (with a scheme), got {_show(value)}"
-    return None
-
-
-def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
-    good = _GOOD_URIS if absolute else _GOOD_URI_REFS
-    if type(value) is str and value in good:
-        return value
-    problem = _uri_problem(value, absolute)
-    if problem is not None:
-        raise _invalid(attribute, problem)
+        raise _invalid(attribute, f"must be an absolute URI (with a scheme), got {_show(value)}")
     _remember(good, value)
-    return str(value)  # a str: _uri_problem said so
+    return value
 
 
 _uri_reference: Final = functools.partial(_checked_uri, absolute=False)
 _uri: Final = functools.partial(_checked_uri, absolute=True)
 
-
 # --------------------------------------------------------------------------- media types
-
 # RFC 9110 token characters: media types, parameter names, header names.
-TOKEN_CHARS: Final = frozenset(
-    "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters)
 
 
 class _Media(NamedTuple):
-    """What the codec needs to know about a ``datacontenttype``."""
-
     is_json: bool
     is_text: bool
     charset: str | None
@@ -252,29 +208,23 @@ _MEDIA_SYNTAX: Final = re.compile(
 )
 
 
-def _parse_media(value: str) -> _Media | None:
-    """Parse an RFC 2046 media type; None when it is not one."""
-    match = _MEDIA_SYNTAX.fullmatch(value)
+def _media(attribute: str, value: str) -> _Media:
+    """What the codec needs to know of an RFC 2046 media type."""
+    info = _MEDIA_CACHE.get(value)
+    if info is not None:
+        return info
+    match = _MEDIA_SYNTAX.fullmatch(value) if value.isprintable() else None
     if match is None:
-        return None
+        raise _invalid(attribute, f"must be an RFC 2046 media type, got {_show(value)}")
     charset = None
     for name, token, quoted in _PARAMETER.findall(match[3]):
         if name.lower() == "charset":
             charset = token or quoted
     subtype = match[2].lower()
     is_json = subtype == "json" or subtype.endswith("+json")
-    return _Media(is_json, match[1].lower() == "text", charset)
-
-
-def _media(attribute: str, value: str) -> _Media:
-    info = _MEDIA_CACHE.get(value)
-    if info is None:
-        parsed = _parse_media(value) if value.isprintable() else None
-        if parsed is None:
-            raise _invalid(attribute, f"must be an RFC 2046 media type, got {_show(value)}")
-        if len(_MEDIA_CACHE) >= _CACHE_LIMIT:
-            _MEDIA_CACHE.clear()
-        _MEDIA_CACHE[value] = info = parsed
+    if len(_MEDIA_CACHE) >= _CACHE_LIMIT:
+        _MEDIA_CACHE.clear()
+    info = _MEDIA_CACHE[value] = _Media(is_json, match[1].lower() == "text", charset)
     return info
 
 
@@ -292,8 +242,6 @@ def _media_of(datacontenttype: str | None) -> _Media:
 
 
 # --------------------------------------------------------------------------- time
-
-
 def _timestamp(attribute: str, value: Any) -> datetime:
     """RFC 3339 ``date-time``: full date, ``T``, full time, fraction, ``Z`` or offset."""
     # datetime.fromisoformat is fast but takes more than RFC 3339 (week dates, ','
@@ -334,10 +282,7 @@ def _json_time(value: datetime) -> datetime:
 
 
 # --------------------------------------------------------------------------- attributes
-
 _Check = Callable[[str, Any], Any]
-
-
 _CHECKS_V1: Final[dict[str, _Check]] = {
     "specversion": _nonempty_str,
     "id": _nonempty_str,
@@ -354,7 +299,6 @@ _CHECKS_V03: Final[dict[str, _Check]] = {
     "schemaurl": _uri_reference,
 }
 _REQUIRED: Final = ("id", "source", "type")
-
 
 # How the hot loops handle each context attribute without a call in the common case.
 _STR, _URI_REF, _MEDIA_TYPE, _TIME, _ABS_URI = range(5)
@@ -415,7 +359,6 @@ def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> 
 
 
 # --------------------------------------------------------------------------- JSON format
-
 _MISSING: Final = object()
 
 
@@ -449,10 +392,8 @@ def _b64decode(attribute: str, value: Any) -> bytes:
 
 
 def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> CloudEvent:
-    """One event of the JSON format, parsed; ``deep`` when nesting must be checked.
-
-    ``batch_spec`` is the specversion every event of a batch must share.
-    """
+    """One event of the JSON format, parsed; ``deep`` when nesting must be checked, and
+    ``batch_spec`` the specversion every event of a batch must share."""
     if type(obj) is not dict:
         raise InvalidEvent(f"a CloudEvent must be a JSON object, got {type(obj).__name__}")
     spec = _spec_for(obj.get("specversion"))
@@ -528,10 +469,6 @@ def _might_be_deep(body: bytes) -> bool:
     return len(body) > 2 * MAX_DATA_DEPTH and (body.count(b"[") + body.count(b"{") > MAX_DATA_DEPTH)
 
 
-def _decode_structured(body: bytes) -> CloudEvent:
-    return _event_from_json(_loads(body, "structured event"), _might_be_deep(body))
-
-
 def _decode_batch(body: bytes) -> list[CloudEvent]:
     items = _loads(body, "batch")
     if type(items) is not list:
@@ -545,17 +482,8 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
 
 
 # --------------------------------------------------------------------------- binary mode
-
 _QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
-
-
-def _unquote(attribute: str, value: str) -> str:
-    """Undo an RFC 7230 quoted-string (backslash escapes)."""
-    match = _QUOTED.fullmatch(value)
-    if match is None:
-        raise _invalid(attribute, "header has a malformed quoted-string")
-    return _QUOTED_PAIR.sub(r"\1", match[1])
 
 
 def _percent_decode(attribute: str, raw: bytes) -> str:
@@ -566,8 +494,11 @@ def _percent_decode(attribute: str, raw: bytes) -> str:
 
 
 def _header_value(attribute: str, value: str) -> str:
-    if value[:1] == '"':
-        value = _unquote(attribute, value)
+    if value[:1] == '"':  # an RFC 7230 quoted-string: undo its backslash escapes
+        match = _QUOTED.fullmatch(value)
+        if match is None:
+            raise _invalid(attribute, "header has a malformed quoted-string")
+        value = _QUOTED_PAIR.sub(r"\1", match[1])
     if value.isascii():
         return _percent_decode(attribute, value.encode()) if "%" in value else value
     # Raw UTF-8 from a sender that does not percent-encode (sdk-go), which the HTTP layer
@@ -639,14 +570,9 @@ def _binary_data(media: _Media, body: bytes) -> Any:
 
 
 # --------------------------------------------------------------------------- reading
-
-
 def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
-    """Decode an HTTP request (lower-case header names) into its mode and events.
-
-    Binary and structured give one event, batch a list (maybe empty). Raises
-    ``InvalidEvent`` (400) or ``UnsupportedContentType`` (415).
-    """
+    """Decode an HTTP request (lower-case header names) into its mode and events: one
+    event in binary and structured mode, a list (maybe empty) for a batch."""
     contenttype = headers.get("content-type") or None  # an empty one says nothing
     mode = _FORMATS.get(contenttype or "")  # the usual values, before anything is parsed
     if mode is None and contenttype is not None and contenttype[:23].lower() == _CE_PREFIX:
@@ -658,7 +584,7 @@ def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[Cloud
                 f"use {_STRUCTURED_MEDIA} or {_BATCH_MEDIA}"
             )
     if mode == "structured":
-        return mode, [_decode_structured(body)]
+        return mode, [_event_from_json(_loads(body, "structured event"), _might_be_deep(body))]
     if mode == "batch":
         return mode, _decode_batch(body)
     return "binary", [_decode_binary(headers, contenttype, body)]
@@ -689,18 +615,14 @@ def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> Clou
 
 
 # --------------------------------------------------------------------------- writing
-
-# Names in events written before whose values need no check beyond the SDK's own and
-# the character check of what is written (the URIs dataschema and schemaurl do).
+# Names of events written before: their values need no check but the SDK's own and the
+# character check where they are written (header or JSON body). The URIs dataschema and
+# schemaurl always get one.
 _WRITABLE_NAMES: set[str] = set()
 
 
 def _check_writable(attributes: dict[str, Any]) -> None:
-    """Refuse what the decoder would refuse, so that a bad event fails before it is sent.
-
-    The usual event is known by its names, source and media type; the strings it holds
-    are checked for characters where they are written (header or JSON body).
-    """
+    """Refuse what the decoder would refuse, so that a bad event fails before it is sent."""
     if (
         _WRITABLE_NAMES.issuperset(attributes)
         and attributes.get("source") in _GOOD_URI_REFS
@@ -726,10 +648,8 @@ def _check_writable(attributes: dict[str, Any]) -> None:
 
 
 def _text_of(attribute: str, value: Any) -> str:
-    """The canonical string of an attribute value."""
+    """The canonical string of an attribute value that is not a ``str``."""
     kind = type(value)
-    if kind is str:
-        return value  # type: ignore[no-any-return]
     if kind is bool:
         return "true" if value else "false"
     if kind is int:

@@ -13,11 +13,12 @@ import ssl
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -177,6 +178,18 @@ def _not_blank(value: SecretStr | None) -> SecretStr | None:
     return value
 
 
+def _header_safe(value: SecretStr | None) -> SecretStr | None:
+    # A bearer token goes into a request header: anything else would fail every request.
+    if value is not None and not all(" " <= c <= "~" for c in value.get_secret_value()):
+        raise ValueError("must be printable ASCII (no line breaks or other characters)")
+    return _not_blank(value)
+
+
+#: A secret that must not be blank, and one that also fits in an HTTP header.
+Secret = Annotated[SecretStr | None, AfterValidator(_not_blank)]
+BearerToken = Annotated[SecretStr | None, AfterValidator(_header_safe)]
+
+
 class ServerConfig(ConnectorConfig):
     """Keys of the HTTP server a sink (or a webhook source) runs."""
 
@@ -184,7 +197,7 @@ class ServerConfig(ConnectorConfig):
     port: int = Field(
         8080, ge=0, le=65535, description="Port to listen on (fallback `$CONNECTOR_PORT`)."
     )
-    auth_token: SecretStr | None = Field(
+    auth_token: BearerToken = Field(
         None,
         description="When set, every POST needs `Authorization: Bearer <token>` "
         "or `?access_token=<token>`. Keep it in secret.yml.",
@@ -219,11 +232,6 @@ class ServerConfig(ConnectorConfig):
         "duration) to the `cdk.access` logger.",
     )
 
-    @field_validator("auth_token")
-    @classmethod
-    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        return _not_blank(value)
-
 
 class DeliveryConfig(ConnectorConfig):
     """Keys of every source: where events go and how hard delivery tries."""
@@ -231,7 +239,7 @@ class DeliveryConfig(ConnectorConfig):
     target: str = Field(
         ..., description="URL events are POSTed to (fallback `$CONNECTOR_TARGET`, then `$K_SINK`)."
     )
-    target_auth_token: SecretStr | None = Field(
+    target_auth_token: BearerToken = Field(
         None,
         description="Sent to the target as `Authorization: Bearer <token>` (a sink's "
         "`auth_token`). Keep it in secret.yml.",
@@ -269,7 +277,7 @@ class DeliveryConfig(ConnectorConfig):
         description="URL an event that cannot be delivered goes to, with the Knative "
         "extensions `knativeerrordest`, `knativeerrorcode` and `knativeerrordata`.",
     )
-    dead_letter_auth_token: SecretStr | None = Field(
+    dead_letter_auth_token: BearerToken = Field(
         None,
         description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`. "
         "Keep it in secret.yml.",
@@ -279,14 +287,6 @@ class DeliveryConfig(ConnectorConfig):
         description="PEM file of CAs trusted for an https:// target, besides the system's "
         "and `$K_CA_CERTS`.",
     )
-
-    @field_validator("target_auth_token", "dead_letter_auth_token")
-    @classmethod
-    def _bearer_token(cls, value: SecretStr | None) -> SecretStr | None:
-        # It goes into a request header: anything else would fail every request later.
-        if value is not None and not all(" " <= c <= "~" for c in value.get_secret_value()):
-            raise ValueError("must be printable ASCII (no line breaks or other characters)")
-        return _not_blank(value)
 
     @field_validator("target_ca_file")
     @classmethod
@@ -333,7 +333,7 @@ class SourceConfig(DeliveryConfig):
     etcd_username: str | None = Field(
         None, description="User for an etcd `position_store` with auth on (in secret.yml too)."
     )
-    etcd_password: SecretStr | None = Field(
+    etcd_password: Secret = Field(
         None, description="Password of `etcd_username`. Keep it in secret.yml."
     )
     etcd_ca_file: str | None = Field(
@@ -377,7 +377,7 @@ class SinkConfig(ServerConfig):
 class WebhookSourceConfig(DeliveryConfig, ServerConfig):
     """Keys of a webhook source: a source that also serves HTTP."""
 
-    webhook_secret: SecretStr | None = Field(
+    webhook_secret: Secret = Field(
         None,
         description="When set, a POST needs the HMAC-SHA256 of its body under this secret in "
         "`X-Hub-Signature-256` (`sha256=<hex>`, as GitHub signs; bare hex or base64 too), "
@@ -390,11 +390,6 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
         description="Seconds a caller waits for its answer; past it the caller gets 504 and "
         "its events stay queued (at-least-once: it may send them again).",
     )
-
-    @field_validator("webhook_secret")
-    @classmethod
-    def _webhook_secret_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        return _not_blank(value)
 
 
 def resolve_paths(

@@ -19,7 +19,6 @@ import inspect
 import logging
 import os
 import random
-import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Mapping
@@ -34,17 +33,16 @@ from cloudevents.core.v1.event import CloudEvent
 from pydantic import SecretStr
 
 from cdk import tracing
-from cdk.client import Client, ClientError, ClientResponse, describe
+from cdk.client import Client, ClientError, ClientResponse
 from cdk.codec import to_batch, to_binary, to_structured, with_extensions
 from cdk.config import DeliveryConfig, redact_url
 from cdk.connector import Tuple
+from cdk.logs import one_line
 from cdk.metrics import Metrics
 
 __all__ = [
     "AttemptsExhausted",
-    "DeadLettered",
     "Deliverer",
-    "DeliveryError",
     "DeliveryQueue",
     "EncodeError",
     "ShutdownError",
@@ -64,7 +62,6 @@ ERROR_DATA_BYTES = 1024
 #: would otherwise stay 0 and spin on a target that refuses connections.
 _MIN_BACKOFF = 0.01
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
-_WHITESPACE = re.compile(r"\s+")
 _log = logging.getLogger("cdk.delivery")
 
 
@@ -127,7 +124,7 @@ class EncodeError(DeliveryError):
 
 
 def _describe(error: BaseException) -> str:
-    return str(error) if isinstance(error, DeliveryError) else describe(error)
+    return str(error) if isinstance(error, DeliveryError) else one_line(error)
 
 
 def _reason(error: BaseException) -> str:
@@ -236,10 +233,8 @@ class _Request:
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`).
-
-    ``reminder``: the fewest seconds between two warnings that deliveries still fail.
-    """
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`);
+    ``reminder`` is the fewest seconds between two warnings that deliveries still fail."""
 
     def __init__(
         self,
@@ -416,7 +411,7 @@ class Deliverer:
             except Exception as exc:  # a bug must not lose tuples or stop the worker
                 self.log.exception("delivery of %d request(s) failed unexpectedly", len(owned))
                 for req in owned:
-                    await self._settle(req, None if req.delivered else DeliveryError(describe(exc)))
+                    await self._settle(req, None if req.delivered else DeliveryError(one_line(exc)))
                 owned = []
 
     async def _take(self, chan: asyncio.Queue[Tuple]) -> list[Tuple] | None:
@@ -497,11 +492,10 @@ class Deliverer:
         request without data for each tuple that cannot be encoded, holding its
         EncodeError; another request at each change of specversion (a batch has one)."""
         extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
-        backoff = self.config.retry_backoff
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
             events = [_outbound(item, extensions) for item in tuples]
-            return [self._request(tuples, client, events, backoff)]
+            return [self._request(tuples, client, events)]
         failed: list[_Request] = []
         runs: list[tuple[Any, list[Tuple], list[CloudEvent]]] = []
         for item in tuples:
@@ -517,11 +511,10 @@ class Deliverer:
                 runs.append((version, [], []))
             runs[-1][1].append(item)
             runs[-1][2].append(event)
-        return failed + [self._request(t, client, e, backoff) for _, t, e in runs]
+        return failed + [self._request(t, client, e) for _, t, e in runs]
 
-    def _request(
-        self, tuples: list[Tuple], client: Client, events: list[CloudEvent], backoff: float
-    ) -> _Request:
+    def _request(self, tuples: list[Tuple], client: Client, events: list[CloudEvent]) -> _Request:
+        backoff = self.config.retry_backoff
         if not tracing.active:
             return _Request(tuples, client, self._wire(events, client), backoff)
         span, events, headers = tracing.start_send(events, client.url)
@@ -592,8 +585,7 @@ class Deliverer:
         data, escape = response.body, "surrogateescape"
         if data:  # masked before it is cut: a target echoing the token must not leak a part
             data = self._redact(data.decode("utf-8", escape)).encode("utf-8", escape)
-        excerpt = _WHITESPACE.sub(" ", data[: EXCERPT_CHARS * 4].decode("utf-8", "replace"))
-        excerpt = excerpt.strip()
+        excerpt = " ".join(data[: EXCERPT_CHARS * 4].decode("utf-8", "replace").split())
         if len(excerpt) > EXCERPT_CHARS:
             excerpt = excerpt[: EXCERPT_CHARS - 3] + "..."
         status, start = response.status, data[:ERROR_DATA_BYTES]
@@ -639,7 +631,7 @@ class Deliverer:
                 if req.span is not None:
                     tracing.end_send(req.span, req.status, error)
                 req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
-                req.backoff, req.span = lettered.backoff, lettered.span
+                req.backoff, req.span = self.config.retry_backoff, lettered.span
                 return True
         await self._settle(req, error)
         return False
@@ -754,13 +746,12 @@ class Deliverer:
             result = None if callback is None else callback(*args)
             if result is not None and inspect.isawaitable(result):
                 await result
-        except asyncio.CancelledError:
+        except (Exception, asyncio.CancelledError) as exc:
             # Only a cancellation of this worker goes on; a CancelledError of the
             # callback's own making is its failure, and must not end the worker.
-            if task is None or task.cancelling() > cancelling:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            if cancelled and (task is None or task.cancelling() > cancelling):
                 raise
-            self.log.exception("%s callback of event %s raised", kind, _event_id(item))
-        except Exception:
             self.log.exception("%s callback of event %s raised", kind, _event_id(item))
 
 

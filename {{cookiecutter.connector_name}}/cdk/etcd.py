@@ -1,13 +1,9 @@
 """etcd: positions kept in an etcd v3 cluster, and one leader among a source's replicas.
-Imported only for an ``etcd[s]://`` ``position_store``: other connectors never load etcd3gw.
 
-:class:`EtcdBackend` keeps :class:`cdk.PositionStore` values under ``PREFIX/<namespace>/<key>``.
-:class:`Leadership`: replicas campaign for ``PREFIX/<namespace>.leader``, a key bound to a
-lease the leader renews every quarter lease. One that cannot renew stops leading 3/4 of a
-lease after it *sent* its last successful renewal (monotonic clock: a paused process counts
-the pause), before etcd, counting from when that renewal arrived, can expire the lease.
-Writes through a store bound to a Leadership are transactions conditional on the leader key
-this replica created, so a deposed leader's late write is refused even before it notices.
+Imported only for an ``etcd[s]://`` ``position_store``: other connectors never load etcd3gw.
+:class:`EtcdBackend` keeps :class:`cdk.PositionStore` values under ``PREFIX/<namespace>/<key>``;
+:class:`Leadership` holds ``PREFIX/<namespace>.leader`` with a lease, and a store bound to it
+writes only while this replica's leader key stands (a deposed leader's late write is refused).
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from cdk.store import NotLeader, StoreError
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
 
-__all__ = ["Access", "EtcdBackend", "Leadership"]
+__all__ = ["EtcdBackend", "Leadership"]
 
 T = TypeVar("T")
 log = logging.getLogger("cdk.etcd")
@@ -181,10 +177,11 @@ class Leadership:
     """One leader among the replicas of a source sharing an etcd ``url`` and ``namespace``.
 
     ``await campaign()`` returns once this replica leads (it waits while another does,
-    and retries while etcd cannot be reached); ``is_leader`` is true from then until the
-    lease may be lost; ``await lost()`` returns when it is (at once when not leading);
+    and retries while etcd cannot be reached), and may be awaited again after a loss;
+    ``await lost()`` returns when the lease may be lost (at once when not leading);
     ``await resign()`` revokes the lease so another replica can take over at once.
-    After a loss, ``campaign()`` may be awaited again.
+    The leader renews every quarter lease, and stops leading 3/4 of a lease after it sent
+    its last renewal (a monotonic clock: a pause counts), before etcd can expire it.
     """
 
     def __init__(

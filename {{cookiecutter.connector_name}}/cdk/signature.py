@@ -11,7 +11,7 @@ import binascii
 import hashlib
 import hmac
 
-__all__ = ["HEADER", "sign", "verify"]
+__all__ = ["HEADER", "verify"]
 
 HEADER = "x-hub-signature-256"  # GitHub's header, lower-case as the HTTP layer gives it
 _PREFIX = "sha256="

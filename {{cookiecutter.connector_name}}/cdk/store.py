@@ -73,27 +73,9 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-class _MemoryBackend:
-    """Values live as long as the process: for tests and sources that need no resume."""
-
-    def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], bytes] = {}
-
-    def get(self, namespace: str, key: str) -> bytes | None:
-        return self._rows.get((namespace, key))
-
-    def set(self, namespace: str, key: str, value: bytes) -> None:
-        self._rows[(namespace, key)] = value
-
-    def delete(self, namespace: str, key: str) -> None:
-        self._rows.pop((namespace, key), None)
-
-    def close(self) -> None:
-        self._rows.clear()
-
-
 class _SQLiteBackend:
-    """One SQLite file in WAL mode; every ``set`` is its own committed transaction.
+    """One SQLite file in WAL mode (or an in-memory database, for ``path`` None: values
+    that live as long as the process); every ``set`` is its own committed transaction.
 
     ``synchronous=NORMAL``: in WAL mode a commit is written to the log before ``set``
     returns, so a killed process (SIGKILL, OOM, crash) loses nothing; only an OS crash
@@ -103,15 +85,16 @@ class _SQLiteBackend:
     how many events a second a checkpointing source can acknowledge.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
         # Callbacks may run on the event loop or in worker threads; one lock serialises
         # access to the single connection.
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=5.0
+                path or ":memory:", isolation_level=None, check_same_thread=False, timeout=5.0
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -175,7 +158,7 @@ class PositionStore:
 
             backend = EtcdBackend(self._where)
         self.path = None if path is None or backend else Path(path)
-        self._backend = backend or (_SQLiteBackend(self.path) if self.path else _MemoryBackend())
+        self._backend = backend or _SQLiteBackend(self.path)
         self._closed = False
 
     @classmethod
@@ -235,6 +218,8 @@ class PositionStore:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
+#: Shortest time between two position writes of a checkpoint on an event loop (seconds).
+WRITE_INTERVAL = 0.05
 #: Longest wait between two attempts to write a position the store refused.
 _WRITE_BACKOFF_MAX = 5.0
 
@@ -339,20 +324,7 @@ class Checkpoint:
         """A :class:`cdk.Tuple` for ``event`` whose callbacks feed the checkpoint first,
         then call the given ``success`` / ``failed``, if any."""
         on_success, on_failed = self.track(position, str(event.get_id()))
-        if success is None and failed is None:
-            return Tuple(event, on_success, on_failed)
-
-        def both_success() -> None:
-            on_success()
-            if success is not None:
-                success()
-
-        def both_failed(error: BaseException) -> None:
-            on_failed(error)
-            if failed is not None:
-                failed(error)
-
-        return Tuple(event, both_success, both_failed)
+        return Tuple(event, _chain(on_success, success), _chain(on_failed, failed))
 
     def abandon(self) -> None:
         """Write nothing more: this replica's term as leader ended (or the source stops)."""
@@ -440,6 +412,21 @@ class Checkpoint:
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
+                # At most one write per interval: a busy source would otherwise keep a
+                # network store (etcd) writing flat out for positions soon replaced.
+                await asyncio.sleep(WRITE_INTERVAL)
             else:
                 await asyncio.sleep(delay)
                 delay = min(_WRITE_BACKOFF_MAX, delay * 2)
+
+
+def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., None]:
+    """``first``, then ``then`` (when given), with the same arguments."""
+    if then is None:
+        return first
+
+    def both(*args: Any) -> None:
+        first(*args)
+        then(*args)
+
+    return both
