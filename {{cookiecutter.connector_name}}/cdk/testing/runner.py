@@ -290,13 +290,10 @@ class ConnectorProcess:
 
     def wait(self, timeout: float = 30.0) -> int:
         """Wait for the process to exit by itself; return its status. TimeoutError otherwise."""
-        wait_on(
-            self._changed,
-            lambda: self.returncode is not None,
-            timeout,
-            lambda: f"the connector still runs after {timeout:g} s",
-        )
-        assert self.returncode is not None
+        if self._reader is not None:
+            self._reader.join(timeout)  # it ends once the process exited and its output is read
+        if self.returncode is None:
+            raise TimeoutError(f"the connector still runs after {timeout:g} s")
         return self.returncode
 
     def stop(self, signal: int = SIGTERM, timeout: float = 20.0) -> int:

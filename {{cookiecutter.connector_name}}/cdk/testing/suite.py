@@ -43,11 +43,11 @@ __all__ = [
 ]
 
 
-def sample_event(index: int = 0, *, prefix: str = "cdk-test") -> CloudEvent:
+def sample_event(index: int = 0) -> CloudEvent:
     """A complete CloudEvent with JSON data and an extension, unique per ``index``."""
     return CloudEvent(
         {
-            "id": f"{prefix}-{time.time_ns()}-{index}",
+            "id": f"cdk-test-{time.time_ns()}-{index}",
             "source": "/cdk/testing",
             "type": "com.example.cdk.test",
             "subject": f"item-{index}",
@@ -339,22 +339,19 @@ class SinkTests(_ConnectorTests):
         with self.serve(recording_sink(self.sink_class, calls)()) as client:
             yield client, calls
 
-    @pytest.mark.parametrize("mode", ["binary", "structured"])
-    def test_single_event_reaches_arrived(self, mode: Mode) -> None:
-        event = self.make_event(0)
+    def _assert_arrive_in_one_call(self, events: list[CloudEvent], mode: Mode) -> None:
         with self.recorded() as (client, calls):
-            reply = client.send(event, mode=mode)
-        assert reply.ok, f"{mode} event answered {reply.status}: {reply.text}"
-        assert len(calls) == 1, f"arrived called {len(calls)} times"
-        assert_same_events(calls[0], [event])
-
-    def test_batch_reaches_arrived_in_one_call(self) -> None:
-        events = [self.make_event(index) for index in range(3)]
-        with self.recorded() as (client, calls):
-            reply = client.send(*events, mode="batch")
-        assert reply.ok, f"batch answered {reply.status}: {reply.text}"
+            reply = client.send(*events, mode=mode)
+        assert reply.ok, f"{mode} answered {reply.status}: {reply.text}"
         assert len(calls) == 1, f"arrived called {len(calls)} times"
         assert_same_events(calls[0], events)
+
+    @pytest.mark.parametrize("mode", ["binary", "structured"])
+    def test_single_event_reaches_arrived(self, mode: Mode) -> None:
+        self._assert_arrive_in_one_call([self.make_event(0)], mode)
+
+    def test_batch_reaches_arrived_in_one_call(self) -> None:
+        self._assert_arrive_in_one_call([self.make_event(index) for index in range(3)], "batch")
 
     def test_every_mode_in_sequence(self) -> None:
         sent: list[CloudEvent] = []
@@ -374,17 +371,18 @@ class SinkTests(_ConnectorTests):
         assert reply.status == 400, f"expected 400, got {reply.status}: {reply.text}"
         assert calls == [], "arrived must not see an invalid request"
 
+    def _answer_to(self, answer: Result | BaseException) -> Reply:
+        """What the sink answers when its ``arrived`` returns (or raises) ``answer``."""
+        with self.serve(failing_sink(self.sink_class, answer)()) as client:
+            return client.send(self.make_event(0))
+
     @pytest.mark.parametrize("code", [400, 503])
     def test_failed_result_becomes_status(self, code: int) -> None:
-        sink = failing_sink(self.sink_class, Result(code, "refused by the test"))()
-        with self.serve(sink) as client:
-            reply = client.send(self.make_event(0))
+        reply = self._answer_to(Result(code, "refused by the test"))
         assert reply.status == code, f"expected {code}, got {reply.status}: {reply.text}"
 
     def test_exception_in_arrived_is_500_without_traceback(self) -> None:
-        sink = failing_sink(self.sink_class, RuntimeError("boom from the test"))()
-        with self.serve(sink) as client:
-            reply = client.send(self.make_event(0))
+        reply = self._answer_to(RuntimeError("boom from the test"))
         assert reply.status == 500, f"expected 500, got {reply.status}: {reply.text}"
         assert "Traceback" not in reply.text
 
