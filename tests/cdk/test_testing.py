@@ -24,24 +24,18 @@ from typing import Any, ClassVar
 import pytest
 
 import cdk
-from cdk.testing import CaptureTarget
-from cdk.testing.client import SinkClient
-from cdk.testing.runner import (
+from cdk.testing import (
+    CaptureTarget,
     ConnectorProcess,
+    SinkClient,
+    SinkTests,
+    SourceTests,
     free_port,
     run_in_thread,
-    run_to_exit,
-)
-from cdk.testing.suite import (
-    SinkRecorder,
-    SinkTests,
-    SourceRecorder,
-    SourceTests,
-    _DeliveryRun,
-    recording_sink,
-    recording_source,
     sample_event,
 )
+from cdk.testing.runner import run_to_exit
+from cdk.testing.suite import SourceRecorder, recording_sink, recording_source
 
 TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
 
@@ -292,13 +286,13 @@ def test_process_stop_kills_after_timeout() -> None:
 
 
 def test_recording_sink_keeps_the_kind_of_arrived() -> None:
-    recorder = SinkRecorder()
-    assert not inspect.iscoroutinefunction(recording_sink(ListSink, recorder).arrived)
-    assert inspect.iscoroutinefunction(recording_sink(AsyncSink, recorder).arrived)
+    calls: list[tuple[cdk.CloudEvent, ...]] = []
+    assert not inspect.iscoroutinefunction(recording_sink(ListSink, calls).arrived)
+    assert inspect.iscoroutinefunction(recording_sink(AsyncSink, calls).arrived)
     event = sample_event(7)
-    with run_in_thread(recording_sink(AsyncSink, recorder)(), sink_config()) as running:
+    with run_in_thread(recording_sink(AsyncSink, calls)(), sink_config()) as running:
         assert SinkClient(running.url).send(event).ok
-    assert [[e.get_id() for e in call] for call in recorder.calls] == [[event.get_id()]]
+    assert [[e.get_id() for e in call] for call in calls] == [[event.get_id()]]
 
 
 def test_recording_source_sees_callbacks_of_each_event() -> None:
@@ -316,7 +310,7 @@ def test_recording_source_sees_callbacks_of_each_event() -> None:
             "three successes",
         )
     assert recorder.finished
-    assert [f.event.get_id() for f in recorder.snapshot()] == ["n-0", "n-1", "n-2"]
+    assert [f.event.get_id() for f in recorder.fates] == ["n-0", "n-1", "n-2"]
 
 
 # -- the suites on small connectors -----------------------------------------------------
@@ -408,10 +402,8 @@ def test_sink_suite_fails_on_a_sink_that_fails_everything() -> None:
 
 def test_source_suite_fails_on_duplicate_ids() -> None:
     suite = _DuplicateSourceSuite()
-    captured, recorder = suite._run_polling()
-    run = _DeliveryRun(captured, recorder.snapshot())
     with pytest.raises(AssertionError, match="duplicate"):
-        suite.test_events_reach_target_with_unique_ids(run)
+        suite.test_events_reach_target_with_unique_ids(suite._run_polling())
 
 
 def test_webhook_suite_fails_when_no_event_is_made() -> None:
@@ -441,6 +433,6 @@ def test_source_suite_accepts_a_source_that_finishes_early() -> None:
         source_class = TwoEvents
 
     started = time.monotonic()
-    captured, _ = Suite()._run_polling()
+    captured = Suite()._run_polling().captured
     assert sorted(e.get_id() for e in captured) == ["n-0", "n-1"]
     assert time.monotonic() - started < 10, "waited for events a finished source never makes"

@@ -33,8 +33,7 @@ TEMPLATE_PROJECT = REPO / "{{cookiecutter.connector_name}}"
 if str(TEMPLATE_PROJECT) not in sys.path:
     sys.path.insert(0, str(TEMPLATE_PROJECT))
 
-from cdk.testing.client import SinkClient  # noqa: E402
-from cdk.testing.runner import ConnectorProcess, free_port  # noqa: E402
+from cdk.testing import ConnectorProcess, SinkClient, free_port  # noqa: E402
 
 # What the untouched examples print: the source logs each delivery (and failure) with
 # the event id, the sink prints the key/value pairs of each event's data. The sink's

@@ -42,6 +42,7 @@ from cloudevents.core.v1.event import CloudEvent
 __all__ = [
     "TOKEN_CHARS",
     "CodecError",
+    "Mode",
     "encode",
     "from_http",
     "to_batch",

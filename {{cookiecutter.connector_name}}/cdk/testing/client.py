@@ -1,9 +1,6 @@
-"""SinkClient: send CloudEvents (or anything else) to a sink over real HTTP and read the answer.
-
-It uses only ``http.client``, so plain pytest functions can call a running sink without
-an event loop (an async test calls it through ``asyncio.to_thread``). Events are encoded
-with ``cdk.codec``, the same code the kit sends with; raw bodies and headers probe how a
-sink treats bad input.
+"""SinkClient: send CloudEvents (encoded by ``cdk.codec``, as the kit sends them) or raw
+bodies and headers to a sink over real HTTP, and read the :class:`Reply`. It uses only
+``http.client``, so a plain pytest function needs no event loop to call a running sink.
 """
 
 from __future__ import annotations
@@ -11,17 +8,15 @@ from __future__ import annotations
 import http.client
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from cloudevents.core.v1.event import CloudEvent
 
-from cdk.codec import encode
+from cdk.codec import Mode, encode
 
-__all__ = ["Mode", "Reply", "SinkClient"]
-
-Mode = Literal["binary", "structured", "batch"]
+__all__ = ["Reply", "SinkClient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,41 +40,23 @@ class Reply:
         return orjson.loads(self.body)
 
 
-def _target(url: str) -> tuple[str, str, int, str]:
-    """(scheme, host, port, base path) of a sink URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
-
-
-def _with_token(headers: Mapping[str, str] | None, token: str | None) -> dict[str, str]:
-    merged = dict(headers or {})
-    if token is not None and not any(name.lower() == "authorization" for name in merged):
-        merged["Authorization"] = f"Bearer {token}"
-    return merged
-
-
 class SinkClient:
-    """Synchronous client for one sink URL (``http://127.0.0.1:PORT``).
-
-    Every call opens its own connection, so a sink that closes connections (or a test
-    that stops the sink between calls) never leaves the client in a stale state.
-    ``token`` adds ``Authorization: Bearer <token>`` to every request that has none.
-    """
+    """Synchronous client for one sink URL; ``token`` adds ``Authorization: Bearer <token>``
+    to every request that has none. Each call opens its own connection, so a sink that
+    closes connections (or stops between calls) never leaves the client stale."""
 
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
         self.url = url
         self.token = token
         self.timeout = timeout
-        self._scheme, self._host, self._port, self._base = _target(url)
+        self._parts = parts
 
     def send(self, *events: CloudEvent, mode: Mode = "binary") -> Reply:
         """POST ``events`` in ``mode``: one event for binary/structured, any number for batch."""
-        if mode != "batch" and len(events) != 1:
-            raise ValueError(f"{mode} mode carries exactly one event, got {len(events)}")
-        headers, body = encode(list(events), mode)
+        headers, body = encode(events, mode)
         return self.post(body, headers)
 
     def post(
@@ -103,19 +80,20 @@ class SinkClient:
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """Send one request and return the whole answer."""
-        payload = body.encode("utf-8") if isinstance(body, str) else body
-        connection_class = (
-            http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        )
-        connection = connection_class(self._host, self._port, timeout=self.timeout)
+        headers = dict(headers or {})
+        if self.token is not None and not any(n.lower() == "authorization" for n in headers):
+            headers["Authorization"] = f"Bearer {self.token}"
+        https = self._parts.scheme == "https"
+        connection_class = http.client.HTTPSConnection if https else http.client.HTTPConnection
+        port = self._parts.port or (443 if https else 80)
+        connection = connection_class(self._parts.hostname or "", port, timeout=self.timeout)
         try:
             # http.client adds Content-Length for a bytes body, even an empty one on POST.
-            connection.request(
-                method, self._base + path, body=payload, headers=_with_token(headers, self.token)
-            )
+            payload = body.encode("utf-8") if isinstance(body, str) else body
+            path = self._parts.path.rstrip("/") + path
+            connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
-            data = response.read()
             answer_headers = {name.lower(): value for name, value in response.getheaders()}
-            return Reply(response.status, answer_headers, data)
+            return Reply(response.status, answer_headers, response.read())
         finally:
             connection.close()

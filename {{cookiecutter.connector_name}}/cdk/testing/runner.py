@@ -1,12 +1,7 @@
-"""Runners: start a connector for a test, in-process or as the real ``cmd/main.py`` process.
-
-In-process, :func:`run_in_thread` runs the same service the CLI runs (``cdk.service``),
-on an event loop in a background thread, so synchronous tests can talk to it over
-loopback HTTP. As a process,
-:class:`ConnectorProcess` writes a config.yml (and secret.yml) into a temporary
-directory, starts ``python cmd/main.py`` in the project directory with the current
-interpreter, waits for the runtime's ready line and, on stop, sends SIGTERM and hands
-back the exit status and everything the process printed.
+"""Runners: a connector in-process on a background event loop (:func:`run_in_thread`, so
+synchronous tests can talk to it over loopback HTTP) or as the real ``python cmd/main.py``
+(:class:`ConnectorProcess`); and :func:`wait_on`, the one way the test kit waits for
+what another thread does.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from signal import SIGTERM
-from types import TracebackType
 from typing import Any, TypeVar
 
 import yaml
@@ -31,38 +25,41 @@ import yaml
 from cdk.config import ENVIRONMENT, ServerConfig
 from cdk.connector import Connector
 from cdk.service import Service, service_for
-from cdk.testing.target import free_port
 
-__all__ = [
-    "READY_PATTERN",
-    "ConnectorProcess",
-    "LoopThread",
-    "Running",
-    "free_port",
-    "run_in_thread",
-    "run_to_exit",
-]
+__all__ = ["ConnectorProcess", "LoopThread", "Running", "run_in_thread", "run_to_exit", "wait_on"]
 
 T = TypeVar("T")
 
-#: What the runtime prints once a connector serves or produces events.
+#: What the runtime prints once a connector serves (on ``port``) or produces events.
 READY_PATTERN = re.compile(
-    r"(?:sink|source) listening on (?P<url>https?://(?P<host>[^\s:/]+|\[[^\]]+\]):(?P<port>\d+))"
-    r"|source started"
+    r"(?:sink|source) listening on https?://(?:[^\s:/]+|\[[^\]]+\]):(?P<port>\d+)|source started"
 )
 
 
+def wait_on(
+    changed: threading.Condition,
+    predicate: Callable[[], bool],
+    timeout: float,
+    failure: Callable[[], str],
+) -> None:
+    """Block until ``predicate()`` holds, checked with ``changed`` held whenever it is notified
+    and every 50 ms (for state nobody notifies about); at ``timeout`` raise ``failure()``."""
+    deadline = time.monotonic() + timeout
+    with changed:
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(failure())
+            changed.wait(min(remaining, 0.05))
+
+
 class LoopThread:
-    """An asyncio event loop running in a daemon thread; coroutines are run on it by ``call``."""
+    """An asyncio event loop running in a daemon thread; ``call`` runs a coroutine on it."""
 
-    def __init__(self, name: str = "cdk-testing-loop") -> None:
+    def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
         """Run ``coroutine`` on the loop and wait for its result (or raise its exception)."""
@@ -73,50 +70,31 @@ class LoopThread:
             future.cancel()
             raise
 
-    def call_soon(self, function: Callable[[], Any]) -> None:
-        self.loop.call_soon_threadsafe(function)
-
     def close(self, timeout: float = 10.0) -> None:
         """Cancel what is left on the loop, stop it and join the thread."""
-        if self.loop.is_closed():
-            return
 
         async def cancel_rest() -> None:
-            current = asyncio.current_task()
-            rest = [task for task in asyncio.all_tasks() if task is not current]
+            rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
             for task in rest:
                 task.cancel()
             await asyncio.gather(*rest, return_exceptions=True)
 
-        if self._thread.is_alive():
-            try:
-                self.call(cancel_rest(), timeout)
-            finally:
-                self.loop.call_soon_threadsafe(self.loop.stop)
-                self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    def __enter__(self) -> LoopThread:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        try:
+            self.call(cancel_rest(), timeout)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self.loop.close()
 
 
-class Running:
-    """A service started on a :class:`LoopThread`: ``.connector``, and ``.url`` / ``.port``
-    on 127.0.0.1 for a sink or a webhook source."""
+class Running(LoopThread):
+    """A service run by :func:`run_in_thread`; ``url`` and ``port`` (on 127.0.0.1) for a
+    sink or a webhook source."""
 
-    def __init__(self, service: Service, loop: LoopThread) -> None:
+    def __init__(self, service: Service) -> None:
+        super().__init__(f"cdk-testing-{service.kind}")
         self.service = service
-        self.loop = loop
-        self.connector = service.connector
 
     @property
     def port(self) -> int:
@@ -126,13 +104,9 @@ class Running:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = 30.0) -> T:
-        """Run a coroutine on the service's loop (to reach the connector from a test)."""
-        return self.loop.call(coroutine, timeout)
-
     def wait(self, timeout: float = 30.0) -> None:
         """Wait until a source finished by itself (its ``loop_produce_event`` returned)."""
-        self.loop.call(self.service.wait(), timeout)
+        self.call(self.service.wait(), timeout)
 
 
 @contextmanager
@@ -144,40 +118,31 @@ def run_in_thread(
     start_timeout: float = 30.0,
     **options: Any,
 ) -> Iterator[Running]:
-    """Run ``connector`` with ``config`` on a background event loop for the ``with`` block.
-
-    ``config`` is the connector's validated config; a server (sink, webhook source) is
-    bound to 127.0.0.1 on a free port, and a source's ``target`` is set by the caller.
-    ``options`` go to the service (``dry_run``, ``max_events``, ``overrides``). On exit
-    the service drains and calls ``destroy()`` within ``grace`` seconds.
-    """
+    """Run ``connector`` with its validated ``config`` (a server on a free 127.0.0.1 port) for
+    the ``with`` block; ``options`` go to the service (``dry_run``, ``max_events``,
+    ``overrides``). On exit the service drains and calls ``destroy()`` within ``grace`` s."""
     if isinstance(config, ServerConfig):
         config = config.model_copy(update={"host": "127.0.0.1", "port": 0})
-    service = service_for(connector, config, **options)
-    loop = LoopThread(f"cdk-testing-{service.kind}")
+    running = Running(service_for(connector, config, **options))
     try:
-        loop.call(service.start(), start_timeout)
+        running.call(running.service.start(), start_timeout)
     except BaseException:
-        loop.close()
+        running.close()
         raise
     try:
-        yield Running(service, loop)
+        yield running
     finally:
         try:
-            loop.call(service.stop(grace), grace + 10.0)
+            running.call(running.service.stop(grace), grace + 10.0)
         finally:
-            loop.close()
+            running.close()
 
 
 class ConnectorProcess:
-    """``python cmd/main.py`` of a connector project, run with a config written for the test.
-
-    ``config`` (and ``secret``, if given) are written as YAML into a temporary directory
-    and passed with ``--config`` / ``--secret``. Output (stdout and stderr together) is
-    collected line by line; ``on_line`` sees each line as it arrives. Use as a context
-    manager: entering starts the process and waits for the ready line, leaving stops
-    it (SIGTERM) if it still runs.
-    """
+    """``python cmd/main.py`` in ``project_dir`` with ``config`` and ``secret`` written to
+    temporary YAML files, ``env`` and none of the kit's environment variables. Its output
+    (stdout and stderr) is kept line by line, each also passed to ``on_line``. Entering the
+    context starts it and waits for the ready line; leaving it stops it."""
 
     def __init__(
         self,
@@ -188,24 +153,20 @@ class ConnectorProcess:
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 30.0,
         on_line: Callable[[str], None] | None = None,
-        python: str | None = None,
     ) -> None:
         self.project_dir = Path(project_dir)
         self.config = dict(config)
         self.secret = None if secret is None else dict(secret)
         self.ready_timeout = ready_timeout
         self.on_line = on_line
-        self.python = python or sys.executable
         self.returncode: int | None = None
-        self.ready_match: re.Match[str] | None = None
-        self._extra_env = dict(env or {})
+        self._env = dict(env or {})
+        self._ready: re.Match[str] | None = None
         self._lines: list[str] = []
         self._changed = threading.Condition()
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> ConnectorProcess:
         """Write the config files and start the process (does not wait for readiness)."""
@@ -214,14 +175,14 @@ class ConnectorProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="cdk-testing-")
         config_path = Path(self._tmp.name) / "config.yml"
         config_path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
-        args = [self.python, "cmd/main.py", "--config", str(config_path)]
+        args = [sys.executable, "cmd/main.py", "--config", str(config_path)]
         if self.secret is not None:
             secret_path = Path(self._tmp.name) / "secret.yml"
             secret_path.write_text(yaml.safe_dump(self.secret, sort_keys=False), "utf-8")
             args += ["--secret", str(secret_path)]
-        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in ENVIRONMENT}}
-        env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"})
-        env.update(self._extra_env)
+        kit_variables = {name for name, _, _ in ENVIRONMENT}
+        env = {k: v for k, v in os.environ.items() if k not in kit_variables}
+        env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **self._env})
         self._process = subprocess.Popen(
             args,
             cwd=self.project_dir,
@@ -229,7 +190,6 @@ class ConnectorProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
             encoding="utf-8",
             errors="replace",
             bufsize=1,
@@ -259,31 +219,18 @@ class ConnectorProcess:
     def __enter__(self) -> ConnectorProcess:
         self.start()
         try:
-            self.wait_ready()
+            self._ready = self.wait_for_line(READY_PATTERN, self.ready_timeout)
         except BaseException:
             self.stop(timeout=10.0)
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("the process was not started")
-        return self._process.pid
 
     @property
     def running(self) -> bool:
         return self._process is not None and self.returncode is None
-
-    # -- output ------------------------------------------------------------------------
 
     @property
     def lines(self) -> list[str]:
@@ -295,92 +242,62 @@ class ConnectorProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def wait_until(
+        self, predicate: Callable[[list[str]], bool], timeout: float = 30.0, *, what: str = ""
+    ) -> list[str]:
+        """Wait until ``predicate(lines)`` holds; return the lines. ``TimeoutError`` (naming
+        ``what``, with the output so far) on timeout or when the process exits first."""
+
+        def failure() -> str:
+            code = self.returncode
+            state = f"exited with status {code}" if code is not None else f"ran {timeout:g} s"
+            tail = "\n".join(self._lines[-50:])
+            return f"{what or 'condition'} not seen: the connector {state}; output:\n{tail}"
+
+        def done() -> bool:
+            return predicate(self._lines) or self.returncode is not None
+
+        with self._changed:
+            wait_on(self._changed, done, timeout, failure)
+            if not predicate(self._lines):
+                raise TimeoutError(failure())
+            return list(self._lines)
+
     def wait_for_line(
         self, pattern: str | re.Pattern[str], timeout: float = 30.0, *, start: int = 0
     ) -> re.Match[str]:
-        """Wait until a line (from index ``start``) matches ``pattern``; return the match.
+        """Wait until a line (from index ``start``) matches ``pattern``; return the match."""
+        regex = re.compile(pattern)
 
-        Raises ``TimeoutError`` (with the output so far) on timeout or when the process
-        exits without printing it.
-        """
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        index = start
-        with self._changed:
-            while True:
-                while index < len(self._lines):
-                    match = regex.search(self._lines[index])
-                    index += 1
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if self.returncode is not None or remaining <= 0:
-                    state = (
-                        f"exited with status {self.returncode}"
-                        if self.returncode is not None
-                        else f"printed nothing matching within {timeout:g} s"
-                    )
-                    raise TimeoutError(
-                        f"{regex.pattern!r} not seen: the connector {state}; output:\n"
-                        + "\n".join(self._lines[-50:])
-                    )
-                self._changed.wait(remaining)
+        def first(lines: list[str]) -> re.Match[str] | None:
+            return next((match for line in lines[start:] if (match := regex.search(line))), None)
 
-    def wait_until(
-        self, predicate: Callable[[list[str]], bool], timeout: float = 30.0
-    ) -> list[str]:
-        """Wait until ``predicate(lines)`` holds; return the lines. TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self._lines):
-                remaining = deadline - time.monotonic()
-                if self.returncode is not None or remaining <= 0:
-                    raise TimeoutError(
-                        "condition not met before the connector "
-                        + ("exited" if self.returncode is not None else "timed out")
-                        + "; output:\n"
-                        + "\n".join(self._lines[-50:])
-                    )
-                self._changed.wait(remaining)
-            return list(self._lines)
-
-    def wait_ready(self, timeout: float | None = None) -> re.Match[str]:
-        """Wait for the runtime's ready line; remember it for :attr:`port` / :attr:`url`."""
-        self.ready_match = self.wait_for_line(READY_PATTERN, timeout or self.ready_timeout)
-        return self.ready_match
+        what = f"a line matching {regex.pattern!r}"
+        match = first(self.wait_until(lambda lines: first(lines) is not None, timeout, what=what))
+        assert match is not None
+        return match
 
     @property
     def port(self) -> int:
-        """The port a sink (or webhook source) listens on: from its ready line, else config."""
-        if self.ready_match is not None and self.ready_match.group("port"):
-            return int(self.ready_match.group("port"))
-        if "port" in self.config:
-            return int(self.config["port"])
-        raise RuntimeError("this connector announced no port (is it a sink?)")
+        """The port a sink (or webhook source) listens on, from its ready line."""
+        if self._ready is None or self._ready.group("port") is None:
+            raise RuntimeError("this connector announced no port (is it a sink?)")
+        return int(self._ready.group("port"))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    # -- ending ------------------------------------------------------------------------
-
     def wait(self, timeout: float = 30.0) -> int:
         """Wait for the process to exit by itself; return its status. TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self.returncode is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"the connector still runs after {timeout:g} s")
-                self._changed.wait(remaining)
-            return self.returncode
+        if self._reader is not None:
+            self._reader.join(timeout)  # it ends once the process exited and its output is read
+        if self.returncode is None:
+            raise TimeoutError(f"the connector still runs after {timeout:g} s")
+        return self.returncode
 
     def stop(self, signal: int = SIGTERM, timeout: float = 20.0) -> int:
-        """Send ``signal`` (if still running) and wait; kill after ``timeout``. Return the status.
-
-        A process that had to be killed reports ``-SIGKILL``; the output stays in
-        :attr:`output`.
-        """
+        """Send ``signal`` and wait, killing it after ``timeout``; return the exit status."""
         if self._process is None:
             raise RuntimeError("the process was not started")
         try:
