@@ -108,7 +108,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-# --------------------------------------------------------------------------- strings
 # Control characters, surrogates and noncharacters are not allowed in any String.
 # ``str.isprintable()`` is true for nearly every valid value, so this regex only runs
 # on the rare string containing a non-printable (but perhaps allowed) character.
@@ -188,7 +187,6 @@ def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
 _uri_reference: Final = functools.partial(_checked_uri, absolute=False)
 _uri: Final = functools.partial(_checked_uri, absolute=True)
 
-# --------------------------------------------------------------------------- media types
 # RFC 9110 token characters: media types, parameter names, header names.
 TOKEN_CHARS: Final = frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters)
 
@@ -242,7 +240,6 @@ def _media_of(datacontenttype: str | None) -> _Media:
     return _MEDIA_CACHE.get(value) or _media("datacontenttype", value)
 
 
-# --------------------------------------------------------------------------- time
 def _timestamp(attribute: str, value: Any) -> datetime:
     """RFC 3339 ``date-time``: full date, ``T``, full time, fraction, ``Z`` or offset."""
     # datetime.fromisoformat is fast but takes more than RFC 3339 (week dates, ','
@@ -282,7 +279,6 @@ def _json_time(value: datetime) -> datetime:
     return value.astimezone(UTC) if offset.seconds % 60 else value
 
 
-# --------------------------------------------------------------------------- attributes
 _Check = Callable[[str, Any], Any]
 _CHECKS_V1: Final[dict[str, _Check]] = {
     "specversion": _nonempty_str,
@@ -359,7 +355,6 @@ def _new_event(event_type: type[Any], attributes: dict[str, Any], data: Any) -> 
     return event
 
 
-# --------------------------------------------------------------------------- JSON format
 _MISSING: Final = object()
 
 
@@ -482,7 +477,6 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
     return [_event_from_json(item, True, spec) for item in items]
 
 
-# --------------------------------------------------------------------------- binary mode
 _QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
 
@@ -570,7 +564,6 @@ def _binary_data(media: _Media, body: bytes) -> Any:
     return body
 
 
-# --------------------------------------------------------------------------- reading
 def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[CloudEvent]]:
     """Decode an HTTP request (lower-case header names) into its mode and events: one
     event in binary and structured mode, a list (maybe empty) for a batch."""
@@ -615,7 +608,6 @@ def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> Clou
     return _new_event(type(event), attributes, event.get_data())
 
 
-# --------------------------------------------------------------------------- writing
 # Names of events written before: their values need no check but the SDK's own and the
 # character check where they are written (header or JSON body). The URIs dataschema and
 # schemaurl always get one.
