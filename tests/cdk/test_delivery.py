@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from cloudevents.core.v1.event import CloudEvent
 
-from cdk.codec import from_dict
+from cdk.codec import STRUCTURED_CONTENT_TYPE, from_http
 from cdk.config import ConfigError, SourceConfig, load_config, redact_url
 from cdk.connector import Tuple
 from cdk.delivery import (
@@ -473,7 +474,10 @@ def test_a_batch_of_two_specversions_goes_in_order_one_request_per_run() -> None
             chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
             for i, version in enumerate(["1.0", "1.0", "0.3", "0.3", "1.0"]):
                 attributes = {"id": f"e{i}", "source": "/s", "type": "t", "specversion": version}
-                await chan.put(fates.tuple(from_dict(attributes)))
+                _, (event,) = from_http(
+                    {"content-type": STRUCTURED_CONTENT_TYPE}, orjson.dumps(attributes)
+                )
+                await chan.put(fates.tuple(event))
             cfg = config(target.url, batch_size=10, max_in_flight=1)
             async with delivering(cfg, chan):
                 await fates.wait()

@@ -261,8 +261,6 @@ def _timestamp(attribute: str, value: Any) -> datetime:
                 and ((after_seconds == "." and len(value) > 26) or len(value) == 25)
             ):
                 return parsed
-    elif isinstance(value, datetime) and value.tzinfo is not None:
-        return value  # a native value handed to from_dict
     if type(value) is str and len(value) > 10 and (value[10] == "t" or value[-1] == "z"):
         return _timestamp(attribute, value.upper())  # RFC 3339 allows lower-case t and z
     raise _invalid(attribute, f"must be an RFC 3339 timestamp, got {_show(value)}")
@@ -371,13 +369,11 @@ def _check_depth(data: Any) -> None:
     """Refuse data nested deeper than orjson can write back inside a batch."""
     if type(data) is dict or type(data) is list:
         try:
-            # Writing is the exact test, and C-fast: for data orjson read, only the depth
-            # can fail it (from_dict may be handed values that are not JSON at all).
+            # Writing is the exact test, and C-fast: for data orjson read or wrote, only the
+            # depth can fail it.
             orjson.dumps([[data]])
-        except TypeError as exc:
-            if "ecursion" in str(exc):
-                raise _invalid("data", f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
-            raise _invalid("data", f"is not a JSON value: {exc}") from None
+        except TypeError:
+            raise _invalid("data", f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
 
 
 def _b64decode(attribute: str, value: Any) -> bytes:
@@ -582,11 +578,6 @@ def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[Cloud
     if mode == "batch":
         return mode, _decode_batch(body)
     return "binary", [_decode_binary(headers, contenttype, body)]
-
-
-def from_dict(obj: Mapping[str, Any]) -> CloudEvent:
-    """Build an event from a JSON-format mapping, validated as in structured mode."""
-    return _event_from_json(dict(obj), True)
 
 
 def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> CloudEvent:
