@@ -1,26 +1,24 @@
 """The wire format: CloudEvents to and from HTTP messages (pure functions, no I/O).
 
-It owns the CloudEvents HTTP protocol binding and JSON event format: it reads 1.0 and 0.3
-(the SDK's ``v03`` event) and writes the version of the event it is given. Every refusal
-is a ``CodecError`` (a ``ValueError``) naming the attribute or rule, with ``.attribute``
-and ``.status`` (400, or 415 for a format or charset it does not read).
+The CloudEvents HTTP protocol binding and JSON event format: it reads 1.0 and 0.3 (the SDK's
+``v03`` event) and writes the version of the event it is given. Every refusal is a
+``CodecError`` (a ``ValueError``) naming the attribute or rule, with ``.attribute`` and
+``.status`` (400, or 415 for a format or charset it does not read).
 
 Reading (``from_http``): Content-Type, in any case, picks the mode (batched, structured,
-another ``application/cloudevents`` format is a 415, anything else binary); header names
-must be lower-case. Events are validated as the core spec says and nothing missing is
-invented (the SDK's constructor would add an id and a time). Binary header values are
-unquoted, then percent-decoded once into UTF-8; a stray ``%`` and raw UTF-8 (sdk-go does
-not percent-encode; the HTTP layer gives its bytes as Latin-1) are kept. Data is the
-parsed JSON for a JSON content type (or none, in the JSON format), a ``str`` for
-``text/*``, else ``bytes``. Data nested deeper than ``MAX_DATA_DEPTH`` is refused, so
-that anything read can be written again in any mode.
+another ``application/cloudevents`` format is a 415, anything else binary); header names must
+be lower-case. Events are validated as the core spec says, inventing nothing missing (the SDK's
+constructor would add an id and a time). Binary header values are unquoted, then
+percent-decoded once into UTF-8, keeping a stray ``%`` and raw UTF-8 (sdk-go does not
+percent-encode; the HTTP layer gives its bytes as Latin-1). Data is the parsed JSON for a JSON
+content type (or none, in the JSON format), a ``str`` for ``text/*``, else ``bytes``; data
+nested deeper than ``MAX_DATA_DEPTH``, more than a batch can write, is refused.
 
-Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``): ``bytes`` data goes
-as it is in binary mode and as ``data_base64`` in the JSON format; with a JSON content
-type, or none, other data is written as JSON (a ``str`` as a JSON string: pass ``bytes``
-for a serialised document). Header values are percent-encoded as the binding says. An
-event the reading rules refuse, or whose data does not fit its content type, is an
-``UnwritableEvent`` before anything is sent.
+Writing (``to_binary``, ``to_structured``, ``to_batch``, ``encode``): ``bytes`` data goes as it
+is in binary mode, as ``data_base64`` in the JSON format; other data, with a JSON content type
+or none, as JSON (a ``str`` as a JSON string: pass ``bytes`` for a serialised document). Header
+values are percent-encoded as the binding says. An event the reading rules refuse, or whose
+data does not fit its content type, is an ``UnwritableEvent`` before anything is sent.
 """
 
 from __future__ import annotations
