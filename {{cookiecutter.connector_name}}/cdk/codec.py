@@ -134,14 +134,13 @@ _GOOD_URI_REFS: set[str] = set()
 _GOOD_URIS: set[str] = set()
 
 
-def _remember(cache: set[str], value: str) -> None:
+def _remember(cache: set[str], *values: str) -> None:
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
-    cache.add(value)
+    cache.update(values)
 
 
 def _check_name(name: str) -> None:
-    """Attribute names: lower-case ASCII letters and digits, not ``data``."""
     if name in _GOOD_NAMES:
         return
     if name == "data":
@@ -580,8 +579,7 @@ def from_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[Cloud
 
 def with_extensions(event: AnyCloudEvent, extensions: Mapping[str, Any]) -> CloudEvent:
     """A copy of ``event`` with these extensions set (``None`` removes one), checked as
-    ``from_http`` checks them (and none may be a context attribute of the version).
-    """
+    ``from_http`` checks them; none may be a context attribute of the version."""
     attributes = dict(event.get_attributes())
     spec = _spec_for(attributes.get("specversion"))
     for name, value in extensions.items():
@@ -624,9 +622,7 @@ def _check_writable(attributes: dict[str, Any]) -> None:
             _extension(name, value)
     _missing_required(attributes)
     _media_of(attributes.get("datacontenttype"))
-    if len(_WRITABLE_NAMES) >= _CACHE_LIMIT:
-        _WRITABLE_NAMES.clear()
-    _WRITABLE_NAMES.update(attributes.keys() - {"dataschema", "schemaurl"})
+    _remember(_WRITABLE_NAMES, *(attributes.keys() - {"dataschema", "schemaurl"}))
 
 
 def _text_of(attribute: str, value: Any) -> str:
@@ -643,11 +639,8 @@ def _text_of(attribute: str, value: Any) -> str:
     raise _invalid(attribute, f"cannot be written: {type(value).__name__} is not a CE type")
 
 
-# RFC 3986 unreserved characters are always safe for quote(); add the rest of
-# U+0021-U+007E except '"' and '%'.
-_HEADER_SAFE: Final = "".join(
-    c for c in map(chr, range(0x21, 0x7F)) if c not in '"%' and not c.isalnum() and c not in "_.-~"
-)
+# What quote() leaves as it is in a header value: U+0021-U+007E but '"' and '%'.
+_HEADER_SAFE: Final = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in '"%')
 
 
 def _dumps(value: Any, what: str) -> bytes:
