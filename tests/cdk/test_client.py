@@ -13,7 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 import pytest
 
 import cdk
+from cdk.client import Client as KitClient
 from cdk.client import (
-    Client,
     ClientError,
+    ClientResponse,
     ConnectError,
     ConnectionClosed,
     ProtocolError,
@@ -43,6 +44,22 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
     """Run one async test body with an overall bound."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class Client(KitClient):
+    """The kit's client with the shortcuts these tests use."""
+
+    async def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> ClientResponse:
+        return await self.send(self.encode_request(body, headers))
+
+    @property
+    def connections(self) -> int:
+        """Connections open now (idle or busy)."""
+        return len(self._conns)
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
 
 
 # -- a scripted raw server -------------------------------------------------------------

@@ -311,16 +311,6 @@ class Client:
         head.encode("latin-1")  # fail here rather than on the first request
         return head
 
-    @property
-    def connections(self) -> int:
-        """Connections open now (idle or busy)."""
-        return len(self._conns)
-
-    @property
-    def idle_connections(self) -> int:
-        """Open connections waiting for a request."""
-        return len(self._idle)
-
     def encode_request(self, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
         """The bytes of a POST of ``body`` with ``headers``, head and body in one join."""
         parts = [self._head, "Content-Length: ", str(len(body)), "\r\n"]
@@ -349,12 +339,9 @@ class Client:
         if len(self._known_names) < 1024:
             self._known_names.add(name)
 
-    async def post(self, body: bytes, headers: Mapping[str, str] | None = None) -> ClientResponse:
-        """POST ``body`` with ``headers``; the answer whatever its status, or a ClientError."""
-        return await self.send(self.encode_request(body, headers))
-
     async def send(self, data: bytes) -> ClientResponse:
-        """Send a request made by :meth:`encode_request` (encode once, send many times)."""
+        """Send a request made by :meth:`encode_request` (encode once, send many times): the
+        answer whatever its status, or a ClientError."""
         if self._closed:
             raise ClientError("the client is closed")
         self.loop = asyncio.get_running_loop()
