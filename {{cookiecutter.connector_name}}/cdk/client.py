@@ -82,8 +82,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[ClientResponse] | None = None
         self.received = False
-        self.closed = False
-        self.dropped = False
+        self.closed = False  # set by Client.drop
         self.idle = False
         self.idle_since = 0.0
         self.keep_alive = True
@@ -112,7 +111,6 @@ class _Connection(asyncio.Protocol):
 
     def close(self, polite: bool = True) -> None:
         """Close (at once unless the answer was complete) and give the slot back."""
-        self.closed = True
         if self.transport is not None:
             self.transport.close() if polite else self.transport.abort()
         self.pool.drop(self)
@@ -126,7 +124,6 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             self.waiter = None
@@ -435,7 +432,6 @@ class Client:
                 raise ConnectError(f"cannot connect to {where}: {one_line(exc)}") from exc
             raise
         if conn.closed:
-            self.drop(conn)
             raise ConnectionClosed("the server closed the connection at once", False)
         self._conns.add(conn)
         return conn
@@ -448,10 +444,10 @@ class Client:
             self._wake()
 
     def drop(self, conn: _Connection) -> None:
-        """Forget ``conn`` (closed or closing) and free its slot; safe to call twice."""
-        if conn.dropped:
+        """Mark ``conn`` closed (or closing), forget it, free its slot; safe to call twice."""
+        if conn.closed:
             return
-        conn.dropped = True
+        conn.closed = True
         self._count -= 1
         self._conns.discard(conn)
         if conn.idle:
