@@ -306,14 +306,14 @@ def test_a_request_encoded_once_can_be_sent_again() -> None:
 
 
 def test_request_bytes() -> None:
-    client = Client("https://user:p%40ss@example.com/a b/?q=é", user_agent="probe/1")
+    client = Client("https://user:p%40ss@example.com/a b/?q=é")
     data = client.encode_request(b"body", {"ce-id": "1"})
     head, _, body = data.partition(b"\r\n\r\n")
     assert body == b"body"
     assert head.split(b"\r\n") == [
         b"POST /a%20b/?q=%C3%A9 HTTP/1.1",
         b"Host: example.com",  # 443 is the default port of https
-        b"User-Agent: probe/1",
+        f"User-Agent: cdk/{cdk.__version__}".encode(),
         b"Authorization: Basic dXNlcjpwQHNz",  # user:p@ss
         b"Content-Length: 4",
         b"ce-id: 1",

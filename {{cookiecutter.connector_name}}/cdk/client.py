@@ -248,7 +248,6 @@ class Client:
         timeout: float | None = 5.0,
         max_body: int = 64 * 1024,
         ssl: _ssl.SSLContext | None = None,
-        user_agent: str | None = None,
         authorization: str | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -263,7 +262,7 @@ class Client:
         self.timeout = timeout
         self.max_body = max_body
         self._ssl = (ssl or _ssl.create_default_context()) if parts.scheme == "https" else None
-        self._head = self._make_head(parts, user_agent, authorization)
+        self._head = self._make_head(parts, authorization)
         self._head_lines = self._head.count("\n")
         self._known_names: set[str] = set()
         self.loop: asyncio.AbstractEventLoop  # the loop of the latest send()
@@ -273,10 +272,10 @@ class Client:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
-    def _make_head(
-        self, parts: SplitResult, user_agent: str | None, authorization: str | None
-    ) -> str:
+    def _make_head(self, parts: SplitResult, authorization: str | None) -> str:
         """The request head up to the per-request lines, as text."""
+        import cdk  # not at import: cdk/__init__.py imports this module's users first
+
         host = self.host
         if not host.isascii():
             host = host.encode("idna").decode("ascii")
@@ -284,17 +283,13 @@ class Client:
             host = f"[{host}]"
         if self.port != _DEFAULT_PORTS[parts.scheme]:
             host = f"{host}:{self.port}"
-        if user_agent is None:
-            import cdk  # not at import: cdk/__init__.py imports this module's users first
-
-            user_agent = f"cdk/{getattr(cdk, '__version__', '0')}"
         target = quote(parts.path or "/", safe=_PATH_SAFE)
         if parts.query:
             target = f"{target}?{quote(parts.query, safe=_QUERY_SAFE)}"
         lines = [
             f"POST {target} HTTP/1.1\r\n",
             f"Host: {host}\r\n",
-            f"User-Agent: {user_agent}\r\n",
+            f"User-Agent: cdk/{getattr(cdk, '__version__', '0')}\r\n",
         ]
         if authorization is not None:
             lines.append(f"Authorization: {authorization}\r\n")
@@ -304,7 +299,7 @@ class Client:
             lines.append(f"Authorization: Basic {base64.b64encode(secret).decode('ascii')}\r\n")
         head = "".join(lines)
         if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-            raise ValueError("the URL, user agent or authorization contains a line break")
+            raise ValueError("the URL or authorization contains a line break")
         head.encode("latin-1")  # fail here rather than on the first request
         return head
 
