@@ -2,12 +2,11 @@
 
 It owns the wire-level work of sending (a keep-alive pool, the request bytes, parsing the
 answer, timeouts) and turns every failure into a :class:`ClientError`; it knows nothing of
-CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU per request,
-and a Protocol feeding llhttp spends a fraction of a general client's. Idle connections
-are reused last-in first-out, so a burst's extras age out after ``KEEPALIVE_SECONDS``;
-``timeout`` covers waiting for a connection, connecting, sending and receiving; at most
-``max_body`` bytes of an answer are kept, the rest read and dropped so that the
-connection stays usable.
+CloudEvents. Not aiohttp: a source's throughput is bound by the sender's CPU per request, and a
+Protocol feeding llhttp spends a fraction of a general client's. Idle connections are reused
+last-in first-out, so a burst's extras age out after ``KEEPALIVE_SECONDS``; ``timeout`` covers
+waiting for a connection, connecting, sending and receiving; at most ``max_body`` bytes of an
+answer are kept, the rest read and dropped so that the connection stays usable.
 """
 
 from __future__ import annotations
@@ -334,8 +333,6 @@ class Client:
     async def send(self, data: bytes) -> ClientResponse:
         """Send a request made by :meth:`encode_request` (encode once, send many times): the
         answer whatever its status, or a ClientError."""
-        if self._closed:
-            raise ClientError("the client is closed")
         self.loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
