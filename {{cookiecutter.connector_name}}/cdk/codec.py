@@ -290,7 +290,6 @@ _CHECKS_V03: Final[dict[str, _Check]] = {
     "datacontentencoding": _nonempty_str,
     "schemaurl": _uri_reference,
 }
-_REQUIRED: Final = ("id", "source", "type")
 
 # How the hot loops handle each context attribute without a call in the common case.
 _STR, _URI_REF, _MEDIA_TYPE, _TIME, _ABS_URI = range(5)
@@ -366,9 +365,7 @@ def _check_depth(data: Any) -> None:
     """Refuse data nested deeper than orjson can write back inside a batch."""
     if type(data) is dict or type(data) is list:
         try:
-            # Writing is the exact test, and C-fast: for data orjson read or wrote, only the
-            # depth can fail it.
-            orjson.dumps([[data]])
+            orjson.dumps([[data]])  # the exact test, and C-fast: only depth can fail it here
         except TypeError:
             raise _invalid("data", f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
 
@@ -381,8 +378,7 @@ def _b64decode(attribute: str, value: Any) -> bytes:
 
 
 def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> CloudEvent:
-    """One event of the JSON format, parsed; ``deep`` when nesting must be checked, and
-    ``batch_spec`` the specversion every event of a batch must share."""
+    """A JSON-format event; ``deep``: check nesting; ``batch_spec``: the batch's specversion."""
     if type(obj) is not dict:
         raise InvalidEvent(f"a CloudEvent must be a JSON object, got {type(obj).__name__}")
     spec = _spec_for(obj.get("specversion"))
@@ -448,7 +444,7 @@ def _event_from_json(obj: Any, deep: bool, batch_spec: _Spec | None = None) -> C
 
 
 def _missing_required(attributes: dict[str, Any]) -> None:
-    for name in _REQUIRED:
+    for name in ("id", "source", "type"):
         if name not in attributes:
             raise _invalid(name, "is required")
 
