@@ -109,14 +109,11 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def close(self, polite: bool = True) -> None:
-        """Close (at once unless the answer was complete) and give the slot back."""
+        """Close and give the slot back: ``polite`` after a whole answer, else at once (the
+        state is unknown after an error, a timeout or a cancellation)."""
         if self.transport is not None:
             self.transport.close() if polite else self.transport.abort()
         self.pool.drop(self)
-
-    def abort(self) -> None:
-        """Drop at once (state unknown: error, timeout, cancellation)."""
-        self.close(polite=False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as such.
@@ -142,7 +139,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
             # Bytes nobody asked for: the connection's state is unknown, so it goes.
-            self.abort()
+            self.close(polite=False)
             return
         self.received = True
         if not self._headers_done:
@@ -227,7 +224,7 @@ class _Connection(asyncio.Protocol):
         self.waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
-        self.abort()
+        self.close(polite=False)
 
     def _lost_error(self, exc: Exception | None) -> ConnectionClosed:
         when = "before the answer was complete" if self.received else "before answering"
@@ -359,7 +356,7 @@ class Client:
         try:
             response = await conn.send(data)
         except BaseException:
-            conn.abort()
+            conn.close(polite=False)
             raise
         if conn.keep_alive and not conn.closed and not self._closed:
             self._release(conn)
@@ -415,7 +412,7 @@ class Client:
                 lambda: conn, self.host, self.port, ssl=self._ssl, server_hostname=hostname
             )
         except BaseException as exc:
-            conn.abort()
+            conn.close(polite=False)
             where = f"{self.host}:{self.port}"
             if isinstance(exc, _ssl.SSLCertVerificationError):
                 text = f"TLS certificate of {where} is not trusted: {exc.verify_message}"
