@@ -82,7 +82,6 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[ClientResponse] | None = None
         self.received = False
         self.closed = False  # set by Client.drop
-        self.idle = False
         self.idle_since = 0.0
         self.keep_alive = True
         self.lost: asyncio.Future[None] | None = None  # made when someone waits for the end
@@ -395,7 +394,6 @@ class Client:
         if not idle:
             return None
         conn = idle.pop()
-        conn.idle = False
         if self.loop.time() - conn.idle_since > KEEPALIVE_SECONDS:
             # The newest idle connection is too old, so every other one is older still.
             for old in [conn, *idle]:
@@ -426,7 +424,6 @@ class Client:
         return conn
 
     def _release(self, conn: _Connection) -> None:
-        conn.idle = True
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
         if self._waiters:
@@ -439,8 +436,7 @@ class Client:
         conn.closed = True
         self._count -= 1
         self._conns.discard(conn)
-        if conn.idle:
-            conn.idle = False
+        if conn in self._idle:
             self._idle.remove(conn)
         if self._waiters:
             self._wake()
@@ -463,7 +459,7 @@ class Client:
             if conn.transport is not None and not conn.closed:
                 conn.lost = self.loop.create_future()
                 lost.append(conn.lost)
-            conn.close(polite=conn.idle)
+            conn.close(polite=conn in self._idle)
         if lost:
             # Closing completes on later loop iterations (a TLS close exchanges messages).
             await asyncio.wait(lost, timeout=1.0)
