@@ -132,9 +132,6 @@ class _Connection(asyncio.Protocol):
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(None)
 
-    def eof_received(self) -> bool:
-        return False  # close our side too; connection_lost decides what the EOF meant
-
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
             # Bytes nobody asked for: the connection's state is unknown, so it goes.
