@@ -34,7 +34,6 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Header names the client writes itself; a caller may not send them too.
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "user-agent"})
 _PATH_SAFE = "/%!$&'()*+,;=:@-._~"
-_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 class ClientError(Exception):
@@ -277,7 +276,7 @@ class Client:
             host = f"{host}:{self.port}"
         target = quote(parts.path or "/", safe=_PATH_SAFE)
         if parts.query:
-            target = f"{target}?{quote(parts.query, safe=_QUERY_SAFE)}"
+            target = f"{target}?{quote(parts.query, safe=_PATH_SAFE + '?')}"
         lines = [
             f"POST {target} HTTP/1.1\r\n",
             f"Host: {host}\r\n",
@@ -324,8 +323,7 @@ class Client:
             self._known_names.add(name)
 
     async def send(self, data: bytes) -> ClientResponse:
-        """Send a request made by :meth:`encode_request` (encode once, send many times): the
-        answer whatever its status, or a ClientError."""
+        """Send what :meth:`encode_request` made (once or many times): the answer, any status."""
         self.loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
