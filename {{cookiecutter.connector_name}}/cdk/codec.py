@@ -169,9 +169,7 @@ def _checked_uri(attribute: str, value: Any, absolute: bool) -> str:
     if _BAD_PERCENT.search(value) is not None:
         raise _invalid(attribute, f"is not a valid URI: bad percent-encoding in {_show(value)}")
     # A colon before any '/', '?' or '#' ends a scheme, which has its own syntax.
-    head = value
-    for stop in "/?#":
-        head = head.split(stop, 1)[0]
+    head = re.split("[/?#]", value, maxsplit=1)[0]
     if ":" in head:
         if _SCHEME.fullmatch(head.split(":", 1)[0]) is None:
             raise _invalid(attribute, f"is not a valid URI: bad scheme in {_show(value)}")
