@@ -456,9 +456,7 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
     items = _loads(body, "batch")
     if type(items) is not list:
         raise InvalidEvent(f"a batch must be a JSON array, got {type(items).__name__}")
-    if not items:
-        return []
-    first = items[0]
+    first = items[0] if items else None
     spec = _spec_for(first.get("specversion")) if type(first) is dict else None
     # A whole batch is nearly always past the bracket bound: check each event's data.
     return [_event_from_json(item, True, spec) for item in items]
