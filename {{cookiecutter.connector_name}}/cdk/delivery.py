@@ -50,10 +50,6 @@ __all__ = [
     "tls_context",
 ]
 
-#: Statuses retried besides every 5xx (Knative's sender conventions).
-RETRYABLE_4XX = frozenset({404, 408, 409, 429})
-#: Statuses whose ``Retry-After`` header is honoured.
-RETRY_AFTER_STATUSES = frozenset({429, 503})
 #: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
 #: Most bytes of the target's answer a dead letter carries in ``knativeerrordata``.
@@ -134,8 +130,7 @@ def _reason(error: BaseException) -> str:
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds (never negative) a ``Retry-After`` of delta-seconds or an HTTP-date asks
-    to wait; ``None`` when it is absent or unreadable."""
+    """Seconds (>= 0) a ``Retry-After`` (delta-seconds or HTTP-date) asks; None if unreadable."""
     if not value:
         return None
     value = value.strip()
@@ -177,9 +172,8 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
 
 
 def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
-    """TLS for https:// targets: the system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS``
-    (PEM text, as Knative injects it); ``None`` when neither is set. ``ValueError`` when
-    ``$K_CA_CERTS`` holds no readable certificate."""
+    """The system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS`` (PEM text, as Knative
+    injects it); ``None`` when neither is set, ``ValueError`` when K_CA_CERTS is unreadable."""
     pem = os.environ.get("K_CA_CERTS", "").strip() or None
     if not (pem or config.target_ca_file):
         return None
@@ -192,9 +186,8 @@ def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
 
 
 class DeliveryQueue(asyncio.Queue[Tuple]):
-    """``Source.chan``: a bounded queue whose room also counts the events waiting for a
-    retry (the :class:`Deliverer` keeps count), so a failing target cannot make a source
-    hold more than ``maxsize`` events: ``put`` waits while queued and waiting ones fill it."""
+    """``Source.chan``: ``put`` waits while queued events and those waiting for a retry (the
+    :class:`Deliverer` counts them) fill ``maxsize``, so a failing target cannot pile them up."""
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
@@ -261,7 +254,9 @@ class Deliverer:
         self._chan: asyncio.Queue[Tuple] | None = None
         self._workers: list[asyncio.Task[None]] = []
         # One worker fills a batch at a time, so batches leave in queue order.
-        self._collect_lock = asyncio.Lock()
+        self._collect_lock: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if config.batch_size > 1 else contextlib.nullcontext()
+        )
         self._idle: set[asyncio.Task[Any]] = set()
         self._woken: set[asyncio.Task[Any]] = set()
         self._in_flight = self._waiting = 0  # requests; events that failed, not yet settled
@@ -386,11 +381,8 @@ class Deliverer:
                     owned = [self._due.popleft()]
                     self._pending.discard(owned[0])
                 else:
-                    if self._batch_size == 1:
+                    async with self._collect_lock:
                         tuples = await self._take(chan)
-                    else:
-                        async with self._collect_lock:
-                            tuples = await self._take(chan)
                     if tuples is None:
                         return
                     owned = self._encode(tuples, self._client) if tuples else []
@@ -428,21 +420,18 @@ class Deliverer:
             except asyncio.QueueEmpty:
                 if self._draining and not self._pending:
                     return None
-                got = await self._idle_wait(chan.get())
-                if got is None:
+                first = await self._idle_wait(chan.get())
+                if first is None:
                     continue
-                first = got
             return [first] if self._batch_size == 1 else await self._fill([first], chan)
 
     async def _fill(self, tuples: list[Tuple], chan: asyncio.Queue[Tuple]) -> list[Tuple]:
         until = self._loop.time() + self.config.batch_linger
         try:
             while len(tuples) < self._batch_size:
-                try:
+                if not chan.empty():
                     tuples.append(chan.get_nowait())
                     continue
-                except asyncio.QueueEmpty:
-                    pass
                 remaining = until - self._loop.time()
                 if self._draining or remaining <= 0:
                     break
@@ -488,9 +477,8 @@ class Deliverer:
     def _encode(
         self, tuples: list[Tuple], client: Client, extra: Mapping[str, Any] | None = None
     ) -> list[_Request]:
-        """The requests of ``tuples`` in queue order, encoded once: most often one; first a
-        request without data for each tuple that cannot be encoded, holding its
-        EncodeError; another request at each change of specversion (a batch has one)."""
+        """The requests of ``tuples``, most often one: one without data holding the EncodeError
+        of each tuple that cannot be encoded, then one per specversion run (a batch has one)."""
         extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
@@ -529,8 +517,7 @@ class Deliverer:
     ) -> bytes:
         # The client refuses headers it cannot write (a line break or a non-Latin-1
         # character in a binary-mode Content-Type): that is the event's fault, found here.
-        single = self._batch_size == 1
-        headers, body = self._encode_one(events[0]) if single else to_batch(events)
+        headers, body = self._encode_one(events[0]) if self._batch_size == 1 else to_batch(events)
         return client.encode_request(body, {**headers, **extra} if extra else headers)
 
     async def _send(self, req: _Request) -> None:
@@ -589,12 +576,10 @@ class Deliverer:
         if len(excerpt) > EXCERPT_CHARS:
             excerpt = excerpt[: EXCERPT_CHARS - 3] + "..."
         status, start = response.status, data[:ERROR_DATA_BYTES]
-        if status < 500 and status not in RETRYABLE_4XX:
+        if status < 500 and status not in (404, 408, 409, 429):  # as Knative's senders retry
             return TargetRejected(status, excerpt, start)
-        retry_after = None
-        if status in RETRY_AFTER_STATUSES:
-            retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        return TargetUnavailable(status, excerpt, start, retry_after)
+        header = response.headers.get("retry-after") if status in (429, 503) else None
+        return TargetUnavailable(status, excerpt, start, retry_after_seconds(header))
 
     async def _succeed(self, req: _Request) -> None:
         self.metrics.delivery_latency.observe(self._loop.time() - req.started)
@@ -732,13 +717,11 @@ class Deliverer:
             req.settled += 1
             if chan is not None:
                 chan.task_done()
-            if error is None:
-                await self._call(item, "success")
-            else:
-                await self._call(item, "failed", error)
+            await self._call(item, error)
 
-    async def _call(self, item: Tuple, kind: str, *args: BaseException) -> None:
+    async def _call(self, item: Tuple, error: BaseException | None) -> None:
         """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
+        kind, args = ("success", ()) if error is None else ("failed", (error,))
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
         try:
