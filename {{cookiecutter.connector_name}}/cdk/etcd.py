@@ -144,10 +144,6 @@ class EtcdBackend:
         # A wrong address or password fails now, at start, not at the first write.
         self._cluster.call(lambda client: client.get(self._cluster.prefix + "/"))
 
-    @classmethod
-    def from_config(cls, config: SourceConfig, leadership: Leadership | None = None) -> EtcdBackend:
-        return cls(str(config.position_store), leadership, Access.from_config(config))
-
     def get(self, namespace: str, key: str) -> bytes | None:
         values = self._cluster.call(lambda client: client.get(self._key(namespace, key)))
         return values[0] if values else None

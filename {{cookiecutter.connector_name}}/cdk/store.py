@@ -143,9 +143,10 @@ class PositionStore:
         """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
         if not str(url := config.position_store).startswith(ETCD_SCHEMES):
             return cls(namespace, url)
-        from cdk.etcd import EtcdBackend
+        from cdk.etcd import Access, EtcdBackend
 
-        return cls(namespace, url, backend=EtcdBackend.from_config(config, leadership))
+        backend = EtcdBackend(str(url), leadership, Access.from_config(config))
+        return cls(namespace, url, backend=backend)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
