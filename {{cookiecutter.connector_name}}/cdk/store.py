@@ -84,9 +84,8 @@ class _SQLiteBackend:
             raise StoreError(f"position store {path} cannot be opened: {exc}") from None
 
     def get(self, namespace: str, key: str) -> bytes | None:
-        row = self._run(
-            "SELECT value FROM positions WHERE namespace = ? AND key = ?", (namespace, key)
-        )
+        sql = "SELECT value FROM positions WHERE namespace = ? AND key = ?"
+        row = self._run(sql, (namespace, key))
         return None if row is None else str(row[0]).encode()
 
     def set(self, namespace: str, key: str, value: bytes) -> None:
@@ -197,9 +196,6 @@ def _dumps(value: Any, name: object) -> bytes:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
-#: Shortest time between two position writes of a checkpoint on an event loop (seconds).
-WRITE_INTERVAL = 0.05
-_WRITE_BACKOFF_MAX = 5.0
 
 
 class Supervisor(Protocol):
@@ -251,11 +247,6 @@ class Checkpoint:
         self._supervisor = SUPERVISOR.get()
         if self._supervisor is not None:
             self._supervisor.watch(self)
-
-    @property
-    def pending(self) -> int:
-        """Events tracked but not yet part of the written position."""
-        return len(self._pending)
 
     def track(
         self, position: Any, event_id: str | None = None
@@ -368,15 +359,15 @@ class Checkpoint:
         return True
 
     async def _write_loop(self) -> None:
-        delay = 0.05
+        delay = 0.05  # before the first retry of a refused write; doubled up to 5 s
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
-                # Else a busy source keeps etcd writing flat out for positions soon replaced.
-                await asyncio.sleep(WRITE_INTERVAL)
+                # At most a write per 50 ms, not etcd writing flat out for positions soon replaced.
+                await asyncio.sleep(0.05)
             else:
                 await asyncio.sleep(delay)
-                delay = min(_WRITE_BACKOFF_MAX, delay * 2)
+                delay = min(5.0, delay * 2)
 
 
 def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., None]:
