@@ -102,9 +102,8 @@ class ShutdownError(DeliveryError):
 
     def __init__(self, message: str, last_error: BaseException | None = None) -> None:
         self.last_error = last_error
-        if last_error is not None:
-            message = f"{message} (last error: {_describe(last_error)})"
-        super().__init__(message)
+        why = "" if last_error is None else f" (last error: {_describe(last_error)})"
+        super().__init__(message + why)
 
 
 class DeadLettered(DeliveryError):
@@ -133,7 +132,6 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     """Seconds (>= 0) a ``Retry-After`` (delta-seconds or HTTP-date) asks; None if unreadable."""
     if not value:
         return None
-    value = value.strip()
     with contextlib.suppress(ValueError):
         return max(0.0, float(value))
     try:
@@ -163,8 +161,7 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
         return {}
     if not isinstance(extensions, dict):
         raise ValueError('K_CE_OVERRIDES: "extensions" must be a JSON object')
-    try:
-        # The codec's own rules decide what an extension may be named and hold.
+    try:  # the codec's own rules decide what an extension may be named and hold
         with_extensions(_PROBE, extensions)
     except ValueError as exc:
         raise ValueError(f"K_CE_OVERRIDES: {exc}") from None
@@ -226,21 +223,14 @@ class _Request:
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`);
-    ``reminder`` is the fewest seconds between two warnings that deliveries still fail."""
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`)."""
 
     def __init__(
-        self,
-        config: DeliveryConfig,
-        metrics: Metrics,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        logger: logging.Logger | None = None,
-        reminder: float = 30.0,
+        self, config: DeliveryConfig, metrics: Metrics, overrides: Mapping[str, Any] | None = None
     ) -> None:
-        self.config, self.metrics, self.reminder = config, metrics, reminder
+        self.config, self.metrics, self.log = config, metrics, _log
         self.overrides = dict(overrides) if overrides else None
-        self.log = logger or _log
+        self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
         self._redact = config.redact
         self._shown = self._redact(redact_url(config.target))
         self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
@@ -282,11 +272,10 @@ class Deliverer:
             return
         self._loop = asyncio.get_running_loop()
         # Gauges are read when scraped, which costs nothing per request.
-        metrics = self.metrics
-        metrics.queue_depth.set_function(chan.qsize)
-        metrics.delivery_in_flight.set_function(lambda: self._in_flight)
-        metrics.delivery_waiting.set_function(lambda: self._waiting)
-        metrics.retry_window.set_function(lambda: self._window)
+        self.metrics.queue_depth.set_function(chan.qsize)
+        self.metrics.delivery_in_flight.set_function(lambda: self._in_flight)
+        self.metrics.delivery_waiting.set_function(lambda: self._waiting)
+        self.metrics.retry_window.set_function(lambda: self._window)
         self._workers = [
             asyncio.create_task(self._worker(chan), name=f"cdk-delivery-{i}")
             for i in range(self.config.max_in_flight)
@@ -666,8 +655,7 @@ class Deliverer:
     def _on_due(self, req: _Request) -> None:
         req.timer = None
         self._due.append(req)
-        if self._idle:
-            self._wake_idle(one=True)
+        self._wake_idle(one=True)
 
     def _count_waiting(self, count: int) -> None:
         self._waiting += count
@@ -739,7 +727,6 @@ class Deliverer:
 
 
 def _outbound(item: Tuple, extensions: Mapping[str, Any] | None) -> CloudEvent:
-    """The event of ``item`` as it goes out (with ``extensions`` set)."""
     if not isinstance(item, Tuple):  # a plain event put into chan by mistake
         raise TypeError(f"chan holds a {type(item).__name__}, not a cdk.Tuple")
     return with_extensions(item.event, extensions) if extensions else item.event

@@ -64,8 +64,7 @@ class _SQLiteBackend:
     """One SQLite file in WAL mode (in memory for ``path`` None); each ``set`` commits.
     ``synchronous=NORMAL``: a killed process loses no commit; an OS crash may drop the last
     ones, which only moves the resume point back. ``FULL`` would fsync every commit,
-    milliseconds each on real disks, capping the events a second a source can acknowledge.
-    """
+    milliseconds each on real disks, capping the events a second a source can acknowledge."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -113,8 +112,7 @@ class _SQLiteBackend:
 class PositionStore:
     """JSON values by key for one connector (``namespace``): in memory for ``path`` None,
     else in that SQLite file (connectors sharing it each see their own namespace) or
-    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd.
-    """
+    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd."""
 
     def __init__(
         self,
