@@ -1,13 +1,12 @@
 """Delivery: drains ``Source.chan`` and POSTs every event to the source's ``target``.
 
 A :class:`Deliverer` runs ``max_in_flight`` workers over one keep-alive connection pool
-(:class:`cdk.client.Client`); each takes a due retry, else an event (or a batch, waiting
-up to ``batch_linger`` for it to fill), and sends it. Every :class:`~cdk.connector.Tuple`
-gets exactly one callback: ``success()`` or ``failed(error)``, an error defined here.
-Retries follow Knative's rules, with backoff, jitter and ``Retry-After``; a request
-waiting for one holds no worker unless ``max_in_flight`` is 1 (strict order). The retry
-window (see :meth:`Deliverer._park`) bounds their load on a failing target, and a
-:class:`DeliveryQueue` counts waiting events against ``queue_size``.
+(:class:`cdk.client.Client`); each takes a due retry, else an event (or a batch, waiting up to
+``batch_linger`` for it to fill), and sends it. Every :class:`~cdk.connector.Tuple` gets exactly one
+callback: ``success()`` or ``failed(error)``, an error defined here. Retries follow Knative's rules,
+with backoff, jitter and ``Retry-After``; a request waiting for one holds no worker unless
+``max_in_flight`` is 1 (strict order). The retry window (:meth:`Deliverer._park`) bounds their load
+on a failing target; a :class:`DeliveryQueue` counts waiting events against ``queue_size``.
 """
 
 from __future__ import annotations
@@ -50,7 +49,6 @@ __all__ = [
     "tls_context",
 ]
 
-#: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
 #: Most bytes of the target's answer a dead letter carries in ``knativeerrordata``.
 ERROR_DATA_BYTES = 1024
@@ -374,7 +372,7 @@ class Deliverer:
                         tuples = await self._take(chan)
                     if tuples is None:
                         return
-                    owned = self._encode(tuples, self._client) if tuples else []
+                    owned = self._encode(tuples, self._client, {}) if tuples else []
                 while owned:
                     if owned[0].data:
                         await self._send(owned[0])
@@ -463,12 +461,10 @@ class Deliverer:
             if one:
                 return
 
-    def _encode(
-        self, tuples: list[Tuple], client: Client, extra: Mapping[str, Any] | None = None
-    ) -> list[_Request]:
+    def _encode(self, tuples: list[Tuple], client: Client, extra: dict[str, str]) -> list[_Request]:
         """The requests of ``tuples``, most often one: one without data holding the EncodeError
         of each tuple that cannot be encoded, then one per specversion run (a batch has one)."""
-        extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
+        extensions = {**(self.overrides or {}), **extra} if extra else self.overrides
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
             events = [_outbound(item, extensions) for item in tuples]
@@ -478,7 +474,7 @@ class Deliverer:
         for item in tuples:
             try:
                 event = _outbound(item, extensions)
-                self._wire([event], client)
+                self._wire([event], client, {})
             except Exception as exc:  # see above
                 error = EncodeError(f"event cannot be encoded: {_describe(exc)}")
                 failed.append(_Request([item], client, error=error))
@@ -493,7 +489,7 @@ class Deliverer:
     def _request(self, tuples: list[Tuple], client: Client, events: list[CloudEvent]) -> _Request:
         backoff = self.config.retry_backoff
         if not tracing.active:
-            return _Request(tuples, client, self._wire(events, client), backoff)
+            return _Request(tuples, client, self._wire(events, client, {}), backoff)
         span, events, headers = tracing.start_send(events, client.url)
         try:
             return _Request(tuples, client, self._wire(events, client, headers), backoff, span=span)
@@ -501,9 +497,7 @@ class Deliverer:
             tracing.end_send(span, error=exc)
             raise
 
-    def _wire(
-        self, events: list[CloudEvent], client: Client, extra: dict[str, str] | None = None
-    ) -> bytes:
+    def _wire(self, events: list[CloudEvent], client: Client, extra: dict[str, str]) -> bytes:
         # The client refuses headers it cannot write (a line break or a non-Latin-1
         # character in a binary-mode Content-Type): that is the event's fault, found here.
         headers, body = self._encode_one(events[0]) if self._batch_size == 1 else to_batch(events)
