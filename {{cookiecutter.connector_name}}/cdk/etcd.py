@@ -172,12 +172,11 @@ class EtcdBackend:
 class Leadership:
     """One leader among the replicas of a source sharing an etcd ``url`` and ``namespace``.
 
-    ``await campaign()`` returns once this replica leads (it waits while another does,
-    and retries while etcd cannot be reached), and may be awaited again after a loss;
-    ``await lost()`` returns when the lease may be lost (at once when not leading);
-    ``await resign()`` revokes the lease so another replica can take over at once.
-    The leader renews every quarter lease, and stops leading 3/4 of a lease after it sent
-    its last renewal (a monotonic clock: a pause counts), before etcd can expire it.
+    ``await campaign()`` returns once this replica leads (waiting while another does, retrying while
+    etcd is out of reach); it may be awaited again after a loss. ``await lost()`` returns when the
+    lease may be lost (at once when not leading); ``await resign()`` revokes the lease: another
+    replica may take over at once. The leader renews every quarter lease and stops leading 3/4 of a
+    lease after sending its last renewal (monotonic: a pause counts), before etcd can expire it.
     """
 
     def __init__(

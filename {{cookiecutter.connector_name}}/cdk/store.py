@@ -221,12 +221,11 @@ class _Pending:
 class Checkpoint:
     """Writes a position to the store only once every event before it was acknowledged.
 
-    Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for
-    each event *in the order the source produces them*, with the position to resume after
-    it. On an event loop, writes run in a worker thread, coalesced, retried while the store
-    is unreachable. An event that failed for good (a dead-lettered one counts as
-    acknowledged) stops the checkpoint (:attr:`failed`); under the kit the source then
-    settles and exits 1 naming the event, so nothing is skipped.
+    Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for each
+    event *in the order the source produces them*, with the position to resume after it. On an
+    event loop, writes run in a worker thread, coalesced, retried while the store is away. An
+    event that failed for good (a dead-lettered one counts as acknowledged) stops the checkpoint
+    (:attr:`failed`); under the kit the source then settles and exits 1 naming it.
     """
 
     def __init__(
