@@ -136,8 +136,7 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        # The asctime form carries no zone, yet every HTTP-date is GMT (RFC 9110 5.6.7).
+    if when.tzinfo is None:  # asctime has no zone, yet every HTTP-date is GMT (RFC 9110 5.6.7)
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (wall_clock() if now is None else now))
 
@@ -345,9 +344,8 @@ class Deliverer:
         self._line = deque(r for r in self._line if r in self._pending)
         self._due = deque(r for r in self._due if r in self._pending)
         left: list[Tuple] = []
-        with contextlib.suppress(asyncio.QueueEmpty):
-            while self._chan is not None and not late_only:
-                left.append(self._chan.get_nowait())
+        while self._chan is not None and not late_only and not self._chan.empty():
+            left.append(self._chan.get_nowait())
         for req in doomed:
             await self._settle(req, self._stopped(req))
         if left:
@@ -669,10 +667,9 @@ class Deliverer:
         # (new backoff state, seconds to wait): decorrelated jitter, Retry-After a floor.
         base, cap = self.config.retry_backoff, self.config.retry_backoff_max
         backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
-        wait = backoff
         if isinstance(error, TargetUnavailable) and error.retry_after is not None:
-            wait = max(wait, min(error.retry_after, self.config.retry_after_max))
-        return backoff, wait
+            return backoff, max(backoff, min(error.retry_after, self.config.retry_after_max))
+        return backoff, backoff
 
     async def _settle(self, req: _Request, error: BaseException | None = None) -> None:
         """Call back each tuple of ``req`` not called back yet: ``success()`` or ``failed``."""
