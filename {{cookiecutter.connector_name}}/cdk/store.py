@@ -8,6 +8,7 @@ events again, never skip one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from orjson import OPT_PASSTHROUGH_DATACLASS, OPT_PASSTHROUGH_DATETIME, OPT_PASSTHROUGH_SUBCLASS
 
 from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
@@ -33,11 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass is refused, not turned into a str or dict.
-_DUMP_OPTIONS = (
-    orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
+_DUMP_OPTIONS = OPT_PASSTHROUGH_DATETIME | OPT_PASSTHROUGH_DATACLASS | OPT_PASSTHROUGH_SUBCLASS
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS positions (namespace TEXT NOT NULL, key TEXT NOT NULL,"
@@ -199,11 +197,8 @@ _NOTHING = object()
 class Supervisor(Protocol):
     """What a running source offers the checkpoints made while it runs (see ``SUPERVISOR``)."""
 
-    def watch(self, checkpoint: Checkpoint) -> None:
-        """A checkpoint was made: flush it before ``destroy`` runs."""
-
-    def gap(self, message: str) -> None:
-        """An event a checkpoint tracks failed for good: stop, settle, exit 1."""
+    def watch(self, checkpoint: Checkpoint) -> None: ...  # flush it before ``destroy`` runs
+    def gap(self, message: str) -> None: ...  # an event failed for good: stop, settle, exit 1
 
 
 #: Set by the kit while a source runs, for the checkpoints made then: a failed event
@@ -231,8 +226,7 @@ class Checkpoint:
     def __init__(
         self, store: PositionStore, key: str = "position", logger: logging.Logger | None = None
     ) -> None:
-        self.store = store
-        self.key = key
+        self.store, self.key = store, key
         self.log = logger or logging.getLogger("cdk.store")
         #: The last position written (or read back from the store at start).
         self.position: Any = store.get(key)
@@ -258,10 +252,7 @@ class Checkpoint:
             entry.acked = True
             self._advance()
 
-        def failed(error: BaseException) -> None:
-            self._fail(entry, error)
-
-        return success, failed
+        return success, functools.partial(self._fail, entry)
 
     def tuple(
         self,
