@@ -153,8 +153,7 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError('K_CE_OVERRIDES: must be a JSON object like {"extensions": {...}}')
     # Other keys are ignored: the platform may add fields this kit does not know yet.
-    extensions = data.get("extensions")
-    if extensions is None:
+    if (extensions := data.get("extensions")) is None:
         return {}
     if not isinstance(extensions, dict):
         raise ValueError('K_CE_OVERRIDES: "extensions" must be a JSON object')
@@ -180,8 +179,7 @@ def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
 
 
 class DeliveryQueue(asyncio.Queue[Tuple]):
-    """``Source.chan``: ``put`` waits while queued events and those waiting for a retry (the
-    :class:`Deliverer` counts them) fill ``maxsize``, so a failing target cannot pile them up."""
+    """``Source.chan``, whose ``maxsize`` bounds queued events and those waiting for a retry."""
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
@@ -303,12 +301,11 @@ class Deliverer:
             self._draining = True
             self._wake_idle()
             self._closing = asyncio.ensure_future(self._close())
-        closing = self._closing
         if self._deadline is not None:
-            await asyncio.wait({closing}, timeout=max(0.0, self._deadline - loop.time()))
+            await asyncio.wait({self._closing}, timeout=max(0.0, self._deadline - loop.time()))
             for task in self._workers:
                 task.cancel()  # the deadline passed: what is still in flight fails
-        await asyncio.shield(closing)
+        await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
         if self._chan is None:
