@@ -125,7 +125,8 @@ async def delivering(
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
     chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
-    deliverer = Deliverer(cfg, metrics, overrides=overrides, logger=logger, reminder=reminder)
+    deliverer = Deliverer(cfg, metrics, overrides=overrides)
+    deliverer.log, deliverer.reminder = logger or deliverer.log, reminder
     task = asyncio.create_task(deliverer.run(chan))
     try:
         yield deliverer, chan, metrics
@@ -811,7 +812,8 @@ def test_stop_does_not_wait_out_a_retry_after_that_ends_past_the_grace_period() 
             target.fail_next(1, status=503, retry_after=30)
             logged = Logged()
             fates = Fates(1)
-            deliverer = Deliverer(config(target.url), Metrics(), logger=logged.logger)
+            deliverer = Deliverer(config(target.url), Metrics())
+            deliverer.log = logged.logger
             chan: asyncio.Queue[Tuple] = asyncio.Queue(10)
             task = asyncio.create_task(deliverer.run(chan))
             await send(chan, fates, range(1))
@@ -926,7 +928,8 @@ def test_stop_during_drain_takes_over_with_its_deadline() -> None:
         ids = await send(chan, fates, range(20))
         logged = Logged()
         cfg = config(dead, max_in_flight=2, send_event_attempts=0)
-        deliverer = Deliverer(cfg, Metrics(), logger=logged.logger)
+        deliverer = Deliverer(cfg, Metrics())
+        deliverer.log = logged.logger
         task = asyncio.create_task(deliverer.run(chan))
         draining = asyncio.create_task(deliverer.drain())
         await logged.until(lambda: len(logged.lines(containing="retrying")) >= 5)

@@ -228,7 +228,7 @@ def test_checkpoint_advances_only_over_acknowledged_prefix(open_store: Factory) 
         written.append(store.get("offset"))
     assert written == [None, None, None, 2, 4, 5]
     assert checkpoint.position == 5
-    assert checkpoint.pending == 0
+    assert not checkpoint._pending
 
 
 def test_failed_event_stops_the_checkpoint(
@@ -247,7 +247,7 @@ def test_failed_event_stops_the_checkpoint(
     later_success()
     assert store.get("offset") == 0
     assert checkpoint.failed is error
-    assert checkpoint.pending == 0  # nothing piles up behind the failure
+    assert not checkpoint._pending  # nothing piles up behind the failure
     assert "(position 2) was not delivered: target said 400" in caplog.text
     assert "a restart resumes from after position 0" in caplog.text
 

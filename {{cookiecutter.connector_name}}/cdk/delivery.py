@@ -1,13 +1,12 @@
 """Delivery: drains ``Source.chan`` and POSTs every event to the source's ``target``.
 
 A :class:`Deliverer` runs ``max_in_flight`` workers over one keep-alive connection pool
-(:class:`cdk.client.Client`); each takes a due retry, else an event (or a batch, waiting
-up to ``batch_linger`` for it to fill), and sends it. Every :class:`~cdk.connector.Tuple`
-gets exactly one callback: ``success()`` or ``failed(error)``, an error defined here.
-Retries follow Knative's rules, with backoff, jitter and ``Retry-After``; a request
-waiting for one holds no worker unless ``max_in_flight`` is 1 (strict order). The retry
-window (see :meth:`Deliverer._park`) bounds their load on a failing target, and a
-:class:`DeliveryQueue` counts waiting events against ``queue_size``.
+(:class:`cdk.client.Client`); each takes a due retry, else an event (or a batch, waiting up to
+``batch_linger`` for it to fill), and sends it. Every :class:`~cdk.connector.Tuple` gets exactly one
+callback: ``success()`` or ``failed(error)``, an error defined here. Retries follow Knative's rules,
+with backoff, jitter and ``Retry-After``; a request waiting for one holds no worker unless
+``max_in_flight`` is 1 (strict order). The retry window (:meth:`Deliverer._park`) bounds their load
+on a failing target; a :class:`DeliveryQueue` counts waiting events against ``queue_size``.
 """
 
 from __future__ import annotations
@@ -50,11 +49,6 @@ __all__ = [
     "tls_context",
 ]
 
-#: Statuses retried besides every 5xx (Knative's sender conventions).
-RETRYABLE_4XX = frozenset({404, 408, 409, 429})
-#: Statuses whose ``Retry-After`` header is honoured.
-RETRY_AFTER_STATUSES = frozenset({429, 503})
-#: Longest answer-body excerpt carried by an error.
 EXCERPT_CHARS = 200
 #: Most bytes of the target's answer a dead letter carries in ``knativeerrordata``.
 ERROR_DATA_BYTES = 1024
@@ -106,9 +100,8 @@ class ShutdownError(DeliveryError):
 
     def __init__(self, message: str, last_error: BaseException | None = None) -> None:
         self.last_error = last_error
-        if last_error is not None:
-            message = f"{message} (last error: {_describe(last_error)})"
-        super().__init__(message)
+        why = "" if last_error is None else f" (last error: {_describe(last_error)})"
+        super().__init__(message + why)
 
 
 class DeadLettered(DeliveryError):
@@ -134,19 +127,16 @@ def _reason(error: BaseException) -> str:
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds (never negative) a ``Retry-After`` of delta-seconds or an HTTP-date asks
-    to wait; ``None`` when it is absent or unreadable."""
+    """Seconds (>= 0) a ``Retry-After`` (delta-seconds or HTTP-date) asks; None if unreadable."""
     if not value:
         return None
-    value = value.strip()
     with contextlib.suppress(ValueError):
         return max(0.0, float(value))
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        # The asctime form carries no zone, yet every HTTP-date is GMT (RFC 9110 5.6.7).
+    if when.tzinfo is None:  # asctime has no zone, yet every HTTP-date is GMT (RFC 9110 5.6.7)
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (wall_clock() if now is None else now))
 
@@ -163,13 +153,11 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError('K_CE_OVERRIDES: must be a JSON object like {"extensions": {...}}')
     # Other keys are ignored: the platform may add fields this kit does not know yet.
-    extensions = data.get("extensions")
-    if extensions is None:
+    if (extensions := data.get("extensions")) is None:
         return {}
     if not isinstance(extensions, dict):
         raise ValueError('K_CE_OVERRIDES: "extensions" must be a JSON object')
-    try:
-        # The codec's own rules decide what an extension may be named and hold.
+    try:  # the codec's own rules decide what an extension may be named and hold
         with_extensions(_PROBE, extensions)
     except ValueError as exc:
         raise ValueError(f"K_CE_OVERRIDES: {exc}") from None
@@ -177,9 +165,8 @@ def parse_ce_overrides(text: str | None) -> dict[str, Any]:
 
 
 def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
-    """TLS for https:// targets: the system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS``
-    (PEM text, as Knative injects it); ``None`` when neither is set. ``ValueError`` when
-    ``$K_CA_CERTS`` holds no readable certificate."""
+    """The system's CAs plus ``target_ca_file`` and ``$K_CA_CERTS`` (PEM text, as Knative
+    injects it); ``None`` when neither is set, ``ValueError`` when K_CA_CERTS is unreadable."""
     pem = os.environ.get("K_CA_CERTS", "").strip() or None
     if not (pem or config.target_ca_file):
         return None
@@ -192,9 +179,7 @@ def tls_context(config: DeliveryConfig) -> ssl.SSLContext | None:
 
 
 class DeliveryQueue(asyncio.Queue[Tuple]):
-    """``Source.chan``: a bounded queue whose room also counts the events waiting for a
-    retry (the :class:`Deliverer` keeps count), so a failing target cannot make a source
-    hold more than ``maxsize`` events: ``put`` waits while queued and waiting ones fill it."""
+    """``Source.chan``, whose ``maxsize`` bounds queued events and those waiting for a retry."""
 
     def __init__(self, maxsize: int = 0) -> None:
         super().__init__(maxsize)
@@ -233,21 +218,14 @@ class _Request:
 
 
 class Deliverer:
-    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`);
-    ``reminder`` is the fewest seconds between two warnings that deliveries still fail."""
+    """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`)."""
 
     def __init__(
-        self,
-        config: DeliveryConfig,
-        metrics: Metrics,
-        *,
-        overrides: Mapping[str, Any] | None = None,
-        logger: logging.Logger | None = None,
-        reminder: float = 30.0,
+        self, config: DeliveryConfig, metrics: Metrics, overrides: Mapping[str, Any] | None = None
     ) -> None:
-        self.config, self.metrics, self.reminder = config, metrics, reminder
+        self.config, self.metrics, self.log = config, metrics, _log
         self.overrides = dict(overrides) if overrides else None
-        self.log = logger or _log
+        self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
         self._redact = config.redact
         self._shown = self._redact(redact_url(config.target))
         self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
@@ -261,7 +239,9 @@ class Deliverer:
         self._chan: asyncio.Queue[Tuple] | None = None
         self._workers: list[asyncio.Task[None]] = []
         # One worker fills a batch at a time, so batches leave in queue order.
-        self._collect_lock = asyncio.Lock()
+        self._collect_lock: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if config.batch_size > 1 else contextlib.nullcontext()
+        )
         self._idle: set[asyncio.Task[Any]] = set()
         self._woken: set[asyncio.Task[Any]] = set()
         self._in_flight = self._waiting = 0  # requests; events that failed, not yet settled
@@ -287,11 +267,10 @@ class Deliverer:
             return
         self._loop = asyncio.get_running_loop()
         # Gauges are read when scraped, which costs nothing per request.
-        metrics = self.metrics
-        metrics.queue_depth.set_function(chan.qsize)
-        metrics.delivery_in_flight.set_function(lambda: self._in_flight)
-        metrics.delivery_waiting.set_function(lambda: self._waiting)
-        metrics.retry_window.set_function(lambda: self._window)
+        self.metrics.queue_depth.set_function(chan.qsize)
+        self.metrics.delivery_in_flight.set_function(lambda: self._in_flight)
+        self.metrics.delivery_waiting.set_function(lambda: self._waiting)
+        self.metrics.retry_window.set_function(lambda: self._window)
         self._workers = [
             asyncio.create_task(self._worker(chan), name=f"cdk-delivery-{i}")
             for i in range(self.config.max_in_flight)
@@ -322,12 +301,11 @@ class Deliverer:
             self._draining = True
             self._wake_idle()
             self._closing = asyncio.ensure_future(self._close())
-        closing = self._closing
         if self._deadline is not None:
-            await asyncio.wait({closing}, timeout=max(0.0, self._deadline - loop.time()))
+            await asyncio.wait({self._closing}, timeout=max(0.0, self._deadline - loop.time()))
             for task in self._workers:
                 task.cancel()  # the deadline passed: what is still in flight fails
-        await asyncio.shield(closing)
+        await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
         if self._chan is None:
@@ -363,9 +341,8 @@ class Deliverer:
         self._line = deque(r for r in self._line if r in self._pending)
         self._due = deque(r for r in self._due if r in self._pending)
         left: list[Tuple] = []
-        with contextlib.suppress(asyncio.QueueEmpty):
-            while self._chan is not None and not late_only:
-                left.append(self._chan.get_nowait())
+        while self._chan is not None and not late_only and not self._chan.empty():
+            left.append(self._chan.get_nowait())
         for req in doomed:
             await self._settle(req, self._stopped(req))
         if left:
@@ -386,14 +363,11 @@ class Deliverer:
                     owned = [self._due.popleft()]
                     self._pending.discard(owned[0])
                 else:
-                    if self._batch_size == 1:
+                    async with self._collect_lock:
                         tuples = await self._take(chan)
-                    else:
-                        async with self._collect_lock:
-                            tuples = await self._take(chan)
                     if tuples is None:
                         return
-                    owned = self._encode(tuples, self._client) if tuples else []
+                    owned = self._encode(tuples, self._client, {}) if tuples else []
                 while owned:
                     if owned[0].data:
                         await self._send(owned[0])
@@ -428,21 +402,18 @@ class Deliverer:
             except asyncio.QueueEmpty:
                 if self._draining and not self._pending:
                     return None
-                got = await self._idle_wait(chan.get())
-                if got is None:
+                first = await self._idle_wait(chan.get())
+                if first is None:
                     continue
-                first = got
             return [first] if self._batch_size == 1 else await self._fill([first], chan)
 
     async def _fill(self, tuples: list[Tuple], chan: asyncio.Queue[Tuple]) -> list[Tuple]:
         until = self._loop.time() + self.config.batch_linger
         try:
             while len(tuples) < self._batch_size:
-                try:
+                if not chan.empty():
                     tuples.append(chan.get_nowait())
                     continue
-                except asyncio.QueueEmpty:
-                    pass
                 remaining = until - self._loop.time()
                 if self._draining or remaining <= 0:
                     break
@@ -485,13 +456,10 @@ class Deliverer:
             if one:
                 return
 
-    def _encode(
-        self, tuples: list[Tuple], client: Client, extra: Mapping[str, Any] | None = None
-    ) -> list[_Request]:
-        """The requests of ``tuples`` in queue order, encoded once: most often one; first a
-        request without data for each tuple that cannot be encoded, holding its
-        EncodeError; another request at each change of specversion (a batch has one)."""
-        extensions = self.overrides if extra is None else {**(self.overrides or {}), **extra}
+    def _encode(self, tuples: list[Tuple], client: Client, extra: dict[str, str]) -> list[_Request]:
+        """The requests of ``tuples``, most often one: one without data holding the EncodeError
+        of each tuple that cannot be encoded, then one per specversion run (a batch has one)."""
+        extensions = {**(self.overrides or {}), **extra} if extra else self.overrides
         # A user's event may break the encoder in any way; the slow path finds which did.
         with contextlib.suppress(Exception):
             events = [_outbound(item, extensions) for item in tuples]
@@ -501,7 +469,7 @@ class Deliverer:
         for item in tuples:
             try:
                 event = _outbound(item, extensions)
-                self._wire([event], client)
+                self._wire([event], client, {})
             except Exception as exc:  # see above
                 error = EncodeError(f"event cannot be encoded: {_describe(exc)}")
                 failed.append(_Request([item], client, error=error))
@@ -516,7 +484,7 @@ class Deliverer:
     def _request(self, tuples: list[Tuple], client: Client, events: list[CloudEvent]) -> _Request:
         backoff = self.config.retry_backoff
         if not tracing.active:
-            return _Request(tuples, client, self._wire(events, client), backoff)
+            return _Request(tuples, client, self._wire(events, client, {}), backoff)
         span, events, headers = tracing.start_send(events, client.url)
         try:
             return _Request(tuples, client, self._wire(events, client, headers), backoff, span=span)
@@ -524,13 +492,10 @@ class Deliverer:
             tracing.end_send(span, error=exc)
             raise
 
-    def _wire(
-        self, events: list[CloudEvent], client: Client, extra: dict[str, str] | None = None
-    ) -> bytes:
+    def _wire(self, events: list[CloudEvent], client: Client, extra: dict[str, str]) -> bytes:
         # The client refuses headers it cannot write (a line break or a non-Latin-1
         # character in a binary-mode Content-Type): that is the event's fault, found here.
-        single = self._batch_size == 1
-        headers, body = self._encode_one(events[0]) if single else to_batch(events)
+        headers, body = self._encode_one(events[0]) if self._batch_size == 1 else to_batch(events)
         return client.encode_request(body, {**headers, **extra} if extra else headers)
 
     async def _send(self, req: _Request) -> None:
@@ -589,12 +554,10 @@ class Deliverer:
         if len(excerpt) > EXCERPT_CHARS:
             excerpt = excerpt[: EXCERPT_CHARS - 3] + "..."
         status, start = response.status, data[:ERROR_DATA_BYTES]
-        if status < 500 and status not in RETRYABLE_4XX:
+        if status < 500 and status not in (404, 408, 409, 429):  # as Knative's senders retry
             return TargetRejected(status, excerpt, start)
-        retry_after = None
-        if status in RETRY_AFTER_STATUSES:
-            retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        return TargetUnavailable(status, excerpt, start, retry_after)
+        header = response.headers.get("retry-after") if status in (429, 503) else None
+        return TargetUnavailable(status, excerpt, start, retry_after_seconds(header))
 
     async def _succeed(self, req: _Request) -> None:
         self.metrics.delivery_latency.observe(self._loop.time() - req.started)
@@ -681,8 +644,7 @@ class Deliverer:
     def _on_due(self, req: _Request) -> None:
         req.timer = None
         self._due.append(req)
-        if self._idle:
-            self._wake_idle(one=True)
+        self._wake_idle(one=True)
 
     def _count_waiting(self, count: int) -> None:
         self._waiting += count
@@ -702,10 +664,9 @@ class Deliverer:
         # (new backoff state, seconds to wait): decorrelated jitter, Retry-After a floor.
         base, cap = self.config.retry_backoff, self.config.retry_backoff_max
         backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
-        wait = backoff
         if isinstance(error, TargetUnavailable) and error.retry_after is not None:
-            wait = max(wait, min(error.retry_after, self.config.retry_after_max))
-        return backoff, wait
+            return backoff, max(backoff, min(error.retry_after, self.config.retry_after_max))
+        return backoff, backoff
 
     async def _settle(self, req: _Request, error: BaseException | None = None) -> None:
         """Call back each tuple of ``req`` not called back yet: ``success()`` or ``failed``."""
@@ -732,13 +693,11 @@ class Deliverer:
             req.settled += 1
             if chan is not None:
                 chan.task_done()
-            if error is None:
-                await self._call(item, "success")
-            else:
-                await self._call(item, "failed", error)
+            await self._call(item, error)
 
-    async def _call(self, item: Tuple, kind: str, *args: BaseException) -> None:
+    async def _call(self, item: Tuple, error: BaseException | None) -> None:
         """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
+        kind, args = ("success", ()) if error is None else ("failed", (error,))
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
         try:
@@ -756,7 +715,6 @@ class Deliverer:
 
 
 def _outbound(item: Tuple, extensions: Mapping[str, Any] | None) -> CloudEvent:
-    """The event of ``item`` as it goes out (with ``extensions`` set)."""
     if not isinstance(item, Tuple):  # a plain event put into chan by mistake
         raise TypeError(f"chan holds a {type(item).__name__}, not a cdk.Tuple")
     return with_extensions(item.event, extensions) if extensions else item.event

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["EtcdBackend", "Leadership"]
 
 T = TypeVar("T")
+_Call = Callable[[Etcd3Client], T]  # a request, made with the client of one endpoint
 log = logging.getLogger("cdk.etcd")
 
 #: Seconds one store request to one endpoint may take before the next one is tried.
@@ -78,9 +79,8 @@ def _reason(exc: Exception) -> str:
 
 
 class _Cluster:
-    """One client per endpoint of an etcd URL; a call sticks to the endpoint that last
-    answered and moves on to the next when one cannot be reached. One lock: calls from
-    several threads take turns, each bounded by ``timeout`` per endpoint tried."""
+    """One client per etcd endpoint; a call sticks to the one that last answered, moving on when it
+    cannot be reached. Calls take turns (one lock), each bounded by ``timeout`` per endpoint."""
 
     def __init__(self, url: str, access: Access | None, timeout: float) -> None:
         tls, endpoints, self.prefix = parse_etcd_url(url)
@@ -98,7 +98,7 @@ class _Cluster:
         self._current = 0
         self._lock = threading.Lock()
 
-    def call(self, request: Callable[[Etcd3Client], T]) -> T:
+    def call(self, request: _Call[T]) -> T:
         with self._lock:
             failures = []
             for index in [*range(self._current, len(self._clients)), *range(self._current)]:
@@ -115,9 +115,7 @@ class _Cluster:
             tried = "; ".join(failures)
             raise StoreError(f"position store {self.url}: no endpoint answered ({tried})")
 
-    def _attempt(
-        self, client: Etcd3Client, request: Callable[[Etcd3Client], T], again: bool = False
-    ) -> T:
+    def _attempt(self, client: Etcd3Client, request: _Call[T], again: bool = False) -> T:
         if self._login is not None and (again or "Authorization" not in client.session.headers):
             answer = client.post(client.get_url("/auth/authenticate"), json=self._login)
             client.session.headers["Authorization"] = answer["token"]
@@ -143,10 +141,6 @@ class EtcdBackend:
         self.leadership = leadership
         # A wrong address or password fails now, at start, not at the first write.
         self._cluster.call(lambda client: client.get(self._cluster.prefix + "/"))
-
-    @classmethod
-    def from_config(cls, config: SourceConfig, leadership: Leadership | None = None) -> EtcdBackend:
-        return cls(str(config.position_store), leadership, Access.from_config(config))
 
     def get(self, namespace: str, key: str) -> bytes | None:
         values = self._cluster.call(lambda client: client.get(self._key(namespace, key)))
@@ -176,12 +170,11 @@ class EtcdBackend:
 class Leadership:
     """One leader among the replicas of a source sharing an etcd ``url`` and ``namespace``.
 
-    ``await campaign()`` returns once this replica leads (it waits while another does,
-    and retries while etcd cannot be reached), and may be awaited again after a loss;
-    ``await lost()`` returns when the lease may be lost (at once when not leading);
-    ``await resign()`` revokes the lease so another replica can take over at once.
-    The leader renews every quarter lease, and stops leading 3/4 of a lease after it sent
-    its last renewal (a monotonic clock: a pause counts), before etcd can expire it.
+    ``await campaign()`` returns once this replica leads (waiting while another does, retrying while
+    etcd is out of reach); it may be awaited again after a loss. ``await lost()`` returns when the
+    lease may be lost (at once when not leading); ``await resign()`` revokes the lease: another
+    replica may take over at once. The leader renews every quarter lease and stops leading 3/4 of a
+    lease after sending its last renewal (monotonic: a pause counts), before etcd can expire it.
     """
 
     def __init__(
@@ -230,7 +223,7 @@ class Leadership:
         if self._term is not None:
             self._term.get_loop().call_soon_threadsafe(self._lose, reason)
 
-    async def _run(self, request: Callable[[Etcd3Client], T]) -> T:
+    async def _run(self, request: _Call[T]) -> T:
         return await asyncio.to_thread(self._cluster.call, request)
 
     async def _try_to_lead(self) -> bool:

@@ -8,6 +8,7 @@ events again, never skip one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from orjson import OPT_PASSTHROUGH_DATACLASS, OPT_PASSTHROUGH_DATETIME, OPT_PASSTHROUGH_SUBCLASS
 
 from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
@@ -33,11 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
 # Values must round-trip: a datetime or dataclass is refused, not turned into a str or dict.
-_DUMP_OPTIONS = (
-    orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
+_DUMP_OPTIONS = OPT_PASSTHROUGH_DATETIME | OPT_PASSTHROUGH_DATACLASS | OPT_PASSTHROUGH_SUBCLASS
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS positions (namespace TEXT NOT NULL, key TEXT NOT NULL,"
@@ -64,8 +62,7 @@ class _SQLiteBackend:
     """One SQLite file in WAL mode (in memory for ``path`` None); each ``set`` commits.
     ``synchronous=NORMAL``: a killed process loses no commit; an OS crash may drop the last
     ones, which only moves the resume point back. ``FULL`` would fsync every commit,
-    milliseconds each on real disks, capping the events a second a source can acknowledge.
-    """
+    milliseconds each on real disks, capping the events a second a source can acknowledge."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -84,9 +81,8 @@ class _SQLiteBackend:
             raise StoreError(f"position store {path} cannot be opened: {exc}") from None
 
     def get(self, namespace: str, key: str) -> bytes | None:
-        row = self._run(
-            "SELECT value FROM positions WHERE namespace = ? AND key = ?", (namespace, key)
-        )
+        sql = "SELECT value FROM positions WHERE namespace = ? AND key = ?"
+        row = self._run(sql, (namespace, key))
         return None if row is None else str(row[0]).encode()
 
     def set(self, namespace: str, key: str, value: bytes) -> None:
@@ -114,8 +110,7 @@ class _SQLiteBackend:
 class PositionStore:
     """JSON values by key for one connector (``namespace``): in memory for ``path`` None,
     else in that SQLite file (connectors sharing it each see their own namespace) or
-    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd.
-    """
+    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd."""
 
     def __init__(
         self,
@@ -143,9 +138,10 @@ class PositionStore:
         """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
         if not str(url := config.position_store).startswith(ETCD_SCHEMES):
             return cls(namespace, url)
-        from cdk.etcd import EtcdBackend
+        from cdk.etcd import Access, EtcdBackend
 
-        return cls(namespace, url, backend=EtcdBackend.from_config(config, leadership))
+        backend = EtcdBackend(str(url), leadership, Access.from_config(config))
+        return cls(namespace, url, backend=backend)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
@@ -196,19 +192,13 @@ def _dumps(value: Any, name: object) -> bytes:
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
-#: Shortest time between two position writes of a checkpoint on an event loop (seconds).
-WRITE_INTERVAL = 0.05
-_WRITE_BACKOFF_MAX = 5.0
 
 
 class Supervisor(Protocol):
     """What a running source offers the checkpoints made while it runs (see ``SUPERVISOR``)."""
 
-    def watch(self, checkpoint: Checkpoint) -> None:
-        """A checkpoint was made: flush it before ``destroy`` runs."""
-
-    def gap(self, message: str) -> None:
-        """An event a checkpoint tracks failed for good: stop, settle, exit 1."""
+    def watch(self, checkpoint: Checkpoint) -> None: ...  # flush it before ``destroy`` runs
+    def gap(self, message: str) -> None: ...  # an event failed for good: stop, settle, exit 1
 
 
 #: Set by the kit while a source runs, for the checkpoints made then: a failed event
@@ -226,19 +216,17 @@ class _Pending:
 class Checkpoint:
     """Writes a position to the store only once every event before it was acknowledged.
 
-    Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for
-    each event *in the order the source produces them*, with the position to resume after
-    it. On an event loop, writes run in a worker thread, coalesced, retried while the store
-    is unreachable. An event that failed for good (a dead-lettered one counts as
-    acknowledged) stops the checkpoint (:attr:`failed`); under the kit the source then
-    settles and exits 1 naming the event, so nothing is skipped.
+    Call :meth:`track`, or ``await self.chan.put(checkpoint.tuple(event, position))``, for each
+    event *in the order the source produces them*, with the position to resume after it. On an
+    event loop, writes run in a worker thread, coalesced, retried while the store is away. An
+    event that failed for good (a dead-lettered one counts as acknowledged) stops the checkpoint
+    (:attr:`failed`); under the kit the source then settles and exits 1 naming it.
     """
 
     def __init__(
         self, store: PositionStore, key: str = "position", logger: logging.Logger | None = None
     ) -> None:
-        self.store = store
-        self.key = key
+        self.store, self.key = store, key
         self.log = logger or logging.getLogger("cdk.store")
         #: The last position written (or read back from the store at start).
         self.position: Any = store.get(key)
@@ -250,11 +238,6 @@ class Checkpoint:
         self._supervisor = SUPERVISOR.get()
         if self._supervisor is not None:
             self._supervisor.watch(self)
-
-    @property
-    def pending(self) -> int:
-        """Events tracked but not yet part of the written position."""
-        return len(self._pending)
 
     def track(
         self, position: Any, event_id: str | None = None
@@ -269,10 +252,7 @@ class Checkpoint:
             entry.acked = True
             self._advance()
 
-        def failed(error: BaseException) -> None:
-            self._fail(entry, error)
-
-        return success, failed
+        return success, functools.partial(self._fail, entry)
 
     def tuple(
         self,
@@ -367,15 +347,15 @@ class Checkpoint:
         return True
 
     async def _write_loop(self) -> None:
-        delay = 0.05
+        delay = 0.05  # before the first retry of a refused write; doubled up to 5 s
         while self._unwritten is not _NOTHING:
             if await asyncio.to_thread(self._write_pending):
                 delay = 0.05
-                # Else a busy source keeps etcd writing flat out for positions soon replaced.
-                await asyncio.sleep(WRITE_INTERVAL)
+                # At most a write per 50 ms, not etcd writing flat out for positions soon replaced.
+                await asyncio.sleep(0.05)
             else:
                 await asyncio.sleep(delay)
-                delay = min(_WRITE_BACKOFF_MAX, delay * 2)
+                delay = min(5.0, delay * 2)
 
 
 def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., None]:

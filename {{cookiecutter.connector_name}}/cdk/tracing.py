@@ -109,8 +109,7 @@ _Current = AbstractContextManager["Span"]  # a span made current for a with-bloc
 
 
 def start_send(events: Sequence[CloudEvent], target: str) -> _Send:
-    """The span of one delivery request to ``target``, the events to encode (those
-    without a trace get this one) and the HTTP headers that carry it."""
+    """A delivery's span, the events to encode (those without a trace get it), its headers."""
     span = _start("send", "PRODUCER", events)
     url = urlsplit(target)  # host and port only: a query may hold a token
     span.set_attributes({"server.address": url.hostname or "", "server.port": url.port or 0})
