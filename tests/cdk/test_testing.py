@@ -209,7 +209,7 @@ def test_source_in_thread_delivers_to_a_target() -> None:
     with CaptureTarget.in_thread() as target:
         config = cdk.SourceConfig.model_validate({"target": target.url})
         with run_in_thread(source, config) as running:
-            running.wait(30)
+            running.call(running.service.wait(), 30)
             target.wait_for_sync(5, timeout=30)
         assert sorted(e.get_id() for e in target.events) == [f"n-{n}" for n in range(5)]
 
@@ -303,7 +303,7 @@ def test_recording_source_sees_callbacks_of_each_event() -> None:
         CaptureTarget.in_thread() as target,
         run_in_thread(source, cdk.SourceConfig.model_validate({"target": target.url})) as running,
     ):
-        running.wait(30)
+        running.call(running.service.wait(), 30)
         recorder.wait_until(
             lambda: len(recorder.fates) == 3 and all(f.successes for f in recorder.fates),
             30,

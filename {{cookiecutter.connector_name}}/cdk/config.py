@@ -434,7 +434,7 @@ def _leaf_values(data: Any) -> list[str]:
     if isinstance(data, bytes):
         data = data.decode("utf-8", "replace")
     if isinstance(data, Mapping):
-        return [leaf for value in data.values() for leaf in _leaf_values(value)]
+        data = list(data.values())
     if isinstance(data, list):
         return [leaf for value in data for leaf in _leaf_values(value)]
     if data is None or isinstance(data, bool):
@@ -443,8 +443,7 @@ def _leaf_values(data: Any) -> list[str]:
 
 
 def _secret_leaves(annotation: Any, data: Any) -> list[str]:
-    """The values in ``data`` that ``annotation`` types as secrets, at any depth (in
-    sub-models, lists and dict values)."""
+    """Values in ``data`` that ``annotation`` types as secrets (in sub-models, lists, dicts)."""
     if annotation in (SecretStr, SecretBytes):
         return _leaf_values(data)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -494,8 +493,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> C:
-    """Load, merge and validate the connector's configuration, or raise ConfigError;
-    ``defaults`` stand in for keys that neither file nor environment set."""
+    """Load, merge and validate the config, or raise ConfigError; ``defaults`` fill unset keys."""
     env = os.environ if environ is None else environ
     config_path, secret_path, secret_required = resolve_paths(config, secret, env)
     config_data = _read_yaml(config_path, "config", required=True)
@@ -505,11 +503,9 @@ def load_config(
     for key, names in ENV_FALLBACKS.items():
         # A key left empty (``target:``) counts as absent: a ConfigMap may leave it to $K_SINK.
         if key in model.model_fields and data.get(key) is None:
-            for name in names:
-                if env.get(name):
-                    data[key] = env[name]
-                    from_env[key] = name
-                    break
+            name = next((name for name in names if env.get(name)), None)
+            if name is not None:
+                data[key], from_env[key] = env[name], name
     for key, value in (defaults or {}).items():
         if data.get(key) is None:
             data[key] = value
@@ -531,8 +527,7 @@ def load_config(
 
 
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
-    """``config`` as JSON-ready data fit for logs, every secret (and ``target``'s password)
-    masked."""
+    """``config`` as JSON-ready data for logs, every secret (and ``target``'s password) masked."""
     data = config.model_dump(mode="json")
     if isinstance(data.get("target"), str):
         data["target"] = redact_url(data["target"])

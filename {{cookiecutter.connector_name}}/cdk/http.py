@@ -47,7 +47,6 @@ _LINGER_BYTES = 64 << 20
 _TRIM_AFTER = 16 << 20
 #: File descriptors kept free beside connections: listening socket, logs, the app's own.
 _FD_RESERVE = 64
-#: What ``HTTPError`` takes as headers.
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
@@ -472,8 +471,7 @@ class _Connection(asyncio.Protocol):
         if body:
             request.body = body[0] if len(body) == 1 else b"".join(body)
             self._body = []
-        parser = self.parser
-        self.queue.append((request, parser.should_keep_alive(), self._version == "1.0", b""))
+        self.queue.append((request, self.parser.should_keep_alive(), self._version == "1.0", b""))
 
     def _without_upgrade(self, rest: bytes) -> bytes:
         """The head that asked for an upgrade, without ``Upgrade``, and ``rest``, for a fresh

@@ -29,7 +29,6 @@ class Reply:
 
     @property
     def ok(self) -> bool:
-        """True for a 2xx answer."""
         return 200 <= self.status < 300
 
     @property
@@ -79,7 +78,6 @@ class SinkClient:
         body: bytes | str = b"",
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
-        """Send one request and return the whole answer."""
         headers = dict(headers or {})
         if self.token is not None and not any(n.lower() == "authorization" for n in headers):
             headers["Authorization"] = f"Bearer {self.token}"

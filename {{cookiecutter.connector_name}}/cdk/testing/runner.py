@@ -1,7 +1,6 @@
-"""Runners: a connector in-process on a background event loop (:func:`run_in_thread`, so
-synchronous tests can talk to it over loopback HTTP) or as the real ``python cmd/main.py``
-(:class:`ConnectorProcess`); and :func:`wait_on`, the one way the test kit waits for
-what another thread does.
+"""Runners: a connector in-process on a background event loop (:func:`run_in_thread`, for
+synchronous tests that talk to it over loopback HTTP) or as ``python cmd/main.py``
+(:class:`ConnectorProcess`); and :func:`wait_on`, how the kit waits for another thread.
 """
 
 from __future__ import annotations
@@ -89,8 +88,7 @@ class LoopThread:
 
 
 class Running(LoopThread):
-    """A service run by :func:`run_in_thread`; ``url`` and ``port`` (on 127.0.0.1) for a
-    sink or a webhook source."""
+    """A service run by :func:`run_in_thread`; ``url`` and ``port`` of a sink or webhook source."""
 
     def __init__(self, service: Service) -> None:
         super().__init__(f"cdk-testing-{service.kind}")
@@ -103,10 +101,6 @@ class Running(LoopThread):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def wait(self, timeout: float = 30.0) -> None:
-        """Wait until a source finished by itself (its ``loop_produce_event`` returned)."""
-        self.call(self.service.wait(), timeout)
 
 
 @contextmanager
@@ -173,13 +167,12 @@ class ConnectorProcess:
         if self._process is not None:
             raise RuntimeError("the process was already started")
         self._tmp = tempfile.TemporaryDirectory(prefix="cdk-testing-")
-        config_path = Path(self._tmp.name) / "config.yml"
-        config_path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
-        args = [sys.executable, "cmd/main.py", "--config", str(config_path)]
-        if self.secret is not None:
-            secret_path = Path(self._tmp.name) / "secret.yml"
-            secret_path.write_text(yaml.safe_dump(self.secret, sort_keys=False), "utf-8")
-            args += ["--secret", str(secret_path)]
+        args = [sys.executable, "cmd/main.py"]
+        for option, data in (("config", self.config), ("secret", self.secret)):
+            if data is not None:
+                path = Path(self._tmp.name) / f"{option}.yml"
+                path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+                args += [f"--{option}", str(path)]
         kit_variables = {name for name, _, _ in ENVIRONMENT}
         env = {k: v for k, v in os.environ.items() if k not in kit_variables}
         env.update({"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **self._env})
@@ -269,13 +262,11 @@ class ConnectorProcess:
         """Wait until a line (from index ``start``) matches ``pattern``; return the match."""
         regex = re.compile(pattern)
 
-        def first(lines: list[str]) -> re.Match[str] | None:
-            return next((match for line in lines[start:] if (match := regex.search(line))), None)
+        def seen(lines: list[str]) -> bool:
+            return any(map(regex.search, lines[start:]))
 
-        what = f"a line matching {regex.pattern!r}"
-        match = first(self.wait_until(lambda lines: first(lines) is not None, timeout, what=what))
-        assert match is not None
-        return match
+        lines = self.wait_until(seen, timeout, what=f"a line matching {regex.pattern!r}")
+        return next(match for line in lines[start:] if (match := regex.search(line)))
 
     @property
     def port(self) -> int:

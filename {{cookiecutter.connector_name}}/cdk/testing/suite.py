@@ -14,11 +14,11 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 import pytest
@@ -63,10 +63,8 @@ def _data(event: CloudEvent) -> Any:
     data = event.get_data()
     media = (event.get_datacontenttype() or "/json").split(";", 1)[0].strip().lower()
     if isinstance(data, bytes | str) and media.endswith(("/json", "+json")):
-        try:
+        with suppress(orjson.JSONDecodeError):
             return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return data
     return data
 
 
@@ -86,7 +84,6 @@ def assert_same_events(got: Sequence[CloudEvent], sent: Sequence[CloudEvent]) ->
 
 
 def _key(event: CloudEvent) -> tuple[str, str]:
-    """What makes an event unique: its source and id."""
     return event.get_source(), event.get_id()
 
 
@@ -95,44 +92,26 @@ def _assert_unique(events: Sequence[CloudEvent]) -> None:
     assert len(set(keys)) == len(keys), f"duplicate source/id pairs: {keys}"
 
 
-# -- recording what a connector does -------------------------------------------------
-
-
 def recording_sink(
     sink_class: type[Sink[Any]], calls: list[tuple[CloudEvent, ...]]
 ) -> type[Sink[Any]]:
-    """A subclass of ``sink_class`` whose ``arrived`` appends its events to ``calls``, then
-    runs the original; it keeps the original's kind (``async def`` or plain ``def``), so the
-    runtime runs it exactly as it runs the user's sink."""
+    """A subclass of ``sink_class`` whose ``arrived`` appends its events to ``calls``, then runs
+    the original; of the same kind (``async def`` or plain ``def``): the runtime runs it alike."""
     if inspect.iscoroutinefunction(sink_class.arrived):
 
         class AsyncRecording(sink_class):  # type: ignore[valid-type, misc]
             async def arrived(self, *events: CloudEvent) -> Result:
                 calls.append(events)
-                result: Result = await super().arrived(*events)
-                return result
+                return cast(Result, await super().arrived(*events))
 
         return AsyncRecording
 
     class Recording(sink_class):  # type: ignore[valid-type, misc]
         def arrived(self, *events: CloudEvent) -> Result:
             calls.append(events)
-            result: Result = super().arrived(*events)
-            return result
+            return cast(Result, super().arrived(*events))
 
     return Recording
-
-
-def failing_sink(sink_class: type[Sink[Any]], answer: Result | BaseException) -> type[Sink[Any]]:
-    """A subclass of ``sink_class`` whose ``arrived`` returns ``answer`` (or raises it)."""
-
-    class Failing(sink_class):  # type: ignore[valid-type, misc]
-        def arrived(self, *events: CloudEvent) -> Result:
-            if isinstance(answer, BaseException):
-                raise answer
-            return answer
-
-    return Failing
 
 
 @dataclass
@@ -221,9 +200,6 @@ def recording_source(
     return Recording
 
 
-# -- what both suites share ----------------------------------------------------------
-
-
 class _ConnectorTests:
     __test__ = False
 
@@ -299,23 +275,19 @@ class _ConnectorTests:
         )
 
 
-# -- sinks ---------------------------------------------------------------------------
-
 _MODES: tuple[Mode, ...] = ("binary", "structured", "batch")
 _STRUCTURED = {"Content-Type": "application/cloudevents+json"}
 _BATCH = {"Content-Type": "application/cloudevents-batch+json"}
 _VALID = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
-_WITHOUT_ID = {k: v for k, v in _VALID.items() if k != "id"}
-_BINARY_WITHOUT_ID = {"Content-Type": "application/json"} | {
-    f"ce-{k}": v for k, v in _WITHOUT_ID.items()
-}
+_NO_ID = {k: v for k, v in _VALID.items() if k != "id"}
+_BINARY_NO_ID = {"Content-Type": "application/json"} | {f"ce-{k}": v for k, v in _NO_ID.items()}
 #: Requests that carry no valid CloudEvent, each of which must be answered 400.
 _INVALID: dict[str, tuple[dict[str, str], bytes]] = {
-    "binary-without-id": (_BINARY_WITHOUT_ID, b"{}"),
-    "structured-without-id": (_STRUCTURED, orjson.dumps(_WITHOUT_ID)),
+    "binary-without-id": (_BINARY_NO_ID, b"{}"),
+    "structured-without-id": (_STRUCTURED, orjson.dumps(_NO_ID)),
     "structured-not-json": (_STRUCTURED, b"{not json"),
     "structured-bad-specversion": (_STRUCTURED, orjson.dumps({**_VALID, "specversion": "9.9"})),
-    "batch-with-invalid-event": (_BATCH, orjson.dumps([_VALID, _WITHOUT_ID])),
+    "batch-with-invalid-event": (_BATCH, orjson.dumps([_VALID, _NO_ID])),
     "batch-not-an-array": (_BATCH, orjson.dumps(_VALID)),
 }
 
@@ -373,7 +345,14 @@ class SinkTests(_ConnectorTests):
 
     def _answer_to(self, answer: Result | BaseException) -> Reply:
         """What the sink answers when its ``arrived`` returns (or raises) ``answer``."""
-        with self.serve(failing_sink(self.sink_class, answer)()) as client:
+
+        class Failing(self.sink_class):  # type: ignore[name-defined, misc]
+            def arrived(self, *events: CloudEvent) -> Result:
+                if isinstance(answer, BaseException):
+                    raise answer
+                return answer
+
+        with self.serve(Failing()) as client:
             return client.send(self.make_event(0))
 
     @pytest.mark.parametrize("code", [400, 503])
@@ -395,9 +374,8 @@ class SinkTests(_ConnectorTests):
 
     def test_health_endpoints(self) -> None:
         with self.recorded() as (client, _):
-            assert client.get("/healthz").status == 200
-            assert client.get("/readyz").status == 200
-            assert client.get("/metrics").status == 200
+            for path in ("/healthz", "/readyz", "/metrics"):
+                assert client.get(path).status == 200, path
 
     def test_process_serves_and_stops_on_sigterm(self) -> None:
         with self.process(host="127.0.0.1", port=free_port()) as process:
@@ -411,9 +389,6 @@ class SinkTests(_ConnectorTests):
 
     def test_bad_config_exits_2(self) -> None:
         self._assert_bad_config_exits_2("port", "not-a-port")
-
-
-# -- sources -------------------------------------------------------------------------
 
 
 @dataclass
@@ -464,22 +439,14 @@ class SourceTests(_ConnectorTests):
         body = orjson.dumps({"message": "hello from the test", "n": 1})
         return body, {"Content-Type": "application/json"}
 
-    @contextmanager
-    def _target(self, fail_status: int | None) -> Iterator[CaptureTarget]:
-        """A CaptureTarget in a thread that answers every request ``fail_status``, if given."""
-        with CaptureTarget.in_thread() as target:
-            if fail_status is not None:
-                target.fail_with(fail_status)
-            yield target
-
     def _run_polling(self, *, fail_status: int | None = None, **overrides: Any) -> _DeliveryRun:
-        """Run the source against a CaptureTarget until ``event_count`` events arrived (or the
-        source finished) and each got its callback; or, with ``fail_status`` answered to
-        every request, until a ``failed`` callback."""
+        """Run the source until ``event_count`` events arrived (or it finished) and each got its
+        callback; or, with every request answered ``fail_status``, until a ``failed`` callback."""
         recorder = SourceRecorder()
         source = recording_source(self.source_class, recorder)()  # type: ignore[arg-type]
         captured: list[CloudEvent] = []
-        with self._target(fail_status) as target:
+        with CaptureTarget.in_thread() as target:
+            target.fail_with(fail_status)
             config = self.connector_config(target=target.url, **overrides)
             with run_in_thread(source, config, start_timeout=self.timeout):
                 if fail_status is None:
@@ -489,9 +456,8 @@ class SourceTests(_ConnectorTests):
         return _DeliveryRun(captured, recorder.fates)
 
     def _await_delivery(self, target: CaptureTarget, recorder: SourceRecorder) -> list[CloudEvent]:
-        # Callbacks follow the target's answers, and a finishing source says so: the
-        # recorder hears of every step, so wait on it. A source that ran out of events is
-        # done once each queued event got its callback.
+        # The recorder hears of every callback and of the source finishing: wait on it. A
+        # source that ran out of events is done once each queued event got its callback.
         def enough() -> bool:
             done = recorder.finished and all(fate.settled for fate in recorder.fates)
             return done or len(target.events) >= self.event_count
@@ -538,7 +504,7 @@ class SourceTests(_ConnectorTests):
             assert len(fate.failures) == 1, f"failed fired {len(fate.failures)} times"
 
     def test_process_delivers_and_stops_on_sigterm(self) -> None:
-        with self._target(None) as target, self.process(target=target.url):
+        with CaptureTarget.in_thread() as target, self.process(target=target.url):
             target.wait_until(lambda: len(target.events) >= 1, self.timeout)
 
     def _post_webhook(
@@ -546,7 +512,8 @@ class SourceTests(_ConnectorTests):
     ) -> tuple[Reply, list[CloudEvent]]:
         """POST ``webhook_request()`` once to the source served in-process: (reply, events)."""
         body, headers = self.webhook_request()
-        with self._target(fail_status) as target:
+        with CaptureTarget.in_thread() as target:
+            target.fail_with(fail_status)
             with self.serve(self.source_class(), target=target.url, **overrides) as client:
                 reply = client.post(body, headers)
             return reply, target.events
@@ -564,7 +531,7 @@ class SourceTests(_ConnectorTests):
 
     def test_webhook_process_serves_and_stops_on_sigterm(self) -> None:
         body, headers = self.webhook_request()
-        with self._target(None) as target:
+        with CaptureTarget.in_thread() as target:
             with self.process(target=target.url, host="127.0.0.1", port=free_port()) as process:
                 config = self.connector_config(target=target.url)
                 reply = self.client(process.url, config).post(body, headers)

@@ -1,11 +1,10 @@
 """CaptureTarget: a real HTTP receiver on loopback that records what a source delivers.
 
-It decodes every request with :func:`cdk.codec.from_http`, so a malformed one is
-answered 400 or 415 like a strict receiver, and can be told to fail the next requests
-(a status and ``Retry-After``, a dropped connection, a late answer, or a seeded random
-share). It runs on ``aiohttp.web``, independent of the kit's own HTTP server, so a bug
-there cannot hide a bug in delivery: ``async with CaptureTarget()`` in async code,
-``with CaptureTarget.in_thread()`` in synchronous tests; https:// given an SSLContext.
+It decodes every request with :func:`cdk.codec.from_http` (a malformed one is answered 400 or 415,
+as by a strict receiver) and can fail the next requests (a status and ``Retry-After``, a dropped
+connection, a late answer, or a seeded random share). It runs on ``aiohttp.web``, apart from the
+kit's own HTTP server, so a bug there cannot hide one in delivery: ``async with CaptureTarget()`` in
+async code, ``with CaptureTarget.in_thread()`` in sync tests; https:// given an SSLContext.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ def _answer(status: int, body: bytes | str, retry_after: float | str | None) -> 
 
 
 class CaptureTarget:
-    """An HTTP receiver on a loopback port (``port=0``: a free one) that records every event
-    it accepts."""
+    """An HTTP receiver on a loopback port (``port=0``: a free one) recording what it accepts."""
 
     def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.host = "127.0.0.1"
@@ -156,11 +154,7 @@ class CaptureTarget:
         self._push(n, _Behaviour("delay", status, seconds=seconds))
 
     def fail_with(
-        self,
-        status: int | None,
-        *,
-        retry_after: float | str | None = None,
-        body: bytes | str = b"",
+        self, status: int | None, *, retry_after: float | str | None = None, body: bytes | str = b""
     ) -> None:
         """Answer every request with ``status`` once the script is used up; ``None`` ends it."""
         with self._changed:
@@ -192,8 +186,7 @@ class CaptureTarget:
     @property
     def requests(self) -> list[CapturedRequest]:
         """The requests answered 2xx, in the order they were answered."""
-        with self._changed:
-            return [record for record in self._all if record.accepted]
+        return [record for record in self.all_requests if record.accepted]
 
     @property
     def all_requests(self) -> list[CapturedRequest]:
@@ -209,8 +202,7 @@ class CaptureTarget:
     @property
     def attempts(self) -> int:
         """How many requests arrived, whatever the answer."""
-        with self._changed:
-            return len(self._all)
+        return len(self.all_requests)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         """Block until ``predicate()`` holds; raise ``TimeoutError`` after ``timeout`` s."""
@@ -227,8 +219,7 @@ class CaptureTarget:
         return self.events
 
     async def wait_until_async(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Await until ``predicate()`` holds (waiting in a worker thread, so the loop serving
-        the target runs on); raise ``TimeoutError`` after ``timeout`` s."""
+        """``wait_until`` in a worker thread, so that the loop serving the target runs on."""
         await asyncio.to_thread(self.wait_until, predicate, timeout)
 
     async def wait_for(self, count: int, timeout: float = 5.0) -> list[CloudEvent]:
@@ -236,9 +227,7 @@ class CaptureTarget:
         return await asyncio.to_thread(self.wait_for_sync, count, timeout)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        headers = {
-            name.lower(): ", ".join(request.headers.getall(name)) for name in request.headers
-        }
+        headers = {key.lower(): ", ".join(request.headers.getall(key)) for key in request.headers}
         record = CapturedRequest(headers, await request.read(), time.monotonic())
         behaviour = self._next_behaviour() or _Behaviour("accept")
         if behaviour.kind == "delay":
