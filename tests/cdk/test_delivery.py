@@ -41,6 +41,7 @@ from cdk.delivery import (
     retry_after_seconds,
 )
 from cdk.metrics import Metrics
+from cdk.store import Checkpoint, PositionStore
 from cdk.testing import CaptureTarget, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -980,6 +981,44 @@ def test_an_event_the_target_rejects_goes_to_the_dead_letter_target(batch_size: 
             assert {r.headers["authorization"] for r in dead.requests} == {"Bearer dl-7f3e"}
             assert value(metrics, "cdk_events_dead_lettered_total") == batch_size
             assert value(metrics, "cdk_events_failed_total", {"reason": "rejected"}) == batch_size
+
+    run(main)
+
+
+def test_a_dead_lettered_event_moves_the_checkpoint_on_and_async_callbacks_are_awaited() -> None:
+    # The dead-letter target holds the event, so the position goes past it; the source's
+    # own callbacks, chained behind the checkpoint's, may be async def.
+    async def main() -> None:
+        async with CaptureTarget() as target, CaptureTarget() as dead:
+            target.reject_next(1, status=422)
+            store = PositionStore("source-a")
+            checkpoint = Checkpoint(store, "offset")
+            settled: list[str] = []
+            all_settled = asyncio.Event()
+
+            async def note(what: str) -> None:
+                settled.append(what)
+                if len(settled) == 4:
+                    all_settled.set()
+
+            cfg = config(target.url, max_in_flight=1, dead_letter_target=dead.url)
+            async with delivering(cfg) as (_, chan, _metrics):
+                for n in range(4):
+                    await chan.put(
+                        checkpoint.tuple(
+                            make_event(n),
+                            n,
+                            lambda n=n: note(f"ok {n}"),
+                            lambda _exc, n=n: note(f"dead-lettered {n}"),
+                        )
+                    )
+                async with asyncio.timeout(10):
+                    await all_settled.wait()
+            await checkpoint.flush()
+            assert settled == ["dead-lettered 0", "ok 1", "ok 2", "ok 3"]
+            assert [e.get_id() for e in dead.events] == ["e0"]
+            assert checkpoint.failed is None
+            assert store.get("offset") == 3
 
     run(main)
 

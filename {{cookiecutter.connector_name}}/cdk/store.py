@@ -25,6 +25,7 @@ from orjson import OPT_PASSTHROUGH_DATACLASS, OPT_PASSTHROUGH_DATETIME, OPT_PASS
 
 from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
+from cdk.delivery import DeadLettered
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
@@ -294,7 +295,7 @@ class Checkpoint:
                 return
 
     def _fail(self, entry: _Pending, error: BaseException) -> None:
-        if getattr(error, "dead_lettered", False):
+        if isinstance(error, DeadLettered):
             # The dead-letter target holds the event: nothing is lost by moving on.
             entry.acked = True
             self._advance()
@@ -358,12 +359,12 @@ class Checkpoint:
                 delay = min(5.0, delay * 2)
 
 
-def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., None]:
+def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Callable[..., Any]:
     if then is None:
         return first
 
-    def both(*args: Any) -> None:
+    def both(*args: Any) -> Any:
         first(*args)
-        then(*args)
+        return then(*args)  # an awaitable, from an async def, is awaited by delivery
 
     return both
