@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cdk.store import Checkpoint, PositionStore, StoreError
+from cdk.store import Checkpoint, NotLeader, PositionStore, StoreError
 
 Factory = Callable[[str], PositionStore]
 
@@ -320,6 +321,40 @@ def test_checkpoint_survives_a_store_that_cannot_write(
         success()
     assert checkpoint.position is None
     assert "could not be written" in caplog.text
+
+
+class _Deposed:
+    """A backend whose every write is refused as a fenced one (another replica leads)."""
+
+    def get(self, namespace: str, key: str) -> bytes | None:
+        return None
+
+    def set(self, namespace: str, key: str, value: bytes) -> None:
+        raise NotLeader("position not written: this replica no longer leads")
+
+    def delete(self, namespace: str, key: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_fenced_write_refused_on_the_loop_drops_the_position(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # On an event loop the write runs in a worker thread: the refusal voids the checkpoint
+    # there, with no event loop of its own to ask for the current task.
+    async def main() -> Checkpoint:
+        checkpoint = Checkpoint(PositionStore("source-a", backend=_Deposed()), "offset")
+        checkpoint.track(1)[0]()
+        await checkpoint.flush()
+        return checkpoint
+
+    with caplog.at_level(logging.WARNING, logger="cdk.store"):
+        checkpoint = asyncio.run(main())
+    assert isinstance(checkpoint.failed, NotLeader)
+    assert checkpoint.position is None
+    assert "position 1 dropped: position not written" in caplog.text
 
 
 # --- a source killed mid-stream ----------------------------------------------------------

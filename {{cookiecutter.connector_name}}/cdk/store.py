@@ -269,11 +269,15 @@ class Checkpoint:
 
     def abandon(self) -> None:
         """Write nothing more: this replica's term as leader ended (or the source stops)."""
-        self.failed = self.failed or NotLeader("this checkpoint's term as leader ended")
         self._pending.clear()
-        self._unwritten = _NOTHING
-        if self._writer is not None and self._writer is not asyncio.current_task():
+        self._void()
+        if self._writer is not None:
             self._writer.cancel()
+
+    def _void(self) -> None:
+        # Also called in the writer's thread, which has no event loop: only two attributes.
+        self.failed = self.failed or NotLeader("this checkpoint's term as leader ended")
+        self._unwritten = _NOTHING
 
     async def flush(self) -> None:
         """Wait until the newest acknowledged position is written."""
@@ -335,7 +339,7 @@ class Checkpoint:
         except NotLeader as exc:
             # Another replica leads now and writes its own positions: this one is void.
             self.log.warning("checkpoint %r: position %r dropped: %s", self.key, position, exc)
-            self.abandon()
+            self._void()  # the writer ends by itself: nothing is left to write
             return True
         except StoreError as exc:
             self.log.error(
