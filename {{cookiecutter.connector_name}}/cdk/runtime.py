@@ -144,17 +144,12 @@ async def _run_service(
     except ServiceError as exc:
         service.log.error("%s", exc)
         return cli.EXIT_FAILURE
-    finished = asyncio.ensure_future(service.wait())
-    await _first(signalled.wait(), finished)
+    await _first(signalled.wait(), service.wait())
     if not signalled.is_set():
-        # The service ended by itself: settle everything, unless a signal cuts it short.
-        settling = asyncio.ensure_future(service.stop())
-        await _first(signalled.wait(), asyncio.shield(settling))
-        if not settling.done():
-            watchdog.arm(grace + SHUTDOWN_ALLOWANCE)
-            await service.stop(grace)
-        await settling
-    else:
+        # The service ended by itself: settle everything, unless a signal cuts it short
+        # (service.stop shields the stop under way, so _first cancels only its own wait).
+        await _first(signalled.wait(), service.stop())
+    if signalled.is_set():
         watchdog.arm(grace + SHUTDOWN_ALLOWANCE)
         await service.stop(grace)
     return cli.EXIT_FAILURE if service.error is not None else cli.EXIT_OK
