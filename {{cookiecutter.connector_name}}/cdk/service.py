@@ -198,9 +198,7 @@ class _Chan(DeliveryQueue):
         return self._left == 0 or super().full()
 
     def put_nowait(self, item: Tuple) -> None:
-        if self._left == 0:
-            raise asyncio.QueueFull
-        super().put_nowait(item)
+        super().put_nowait(item)  # QueueFull once the limit is reached: full() says so
         if self._left is not None:
             self._left -= 1
             if self._left == 0:
@@ -282,9 +280,7 @@ class _SourceService(Service):
     async def _deliver(self) -> None:
         try:
             await self.deliverer.run(self.chan)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # a cancellation is no Exception: it goes on
             self.log.exception("delivery stopped unexpectedly")
             self._fail(exc)
 
@@ -406,9 +402,7 @@ class PollingSourceService(_SourceService):
     async def _produce(self) -> None:
         try:
             await self.connector.loop_produce_event()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # a cancellation is no Exception: it goes on
             self.log.exception(
                 "loop_produce_event raised; delivering what is queued, then stopping"
             )
