@@ -101,6 +101,8 @@ def redact_url(url: str) -> str:
 
 #: ``position_store`` values that select the etcd backend (:mod:`cdk.etcd`).
 ETCD_SCHEMES = ("etcd://", "etcds://")
+#: Fields holding an http(s) URL: checked as one at load, credentials masked when shown.
+_URL_FIELDS = ("target", "dead_letter_target")
 
 
 def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
@@ -271,7 +273,7 @@ class DeliveryConfig(ConnectorConfig):
                 raise ValueError(f"cannot be read as PEM certificates: {exc}") from None
         return value
 
-    @field_validator("target", "dead_letter_target")
+    @field_validator(*_URL_FIELDS)
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -527,10 +529,11 @@ def load_config(
 
 
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
-    """``config`` as JSON-ready data for logs, every secret (and ``target``'s password) masked."""
+    """``config`` as JSON-ready data for logs, every secret (and URLs' credentials) masked."""
     data = config.model_dump(mode="json")
-    if isinstance(data.get("target"), str):
-        data["target"] = redact_url(data["target"])
+    for key in _URL_FIELDS:
+        if isinstance(data.get(key), str):
+            data[key] = redact_url(data[key])
     return _mask_strings(data, config._masked_values or [])  # type: ignore[no-any-return]
 
 
