@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -534,14 +534,14 @@ def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
     for key in _URL_FIELDS:
         if isinstance(data.get(key), str):
             data[key] = redact_url(data[key])
-    return _mask_strings(data, config._masked_values or [])  # type: ignore[no-any-return]
+    return _mask_strings(data, config.redact)  # type: ignore[no-any-return]
 
 
-def _mask_strings(data: Any, secrets: list[str]) -> Any:
+def _mask_strings(data: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(data, str):
-        return _redact(data, secrets)
+        return redact(data)
     if isinstance(data, dict):
-        return {key: _mask_strings(value, secrets) for key, value in data.items()}
+        return {key: _mask_strings(value, redact) for key, value in data.items()}
     if isinstance(data, list):
-        return [_mask_strings(value, secrets) for value in data]
+        return [_mask_strings(value, redact) for value in data]
     return data
