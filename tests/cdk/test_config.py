@@ -456,6 +456,15 @@ def test_masked_dump_hides_every_secret(tmp_path: Path) -> None:
     assert TOKEN not in str(dumped) and PASSWORD not in str(dumped)
 
 
+def test_masked_dump_hides_credentials_in_every_target_url(tmp_path: Path) -> None:
+    # Not only target's: dead_letter_target may carry a password or an access_token too.
+    url = f"http://u:{PASSWORD}@h.example/?access_token={TOKEN}"
+    config = write(tmp_path / "c.yml", f"target: {url}\ndead_letter_target: {url}\n")
+    dumped = masked_dump(load_config(SourceConfig, config, environ={}))
+    masked = "http://u:**********@h.example/?access_token=**********"
+    assert (dumped["target"], dumped["dead_letter_target"]) == (masked, masked)
+
+
 def test_multi_line_validator_message_stays_one_line(tmp_path: Path) -> None:
     pem = "-----BEGIN KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASC\n-----END KEY-----"
 

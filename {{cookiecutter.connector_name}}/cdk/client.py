@@ -280,7 +280,7 @@ class Client:
         lines = [
             f"POST {target} HTTP/1.1\r\n",
             f"Host: {host}\r\n",
-            f"User-Agent: cdk/{getattr(cdk, '__version__', '0')}\r\n",
+            f"User-Agent: cdk/{cdk.__version__}\r\n",
         ]
         if authorization is not None:
             lines.append(f"Authorization: {authorization}\r\n")
@@ -328,9 +328,7 @@ class Client:
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._send(data)
-        except TimeoutError as exc:
-            if isinstance(exc, ClientError):
-                raise
+        except TimeoutError:
             raise RequestTimeout(f"no answer within {self.timeout:g} s") from None
 
     async def _send(self, data: bytes) -> ClientResponse:

@@ -39,6 +39,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 __all__ = [
     "TOKEN_CHARS",
+    "AnyCloudEvent",
     "CodecError",
     "Mode",
     "encode",

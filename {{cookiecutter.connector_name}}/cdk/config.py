@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -101,6 +101,8 @@ def redact_url(url: str) -> str:
 
 #: ``position_store`` values that select the etcd backend (:mod:`cdk.etcd`).
 ETCD_SCHEMES = ("etcd://", "etcds://")
+#: Fields holding an http(s) URL: checked as one at load, credentials masked when shown.
+_URL_FIELDS = ("target", "dead_letter_target")
 
 
 def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
@@ -271,7 +273,7 @@ class DeliveryConfig(ConnectorConfig):
                 raise ValueError(f"cannot be read as PEM certificates: {exc}") from None
         return value
 
-    @field_validator("target", "dead_letter_target")
+    @field_validator(*_URL_FIELDS)
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -527,18 +529,19 @@ def load_config(
 
 
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
-    """``config`` as JSON-ready data for logs, every secret (and ``target``'s password) masked."""
+    """``config`` as JSON-ready data for logs, every secret (and URLs' credentials) masked."""
     data = config.model_dump(mode="json")
-    if isinstance(data.get("target"), str):
-        data["target"] = redact_url(data["target"])
-    return _mask_strings(data, config._masked_values or [])  # type: ignore[no-any-return]
+    for key in _URL_FIELDS:
+        if isinstance(data.get(key), str):
+            data[key] = redact_url(data[key])
+    return _mask_strings(data, config.redact)  # type: ignore[no-any-return]
 
 
-def _mask_strings(data: Any, secrets: list[str]) -> Any:
+def _mask_strings(data: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(data, str):
-        return _redact(data, secrets)
+        return redact(data)
     if isinstance(data, dict):
-        return {key: _mask_strings(value, secrets) for key, value in data.items()}
+        return {key: _mask_strings(value, redact) for key, value in data.items()}
     if isinstance(data, list):
-        return [_mask_strings(value, secrets) for value in data]
+        return [_mask_strings(value, redact) for value in data]
     return data

@@ -345,15 +345,15 @@ class _Connection(asyncio.Protocol):
         # Checked per read, not per header; 4 more bytes a line (": ", CRLF): repeats count.
         self._head_bytes += len(name) + len(value) + 4
         if self.reading != _HEAD:
-            self._on_trailer()
+            # A trailer, counted then dropped (RFC 9110, 6.5.1): no Authorization after the body.
+            self._check_head_size()
             return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers = self._headers
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
-    def _on_trailer(self) -> None:
-        # Counted, then dropped (RFC 9110, 6.5.1): no Authorization may follow the body.
+    def _check_head_size(self) -> None:
         if self._head_bytes + len(self._url) > self.server.max_header_bytes:
             self._stop(431, "request header fields too large")
 
@@ -374,8 +374,7 @@ class _Connection(asyncio.Protocol):
             self._stop(505, "only HTTP/1.1 and HTTP/1.0 are supported")
         if version not in ("1.1", "1.0"):
             self._stop(400, "malformed request line")
-        if self._head_bytes + len(self._url) > server.max_header_bytes:
-            self._stop(431, "request header fields too large")
+        self._check_head_size()
         # RFC 9112, 3.2: exactly one valid Host (repeats are joined by ", "; no host has ",").
         host = headers.get("host")
         if host is None and version == "1.1":

@@ -31,10 +31,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from cloudevents.core.v03.event import CloudEvent as CloudEventV03
-from cloudevents.core.v1.event import CloudEvent
 
 from cdk import signature, tracing
+from cdk.codec import AnyCloudEvent
 from cdk.connector import Tuple, WebhookSource, call
 from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
 from cdk.http import HTTPError, Request, Response
@@ -47,8 +46,6 @@ __all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
 
 #: Seconds a caller is asked to wait after the connector shut down before delivering.
 RETRY_AFTER_SHUTDOWN = 5
-
-_EVENT_TYPES = (CloudEvent, CloudEventV03)
 
 
 def _tuple(event: Any, fate: asyncio.Future[BaseException | None]) -> Tuple:
@@ -158,9 +155,9 @@ class WebhookHandler:
             self.metrics.handler_in_flight.dec()
         if made is None:
             return []
-        if isinstance(made, _EVENT_TYPES):
+        if isinstance(made, AnyCloudEvent):
             return [made]
-        if isinstance(made, Sequence) and all(isinstance(e, _EVENT_TYPES) for e in made):
+        if isinstance(made, Sequence) and all(isinstance(e, AnyCloudEvent) for e in made):
             return list(made)
         self.log.error(
             "make_event must return a CloudEvent, a list of them or None, not %s; answering 500",
