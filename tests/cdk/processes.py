@@ -161,7 +161,10 @@ class Config(cdk.SourceConfig):
 class Numbers(cdk.Source[Config]):
     def make_event(self):
         n = (self.position or 0) + 1
-        return cdk.CloudEvent({"id": f"n{n}", "source": "/n", "type": "t"}, {"n": n}), n
+        attributes = {"id": f"n{n}", "source": "/n", "type": "t"}
+        if os.environ.get("REPLICA"):  # which replica made it (test_leader_election.py)
+            attributes["replica"] = os.environ["REPLICA"]
+        return cdk.CloudEvent(attributes, {"n": n}), n
 
 
 if os.environ.get("LINGER_AT_EXIT"):
@@ -244,7 +247,13 @@ class Process:
 
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR", "LINGER_AT_EXIT"}
+    switches = {
+        "ASYNC_HOOKS",
+        "SHUTDOWN_ALLOWANCE",
+        "SLOW_CONSTRUCTOR",
+        "LINGER_AT_EXIT",
+        "REPLICA",
+    }
     names = {name for name, _, _ in ENVIRONMENT} | switches
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = str(PROJECT)
