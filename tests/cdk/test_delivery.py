@@ -77,6 +77,16 @@ def config(target: str, **overrides: Any) -> SourceConfig:
     return SourceConfig(**values)
 
 
+def load_problem(tmp_path: Path, text: str) -> str:
+    """The one problem loading a config.yml of ``text`` finds."""
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    return problem
+
+
 class Fates:
     """Records every callback; ``wait`` returns once ``expected`` tuples were settled."""
 
@@ -1059,11 +1069,7 @@ def test_a_shutdown_does_not_dead_letter() -> None:
 
 
 def test_a_dead_letter_target_that_is_no_url_is_refused_at_load(tmp_path: Path) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text("target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(tmp_path, "target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
     assert problem.startswith("config: dead_letter_target: must be an http:// or https:// URL")
 
 
@@ -1145,11 +1151,9 @@ def test_a_target_echoing_the_token_leaks_it_nowhere(caplog: pytest.LogCaptureFi
 def test_a_token_no_header_can_carry_is_refused_at_load(
     tmp_path: Path, field: str, token: str
 ) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token}))
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(
+        tmp_path, yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token})
+    )
     assert problem.startswith(f"config: {field}: ") and "printable ASCII" in problem
     assert token[4:] not in problem
 
@@ -1238,12 +1242,8 @@ def test_k_ca_certs_that_are_not_pem_are_a_clear_error(monkeypatch: pytest.Monke
 
 
 def test_a_ca_file_that_cannot_be_read_is_refused_at_load(tmp_path: Path) -> None:
-    path = tmp_path / "config.yml"
     missing = tmp_path / "missing.pem"
-    path.write_text(f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(tmp_path, f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
     assert problem.startswith("config: target_ca_file: cannot be read as PEM certificates")
 
 
