@@ -213,6 +213,11 @@ class Process:
             self.process.wait()
 
     @property
+    def lines(self) -> list[str]:
+        """The stderr lines so far."""
+        return self._stderr.lines
+
+    @property
     def stderr(self) -> str:
         return self._stderr.text
 
