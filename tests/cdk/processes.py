@@ -15,10 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from output_lines import OutputLines
 
 import cdk
 from cdk.codec import to_binary
@@ -161,7 +162,10 @@ class Config(cdk.SourceConfig):
 class Numbers(cdk.Source[Config]):
     def make_event(self):
         n = (self.position or 0) + 1
-        return cdk.CloudEvent({"id": f"n{n}", "source": "/n", "type": "t"}, {"n": n}), n
+        attributes = {"id": f"n{n}", "source": "/n", "type": "t"}
+        if os.environ.get("REPLICA"):  # which replica made it (test_leader_election.py)
+            attributes["replica"] = os.environ["REPLICA"]
+        return cdk.CloudEvent(attributes, {"n": n}), n
 
 
 if os.environ.get("LINGER_AT_EXIT"):
@@ -188,44 +192,19 @@ class Process:
             stderr=subprocess.PIPE,
             text=True,
         )
-        self.lines: list[str] = []
-        self.closed = False
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
         assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self.closed = True
-            self._changed.notify_all()
+        self._stderr = OutputLines(self.process.stderr)
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """The first stderr line matching ``pattern``; fails when the process exits first."""
-        deadline = time.monotonic() + timeout
-        checked = 0
-        with self._changed:
-            while True:
-                for line in self.lines[checked:]:
-                    match = re.search(pattern, line)
-                    if match:
-                        return match
-                checked = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if self.closed or remaining <= 0:
-                    raise AssertionError(f"no line matching {pattern!r}:\n{self.stderr}")
-                self._changed.wait(remaining)
+        return self._stderr.wait_for(pattern, timeout)
 
     def send(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
         code = self.process.wait(timeout)
-        self._reader.join(timeout)
+        self._stderr.join(timeout)
         return code
 
     def kill(self) -> None:
@@ -234,8 +213,13 @@ class Process:
             self.process.wait()
 
     @property
+    def lines(self) -> list[str]:
+        """The stderr lines so far."""
+        return self._stderr.lines
+
+    @property
     def stderr(self) -> str:
-        return "\n".join(self.lines)
+        return self._stderr.text
 
     @property
     def stdout(self) -> str:
@@ -244,7 +228,13 @@ class Process:
 
 
 def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    switches = {"ASYNC_HOOKS", "SHUTDOWN_ALLOWANCE", "SLOW_CONSTRUCTOR", "LINGER_AT_EXIT"}
+    switches = {
+        "ASYNC_HOOKS",
+        "SHUTDOWN_ALLOWANCE",
+        "SLOW_CONSTRUCTOR",
+        "LINGER_AT_EXIT",
+        "REPLICA",
+    }
     names = {name for name, _, _ in ENVIRONMENT} | switches
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["PYTHONPATH"] = str(PROJECT)

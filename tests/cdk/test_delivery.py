@@ -77,6 +77,16 @@ def config(target: str, **overrides: Any) -> SourceConfig:
     return SourceConfig(**values)
 
 
+def load_problem(tmp_path: Path, text: str) -> str:
+    """The one problem loading a config.yml of ``text`` finds."""
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(SourceConfig, path, environ={})
+    (problem,) = info.value.problems
+    return problem
+
+
 class Fates:
     """Records every callback; ``wait`` returns once ``expected`` tuples were settled."""
 
@@ -147,6 +157,18 @@ async def send(chan: asyncio.Queue[Tuple], fates: Fates, ids: range) -> list[str
     return [f"e{i}" for i in ids]
 
 
+async def deliver(
+    cfg: SourceConfig, count: int, *, within: float = 10.0, **options: Any
+) -> tuple[Fates, list[str], Metrics]:
+    """Deliver ``e0`` .. ``e<count-1>`` with ``cfg`` until each has its fate, then stop the
+    deliverer (``options`` as for :func:`delivering`); the fates, the ids and the metrics."""
+    fates = Fates(count)
+    async with delivering(cfg, **options) as (_, chan, metrics):
+        ids = await send(chan, fates, range(count))
+        await fates.wait(within)
+    return fates, ids, metrics
+
+
 def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
 
@@ -184,10 +206,7 @@ class Logged(logging.Handler):
 def test_every_event_gets_one_callback_and_every_success_arrived() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
-            fates = Fates(300)
-            async with delivering(config(target.url, max_in_flight=8)) as (_, chan, metrics):
-                ids = await send(chan, fates, range(300))
-                await fates.wait()
+            fates, ids, metrics = await deliver(config(target.url, max_in_flight=8), 300)
             fates.assert_exactly_once(ids)
             assert sorted(fates.ok) == sorted(ids)
             received = [e.get_id() for e in target.events]
@@ -205,11 +224,8 @@ def test_one_in_flight_keeps_strict_order_across_retries() -> None:
             target.fail_next(2, status=503)
             target.drop_next(1)
             target.fail_next(1, status=500)
-            fates = Fates(60)
             cfg = config(target.url, max_in_flight=1, send_event_attempts=10)
-            async with delivering(cfg) as (_, chan, _metrics):
-                ids = await send(chan, fates, range(60))
-                await fates.wait()
+            fates, ids, _ = await deliver(cfg, 60)
             assert fates.ok == ids
             assert [e.get_id() for e in target.events] == ids
             assert target.attempts == 64
@@ -343,10 +359,7 @@ def test_an_item_that_is_not_a_tuple_fails_alone(caplog: pytest.LogCaptureFixtur
 def test_content_mode_on_the_wire(mode: str, content_type: str) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
-            fates = Fates(3)
-            async with delivering(config(target.url, content_mode=mode)) as (_, chan, _metrics):
-                await send(chan, fates, range(3))
-                await fates.wait()
+            await deliver(config(target.url, content_mode=mode), 3)
             for request in target.requests:
                 assert request.mode == mode
                 assert request.headers["content-type"].startswith(content_type)
@@ -501,11 +514,8 @@ def test_503_burst_is_retried() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(6, status=503)
-            fates = Fates(10)
             cfg = config(target.url, max_in_flight=2, send_event_attempts=10)
-            async with delivering(cfg) as (_, chan, metrics):
-                ids = await send(chan, fates, range(10))
-                await fates.wait()
+            fates, ids, metrics = await deliver(cfg, 10)
             assert sorted(fates.ok) == sorted(ids)
             assert target.attempts == 16
             assert value(metrics, "cdk_delivery_retries_total") == 6
@@ -517,10 +527,7 @@ def test_429_retry_after_is_honoured() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(1, status=429, retry_after=1)
-            fates = Fates(1)
-            async with delivering(config(target.url)) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            await deliver(config(target.url), 1)
             first, second = target.all_requests
             assert first.status == 429 and second.status == 200
             assert second.arrived - first.arrived >= 0.95  # 1 s asked, backoff is 0.01 s
@@ -532,11 +539,8 @@ def test_retry_after_is_capped() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(1, status=503, retry_after=3600)
-            fates = Fates(1)
             cfg = config(target.url, retry_after_max=0.05)
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait(within=5)
+            fates, _, _ = await deliver(cfg, 1, within=5)
             assert fates.ok == ["e0"]
 
     run(main)
@@ -546,11 +550,8 @@ def test_dropped_connections_are_retried() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.drop_next(3)
-            fates = Fates(4)
             cfg = config(target.url, max_in_flight=1, send_event_attempts=5)
-            async with delivering(cfg) as (_, chan, _metrics):
-                ids = await send(chan, fates, range(4))
-                await fates.wait()
+            fates, ids, _ = await deliver(cfg, 4)
             assert fates.ok == ids
             assert [r.status for r in target.all_requests[:3]] == [None, None, None]
 
@@ -613,10 +614,7 @@ def test_knative_retryable_statuses_are_retried(status: int) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(2, status=status)
-            fates = Fates(1)
-            async with delivering(config(target.url, send_event_attempts=3)) as (_, chan, _m):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, _ = await deliver(config(target.url, send_event_attempts=3), 1)
             assert fates.ok == ["e0"]
             assert [r.status for r in target.all_requests] == [status, status, 200]
 
@@ -628,11 +626,8 @@ def test_non_retryable_status_fails_at_once(status: int) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.reject_next(1, status=status, body=f"no thanks ({status})")
-            fates = Fates(1)
             cfg = config(target.url, send_event_attempts=5)
-            async with delivering(cfg) as (_, chan, metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, metrics = await deliver(cfg, 1)
             error = fates.failed["e0"]
             assert isinstance(error, TargetRejected)
             assert error.status == status
@@ -648,10 +643,7 @@ def test_rejection_excerpt_is_short() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.reject_next(1, status=400, body="x" * 5000)
-            fates = Fates(1)
-            async with delivering(config(target.url)) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, _ = await deliver(config(target.url), 1)
             error = fates.failed["e0"]
             assert isinstance(error, TargetRejected)
             assert 0 < len(error.excerpt) <= 200
@@ -663,11 +655,8 @@ def test_attempts_exhausted(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_with(503, body="down for maintenance")
-            fates = Fates(1)
             cfg = config(target.url, send_event_attempts=3)
-            async with delivering(cfg) as (_, chan, metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, metrics = await deliver(cfg, 1)
             error = fates.failed["e0"]
             assert isinstance(error, AttemptsExhausted)
             assert isinstance(error.last_error, TargetUnavailable)
@@ -685,11 +674,8 @@ def test_zero_attempts_retries_until_delivered() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(12, status=502)
-            fates = Fates(1)
             cfg = config(target.url, send_event_attempts=0, retry_backoff_max=0.02)
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, _ = await deliver(cfg, 1)
             assert fates.ok == ["e0"]
             assert target.attempts == 13
 
@@ -700,11 +686,8 @@ def test_an_event_waiting_for_a_retry_holds_no_slot() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.fail_next(2, status=503, retry_after=1)
-            fates = Fates(40)
             cfg = config(target.url, max_in_flight=2, send_event_attempts=3)
-            async with delivering(cfg) as (_, chan, metrics):
-                ids = await send(chan, fates, range(40))
-                await fates.wait()
+            fates, ids, metrics = await deliver(cfg, 40)
             assert sorted(fates.ok) == sorted(ids)
             # Both slots' first events wait a second for their retry; the 38 others do not
             # wait for them.
@@ -746,11 +729,8 @@ def test_a_flaky_target_gets_every_event_once(batch_size: int) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.flaky(fail=0.2, drop=0.05, seed=batch_size)
-            fates = Fates(400)
             cfg = config(target.url, max_in_flight=8, batch_size=batch_size, send_event_attempts=0)
-            async with delivering(cfg) as (_, chan, metrics):
-                ids = await send(chan, fates, range(400))
-                await fates.wait(within=30)
+            fates, ids, metrics = await deliver(cfg, 400, within=30)
             fates.assert_exactly_once(ids)
             assert sorted(fates.ok) == sorted(ids)
             assert sorted(e.get_id() for e in target.events) == sorted(ids)
@@ -953,7 +933,6 @@ def test_an_event_the_target_rejects_goes_to_the_dead_letter_target(batch_size: 
     async def main() -> None:
         async with CaptureTarget() as target, CaptureTarget() as dead:
             target.reject_next(1, status=422, body="no such customer")
-            fates = Fates(6)
             cfg = config(
                 target.url,
                 batch_size=batch_size,
@@ -961,9 +940,7 @@ def test_an_event_the_target_rejects_goes_to_the_dead_letter_target(batch_size: 
                 dead_letter_target=dead.url,
                 dead_letter_auth_token="dl-7f3e",
             )
-            async with delivering(cfg) as (_, chan, metrics):
-                ids = await send(chan, fates, range(6))
-                await fates.wait()
+            fates, ids, metrics = await deliver(cfg, 6)
             lettered = ids[:batch_size]
             assert fates.ok == ids[batch_size:]
             for event_id in lettered:
@@ -1028,11 +1005,8 @@ def test_exhausted_attempts_go_to_the_dead_letter_target_retried_like_any_reques
         async with CaptureTarget() as target, CaptureTarget() as dead:
             target.fail_with(503, body="x" * 3000)
             dead.fail_next(1, status=503)
-            fates = Fates(1)
             cfg = config(target.url, send_event_attempts=2, dead_letter_target=dead.url)
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, _ = await deliver(cfg, 1)
             error = fates.failed["e0"]
             assert isinstance(error, DeadLettered)
             assert isinstance(error.original, AttemptsExhausted)
@@ -1049,11 +1023,8 @@ def test_a_transport_failure_is_dead_lettered_without_a_status() -> None:
     async def main() -> None:
         async with CaptureTarget() as dead:
             away = f"http://127.0.0.1:{free_port()}/?access_token=tok-5d1c"
-            fates = Fates(1)
             cfg = config(away, send_event_attempts=1, dead_letter_target=dead.url)
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            await deliver(cfg, 1)
             (event,) = dead.events
             assert event.get_extension("knativeerrordest") == redact_url(away)
             assert "tok-5d1c" not in str(event.get_extension("knativeerrordest"))
@@ -1068,11 +1039,8 @@ def test_when_the_dead_letter_target_fails_too_the_event_fails_with_the_original
         async with CaptureTarget() as target, CaptureTarget() as dead:
             target.reject_next(1, status=400, body="bad")
             dead.reject_next(1, status=403, body="not you")
-            fates = Fates(1)
             cfg = config(target.url, dead_letter_target=dead.url)
-            async with delivering(cfg) as (_, chan, metrics):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, metrics = await deliver(cfg, 1)
             error = fates.failed["e0"]
             assert isinstance(error, TargetRejected) and error.status == 400
             assert "dead-letter target" in str(error) and "403" in str(error)
@@ -1101,11 +1069,7 @@ def test_a_shutdown_does_not_dead_letter() -> None:
 
 
 def test_a_dead_letter_target_that_is_no_url_is_refused_at_load(tmp_path: Path) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text("target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(tmp_path, "target: http://127.0.0.1:1/\ndead_letter_target: ftp://x/\n")
     assert problem.startswith("config: dead_letter_target: must be an http:// or https:// URL")
 
 
@@ -1165,13 +1129,10 @@ def test_a_target_echoing_the_token_leaks_it_nowhere(caplog: pytest.LogCaptureFi
         async with CaptureTarget() as target, CaptureTarget() as dead:
             target.reject_next(1, status=400, body=f"bad request: Authorization: Bearer {token}")
             target.fail_next(1, status=503, body=f"busy ({token})")
-            fates = Fates(2)
             cfg = config(
                 target.url, target_auth_token=token, max_in_flight=1, dead_letter_target=dead.url
             )
-            async with delivering(cfg, reminder=0) as (_, chan, _metrics):
-                await send(chan, fates, range(2))
-                await fates.wait()
+            fates, _, _ = await deliver(cfg, 2, reminder=0)
             error = fates.failed["e0"]
             assert isinstance(error, DeadLettered) and token not in str(error)
             assert "**********" in str(error)
@@ -1190,11 +1151,9 @@ def test_a_target_echoing_the_token_leaks_it_nowhere(caplog: pytest.LogCaptureFi
 def test_a_token_no_header_can_carry_is_refused_at_load(
     tmp_path: Path, field: str, token: str
 ) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token}))
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(
+        tmp_path, yaml.safe_dump({"target": "http://127.0.0.1:1/", field: token})
+    )
     assert problem.startswith(f"config: {field}: ") and "printable ASCII" in problem
     assert token[4:] not in problem
 
@@ -1235,16 +1194,13 @@ def test_https_targets_signed_by_the_ca_of_target_ca_file(tls_files: dict[str, P
         async with CaptureTarget(tls=tls) as target, CaptureTarget(tls=tls) as dead:
             assert target.url.startswith("https://")
             target.reject_next(1, status=400)
-            fates = Fates(3)
             cfg = config(
                 target.url,
                 target_ca_file=str(tls_files["cert"]),
                 max_in_flight=1,
                 dead_letter_target=dead.url,
             )
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(3))
-                await fates.wait()
+            fates, _, _ = await deliver(cfg, 3)
             assert fates.ok == ["e1", "e2"]
             assert isinstance(fates.failed["e0"], DeadLettered)
             assert [e.get_id() for e in dead.events] == ["e0"]
@@ -1259,10 +1215,7 @@ def test_k_ca_certs_adds_trusted_cas(
 
     async def main() -> None:
         async with CaptureTarget(tls=server_tls(tls_files)) as target:
-            fates = Fates(2)
-            async with delivering(config(target.url)) as (_, chan, _metrics):
-                ids = await send(chan, fates, range(2))
-                await fates.wait()
+            fates, ids, _ = await deliver(config(target.url), 2)
             assert sorted(fates.ok) == ids
 
     run(main)
@@ -1273,10 +1226,7 @@ def test_an_untrusted_certificate_fails_with_a_certificate_error(
 ) -> None:
     async def main() -> None:
         async with CaptureTarget(tls=server_tls(tls_files)) as target:
-            fates = Fates(1)
-            async with delivering(config(target.url, send_event_attempts=2)) as (_, chan, _m):
-                await send(chan, fates, range(1))
-                await fates.wait()
+            fates, _, _ = await deliver(config(target.url, send_event_attempts=2), 1)
             error = fates.failed["e0"]
             assert isinstance(error, AttemptsExhausted)
             assert "TLS certificate of 127.0.0.1" in str(error) and "not trusted" in str(error)
@@ -1292,12 +1242,8 @@ def test_k_ca_certs_that_are_not_pem_are_a_clear_error(monkeypatch: pytest.Monke
 
 
 def test_a_ca_file_that_cannot_be_read_is_refused_at_load(tmp_path: Path) -> None:
-    path = tmp_path / "config.yml"
     missing = tmp_path / "missing.pem"
-    path.write_text(f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
-    with pytest.raises(ConfigError) as info:
-        load_config(SourceConfig, path, environ={})
-    (problem,) = info.value.problems
+    problem = load_problem(tmp_path, f"target: https://127.0.0.1:1/\ntarget_ca_file: {missing}\n")
     assert problem.startswith("config: target_ca_file: cannot be read as PEM certificates")
 
 
@@ -1309,11 +1255,8 @@ def test_overrides_are_set_on_every_event() -> None:
         overrides = parse_ce_overrides('{"extensions": {"cluster": "east", "tier": 2}}')
         async with CaptureTarget() as target:
             for batch_size in (1, 4):
-                fates = Fates(4)
                 cfg = config(target.url, batch_size=batch_size)
-                async with delivering(cfg, overrides=overrides) as (_, chan, _metrics):
-                    await send(chan, fates, range(4))
-                    await fates.wait()
+                await deliver(cfg, 4, overrides=overrides)
             assert len(target.events) == 8
             for event in target.events:
                 assert event.get_extension("cluster") == "east"
@@ -1410,11 +1353,8 @@ def test_capture_target_answers_malformed_requests_like_a_strict_receiver() -> N
 def test_target_auth_token_is_sent_as_a_bearer_token_on_every_request() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
-            fates = Fates(3)
             cfg = config(target.url, target_auth_token="tok-7c1e", batch_size=2)
-            async with delivering(cfg) as (_, chan, _metrics):
-                await send(chan, fates, range(3))
-                await fates.wait()
+            fates, _, _ = await deliver(cfg, 3)
             assert sorted(fates.ok) == ["e0", "e1", "e2"]
             assert [r.headers["authorization"] for r in target.requests] == ["Bearer tok-7c1e"] * 2
 

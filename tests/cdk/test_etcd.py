@@ -156,25 +156,6 @@ def test_store_fails_over_past_a_silent_member_within_the_timeout(
         EtcdBackend(etcd_cluster.url("silent", [silent]))
 
 
-def test_store_serves_several_threads(etcd_url: str) -> None:
-    errors: list[str] = []
-    with PositionStore("source-a", etcd_url) as store:
-
-        def write(worker: int) -> None:
-            for n in range(25):
-                store.set(f"w{worker}", n)
-                if (read := store.get(f"w{worker}")) != n:
-                    errors.append(f"w{worker}: wrote {n}, read {read!r}")
-
-        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-        assert errors == []
-        assert [store.get(f"w{n}") for n in range(4)] == [24] * 4
-
-
 def test_store_lost_while_running_raises_then_recovers(own_member: EtcdCluster) -> None:
     member = own_member.members[0]
     with PositionStore("source-a", own_member.url("lost")) as store:

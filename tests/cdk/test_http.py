@@ -132,6 +132,15 @@ async def serving(
         await server.close(1.0)
 
 
+@asynccontextmanager
+async def connected(
+    handler: Callable[[Request], Awaitable[Response]] = echo, **options: Any
+) -> AsyncIterator[RawClient]:
+    """A server as :func:`serving` starts it, and a raw client connected to it."""
+    async with serving(handler, **options) as server:
+        yield await RawClient.connect(server.port)
+
+
 def request_bytes(
     method: str = "GET",
     path: str = "/",
@@ -188,8 +197,7 @@ def test_repeated_headers_are_joined_and_names_lower_cased() -> None:
             seen.append(request.headers)
             return Response(204)
 
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             await client.send(b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nHOST: h\r\n\r\n")
             answer = await client.answer()
             assert answer.status == 204
@@ -240,8 +248,7 @@ def test_handler_crash_answers_500_without_details_and_logs_the_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(request_bytes("GET", "/crash") + request_bytes("GET", "/after"))
             crashed = await client.answer()
             assert crashed.status == 500
@@ -265,8 +272,7 @@ def test_a_logged_path_is_escaped_so_it_cannot_forge_log_lines(
         raise RuntimeError("boom")
 
     async def body() -> None:
-        async with serving(crash) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(crash) as client:
             await client.send(request_bytes("GET", "/x%0d%0aFORGED%20line%E2%82%AC"))
             assert (await client.answer()).status == 500
 
@@ -299,8 +305,7 @@ def test_a_client_writing_its_whole_large_body_before_reading_gets_the_413() -> 
 
 def test_head_request_gets_headers_only() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             # A HEAD answer has no body, so the next answer must follow right after it.
             await client.send(request_bytes("HEAD", "/h") + request_bytes("GET", "/g"))
             raw = b""
@@ -335,8 +340,7 @@ def test_handlers_that_wait_and_ones_that_do_not_are_answered_in_order() -> None
     paths += ["/wait", "/now"]
 
     async def body() -> None:
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             # Pipelined, and one at a time.
             await client.send(b"".join(request_bytes("GET", path) for path in paths))
             pipelined = [await client.answer() for _ in paths]
@@ -368,8 +372,7 @@ def test_each_request_runs_in_its_own_context() -> None:
         return Response()
 
     async def body() -> None:
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             paths = ["/now-1", "/wait-1", "/now-2", "/wait-2"]
             await client.send(b"".join(request_bytes("GET", path) for path in paths))
             for _ in paths:
@@ -392,8 +395,7 @@ def test_a_handler_returning_a_future_or_a_non_response() -> None:
         return future
 
     async def body() -> None:
-        async with serving(future_handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(future_handler) as client:
             await client.send(request_bytes("GET", "/f") + request_bytes("GET", "/odd"))
             assert (await client.answer()).body == b"later"
             assert (await client.answer()).status == 500
@@ -435,8 +437,7 @@ def test_a_waiting_handler_that_is_cancelled_sees_the_cancellation() -> None:
 
 def test_keep_alive_serves_several_requests_on_one_connection() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             for n in range(3):
                 await client.send(request_bytes("POST", f"/{n}", b"x" * n))
                 answer = await client.answer()
@@ -450,8 +451,7 @@ def test_keep_alive_serves_several_requests_on_one_connection() -> None:
 
 def test_http10_closes_unless_keep_alive_is_asked_for() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(request_bytes(version="1.0", headers={"Connection": "keep-alive"}))
             answer = await client.answer()
             assert answer.headers.get("connection") == "keep-alive"
@@ -465,8 +465,7 @@ def test_http10_closes_unless_keep_alive_is_asked_for() -> None:
 
 def test_connection_close_from_the_client_is_honoured() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(request_bytes(headers={"Connection": "close"}))
             answer = await client.answer()
             assert answer.status == 200
@@ -492,8 +491,7 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
             running.remove(request.path)
             return Response(200, request.path.encode())
 
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             await client.send(
                 request_bytes("POST", "/slow", b"a")
                 + request_bytes("GET", "/fast")
@@ -512,8 +510,7 @@ def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
 
 def test_many_pipelined_requests_in_one_write() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(b"".join(request_bytes("GET", f"/{n}") for n in range(200)))
             for n in range(200):
                 answer = await client.answer()
@@ -528,8 +525,7 @@ def test_many_pipelined_requests_in_one_write() -> None:
 
 def test_chunked_body_is_decoded() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             head = b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             await client.send(head + b"5\r\nhello\r\n")
             await client.send(b"6\r\n world\r\n0\r\n\r\n")
@@ -569,8 +565,7 @@ def test_chunked_body_over_the_limit_gets_413_and_close() -> None:
             calls.append(request.path)
             return Response()
 
-        async with serving(handler, max_body_bytes=1000) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler, max_body_bytes=1000) as client:
             await client.send(
                 b"POST /big HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
             )
@@ -592,8 +587,7 @@ def expect_head(length: int) -> bytes:
 
 def test_expect_100_continue() -> None:
     async def body() -> None:
-        async with serving(max_body_bytes=1000) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(max_body_bytes=1000) as client:
             head = expect_head(4)
             await client.send(head)
             interim = await client.answer()
@@ -623,8 +617,7 @@ def test_expect_100_continue_behind_a_pipelined_request_waits_its_turn() -> None
                 await release.wait()
             return Response(200, request.path.encode())
 
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             await client.send(request_bytes("GET", "/slow") + expect_head(2))
             await asyncio.wait_for(started.wait(), WAIT)
             release.set()
@@ -646,8 +639,7 @@ def test_check_head_refuses_a_request_with_a_body_before_reading_it() -> None:
         return Response(403, b"no", headers=[("x-why", "test")]) if request.path == "/no" else None
 
     async def main() -> None:
-        async with serving(check_head=check, on_reject=statuses.append) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(check_head=check, on_reject=statuses.append) as client:
             # Requests without a body are not checked; ones with a body are, once.
             await client.send(request_bytes("GET", "/no") + request_bytes("POST", "/yes", b"abc"))
             assert (await client.answer()).status == 200
@@ -687,8 +679,7 @@ def test_header_over_the_limit_gets_431() -> None:
 
 def test_an_endless_header_line_sent_in_pieces_gets_431() -> None:
     async def body() -> None:
-        async with serving(max_header_bytes=2048) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(max_header_bytes=2048) as client:
             await client.send(b"GET / HTTP/1.1\r\nX-Endless: ")
             for _ in range(40):
                 if client.reader.at_eof():
@@ -721,8 +712,7 @@ def test_an_endless_header_line_sent_in_pieces_gets_431() -> None:
 )
 def test_malformed_requests_get_400_and_close(raw: bytes) -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(raw)
             answer = await client.answer()
             assert answer.status == 400
@@ -748,8 +738,7 @@ def test_an_upgrade_is_ignored_the_body_read_and_the_connection_kept(chunked: bo
         headers["Transfer-Encoding"] = "chunked"
 
     async def main() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             post = request_bytes("POST", "/up", body, headers)
             # The body in the same write as the head, then in a later one; pipelined
             # requests after it are framed as HTTP/1.1.
@@ -769,8 +758,7 @@ def test_an_upgrade_is_ignored_the_body_read_and_the_connection_kept(chunked: bo
 
 def test_an_upgrade_request_with_expect_gets_one_100_continue_then_its_answer() -> None:
     async def main() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             headers = {**H2C, "Content-Length": "4", "Expect": "100-continue"}
             await client.send(request_bytes("POST", "/e", headers=headers))
             assert (await client.answer()).status == 100
@@ -784,8 +772,7 @@ def test_an_upgrade_request_with_expect_gets_one_100_continue_then_its_answer() 
 
 def test_a_websocket_upgrade_is_answered_as_http_and_no_frame_is_read_as_a_request() -> None:
     async def main() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             upgrade = {"Upgrade": "websocket", "Connection": "upgrade"}
             await client.send(request_bytes(headers=upgrade) + b"\x81\x05hello")
             answer = await client.answer()
@@ -806,8 +793,7 @@ def test_a_websocket_upgrade_is_answered_as_http_and_no_frame_is_read_as_a_reque
 )
 def test_what_the_server_does_not_speak_gets_its_status_and_close(raw: bytes, status: int) -> None:
     async def main() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(raw)
             answer = await client.answer()
             assert (answer.status, answer.headers["connection"]) == (status, "close")
@@ -1082,8 +1068,7 @@ def test_a_repeated_header_name_counts_every_line_toward_the_head_limit() -> Non
             handled.append(request.path)
             return Response(200)
 
-        async with serving(handler, max_header_bytes=1024) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler, max_header_bytes=1024) as client:
             # 900 lines of "a:" are 3.6 KB on the wire but only 900 bytes of names.
             await client.send(b"GET / HTTP/1.1\r\nHost: test\r\n" + b"a:\r\n" * 900 + b"\r\n")
             answer = await client.answer()
@@ -1104,8 +1089,7 @@ def test_a_transfer_coding_other_than_chunked_gets_501(coding: str) -> None:
             return Response(200)
 
         rejected: list[int] = []
-        async with serving(handler, on_reject=rejected.append) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler, on_reject=rejected.append) as client:
             chunked = b"5\r\nhello\r\n0\r\n\r\n"
             await client.send(request_bytes("POST", "/", chunked, {"Transfer-Encoding": coding}))
             answer = await client.answer()
@@ -1177,8 +1161,7 @@ def test_an_http11_request_without_exactly_one_host_gets_400(raw: bytes) -> None
 
 def test_a_fragment_in_the_target_is_not_part_of_the_path_or_query() -> None:
     async def body() -> None:
-        async with serving() as server:
-            client = await RawClient.connect(server.port)
+        async with connected() as client:
             await client.send(
                 request_bytes("GET", "/healthz#top")
                 + request_bytes("GET", "/x?a=1#frag")
@@ -1199,8 +1182,7 @@ def test_an_unsendable_answer_to_head_is_a_500_without_a_body() -> None:
         return Response(200, b"next")
 
     async def body() -> None:
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             await client.send(request_bytes("HEAD", "/") + request_bytes("GET", "/"))
             raw = b""
             while not raw.endswith(b"next"):
@@ -1230,8 +1212,7 @@ def test_an_exception_inside_a_parser_callback_is_a_logged_500_not_a_400(
 
     async def body() -> None:
         rejected: list[int] = []
-        async with serving(on_reject=rejected.append) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(on_reject=rejected.append) as client:
             await client.send(request_bytes("GET", "/a%20b"))
             answer = await client.answer()
             assert answer.status == 500
@@ -1315,8 +1296,7 @@ def test_trailer_fields_are_dropped_not_merged_into_the_headers() -> None:
             seen.append(request.headers)
             return Response(200, request.body)
 
-        async with serving(handler) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(handler) as client:
             trailers = b"Authorization: Bearer forged\r\nContent-Type: x/y\r\n\r\n"
             chunked = b"5\r\nhello\r\n0\r\n" + trailers
             head = {"Transfer-Encoding": "chunked", "Content-Type": "text/plain"}
@@ -1335,8 +1315,7 @@ def test_trailers_over_the_head_limit_get_431(piece: bytes) -> None:
     """Many trailer lines, or one endless line sent in pieces, are cut off like a head."""
 
     async def body() -> None:
-        async with serving(max_header_bytes=1024) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(max_header_bytes=1024) as client:
             await client.send(
                 request_bytes("POST", "/", b"1\r\nx\r\n0\r\n", {"Transfer-Encoding": "chunked"})
             )
@@ -1356,8 +1335,7 @@ def test_trailers_over_the_head_limit_get_431(piece: bytes) -> None:
 
 def test_a_chunked_body_larger_than_the_head_limit_arriving_in_pieces_is_accepted() -> None:
     async def body() -> None:
-        async with serving(max_header_bytes=1024) as server:
-            client = await RawClient.connect(server.port)
+        async with connected(max_header_bytes=1024) as client:
             data = b"z" * 64 * 1024
             await client.send(
                 request_bytes("POST", "/", b"", {"Transfer-Encoding": "chunked"})

@@ -13,33 +13,17 @@ import urllib.request
 from pathlib import Path
 
 from etcd_support import EtcdCluster
-from processes import Process, start
+from processes import POLL_SCRIPT, Process, start
 
 from cdk.testing import CaptureTarget
 
 LEASE = 2.0
 
-REPLICA_SCRIPT = """
-import os
-import cdk
 
-
-class Config(cdk.SourceConfig):
-    pass
-
-
-class Numbers(cdk.Source[Config]):
-    def make_event(self):
-        n = (self.position or 0) + 1
-        attributes = {"id": f"n{n}", "source": "/n", "type": "t", "replica": os.environ["REPLICA"]}
-        return cdk.CloudEvent(attributes, {"n": n}), n
-
-
-cdk.run_source(Config, Numbers)
-"""
-
-
-def replica_dir(tmp_path: Path, name: str, target: str, store: str) -> Path:
+def start_replica(
+    started: list[Process], tmp_path: Path, name: str, target: str, store: str
+) -> Process:
+    """Replica ``name``: POLL_SCRIPT in a directory of its own, its events marked with it."""
     directory = tmp_path / name
     directory.mkdir()
     (directory / "config.yml").write_text(
@@ -48,7 +32,7 @@ def replica_dir(tmp_path: Path, name: str, target: str, store: str) -> Path:
         "host: 127.0.0.1\nmetrics_port: 0\n",
         encoding="utf-8",
     )
-    return directory
+    return start(started, directory, POLL_SCRIPT, REPLICA=name)
 
 
 def readyz(process: Process) -> str:
@@ -76,13 +60,9 @@ def test_a_killed_leader_is_replaced_within_the_lease_and_nothing_is_missing(
     tmp_path: Path, etcd_url: str, started: list[Process]
 ) -> None:
     with CaptureTarget.in_thread() as target:
-        a = start(
-            started, replica_dir(tmp_path, "a", target.url, etcd_url), REPLICA_SCRIPT, REPLICA="a"
-        )
+        a = start_replica(started, tmp_path, "a", target.url, etcd_url)
         a.wait_for("leading: producing")
-        b = start(
-            started, replica_dir(tmp_path, "b", target.url, etcd_url), REPLICA_SCRIPT, REPLICA="b"
-        )
+        b = start_replica(started, tmp_path, "b", target.url, etcd_url)
         b.wait_for("campaigning to lead")
         target.wait_until(lambda: len(target.events) >= 50, timeout=30)
         assert "leading" not in b.stderr.replace("campaigning to lead", "")
@@ -109,13 +89,9 @@ def test_a_leader_cut_off_from_etcd_stops_producing_before_another_leads(
     with CaptureTarget.in_thread() as target:
         a_store = etcd_cluster.url("cut", [members[0]])  # a reaches etcd only through member 0
         b_store = etcd_cluster.url("cut", members[1:])
-        a = start(
-            started, replica_dir(tmp_path, "a", target.url, a_store), REPLICA_SCRIPT, REPLICA="a"
-        )
+        a = start_replica(started, tmp_path, "a", target.url, a_store)
         a.wait_for("leading: producing")
-        b = start(
-            started, replica_dir(tmp_path, "b", target.url, b_store), REPLICA_SCRIPT, REPLICA="b"
-        )
+        b = start_replica(started, tmp_path, "b", target.url, b_store)
         b.wait_for("campaigning to lead")
         target.wait_until(lambda: len(target.events) >= 30, timeout=30)
         members[0].stop()
@@ -137,15 +113,7 @@ def test_only_one_of_three_replicas_produces(
     tmp_path: Path, etcd_url: str, started: list[Process]
 ) -> None:
     with CaptureTarget.in_thread() as target:
-        processes = [
-            start(
-                started,
-                replica_dir(tmp_path, name, target.url, etcd_url),
-                REPLICA_SCRIPT,
-                REPLICA=name,
-            )
-            for name in "abc"
-        ]
+        processes = [start_replica(started, tmp_path, n, target.url, etcd_url) for n in "abc"]
         for process in processes:
             process.wait_for("campaigning to lead")
         target.wait_until(lambda: len(target.events) >= 60, timeout=30)

@@ -6,22 +6,22 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from processes import (
-    TOKEN,
-)
+from processes import TOKEN
 from prometheus_client import Counter
 from pydantic import SecretStr
 
 import cdk
 from cdk import signature
 from cdk.codec import to_binary
-from cdk.service import ServiceError, service_for
+from cdk.service import Service, ServiceError, service_for
 from cdk.testing import CaptureTarget
 from cdk.testing.runner import run_in_thread
 
@@ -81,6 +81,27 @@ def sink_config(**extra: Any) -> cdk.SinkConfig:
 
 def source_config(url: str, **extra: Any) -> cdk.SourceConfig:
     return cdk.SourceConfig.model_validate({"target": url, **extra})
+
+
+@asynccontextmanager
+async def recording_sink() -> AsyncIterator[tuple[RecordingSink, str]]:
+    """A RecordingSink served on a free port, and the URL a source delivers to."""
+    sink = RecordingSink()
+    service = service_for(sink, sink_config())
+    await service.start()
+    try:
+        yield sink, f"http://127.0.0.1:{service.port}/"
+    finally:
+        await service.stop(1.0)
+
+
+async def produce_all(source: cdk.Source, config: cdk.SourceConfig, **options: Any) -> Service:
+    """Run ``source`` until its producer is done, then stop it (10 s grace)."""
+    service = service_for(source, config, **options)
+    await service.start()
+    await asyncio.wait_for(service.wait(), 30)  # returns once the producer is done
+    await service.stop(grace=10.0)
+    return service
 
 
 async def fetch(method: str, url: str, **kwargs: Any) -> tuple[int, str]:
@@ -143,40 +164,27 @@ def test_sink_service_port_in_use_destroys_once() -> None:
 
 def test_source_service_delivers_to_sink_service() -> None:
     async def scenario() -> None:
-        sink = RecordingSink()
-        sink_service = service_for(sink, sink_config())
-        await sink_service.start()
-        source = ListSource(5)
-        url = f"http://127.0.0.1:{sink_service.port}/"
-        service = service_for(source, source_config(url), overrides={"origin": "test"})
-        await service.start()
-        assert source.chan.maxsize == 1000
-        await asyncio.wait_for(service.wait(), 30)  # returns once the producer is done
-        await service.stop(grace=10.0)
-        assert service.error is None
-        assert sorted(source.delivered) == [0, 1, 2, 3, 4]
-        assert sorted(e.get_id() for e in sink.events) == ["s0", "s1", "s2", "s3", "s4"]
-        assert {e.get_extension("origin") for e in sink.events} == {"test"}
-        assert source.calls == ["initialize", "destroy"]
-        await sink_service.stop(1.0)
+        async with recording_sink() as (sink, url):
+            source = ListSource(5)
+            service = await produce_all(source, source_config(url), overrides={"origin": "test"})
+            assert source.chan.maxsize == 1000
+            assert service.error is None
+            assert sorted(source.delivered) == [0, 1, 2, 3, 4]
+            assert sorted(e.get_id() for e in sink.events) == ["s0", "s1", "s2", "s3", "s4"]
+            assert {e.get_extension("origin") for e in sink.events} == {"test"}
+            assert source.calls == ["initialize", "destroy"]
 
     asyncio.run(scenario())
 
 
 def test_source_service_producer_failure_is_recorded() -> None:
     async def scenario() -> None:
-        sink_service = service_for(RecordingSink(), sink_config())
-        await sink_service.start()
-        source = ListSource(2, fail=True)
-        url = f"http://127.0.0.1:{sink_service.port}/"
-        service = service_for(source, source_config(url, queue_size=4))
-        await service.start()
-        await asyncio.wait_for(service.wait(), 30)
-        await service.stop(grace=10.0)
-        assert isinstance(service.error, RuntimeError)
-        assert sorted(source.delivered) == [0, 1]
-        assert source.calls == ["initialize", "destroy"]
-        await sink_service.stop(1.0)
+        async with recording_sink() as (_, url):
+            source = ListSource(2, fail=True)
+            service = await produce_all(source, source_config(url, queue_size=4))
+            assert isinstance(service.error, RuntimeError)
+            assert sorted(source.delivered) == [0, 1]
+            assert source.calls == ["initialize", "destroy"]
 
     asyncio.run(scenario())
 
@@ -200,21 +208,18 @@ def test_source_service_metrics_port() -> None:
 
 def test_webhook_source_service_round_trip() -> None:
     async def scenario() -> None:
-        sink = RecordingSink()
-        sink_service = service_for(sink, sink_config())
-        await sink_service.start()
-        config = cdk.WebhookSourceConfig.model_validate(
-            {"target": f"http://127.0.0.1:{sink_service.port}/", "host": "127.0.0.1", "port": 0}
-        )
-        service = service_for(EchoWebhook(), config)
-        await service.start()
-        status, text = await fetch("POST", f"http://127.0.0.1:{service.port}/", data=b"hi")
-        assert status == 200, text
-        assert [e.get_data() for e in sink.events] == ["hi"]
-        stop_requested = asyncio.ensure_future(service.wait())
-        await service.stop(grace=1.0)
-        await asyncio.wait_for(stop_requested, 5)
-        await sink_service.stop(1.0)
+        async with recording_sink() as (sink, url):
+            config = cdk.WebhookSourceConfig.model_validate(
+                {"target": url, "host": "127.0.0.1", "port": 0}
+            )
+            service = service_for(EchoWebhook(), config)
+            await service.start()
+            status, text = await fetch("POST", f"http://127.0.0.1:{service.port}/", data=b"hi")
+            assert status == 200, text
+            assert [e.get_data() for e in sink.events] == ["hi"]
+            stop_requested = asyncio.ensure_future(service.wait())
+            await service.stop(grace=1.0)
+            await asyncio.wait_for(stop_requested, 5)
 
     asyncio.run(scenario())
 

@@ -141,39 +141,26 @@ def test_from_config_uses_position_store_key(tmp_path: Path) -> None:
     assert memory.path is None
 
 
-def test_sqlite_writes_from_several_threads(tmp_path: Path) -> None:
-    with PositionStore("source-a", tmp_path / "p.db") as store:
+def test_reads_and_writes_from_several_threads(open_store: Factory) -> None:
+    # Readers and writers share one store (one SQLite connection, one etcd client): each
+    # get must read its own key's row, and the last write of every thread stays.
+    store = open_store("source-a")
+    errors: list[str] = []
 
-        def write(worker: int) -> None:
-            for i in range(50):
-                store.set(f"w{worker}", i)
+    def work(worker: int) -> None:
+        for i in range(200):
+            store.set(f"w{worker}", i)
+            value = store.get(f"w{worker}")
+            if value != i:
+                errors.append(f"w{worker}: wrote {i}, read {value!r}")
 
-        threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=10)
-        assert [store.get(f"w{n}") for n in range(4)] == [49] * 4
-
-
-def test_sqlite_reads_from_several_threads_see_their_own_rows(tmp_path: Path) -> None:
-    # Readers and writers share one connection: each get must read its own key's row.
-    with PositionStore("source-a", tmp_path / "p.db") as store:
-        errors: list[str] = []
-
-        def work(worker: int) -> None:
-            for i in range(200):
-                store.set(f"w{worker}", i)
-                value = store.get(f"w{worker}")
-                if value != i:
-                    errors.append(f"w{worker}: wrote {i}, read {value!r}")
-
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
-        assert errors == []
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert [store.get(f"w{n}") for n in range(4)] == [199] * 4
 
 
 def test_sqlite_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:

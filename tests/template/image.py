@@ -29,12 +29,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from output_lines import OutputLines
 
 #: What the ``python:<version>-slim`` base image sets before the Dockerfile's own ENV.
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -303,8 +303,6 @@ class Container:
         self.root = root
         self.env = env
         self.python = python
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
         self.process = subprocess.Popen(
             root.command([*root.image.cmd, *(args or [])], python),
             env=env,
@@ -314,36 +312,15 @@ class Container:
             text=True,
             **root.popen_args(),
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+        self._output = OutputLines(self.process.stdout)
 
     @property
     def output(self) -> str:
-        with self._changed:
-            return "\n".join(self.lines)
+        return self._output.text
 
     def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    match = regex.search(line)
-                    if match:
-                        return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._reader.is_alive():
-                    raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.lines))
-                self._changed.wait(remaining)
+        return self._output.wait_for(pattern, timeout)
 
     def exec(self, words: list[str]) -> subprocess.CompletedProcess[str]:
         """Run ``words`` (the HEALTHCHECK, say) in the container, beside its process."""
@@ -360,7 +337,7 @@ class Container:
     def wait(self, timeout: float = 30.0) -> int:
         """The exit status of a process that ends by itself (a bad config, say)."""
         code = self.process.wait(timeout)
-        self._reader.join(10)
+        self._output.join(10)
         return code
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -372,5 +349,5 @@ class Container:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait(10)
-        self._reader.join(10)
+        self._output.join(10)
         return code
