@@ -31,6 +31,7 @@ API_KEY = "key-5e6f7a8b9c0d1e2f"
 NOTE = "note-0a1b2c3d4e5f6a7b"
 FLAGS = ("--config", "--secret", "--check-config", "--log-level", "--log-format")
 READY = re.compile(r"sink listening on http://[^\s:]+:(\d+)")
+WEBHOOK_READY = re.compile(r"source listening on http://[^\s:]+:(\d+)")
 SOURCE_READY = re.compile(r"source started, target=(\S+)")
 
 SINK_SCRIPT = """
@@ -174,6 +175,26 @@ if os.environ.get("LINGER_AT_EXIT"):
         time.sleep(float(os.environ["LINGER_AT_EXIT"]))  # the interpreter is shutting down
     atexit.register(linger)
 cdk.run_source(Config, Numbers)
+"""
+
+WEBHOOK_SCRIPT = """
+import cdk
+
+
+class Config(cdk.WebhookSourceConfig):
+    pass
+
+
+class Hook(cdk.WebhookSource[Config]):
+    def make_event(self, request):
+        # As the generated example does: the JSON body becomes the event's data.
+        attributes = {"source": "/hook", "type": "test.hooked"}
+        if request.delivery_id:
+            attributes["id"] = request.delivery_id
+        return cdk.CloudEvent(attributes, data=request.json())
+
+
+cdk.run_source(Config, Hook)
 """
 
 # -- process helpers -------------------------------------------------------------------
@@ -332,6 +353,43 @@ class Target:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class HangingTarget:
+    """A target that takes connections and requests and never answers (until closed)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.connections: list[socket.socket] = []
+        self.requested = threading.Event()  # set once a request arrived
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.connections.append(conn)
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1 << 16):
+                self.requested.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (``VmRSS``) or its peak so far (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def source_dir(tmp_path: Path, target_url: str, extra: str = "") -> Path:
