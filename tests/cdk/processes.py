@@ -320,6 +320,16 @@ def post_event(port: int, event_id: str, token: str | None = None) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+def get_status(port: int, path: str) -> int:
+    """The status a ``GET path`` is answered with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
 def post_event_ignoring_errors(port: int, event_id: str) -> None:
     """Post an event whose answer may never come (the process is stopped meanwhile)."""
     with contextlib.suppress(OSError, IndexError, ValueError):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,8 @@ from processes import (
     WEBHOOK_SCRIPT,
     HangingTarget,
     Process,
+    Target,
+    get_status,
     rss_bytes,
     start,
 )
@@ -21,13 +23,6 @@ from processes import (
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def hanging() -> Iterator[HangingTarget]:
-    target = HangingTarget()
-    yield target
-    target.close()
 
 
 def webhook_dir(tmp_path: Path, target_url: str, extra: str = "") -> Path:
@@ -85,3 +80,19 @@ def test_events_of_callers_gone_stay_inside_max_bytes_in_flight(
     busy = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
     assert busy, answers
     assert hanging.requested.is_set()  # some events were admitted and are being delivered
+
+
+def test_shutdown_delay_keeps_a_webhook_source_serving_while_readyz_answers_503(
+    tmp_path: Path, target: Target, started: list[Process]
+) -> None:
+    source = start(
+        started, webhook_dir(tmp_path, target.url, "shutdown_delay: 3\n"), WEBHOOK_SCRIPT
+    )
+    port = int(source.wait_for(WEBHOOK_READY).group(1))
+    source.send(signal.SIGTERM)
+    source.wait_for(r"not ready; serving 3 s more before stopping \(shutdown_delay\)")
+    assert get_status(port, "/readyz") == 503
+    answers = [post_and_hang_up(port, b'{"n": %d}' % n, patience=10) for n in range(3)]
+    assert answers == [b"HTTP/1.1 200 OK"] * 3
+    assert source.wait() == 0, source.stderr
+    assert len(target.requests) == 3

@@ -277,7 +277,10 @@ class WebhookHandler:
         else:
             status, message = 502, "the target did not take the events"
         failed = [events[i].get_id() for i in errors]
-        self.log.warning(
+        # A shutdown fails every waiting caller at once: cdk.delivery sums it up in one line.
+        level = logging.DEBUG if status == 503 else logging.WARNING
+        self.log.log(
+            level,
             "%d of %d event(s) not delivered (ids: %s), answering %d: %s",
             len(failures),
             len(events),
