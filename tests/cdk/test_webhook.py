@@ -549,3 +549,19 @@ def test_the_decoded_estimate_errs_high_for_costly_shapes() -> None:
     assert decoded_bytes(body) > 20 * len(body)
     text = orjson.dumps({"s": "x" * 100_000})
     assert len(text) <= decoded_bytes(text) < 2 * len(text)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"webhook-id": "msg_1", "x-github-delivery": "gh", "idempotency-key": "k"}, "msg_1"),
+        ({"x-github-delivery": "gh", "idempotency-key": "k"}, "gh"),
+        ({"idempotency-key": "k"}, "k"),
+        ({"webhook-id": "", "idempotency-key": "k"}, "k"),
+        ({"x-request-id": "r"}, None),
+    ],
+)
+def test_delivery_id_is_the_callers_id_of_the_delivery(
+    headers: dict[str, str], expected: str | None
+) -> None:
+    assert Request("POST", "/", "", headers, b"").delivery_id == expected
