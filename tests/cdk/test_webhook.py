@@ -25,7 +25,7 @@ from cdk.receiver import Receiver
 from cdk.testing import CaptureTarget
 from cdk.testing.client import Reply, SinkClient
 from cdk.testing.runner import Running, run_in_thread
-from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler, decoded_bytes
+from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler, _Recent, decoded_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -565,3 +565,13 @@ def test_delivery_id_is_the_callers_id_of_the_delivery(
     headers: dict[str, str], expected: str | None
 ) -> None:
     assert Request("POST", "/", "", headers, b"").delivery_id == expected
+
+
+def test_the_memory_of_delivery_ids_is_bounded_and_forgets_the_oldest_first() -> None:
+    recent = _Recent(seconds=600, limit=2)
+    for n in range(3):
+        recent.add(f"msg_{n}", [f"e{n}"])
+    assert (recent.get("msg_0"), recent.get("msg_1"), recent.get("msg_2")) == (None, ["e1"], ["e2"])
+    expired = _Recent(seconds=-1)  # already past
+    expired.add("msg_x", ["ex"])
+    assert expired.get("msg_x") is None

@@ -15,11 +15,18 @@ an event could not be encoded              500     same
 shutdown came first                        503     same, ``Retry-After: 5``
 not settled within ``response_timeout``    504     ``{"error", "pending"}``: still queued
 no room in ``chan``                        503     ``{"error"}``, ``Retry-After: 1``
+no room in ``max_bytes_in_flight``         503     ``{"error"}``, ``Retry-After: 1``
 the caller hung up before queueing         499     nothing queued (nobody reads it)
+not signed as ``webhook_secret`` requires  401     ``{"error"}``: what is wrong
+a Standard Webhooks delivery seen before   as it   the first one's answer, no new event
 =========================================  ======  ========================================
 
 ``error`` is generic and the lists hold event ids: the target's answer (which may name
 hosts or echo the token) goes to the log only. Callers retry the 5xx (at-least-once).
+
+Memory: a request counts :func:`decoded_bytes` of its body against ``max_bytes_in_flight``
+before ``make_event`` decodes it, and its events keep that count until the last of them
+is settled, whether the caller still waits, got its 504 or hung up.
 """
 
 from __future__ import annotations
