@@ -448,17 +448,23 @@ def standard_post(
     return client.post(body, headers)
 
 
-def test_a_standard_webhooks_delivery_sent_again_is_answered_without_a_second_event(
-    target: CaptureTarget,
-) -> None:
+@pytest.fixture
+def signed(target: CaptureTarget) -> Iterator[tuple[JSONWebhook, SinkClient]]:
+    """A webhook source with a Standard Webhooks secret, and a client of it."""
     source = JSONWebhook()
     with run_in_thread(source, _config(target, webhook_secret=STANDARD_SECRET)) as running:
-        client = SinkClient(running.url)
-        first = standard_post(client, {"id": "push"}, "msg_1")
-        again = standard_post(client, {"id": "push"}, "msg_1")
-        other = standard_post(client, {"id": "push"}, "msg_2")  # a new delivery, same body
-        stale = standard_post(client, {"id": "old"}, "msg_3", stamp=time.time() - 301)
-        unsigned = client.post_json({"id": "anon"})
+        yield source, SinkClient(running.url)
+
+
+def test_a_standard_webhooks_delivery_sent_again_is_answered_without_a_second_event(
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
+) -> None:
+    source, client = signed
+    first = standard_post(client, {"id": "push"}, "msg_1")
+    again = standard_post(client, {"id": "push"}, "msg_1")
+    other = standard_post(client, {"id": "push"}, "msg_2")  # a new delivery, same body
+    stale = standard_post(client, {"id": "old"}, "msg_3", stamp=time.time() - 301)
+    unsigned = client.post_json({"id": "anon"})
     assert (first.status, first.json()) == (200, {"ids": ["push-0"]})
     assert (again.status, again.json()) == (200, {"ids": ["push-0"]})
     assert other.status == 200
@@ -469,35 +475,30 @@ def test_a_standard_webhooks_delivery_sent_again_is_answered_without_a_second_ev
 
 
 def test_a_standard_webhooks_delivery_that_failed_is_made_again_when_sent_again(
-    target: CaptureTarget,
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
 ) -> None:
-    source = JSONWebhook()
-    with run_in_thread(source, _config(target, webhook_secret=STANDARD_SECRET)) as running:
-        client = SinkClient(running.url)
-        target.reject_next(1, 400)
-        failed = standard_post(client, {"id": "retry"}, "msg_9")
-        again = standard_post(client, {"id": "retry"}, "msg_9")
+    source, client = signed
+    target.reject_next(1, 400)
+    failed = standard_post(client, {"id": "retry"}, "msg_9")
+    again = standard_post(client, {"id": "retry"}, "msg_9")
     assert (failed.status, again.status) == (502, 200)
     assert len(source.requests) == 2
     assert [e.get_id() for e in target.events] == ["retry-0"]
 
 
 def test_a_delivery_sent_again_while_the_first_is_on_its_way_shares_its_outcome(
-    target: CaptureTarget,
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
 ) -> None:
-    source = JSONWebhook()
-    config = _config(target, webhook_secret=STANDARD_SECRET)
+    source, client = signed
     replies: list[Reply] = []
-    with run_in_thread(source, config) as running:
-        client = SinkClient(running.url)
-        target.delay_next(1, 1.0)
-        thread = threading.Thread(
-            target=lambda: replies.append(standard_post(client, {"id": "slow"}, "msg_5"))
-        )
-        thread.start()
-        target.wait_until(lambda: target.attempts >= 1, timeout=10)
-        again = standard_post(client, {"id": "slow"}, "msg_5")
-        thread.join(timeout=10)
+    target.delay_next(1, 1.0)
+    thread = threading.Thread(
+        target=lambda: replies.append(standard_post(client, {"id": "slow"}, "msg_5"))
+    )
+    thread.start()
+    target.wait_until(lambda: target.attempts >= 1, timeout=10)
+    again = standard_post(client, {"id": "slow"}, "msg_5")
+    thread.join(timeout=10)
     assert (again.status, again.json()) == (200, {"ids": ["slow-0"]})
     assert [reply.status for reply in replies] == [200]
     assert len(source.requests) == 1
