@@ -576,3 +576,42 @@ def test_the_memory_of_delivery_ids_is_bounded_and_forgets_the_oldest_first() ->
     expired = _Recent(seconds=-1)  # already past
     expired.add("msg_x", ["ex"])
     assert expired.get("msg_x") is None
+
+
+class BarrierWebhook(cdk.WebhookSource):
+    """``make_event`` returns only once two requests are in it at the same time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.barrier = threading.Barrier(2)
+
+    async def make_event(self, request: Request) -> cdk.CloudEvent:
+        self.calls += 1
+        if self.calls <= 2:
+            await asyncio.to_thread(self.barrier.wait, 10)
+        return _event(f"made-{self.calls}", {})
+
+
+def test_one_delivery_sent_twice_at_once_is_remembered_without_errors(
+    target: CaptureTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both copies pass the "seen before?" check while make_event runs: each makes its
+    # event (at-least-once), and the one remembered afterwards answers the third copy.
+    source = BarrierWebhook()
+    config = _config(target, webhook_secret=STANDARD_SECRET)
+    with caplog.at_level(logging.ERROR), run_in_thread(source, config) as running:
+        client = SinkClient(running.url)
+        replies: list[Reply] = []
+        copies = [
+            threading.Thread(target=lambda: replies.append(standard_post(client, {}, "msg_7")))
+            for _ in range(2)
+        ]
+        for thread in copies:
+            thread.start()
+        for thread in copies:
+            thread.join(timeout=20)
+        third = standard_post(client, {}, "msg_7")
+    assert sorted(reply.status for reply in replies) == [200, 200]
+    assert third.status == 200 and third.json()["ids"][0].startswith("made-")
+    assert source.calls == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -185,7 +185,7 @@ class WebhookHandler:
         # Decoding counts against the budget, before make_event: a burst is refused undecoded.
         cost = decoded_bytes(request.body) + _EVENT_BYTES
         if not request.reserve(cost):
-            return _json_answer(503, {"error": "busy: events in progress hold too much"}, _SOON)
+            return _MEMORY_BUSY
         try:
             events = await self._make_events(request)
         except HTTPError as exc:
@@ -195,7 +195,7 @@ class WebhookHandler:
             return _json_answer(202, {"ids": []})
         more = (len(events) - 1) * _EVENT_BYTES
         if more and not request.reserve(more):
-            return _json_answer(503, {"error": "busy: events in progress hold too much"}, _SOON)
+            return _MEMORY_BUSY
         self.metrics.received.labels("webhook").inc(len(events))
         chan = self.chan
         if self._closed:
@@ -217,7 +217,7 @@ class WebhookHandler:
         then = None if delivery_id is None else partial(self._delivered, delivery_id)
         delivery = _Delivery(events, request.keep(cost + more), then)
         if delivery_id is not None:
-            self._underway[delivery_id] = delivery
+            self._underway.setdefault(delivery_id, delivery)
         for index in range(len(events)):
             try:
                 chan.put_nowait(delivery.tuple(index))
@@ -226,7 +226,9 @@ class WebhookHandler:
         return await self._outcome(delivery)
 
     def _delivered(self, delivery_id: str, delivery: _Delivery) -> None:
-        del self._underway[delivery_id]
+        # Two requests with one id may both pass the check while make_event runs.
+        if self._underway.get(delivery_id) is delivery:
+            del self._underway[delivery_id]
         if not delivery.errors:
             self._recent.add(delivery_id, delivery.ids())
 
@@ -310,3 +312,6 @@ def _timed_out(error: BaseException) -> bool:
 
 def _json_answer(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     return Response(status, orjson.dumps(body), "application/json", headers or [])
+
+
+_MEMORY_BUSY = _json_answer(503, {"error": "busy: events in progress hold too much"}, _SOON)
