@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from processes import Process, Target
+from processes import HangingTarget, Process, Target
 
 
 @pytest.fixture
@@ -20,5 +20,13 @@ def started() -> Iterator[list[Process]]:
 @pytest.fixture
 def target() -> Iterator[Target]:
     server = Target()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hanging() -> Iterator[HangingTarget]:
+    """A target that never answers."""
+    server = HangingTarget()
     yield server
     server.close()

@@ -31,6 +31,7 @@ API_KEY = "key-5e6f7a8b9c0d1e2f"
 NOTE = "note-0a1b2c3d4e5f6a7b"
 FLAGS = ("--config", "--secret", "--check-config", "--log-level", "--log-format")
 READY = re.compile(r"sink listening on http://[^\s:]+:(\d+)")
+WEBHOOK_READY = re.compile(r"source listening on http://[^\s:]+:(\d+)")
 SOURCE_READY = re.compile(r"source started, target=(\S+)")
 
 SINK_SCRIPT = """
@@ -176,6 +177,26 @@ if os.environ.get("LINGER_AT_EXIT"):
 cdk.run_source(Config, Numbers)
 """
 
+WEBHOOK_SCRIPT = """
+import cdk
+
+
+class Config(cdk.WebhookSourceConfig):
+    pass
+
+
+class Hook(cdk.WebhookSource[Config]):
+    def make_event(self, request):
+        # As the generated example does: the JSON body becomes the event's data.
+        attributes = {"source": "/hook", "type": "test.hooked"}
+        if request.delivery_id:
+            attributes["id"] = request.delivery_id
+        return cdk.CloudEvent(attributes, data=request.json())
+
+
+cdk.run_source(Config, Hook)
+"""
+
 # -- process helpers -------------------------------------------------------------------
 
 
@@ -299,6 +320,16 @@ def post_event(port: int, event_id: str, token: str | None = None) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+def get_status(port: int, path: str) -> int:
+    """The status a ``GET path`` is answered with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1])
+
+
 def post_event_ignoring_errors(port: int, event_id: str) -> None:
     """Post an event whose answer may never come (the process is stopped meanwhile)."""
     with contextlib.suppress(OSError, IndexError, ValueError):
@@ -332,6 +363,43 @@ class Target:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class HangingTarget:
+    """A target that takes connections and requests and never answers (until closed)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.connections: list[socket.socket] = []
+        self.requested = threading.Event()  # set once a request arrived
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.connections.append(conn)
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while conn.recv(1 << 16):
+                self.requested.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory (``VmRSS``) or its peak so far (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def source_dir(tmp_path: Path, target_url: str, extra: str = "") -> Path:

@@ -17,8 +17,10 @@ from processes import (
     SOURCE_READY,
     SOURCE_SCRIPT,
     TOKEN,
+    HangingTarget,
     Process,
     Target,
+    get_status,
     markers,
     post_event,
     post_event_ignoring_errors,
@@ -29,6 +31,9 @@ from processes import (
 )
 
 from cdk.runtime import _Signals
+
+#: Seconds ``docker stop`` waits after SIGTERM before it sends SIGKILL (its default).
+DOCKER_STOP_TIMEOUT = 10.0
 
 # -- lifecycle of a sink process ------------------------------------------------------------
 
@@ -50,6 +55,27 @@ def test_signal_shuts_down_cleanly(
     assert f"received {sig.name}, shutting down" in sink.stderr
     assert "sink stopped" in sink.stderr
     assert "Traceback" not in sink.stderr
+
+
+def test_shutdown_delay_keeps_a_sink_serving_while_readyz_answers_503(
+    tmp_path: Path, started: list[Process]
+) -> None:
+    sink = start(started, sink_dir(tmp_path, "shutdown_delay: 3\n"), SINK_SCRIPT)
+    port = int(sink.wait_for(READY).group(1))
+    assert get_status(port, "/readyz") == 200
+    sink.send(signal.SIGTERM)
+    sink.wait_for(r"not ready; serving 3 s more before stopping \(shutdown_delay\)")
+    # Still routed here for a moment on Kubernetes: answered, while readiness says go away.
+    assert get_status(port, "/readyz") == 503
+    assert [post_event(port, f"late-{n}") for n in range(3)] == [200, 200, 200]
+    assert sink.wait() == 0, sink.stderr
+    assert markers(tmp_path) == [
+        "initialize",
+        "arrived late-0",
+        "arrived late-1",
+        "arrived late-2",
+        "destroy",
+    ]
 
 
 @pytest.mark.parametrize("hooks", ["", "1"], ids=["sync-destroy", "async-destroy"])
@@ -202,6 +228,40 @@ def test_source_sigterm_exits_0(tmp_path: Path, target: Target, started: list[Pr
     assert source.wait() == 0, source.stderr
     lines = markers(tmp_path)
     assert (lines[0], lines[-1], lines.count("destroy")) == ("initialize", "destroy", 1)
+
+
+def test_a_stop_while_the_target_is_down_says_what_was_not_delivered_in_one_line(
+    tmp_path: Path, started: list[Process]
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on: every attempt is refused
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+    extra = "count: 300\nsend_event_attempts: 0\ngrace_period: 1\n"
+    source = start(started, source_dir(tmp_path, down, extra), SOURCE_SCRIPT)
+    source.wait_for("loop_produce_event returned")  # all 300 queued, retried until delivered
+    source.send(signal.SIGTERM)
+    assert source.wait() == 0, source.stderr
+    undelivered = [line for line in source.lines if "not delivered" in line or "failed" in line]
+    assert len(undelivered) == 1, "\n".join(undelivered[:5])
+    assert "WARNING cdk.delivery shut down with 300 event(s) not delivered [e" in undelivered[0]
+    assert "Connection refused" in undelivered[0]
+
+
+def test_a_source_whose_target_hangs_stops_inside_dockers_stop_timeout(
+    tmp_path: Path, hanging: HangingTarget, started: list[Process]
+) -> None:
+    # docker stop sends SIGKILL 10 s after SIGTERM: the default grace_period must end
+    # the stop (exit 0, every event settled) before that.
+    source = start(started, source_dir(tmp_path, hanging.url, "forever: true\n"), SOURCE_SCRIPT)
+    source.wait_for(SOURCE_READY)
+    assert hanging.requested.wait(timeout=30)  # a delivery is stuck in flight
+    source.send(signal.SIGTERM)
+    began = time.monotonic()
+    assert source.wait(timeout=30) == 0, source.stderr
+    took = time.monotonic() - began
+    assert took < DOCKER_STOP_TIMEOUT, f"stopped after {took:.1f} s"
+    assert "source stopped" in source.stderr
+    assert "shut down with" in source.stderr  # what was in flight was settled as failed
 
 
 def test_source_target_password_is_masked(tmp_path: Path, target: Target) -> None:

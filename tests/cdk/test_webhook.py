@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import pytest
 from waiting import until
 
 import cdk
+from cdk import signature
 from cdk.connector import Tuple
 from cdk.delivery import Deliverer
 from cdk.http import Request
@@ -21,7 +25,7 @@ from cdk.receiver import Receiver
 from cdk.testing import CaptureTarget
 from cdk.testing.client import Reply, SinkClient
 from cdk.testing.runner import Running, run_in_thread
-from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler
+from cdk.webhook import RETRY_AFTER_SHUTDOWN, WebhookHandler, _Recent, decoded_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -422,3 +426,192 @@ def test_a_caller_gone_before_its_events_are_queued_queues_nothing() -> None:
             assert chan.empty()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+# -- Standard Webhooks: a delivery sent again makes no second event ---------------------------
+
+STANDARD_KEY = b"standard-webhooks-key-of-the-tests"
+STANDARD_SECRET = "whsec_" + base64.b64encode(STANDARD_KEY).decode()
+
+
+def standard_post(
+    client: SinkClient, value: Any, delivery_id: str, stamp: float | None = None
+) -> Reply:
+    body = orjson.dumps(value)
+    when = int(time.time() if stamp is None else stamp)
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(when),
+        "webhook-signature": signature.sign_standard(STANDARD_KEY, delivery_id, when, body),
+    }
+    return client.post(body, headers)
+
+
+@pytest.fixture
+def signed(target: CaptureTarget) -> Iterator[tuple[JSONWebhook, SinkClient]]:
+    """A webhook source with a Standard Webhooks secret, and a client of it."""
+    source = JSONWebhook()
+    with run_in_thread(source, _config(target, webhook_secret=STANDARD_SECRET)) as running:
+        yield source, SinkClient(running.url)
+
+
+def test_a_standard_webhooks_delivery_sent_again_is_answered_without_a_second_event(
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
+) -> None:
+    source, client = signed
+    first = standard_post(client, {"id": "push"}, "msg_1")
+    again = standard_post(client, {"id": "push"}, "msg_1")
+    other = standard_post(client, {"id": "push"}, "msg_2")  # a new delivery, same body
+    stale = standard_post(client, {"id": "old"}, "msg_3", stamp=time.time() - 301)
+    unsigned = client.post_json({"id": "anon"})
+    assert (first.status, first.json()) == (200, {"ids": ["push-0"]})
+    assert (again.status, again.json()) == (200, {"ids": ["push-0"]})
+    assert other.status == 200
+    assert (stale.status, unsigned.status) == (401, 401)
+    assert "more than 300 s away" in stale.json()["error"]
+    assert len(source.requests) == 2  # make_event never saw the repeat
+    assert [e.get_id() for e in target.events] == ["push-0", "push-0"]  # msg_1, then msg_2
+
+
+def test_a_standard_webhooks_delivery_that_failed_is_made_again_when_sent_again(
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
+) -> None:
+    source, client = signed
+    target.reject_next(1, 400)
+    failed = standard_post(client, {"id": "retry"}, "msg_9")
+    again = standard_post(client, {"id": "retry"}, "msg_9")
+    assert (failed.status, again.status) == (502, 200)
+    assert len(source.requests) == 2
+    assert [e.get_id() for e in target.events] == ["retry-0"]
+
+
+def test_a_delivery_sent_again_while_the_first_is_on_its_way_shares_its_outcome(
+    target: CaptureTarget, signed: tuple[JSONWebhook, SinkClient]
+) -> None:
+    source, client = signed
+    replies: list[Reply] = []
+    target.delay_next(1, 1.0)
+    thread = threading.Thread(
+        target=lambda: replies.append(standard_post(client, {"id": "slow"}, "msg_5"))
+    )
+    thread.start()
+    target.wait_until(lambda: target.attempts >= 1, timeout=10)
+    again = standard_post(client, {"id": "slow"}, "msg_5")
+    thread.join(timeout=10)
+    assert (again.status, again.json()) == (200, {"ids": ["slow-0"]})
+    assert [reply.status for reply in replies] == [200]
+    assert len(source.requests) == 1
+    assert [e.get_id() for e in target.events] == ["slow-0"]
+
+
+# -- memory: queued events hold their part of max_bytes_in_flight until settled ---------------
+
+# About 60 KB of empty arrays: cheap on the wire, about 1.3 MB once decoded.
+EMPTY_ARRAYS = {"a": [[] for _ in range(20_000)]}
+
+
+def test_events_answered_504_keep_their_memory_counted_until_delivered(
+    target: CaptureTarget,
+) -> None:
+    # The budget holds one such event: the second caller is refused while the first
+    # caller's event waits for the target, though that caller had its 504 long ago.
+    cost = decoded_bytes(orjson.dumps(EMPTY_ARRAYS))
+    assert cost < 4 << 20 < 2 * cost
+    config = _config(
+        target,
+        response_timeout=0.2,
+        attempt_timeout=10.0,
+        max_bytes_in_flight=4 << 20,
+        host="127.0.0.1",
+        port=0,
+    )
+    target.delay_next(1, 2.0)
+
+    async def scenario() -> tuple[Reply, Reply, Reply]:
+        async with webhook_server(JSONWebhook(), config) as (url, _, metrics):
+            late = await post_json(url, {"id": "first", **EMPTY_ARRAYS})
+            busy = await post_json(url, {"id": "second", **EMPTY_ARRAYS})
+            delivered = metrics.registry.get_sample_value
+            await until(lambda: delivered("cdk_events_delivered_total") == 1, timeout=10)
+            after = await post_json(url, {"id": "third", **EMPTY_ARRAYS})
+            return late, busy, after
+
+    late, busy, after = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert (late.status, late.json()["pending"]) == (504, ["first-0"])
+    assert (busy.status, busy.headers["retry-after"]) == (503, "1")
+    assert "hold too much" in busy.json()["error"]
+    assert after.status == 200
+    assert [e.get_id() for e in target.events] == ["first-0", "third-0"]
+
+
+def test_the_decoded_estimate_errs_high_for_costly_shapes() -> None:
+    body = orjson.dumps(EMPTY_ARRAYS)
+    assert decoded_bytes(body) > 20 * len(body)
+    text = orjson.dumps({"s": "x" * 100_000})
+    assert len(text) <= decoded_bytes(text) < 2 * len(text)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"webhook-id": "msg_1", "x-github-delivery": "gh", "idempotency-key": "k"}, "msg_1"),
+        ({"x-github-delivery": "gh", "idempotency-key": "k"}, "gh"),
+        ({"idempotency-key": "k"}, "k"),
+        ({"webhook-id": "", "idempotency-key": "k"}, "k"),
+        ({"x-request-id": "r"}, None),
+    ],
+)
+def test_delivery_id_is_the_callers_id_of_the_delivery(
+    headers: dict[str, str], expected: str | None
+) -> None:
+    assert Request("POST", "/", "", headers, b"").delivery_id == expected
+
+
+def test_the_memory_of_delivery_ids_is_bounded_and_forgets_the_oldest_first() -> None:
+    recent = _Recent(seconds=600, limit=2)
+    for n in range(3):
+        recent.add(f"msg_{n}", [f"e{n}"])
+    assert (recent.get("msg_0"), recent.get("msg_1"), recent.get("msg_2")) == (None, ["e1"], ["e2"])
+    expired = _Recent(seconds=-1)  # already past
+    expired.add("msg_x", ["ex"])
+    assert expired.get("msg_x") is None
+
+
+class BarrierWebhook(cdk.WebhookSource):
+    """``make_event`` returns only once two requests are in it at the same time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.barrier = threading.Barrier(2)
+
+    async def make_event(self, request: Request) -> cdk.CloudEvent:
+        self.calls += 1
+        if self.calls <= 2:
+            await asyncio.to_thread(self.barrier.wait, 10)
+        return _event(f"made-{self.calls}", {})
+
+
+def test_one_delivery_sent_twice_at_once_is_remembered_without_errors(
+    target: CaptureTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both copies pass the "seen before?" check while make_event runs: each makes its
+    # event (at-least-once), and the one remembered afterwards answers the third copy.
+    source = BarrierWebhook()
+    config = _config(target, webhook_secret=STANDARD_SECRET)
+    with caplog.at_level(logging.ERROR), run_in_thread(source, config) as running:
+        client = SinkClient(running.url)
+        replies: list[Reply] = []
+        copies = [
+            threading.Thread(target=lambda: replies.append(standard_post(client, {}, "msg_7")))
+            for _ in range(2)
+        ]
+        for thread in copies:
+            thread.start()
+        for thread in copies:
+            thread.join(timeout=20)
+        third = standard_post(client, {}, "msg_7")
+    assert sorted(reply.status for reply in replies) == [200, 200]
+    assert third.status == 200 and third.json()["ids"][0].startswith("made-")
+    assert source.calls == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -264,3 +264,25 @@ def test_the_settings_form_test_docstrings_show_passes_lint_and_types(
         project, sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "mypy"), timeout=300
     )
     assert mypy.returncode == 0, mypy.stdout + mypy.stderr
+
+
+WEBHOOK_DELIVERY = """
+from cdk.http import Request
+from internal.source import ExampleSource
+
+for headers in ({"x-github-delivery": "gh-72d3"}, {"webhook-id": "msg_2Kf9"}, {}):
+    headers["content-type"] = "application/json"
+    request = Request("POST", "/", "", headers, b'{"action": "opened"}')
+    print(ExampleSource().make_event(request).get_id())
+"""
+
+
+def test_the_webhook_example_makes_the_callers_delivery_id_its_event_id(
+    rendered: dict[str, Path],
+) -> None:
+    # A redelivered webhook then carries the same event id, which a sink can deduplicate.
+    result = run_in(rendered["source-webhook"], sys.executable, "-c", WEBHOOK_DELIVERY)
+    assert result.returncode == 0, result.stderr
+    github, standard, neither = result.stdout.split()
+    assert (github, standard) == ("gh-72d3", "msg_2Kf9")
+    assert len(neither) == 36  # none given: the SDK's fresh UUID

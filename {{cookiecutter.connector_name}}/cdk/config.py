@@ -29,6 +29,8 @@ from pydantic import (
     field_validator,
 )
 
+from cdk.signature import standard_key
+
 __all__ = [
     "ENVIRONMENT",
     "ETCD_SCHEMES",
@@ -144,7 +146,10 @@ class ConnectorConfig(BaseModel):
         "text", description="`text` for people, `json` for one JSON object per line."
     )
     grace_period: float = Field(
-        10.0, ge=0, description="Seconds a shutdown may take to finish in-flight work."
+        8.0,
+        ge=0,
+        description="Seconds a shutdown may take to finish in-flight work (after "
+        "`shutdown_delay`); with it, under Docker's 10 s and Kubernetes' 30 s stop timeouts.",
     )
 
     @field_validator("log_level", mode="before")
@@ -213,6 +218,13 @@ class ServerConfig(ConnectorConfig):
     )
     access_log: bool = Field(
         False, description="One line per request on the `cdk.access` logger (status, duration...)."
+    )
+    shutdown_delay: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="Seconds it keeps serving after SIGTERM, `/readyz` answering 503, before "
+        "it stops accepting and drains (Kubernetes takes a moment to stop routing here).",
     )
 
 
@@ -347,14 +359,23 @@ class WebhookSourceConfig(DeliveryConfig, ServerConfig):
 
     webhook_secret: Secret = Field(
         None,
-        description="POSTs need their body's HMAC-SHA256 under it in `X-Hub-Signature-256` "
-        "(`sha256=<hex>`, as GitHub signs; bare hex or base64 too), else 401.",
+        description="POSTs must be signed with it, else 401. `whsec_<base64>`: Standard "
+        "Webhooks (`webhook-id`, `webhook-timestamp` within 5 minutes, `webhook-signature: "
+        "v1,<base64>`; a delivery id seen again is answered 200 without a second event); any "
+        "other value: GitHub's `X-Hub-Signature-256: sha256=<hex>` (bare hex or base64 too).",
     )
     response_timeout: float = Field(
         8.0,
         gt=0,
         description="Seconds a caller waits for its answer; then 504, and its events stay queued.",
     )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            standard_key(value.get_secret_value())  # a ValueError names what is wrong
+        return value
 
 
 def resolve_paths(

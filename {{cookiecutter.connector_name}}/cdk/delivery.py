@@ -256,6 +256,10 @@ class Deliverer:
         self._deadline: float | None = None
         self._deadline_set = asyncio.Event()
         self._closing: asyncio.Future[None] | None = None
+        # Events failed by the shutdown: said in one line once all are settled, not one
+        # line per request (a stop while the target is down fails hundreds at once).
+        self._shut_out: list[str] = []
+        self._shut_why = ""
 
     async def run(self, chan: asyncio.Queue[Tuple]) -> None:
         """Deliver tuples from ``chan`` until :meth:`drain` or :meth:`stop` has settled them."""
@@ -348,6 +352,11 @@ class Deliverer:
         if left:
             error = ShutdownError("shut down before it was sent")
             await self._settle(_Request(left, self._client), error)
+        if not late_only and self._shut_out:
+            ids, self._shut_out = self._shut_out, []
+            last = f" ... {ids[-1]}" if len(ids) > 1 else ""
+            text = "shut down with %d event(s) not delivered [%s%s]: %s"
+            self.log.warning(text, len(ids), ids[0], last, self._shut_why)
 
     def _stopped(self, req: _Request, text: str = "shut down before a retry") -> DeliveryError:
         if req.original is None:
@@ -683,9 +692,14 @@ class Deliverer:
                 self._admit()
             if error is not None:
                 ids = [_event_id(t) for t in tuples[req.settled :]]
-                shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if ids[20:] else "")
                 why = self._redact(_describe(error))
-                self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)
+                if isinstance(error, ShutdownError):
+                    self._shut_out += ids  # said once everything is settled (_fail_rest)
+                    self._shut_why = self._shut_why or why
+                else:
+                    more = f" and {len(ids) - 20} more" if ids[20:] else ""
+                    text = "delivery failed for %d event(s) [%s]: %s"
+                    self.log.warning(text, len(ids), ", ".join(ids[:20]) + more, why)
                 self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
         while req.settled < len(tuples):

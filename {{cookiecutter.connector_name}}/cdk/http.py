@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote
 import httptools
 import orjson
 
-__all__ = ["HTTPError", "HTTPServer", "Handler", "Request", "Response", "text_answer"]
+__all__ = ["HTTPError", "HTTPServer", "Handler", "Hold", "Request", "Response", "text_answer"]
 
 _LOG = logging.getLogger("cdk.http")
 _ACCESS = logging.getLogger("cdk.access")
@@ -75,6 +75,24 @@ class Request:
         False, counting nothing, when that passes the budget others hold some of."""
         return self._conn is None or self._conn.server.reserve(self, nbytes)
 
+    def keep(self, nbytes: int) -> Hold:
+        """Go on counting ``nbytes`` of what this reserved after it is answered, until the
+        returned hold is released: for work that outlives its request (queued events)."""
+        conn = self._conn
+        if conn is None:
+            return Hold(None, 0)
+        nbytes = min(nbytes, self._held)
+        self._held -= nbytes
+        return Hold(conn.server, nbytes)
+
+    @property
+    def delivery_id(self) -> str | None:
+        """The sender's id of this delivery, kept when it sends the request again:
+        ``webhook-id`` (Standard Webhooks), ``X-GitHub-Delivery`` or ``Idempotency-Key``."""
+        headers = self.headers
+        found = headers.get("webhook-id") or headers.get("x-github-delivery")
+        return found or headers.get("idempotency-key") or None
+
     def query_params(self) -> dict[str, list[str]]:
         """The query string decoded into name -> values (blank values kept)."""
         return parse_qs(self.query, keep_blank_values=True)
@@ -85,6 +103,21 @@ class Request:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
+
+
+class Hold:
+    """Bytes counted against a server's ``max_bytes_in_flight`` until :meth:`release`."""
+
+    __slots__ = ("_server", "nbytes")
+
+    def __init__(self, server: HTTPServer | None, nbytes: int) -> None:
+        self._server = server
+        self.nbytes = nbytes
+
+    def release(self) -> None:
+        if self._server is not None:
+            self._server.held -= self.nbytes
+        self._server, self.nbytes = None, 0
 
 
 @dataclass(slots=True)

@@ -1,8 +1,9 @@
 """The process: ``run_source`` / ``run_sink``, signals, the shutdown watchdog, exit statuses.
 
 The first SIGTERM or SIGINT asks the service (``cdk.service``) to stop within
-``grace_period``; a second one, or a stop running ``SHUTDOWN_ALLOWANCE`` seconds past it,
-ends the process at once with status 1. From the start of ``run_source`` to the last
+``grace_period``, once ``shutdown_delay`` seconds of serving on while not ready passed; a
+second one, or a stop running ``SHUTDOWN_ALLOWANCE`` seconds past all that, ends the
+process at once with status 1. From the start of ``run_source`` to the last
 instruction, a signal never kills the process by its default action.
 """
 
@@ -28,6 +29,7 @@ from cdk.config import (
     ConfigError,
     ConnectorConfig,
     DeliveryConfig,
+    ServerConfig,
     SinkConfig,
     load_config,
     masked_dump,
@@ -136,7 +138,7 @@ async def _first(*awaitables: Coroutine[Any, Any, Any] | asyncio.Future[Any]) ->
 
 
 async def _run_service(
-    service: Service, grace: float, signals: _Signals, watchdog: _Watchdog
+    service: Service, grace: float, signals: _Signals, watchdog: _Watchdog, delay: float = 0.0
 ) -> int:
     signalled = signals.attach()
     try:
@@ -150,7 +152,9 @@ async def _run_service(
         # (service.stop shields the stop under way, so _first cancels only its own wait).
         await _first(signalled.wait(), service.stop())
     if signalled.is_set():
-        watchdog.arm(grace + SHUTDOWN_ALLOWANCE)
+        watchdog.arm(delay + grace + SHUTDOWN_ALLOWANCE)
+        if delay:
+            await _first(service.wait(), service.linger(delay))
         await service.stop(grace)
     return cli.EXIT_FAILURE if service.error is not None else cli.EXIT_OK
 
@@ -228,7 +232,8 @@ def _main(
         return cli.EXIT_OK
     watchdog = _Watchdog()
     try:
-        return _run_loop(_run_service(service, config.grace_period, signals, watchdog))
+        delay = config.shutdown_delay if isinstance(config, ServerConfig) else 0.0
+        return _run_loop(_run_service(service, config.grace_period, signals, watchdog, delay))
     except Exception:
         _log.exception("unexpected failure")
         return cli.EXIT_FAILURE

@@ -110,6 +110,15 @@ class Service:
         """Return once the service ended by itself (finished, or failed)."""
         await self._finished.wait()
 
+    async def linger(self, seconds: float) -> None:
+        """Go on serving for ``seconds`` with ``/readyz`` answering 503 (``shutdown_delay``):
+        Kubernetes stops routing to a terminating pod only some time after SIGTERM."""
+        if self.receiver is None or seconds <= 0:
+            return
+        self.receiver.ready = False
+        self.log.info("not ready; serving %g s more before stopping (shutdown_delay)", seconds)
+        await asyncio.sleep(seconds)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop within ``grace`` seconds; without one, settle all work first (sources)."""
         if self._stopping is None:

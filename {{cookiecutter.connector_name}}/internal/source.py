@@ -19,7 +19,8 @@ class {{ cookiecutter.__class_prefix }}Source(cdk.WebhookSource[Config]):
     """Makes one CloudEvent from each JSON request it receives."""
 
     def make_event(self, request: cdk.Request) -> cdk.CloudEvent:
-        """Build the event for one request (the SDK fills in ``id`` and ``time``).
+        """Build the event for one request (the SDK fills in ``time``, and ``id`` when
+        the caller names no delivery).
 
         TODO: check the request and map it to an event; ``self.config`` is your Config.
         Raise ``cdk.HTTPError(status, message)`` to answer with that status instead.
@@ -29,14 +30,17 @@ class {{ cookiecutter.__class_prefix }}Source(cdk.WebhookSource[Config]):
         data = request.json()  # answers 400 on malformed JSON
         if not isinstance(data, dict):
             raise cdk.HTTPError(400, "the JSON body must be an object")
-        return cdk.CloudEvent(
-            attributes={
-                "source": EVENT_SOURCE,
-                "type": EVENT_TYPE,
-                "datacontenttype": "application/json",
-            },
-            data=data,
-        )
+        attributes = {
+            "source": EVENT_SOURCE,
+            "type": EVENT_TYPE,
+            "datacontenttype": "application/json",
+        }
+        if request.delivery_id is not None:
+            # The caller's id of this delivery (webhook-id, X-GitHub-Delivery or
+            # Idempotency-Key): sent again, it makes an event with the same id, which a
+            # sink deduplicating by (source, id) drops.
+            attributes["id"] = request.delivery_id
+        return cdk.CloudEvent(attributes=attributes, data=data)
 {%- else -%}
 """The source: turn data from the outside world into CloudEvents.
 
