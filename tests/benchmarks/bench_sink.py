@@ -23,6 +23,11 @@ the load average before and after. Summary: requests/s and events/s (best round)
 latency, server CPU time per request over all rounds (barely affected by outside load,
 unlike throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against
 the targets (>= 2.5x with one event per request, >= 15x with batches of 100).
+
+Then the cost of the duplicate filter (``dedupe_window``): the kit's sink without it, with
+it in memory and with it in an SQLite file, in turns, each event with a new id (so every
+event is looked up and remembered); events/s and CPU time per event against the sink
+without it, in the same run.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ if str(TEMPLATE_PROJECT) not in sys.path:
 BATCH = 100
 CONNECTIONS = 64
 TARGETS = {"single": 2.5, "batch": 15.0}
+#: The dedupe_window of the dedupe rounds: longer than the run, so no key expires.
+DEDUPE_WINDOW = 3600.0
+#: The kit's sink without and with its duplicate filter (``--serve`` names).
+DEDUPE_RECEIVERS = {"cdk": None, "cdk-memory": "memory", "cdk-sqlite": "sqlite"}
 SERVER_CPU = 0
 LOAD_CPU = 1
 
@@ -67,13 +76,15 @@ def event_json(i: int) -> dict[str, object]:
     }
 
 
-def serve_cdk(port: int) -> None:
+def serve_cdk(port: int, dedupe: str | None = None) -> None:
+    """The kit's sink; ``dedupe`` ``memory`` or ``sqlite`` turns its duplicate filter on."""
     import asyncio
 
     import uvloop
 
     import cdk
     from cdk.config import SinkConfig
+    from cdk.dedupe import open_dedupe
     from cdk.metrics import Metrics
     from cdk.receiver import Receiver, SinkHandler
 
@@ -85,7 +96,9 @@ def serve_cdk(port: int) -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
-        receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
+        store = None if dedupe != "sqlite" else str(Path(tempfile.mkdtemp()) / "dedupe.db")
+        filtering = open_dedupe(DEDUPE_WINDOW if dedupe else 0, store, "bench")
+        receiver = Receiver(SinkHandler(Bench(), metrics, dedupe=filtering), config, metrics)
         server = receiver.http_server()
         await server.start()
         receiver.ready = True
@@ -172,7 +185,34 @@ def write_scripts(directory: Path) -> dict[str, Path]:
         'wrk.headers["Content-Type"] = "application/cloudevents-batch+json"\n'
         f"wrk.body = {_lua_string(batch_body)}\n"
     )
-    return {"single": single, "batch": batch}
+    # With dedupe on, every event must be new: the same one would only measure the filter's
+    # fast path. Each request gets fresh ids (a counter per wrk thread; one thread runs).
+    unique = directory / "post_unique.lua"
+    unique.write_text(
+        single.read_text()
+        + "local n = 0\n"
+        + "request = function()\n"
+        + "  n = n + 1\n"
+        + '  wrk.headers["ce-id"] = "e-" .. n\n'
+        + "  return wrk.format()\n"
+        + "end\n"
+    )
+    template = orjson.dumps([{**event_json(0), "id": "@ID@"} for _ in range(BATCH)]).decode()
+    unique_batch = directory / "post_batch_unique.lua"
+    unique_batch.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/cloudevents-batch+json"\n'
+        f"local template = {_lua_string(template)}\n"
+        "local n = 0\n"
+        "local function next_id()\n"
+        "  n = n + 1\n"
+        '  return "e-" .. n\n'
+        "end\n"
+        "request = function()\n"
+        '  return wrk.format(nil, nil, nil, (template:gsub("@ID@", next_id)))\n'
+        "end\n"
+    )
+    return {"single": single, "batch": batch, "single-unique": unique, "batch-unique": unique_batch}
 
 
 def free_port() -> int:
@@ -374,6 +414,43 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
     return runs
 
 
+def measure_dedupe(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> None:
+    """What the duplicate filter costs: the kit's sink without it, with it in memory and
+    with it in an SQLite file, taking turns under ``load`` with a new id on every event.
+    Printed: best round's events/s, CPU time per event over all rounds, peak RSS, and
+    each against the sink without dedupe."""
+    per_request = BATCH if load == "batch" else 1
+    servers = [Server(name) for name in DEDUPE_RECEIVERS]
+    rounds_of: dict[str, list[Round]] = {name: [] for name in DEDUPE_RECEIVERS}
+    print(f"\ndedupe, {load}: load average before {load_average()}", flush=True)
+    try:
+        for server in servers:
+            if warmup > 0:
+                server.load(script, warmup)
+        for _ in range(rounds):
+            for server in servers:
+                rounds_of[server.receiver].append(server.load(script, seconds))
+    finally:
+        rss = {server.receiver: server.stop() for server in servers}
+    print(f"dedupe, {load}: load average after {load_average()}")
+    print(
+        f"{'receiver':<11} {'events/s':>10} {'CPU us/event':>12} {'peak RSS MiB':>12}"
+        f" {'vs no dedupe: events/s':>23} {'CPU/event':>10}  non-2xx"
+    )
+    base_rate = base_cpu = 0.0
+    for name, results in rounds_of.items():
+        rate = max(result.requests_per_s for result in results) * per_request
+        events = sum(result.requests for result in results) * per_request
+        cpu = sum(result.cpu_s for result in results) * 1e6 / max(events, 1)
+        if name == "cdk":
+            base_rate, base_cpu = rate, cpu
+        bad = sum(result.bad_answers for result in results)
+        print(
+            f"{name:<11} {rate:>10,.0f} {cpu:>12.2f} {rss[name]:>12.1f}"
+            f" {_ratio(rate, base_rate):>22.2f}x {_ratio(cpu, base_cpu):>9.2f}x  {bad:>7}"
+        )
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
@@ -412,14 +489,17 @@ def report(runs: list[Run]) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", choices=["cdk", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["naive", *DEDUPE_RECEIVERS], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per load")
     args = parser.parse_args(argv)
     if args.serve:
-        (serve_cdk if args.serve == "cdk" else serve_naive)(args.port)
+        if args.serve == "naive":
+            serve_naive(args.port)
+        else:
+            serve_cdk(args.port, DEDUPE_RECEIVERS[args.serve])
         return 0
     if shutil.which("wrk") is None:
         print(
@@ -438,7 +518,10 @@ def main(argv: list[str]) -> int:
         scripts = write_scripts(Path(tmp))
         for load in ("single", "batch"):
             runs += measure_load(load, scripts[load], args.seconds, args.warmup, args.rounds)
-    report(runs)
+        report(runs)
+        for load in ("single", "batch"):
+            script = scripts[f"{load}-unique"]
+            measure_dedupe(load, script, args.seconds, args.warmup, args.rounds)
     return 0
 
 
