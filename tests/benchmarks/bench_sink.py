@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,17 +370,17 @@ class Server:
         return rss
 
 
-def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
-    """Both receivers under one load, in alternating rounds.
-
-    The two servers run side by side (only one is loaded at a time) and take turns, so
-    a burst of outside load on the shared machine hits both rather than one of them.
-    Throughput is the best round's; CPU time per request is over all rounds, which
-    outside load barely changes.
-    """
-    servers = [Server("cdk"), Server("naive")]
-    rounds_of: dict[str, list[Round]] = {"cdk": [], "naive": []}
-    print(f"{load}: load average before {load_average()}", flush=True)
+def take_turns(
+    receivers: list[str],
+    script: Path,
+    seconds: int,
+    warmup: int,
+    rounds: int,
+    show: Callable[[str, Round], None] | None = None,
+) -> tuple[dict[str, list[Round]], dict[str, float]]:
+    """Run ``receivers`` side by side and load them in turns: (rounds, peak RSS MiB) each."""
+    servers = [Server(name) for name in receivers]
+    rounds_of: dict[str, list[Round]] = {name: [] for name in receivers}
     try:
         for server in servers:
             if warmup > 0:
@@ -388,14 +389,32 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
             for server in servers:
                 result = server.load(script, seconds)
                 rounds_of[server.receiver].append(result)
-                print(
-                    f"  {server.receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
-                    f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
-                    f"{result.cpu_share:>6.0%} of a core",
-                    flush=True,
-                )
+                if show is not None:
+                    show(server.receiver, result)
     finally:
         rss = {server.receiver: server.stop() for server in servers}
+    return rounds_of, rss
+
+
+def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
+    """Both receivers under one load, in alternating rounds.
+
+    The two servers run side by side (only one is loaded at a time) and take turns, so
+    a burst of outside load on the shared machine hits both rather than one of them.
+    Throughput is the best round's; CPU time per request is over all rounds, which
+    outside load barely changes.
+    """
+    print(f"{load}: load average before {load_average()}", flush=True)
+
+    def show(receiver: str, result: Round) -> None:
+        print(
+            f"  {receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
+            f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
+            f"{result.cpu_share:>6.0%} of a core",
+            flush=True,
+        )
+
+    rounds_of, rss = take_turns(["cdk", "naive"], script, seconds, warmup, rounds, show)
     print(f"{load}: load average after {load_average()}", flush=True)
     runs = []
     for name, results in rounds_of.items():
@@ -420,18 +439,8 @@ def measure_dedupe(load: str, script: Path, seconds: int, warmup: int, rounds: i
     Printed: best round's events/s, CPU time per event over all rounds, peak RSS, and
     each against the sink without dedupe."""
     per_request = BATCH if load == "batch" else 1
-    servers = [Server(name) for name in DEDUPE_RECEIVERS]
-    rounds_of: dict[str, list[Round]] = {name: [] for name in DEDUPE_RECEIVERS}
     print(f"\ndedupe, {load}: load average before {load_average()}", flush=True)
-    try:
-        for server in servers:
-            if warmup > 0:
-                server.load(script, warmup)
-        for _ in range(rounds):
-            for server in servers:
-                rounds_of[server.receiver].append(server.load(script, seconds))
-    finally:
-        rss = {server.receiver: server.stop() for server in servers}
+    rounds_of, rss = take_turns(list(DEDUPE_RECEIVERS), script, seconds, warmup, rounds)
     print(f"dedupe, {load}: load average after {load_average()}")
     print(
         f"{'receiver':<11} {'events/s':>10} {'CPU us/event':>12} {'peak RSS MiB':>12}"
