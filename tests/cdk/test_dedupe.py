@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import READY, SINK_SCRIPT, Process, markers, post_event, sink_dir, start
 from pydantic import ValidationError
 from redis_support import RedisServer
 
 import cdk
-from cdk.config import SinkConfig
+from cdk.config import SinkConfig, masked_dump
 from cdk.dedupe import _MemoryStore
 from cdk.service import ServiceError
 from cdk.testing import CaptureTarget, SinkClient, run_in_thread
@@ -140,6 +142,22 @@ def test_an_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     assert (first.seen, second.seen, counted) == (["e-1", "e-2"], ["e-3"], 2)
 
 
+def test_a_sink_killed_with_sigkill_remembers_what_it_acknowledged(
+    tmp_path: Path, started: list[Process]
+) -> None:
+    store = tmp_path / "dedupe.db"
+    directory = sink_dir(tmp_path, f"dedupe_window: 60\ndedupe_store: {store}\n")
+    first = start(started, directory, SINK_SCRIPT)
+    port = int(first.wait_for(READY).group(1))
+    assert [post_event(port, "e-1"), post_event(port, "e-2")] == [200, 200]
+    first.kill()  # SIGKILL: nothing is flushed on the way out
+    second = start(started, directory, SINK_SCRIPT)
+    port = int(second.wait_for(READY).group(1))
+    assert [post_event(port, f"e-{n}") for n in (1, 2, 3)] == [200, 200, 200]
+    arrived = [line for line in markers(tmp_path) if line.startswith("arrived")]
+    assert arrived == ["arrived e-1", "arrived e-2", "arrived e-3"]
+
+
 def test_an_unwritable_sqlite_store_stops_the_sink_with_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -217,3 +235,16 @@ def test_a_bad_dedupe_store_is_a_config_error_naming_it(value: str, problem: str
     with pytest.raises(ValidationError) as caught:
         SinkConfig.model_validate({"dedupe_store": value})
     assert "dedupe_store" in str(caught.value) and problem in str(caught.value)
+
+
+def test_a_redis_password_is_masked_where_the_config_is_shown() -> None:
+    config = SinkConfig.model_validate({"dedupe_store": "redis://:hunter22@127.0.0.1:6379/0"})
+    assert "hunter22" not in str(masked_dump(config))
+
+
+def test_a_redis_store_without_the_redis_package_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # what an install without the extra has
+    with pytest.raises(ValidationError, match=r"dedupe_store[\s\S]*the project's `redis` extra"):
+        SinkConfig.model_validate({"dedupe_store": "redis://127.0.0.1:6379/0"})
