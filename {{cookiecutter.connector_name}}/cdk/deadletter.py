@@ -10,12 +10,13 @@ an event counts as handled only once the dead-letter target took it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
 from cdk.codec import AnyCloudEvent, with_extensions
-from cdk.config import DeliveryConfig, redact_url
+from cdk.config import DeliveryConfig
 from cdk.connector import Tuple
 from cdk.delivery import Deliverer, DeliveryQueue, error_extensions
 from cdk.metrics import Metrics
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from cdk.config import SinkConfig
 
 __all__ = ["DeadLetters"]
+
+_log = logging.getLogger("cdk.sink")
 
 
 class DeadLetters:
@@ -36,7 +39,6 @@ class DeadLetters:
         delivery = DeliveryConfig.model_validate(
             {"target": config.dead_letter_target, "target_auth_token": token}
         )
-        self.shown = redact_url(config.dead_letter_target)
         self._redact = config.redact
         self._dest = dest
         self._counted = metrics.sink_dead_lettered
@@ -48,27 +50,28 @@ class DeadLetters:
     def start(self) -> None:
         self._task = asyncio.create_task(self._deliverer.run(self._chan), name="cdk-dead-letters")
 
-    async def send(self, letters: Sequence[tuple[AnyCloudEvent, int, str]]) -> list[str | None]:
-        """Send each ``(event, code, message)``; per letter, None once the dead-letter target
-        took it, else why not (one line, to answer the sender with)."""
+    async def send(self, letters: Sequence[tuple[AnyCloudEvent, int, str]]) -> list[bool]:
+        """Send each ``(event, code, message)``; per letter, whether the dead-letter target
+        took it (why not is logged)."""
         loop = asyncio.get_running_loop()
-        waiting: list[asyncio.Future[str | None]] = []
+        waiting: list[asyncio.Future[bool]] = []
         for event, code, message in letters:
-            done: asyncio.Future[str | None] = loop.create_future()
+            done: asyncio.Future[bool] = loop.create_future()
             data = self._redact(message).encode("utf-8")
             extensions = error_extensions(self._dest, code, data)
             try:
                 lettered = with_extensions(event, extensions)
-            except ValueError as exc:  # an event the sink decoded takes these names and values
-                done.set_result(f"cannot be dead-lettered: {exc}")
+            except ValueError:  # decoded by the codec, it passes; if not, the sender retries
+                _log.exception("event %s cannot be dead-lettered", event.get_id())
+                done.set_result(False)
             else:
                 await self._chan.put(Tuple(lettered, partial(_took, done), partial(_lost, done)))
             waiting.append(done)
-        outcomes = list(await asyncio.gather(*waiting))
-        for (_, code, _), outcome in zip(letters, outcomes, strict=True):
-            if outcome is None:
+        took = list(await asyncio.gather(*waiting))
+        for (_, code, _), ok in zip(letters, took, strict=True):
+            if ok:
                 self._counted.labels(str(code)).inc()
-        return outcomes
+        return took
 
     async def close(self, grace: float) -> None:
         """Settle what is on its way within ``grace`` seconds, then close the connections."""
@@ -77,11 +80,12 @@ class DeadLetters:
             await asyncio.wait({self._task})
 
 
-def _took(done: asyncio.Future[str | None]) -> None:
+def _took(done: asyncio.Future[bool]) -> None:
     if not done.done():
-        done.set_result(None)
+        done.set_result(True)
 
 
-def _lost(done: asyncio.Future[str | None], error: BaseException) -> None:
+def _lost(done: asyncio.Future[bool], error: BaseException) -> None:
+    # The delivery engine logged why; the sink's answer says to send again.
     if not done.done():
-        done.set_result(str(error))
+        done.set_result(False)

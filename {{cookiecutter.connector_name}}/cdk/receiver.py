@@ -321,23 +321,19 @@ class SinkHandler:
                 letters.append((event, code, outcome.message))
             else:
                 refused = refused or outcome
-        lost: str | None = None
+        lost = False
         if letters:
             assert self._dead_letters is not None
-            for (event, _, _), why in zip(
-                letters, await self._dead_letters.send(letters), strict=True
-            ):
-                if why is None:
-                    handled.append(event)
-                else:
-                    lost = lost or why
+            took = await self._dead_letters.send(letters)
+            handled += [event for (event, _, _), ok in zip(letters, took, strict=True) if ok]
+            lost = not all(took)
         if self._dedupe is not None and handled:
             await self._dedupe.remember(handled)
         if retry is not None:
             return text_answer(retry.code, retry.message)
-        if lost is not None:
-            shown = self._dead_letters.shown if self._dead_letters is not None else ""
-            return text_answer(502, f"the dead-letter target {shown} failed: {lost}")
+        if lost:
+            # Why is logged by the delivery engine; the sender only needs to send again.
+            return text_answer(502, "the dead-letter target failed; send the request again")
         if refused is not None:
             return text_answer(refused.code, refused.message)
         return _OK if reply is None else reply
