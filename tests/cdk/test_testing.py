@@ -498,3 +498,16 @@ def test_source_suite_runs_the_source_make_source_returns() -> None:
 
     run = Suite()._run_polling()
     assert len(run.captured) == 2
+
+
+def test_suite_settings_missing_a_required_key_say_where_to_give_it() -> None:
+    class Needy(cdk.SinkConfig):
+        database_url: str
+
+    class Suite(SinkTests):
+        __test__ = False
+        sink_class = ListSink
+        config_class = Needy
+
+    with pytest.raises(pytest.fail.Exception, match=r"database_url[\s\S]*never read config.yml"):
+        Suite().connector_config()

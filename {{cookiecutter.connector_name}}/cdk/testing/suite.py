@@ -31,6 +31,7 @@ import orjson
 import pytest
 import yaml
 from cloudevents.core.v1.event import CloudEvent
+from pydantic import ValidationError
 
 from cdk.codec import Mode
 from cdk.config import SinkConfig, SourceConfig, WebhookSourceConfig, deep_merge
@@ -243,7 +244,11 @@ class _ConnectorTests:
     def connector_config(self, **overrides: Any) -> Any:
         """The validated config of in-process runs: ``settings()``, ``secret``, ``overrides``."""
         data = deep_merge(self.settings(), self.secret or {})
-        return self.config_class.model_validate(deep_merge(data, overrides))
+        try:
+            return self.config_class.model_validate(deep_merge(data, overrides))
+        except ValidationError as exc:
+            where = "the `config` class variable or tests/config.yml"
+            pytest.fail(f"{exc}\nThe tests never read config.yml: give these in {where}.")
 
     def client(self, url: str, config: Any) -> SinkClient:
         """A client for ``url`` that sends the ``auth_token`` of ``config``, if it has one."""
