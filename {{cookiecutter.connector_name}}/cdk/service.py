@@ -183,13 +183,9 @@ class SinkService(Service):
     kind = role = "sink"
     series: ClassVar[Mapping[str, bool]] = {"delivering": False}
     connector: Sink[Any]
-
     config: SinkConfig
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.dead_letters: DeadLetters | None = None
-        self.dedupe: Dedupe | None = None
+    dead_letters: DeadLetters | None = None  # with a dead_letter_target, once begun
+    dedupe: Dedupe | None = None  # with a dedupe_window, once begun
 
     async def _begin(self) -> None:
         config, name = self.config, self.connector.name()
