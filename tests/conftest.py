@@ -20,6 +20,9 @@ if str(TEMPLATE_PROJECT) not in sys.path:
 # Real etcd servers for the tests that need one (etcd_support.py says how to use them).
 from etcd_support import etcd, etcd_cluster, etcd_url  # noqa: E402, F401
 
+# A real Redis server for the sink's shared dedupe store (redis_support.py).
+from redis_support import redis_server  # noqa: E402, F401
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -23,6 +23,11 @@ the load average before and after. Summary: requests/s and events/s (best round)
 latency, server CPU time per request over all rounds (barely affected by outside load,
 unlike throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against
 the targets (>= 2.5x with one event per request, >= 15x with batches of 100).
+
+Then the cost of the duplicate filter (``dedupe_window``): the kit's sink without it, with
+it in memory and with it in an SQLite file, in turns, each event with a new id (so every
+event is looked up and remembered); events/s and CPU time per event against the sink
+without it, in the same run.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +53,10 @@ if str(TEMPLATE_PROJECT) not in sys.path:
 BATCH = 100
 CONNECTIONS = 64
 TARGETS = {"single": 2.5, "batch": 15.0}
+#: The dedupe_window of the dedupe rounds: longer than the run, so no key expires.
+DEDUPE_WINDOW = 3600.0
+#: The kit's sink without and with its duplicate filter (``--serve`` names).
+DEDUPE_RECEIVERS = {"cdk": None, "cdk-memory": "memory", "cdk-sqlite": "sqlite"}
 SERVER_CPU = 0
 LOAD_CPU = 1
 
@@ -67,13 +77,15 @@ def event_json(i: int) -> dict[str, object]:
     }
 
 
-def serve_cdk(port: int) -> None:
+def serve_cdk(port: int, dedupe: str | None = None) -> None:
+    """The kit's sink; ``dedupe`` ``memory`` or ``sqlite`` turns its duplicate filter on."""
     import asyncio
 
     import uvloop
 
     import cdk
     from cdk.config import SinkConfig
+    from cdk.dedupe import open_dedupe
     from cdk.metrics import Metrics
     from cdk.receiver import Receiver, SinkHandler
 
@@ -85,7 +97,9 @@ def serve_cdk(port: int) -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
-        receiver = Receiver(SinkHandler(Bench(), metrics), config, metrics)
+        store = None if dedupe != "sqlite" else str(Path(tempfile.mkdtemp()) / "dedupe.db")
+        filtering = open_dedupe(DEDUPE_WINDOW if dedupe else 0, store, "bench")
+        receiver = Receiver(SinkHandler(Bench(), metrics, dedupe=filtering), config, metrics)
         server = receiver.http_server()
         await server.start()
         receiver.ready = True
@@ -172,7 +186,34 @@ def write_scripts(directory: Path) -> dict[str, Path]:
         'wrk.headers["Content-Type"] = "application/cloudevents-batch+json"\n'
         f"wrk.body = {_lua_string(batch_body)}\n"
     )
-    return {"single": single, "batch": batch}
+    # With dedupe on, every event must be new: the same one would only measure the filter's
+    # fast path. Each request gets fresh ids (a counter per wrk thread; one thread runs).
+    unique = directory / "post_unique.lua"
+    unique.write_text(
+        single.read_text()
+        + "local n = 0\n"
+        + "request = function()\n"
+        + "  n = n + 1\n"
+        + '  wrk.headers["ce-id"] = "e-" .. n\n'
+        + "  return wrk.format()\n"
+        + "end\n"
+    )
+    template = orjson.dumps([{**event_json(0), "id": "@ID@"} for _ in range(BATCH)]).decode()
+    unique_batch = directory / "post_batch_unique.lua"
+    unique_batch.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/cloudevents-batch+json"\n'
+        f"local template = {_lua_string(template)}\n"
+        "local n = 0\n"
+        "local function next_id()\n"
+        "  n = n + 1\n"
+        '  return "e-" .. n\n'
+        "end\n"
+        "request = function()\n"
+        '  return wrk.format(nil, nil, nil, (template:gsub("@ID@", next_id)))\n'
+        "end\n"
+    )
+    return {"single": single, "batch": batch, "single-unique": unique, "batch-unique": unique_batch}
 
 
 def free_port() -> int:
@@ -329,17 +370,17 @@ class Server:
         return rss
 
 
-def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
-    """Both receivers under one load, in alternating rounds.
-
-    The two servers run side by side (only one is loaded at a time) and take turns, so
-    a burst of outside load on the shared machine hits both rather than one of them.
-    Throughput is the best round's; CPU time per request is over all rounds, which
-    outside load barely changes.
-    """
-    servers = [Server("cdk"), Server("naive")]
-    rounds_of: dict[str, list[Round]] = {"cdk": [], "naive": []}
-    print(f"{load}: load average before {load_average()}", flush=True)
+def take_turns(
+    receivers: list[str],
+    script: Path,
+    seconds: int,
+    warmup: int,
+    rounds: int,
+    show: Callable[[str, Round], None] | None = None,
+) -> tuple[dict[str, list[Round]], dict[str, float]]:
+    """Run ``receivers`` side by side and load them in turns: (rounds, peak RSS MiB) each."""
+    servers = [Server(name) for name in receivers]
+    rounds_of: dict[str, list[Round]] = {name: [] for name in receivers}
     try:
         for server in servers:
             if warmup > 0:
@@ -348,14 +389,32 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
             for server in servers:
                 result = server.load(script, seconds)
                 rounds_of[server.receiver].append(result)
-                print(
-                    f"  {server.receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
-                    f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
-                    f"{result.cpu_share:>6.0%} of a core",
-                    flush=True,
-                )
+                if show is not None:
+                    show(server.receiver, result)
     finally:
         rss = {server.receiver: server.stop() for server in servers}
+    return rounds_of, rss
+
+
+def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
+    """Both receivers under one load, in alternating rounds.
+
+    The two servers run side by side (only one is loaded at a time) and take turns, so
+    a burst of outside load on the shared machine hits both rather than one of them.
+    Throughput is the best round's; CPU time per request is over all rounds, which
+    outside load barely changes.
+    """
+    print(f"{load}: load average before {load_average()}", flush=True)
+
+    def show(receiver: str, result: Round) -> None:
+        print(
+            f"  {receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
+            f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
+            f"{result.cpu_share:>6.0%} of a core",
+            flush=True,
+        )
+
+    rounds_of, rss = take_turns(["cdk", "naive"], script, seconds, warmup, rounds, show)
     print(f"{load}: load average after {load_average()}", flush=True)
     runs = []
     for name, results in rounds_of.items():
@@ -372,6 +431,33 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
             )
         )
     return runs
+
+
+def measure_dedupe(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> None:
+    """What the duplicate filter costs: the kit's sink without it, with it in memory and
+    with it in an SQLite file, taking turns under ``load`` with a new id on every event.
+    Printed: best round's events/s, CPU time per event over all rounds, peak RSS, and
+    each against the sink without dedupe."""
+    per_request = BATCH if load == "batch" else 1
+    print(f"\ndedupe, {load}: load average before {load_average()}", flush=True)
+    rounds_of, rss = take_turns(list(DEDUPE_RECEIVERS), script, seconds, warmup, rounds)
+    print(f"dedupe, {load}: load average after {load_average()}")
+    print(
+        f"{'receiver':<11} {'events/s':>10} {'CPU us/event':>12} {'peak RSS MiB':>12}"
+        f" {'vs no dedupe: events/s':>23} {'CPU/event':>10}  non-2xx"
+    )
+    base_rate = base_cpu = 0.0
+    for name, results in rounds_of.items():
+        rate = max(result.requests_per_s for result in results) * per_request
+        events = sum(result.requests for result in results) * per_request
+        cpu = sum(result.cpu_s for result in results) * 1e6 / max(events, 1)
+        if name == "cdk":
+            base_rate, base_cpu = rate, cpu
+        bad = sum(result.bad_answers for result in results)
+        print(
+            f"{name:<11} {rate:>10,.0f} {cpu:>12.2f} {rss[name]:>12.1f}"
+            f" {_ratio(rate, base_rate):>22.2f}x {_ratio(cpu, base_cpu):>9.2f}x  {bad:>7}"
+        )
 
 
 def _ratio(a: float, b: float) -> float:
@@ -412,14 +498,17 @@ def report(runs: list[Run]) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", choices=["cdk", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["naive", *DEDUPE_RECEIVERS], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per load")
     args = parser.parse_args(argv)
     if args.serve:
-        (serve_cdk if args.serve == "cdk" else serve_naive)(args.port)
+        if args.serve == "naive":
+            serve_naive(args.port)
+        else:
+            serve_cdk(args.port, DEDUPE_RECEIVERS[args.serve])
         return 0
     if shutil.which("wrk") is None:
         print(
@@ -438,7 +527,10 @@ def main(argv: list[str]) -> int:
         scripts = write_scripts(Path(tmp))
         for load in ("single", "batch"):
             runs += measure_load(load, scripts[load], args.seconds, args.warmup, args.rounds)
-    report(runs)
+        report(runs)
+        for load in ("single", "batch"):
+            script = scripts[f"{load}-unique"]
+            measure_dedupe(load, script, args.seconds, args.warmup, args.rounds)
     return 0
 
 

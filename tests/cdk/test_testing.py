@@ -287,17 +287,17 @@ def test_process_stop_kills_after_timeout() -> None:
 
 def test_recording_sink_keeps_the_kind_of_arrived() -> None:
     calls: list[tuple[cdk.CloudEvent, ...]] = []
-    assert not inspect.iscoroutinefunction(recording_sink(ListSink, calls).arrived)
-    assert inspect.iscoroutinefunction(recording_sink(AsyncSink, calls).arrived)
+    assert not inspect.iscoroutinefunction(recording_sink(ListSink(), calls).arrived)
+    assert inspect.iscoroutinefunction(recording_sink(AsyncSink(), calls).arrived)
     event = sample_event(7)
-    with run_in_thread(recording_sink(AsyncSink, calls)(), sink_config()) as running:
+    with run_in_thread(recording_sink(AsyncSink(), calls), sink_config()) as running:
         assert SinkClient(running.url).send(event).ok
     assert [[e.get_id() for e in call] for call in calls] == [[event.get_id()]]
 
 
 def test_recording_source_sees_callbacks_of_each_event() -> None:
     recorder = SourceRecorder()
-    source = recording_source(CountingSource, recorder)()
+    source = recording_source(CountingSource(), recorder)
     source.limit = 3  # type: ignore[attr-defined]
     with (
         CaptureTarget.in_thread() as target,
@@ -436,3 +436,78 @@ def test_source_suite_accepts_a_source_that_finishes_early() -> None:
     captured = Suite()._run_polling().captured
     assert sorted(e.get_id() for e in captured) == ["n-0", "n-1"]
     assert time.monotonic() - started < 10, "waited for events a finished source never makes"
+
+
+# Settings and stand-ins: the suites never reach the systems config.yml names.
+
+
+def test_suite_settings_come_from_the_tests_not_from_config_yml(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text("auth_token: production-token\nport: 9\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "config.yml").write_text("log_level: DEBUG\nport: 7\n")
+
+    class Suite(SinkTests):
+        __test__ = False
+        sink_class = ListSink
+        project_dir = tmp_path
+        config: ClassVar[Mapping[str, Any]] = {"port": 8}
+
+    assert Suite().settings() == {"log_level": "DEBUG", "port": 8}
+    (tmp_path / "tests" / "config.yml").unlink()
+    assert Suite().settings(port=6) == {"port": 6}
+
+
+class StoreSink(cdk.Sink):
+    """Writes into ``store``: a system outside the process, unless a stand-in is given."""
+
+    def __init__(self, store: list[str] | None = None) -> None:
+        self.store = store
+
+    def arrived(self, *events: cdk.CloudEvent) -> cdk.Result:
+        if self.store is None:
+            raise ConnectionError("the real store is unreachable")
+        self.store.extend(event.get_id() for event in events)
+        return cdk.SUCCESS
+
+
+def test_sink_suite_runs_the_sink_make_sink_returns() -> None:
+    written: list[str] = []
+
+    class Suite(SinkTests):
+        __test__ = False
+        sink_class = StoreSink
+
+        def make_sink(self) -> cdk.Sink:
+            return StoreSink(written)
+
+    Suite().test_batch_reaches_arrived_in_one_call()
+    Suite().test_failed_result_becomes_status(400)
+    Suite().test_auth_token_is_enforced()
+    assert len(written) == 4  # 3 in the batch, 1 with the right token
+
+
+def test_source_suite_runs_the_source_make_source_returns() -> None:
+    class Suite(SourceTests):
+        __test__ = False
+        source_class = CountingSource
+
+        def make_source(self) -> cdk.Source:
+            source = CountingSource()
+            source.limit = 2  # type: ignore[attr-defined]  # only this instance stops at 2
+            return source
+
+    run = Suite()._run_polling()
+    assert len(run.captured) == 2
+
+
+def test_suite_settings_missing_a_required_key_say_where_to_give_it() -> None:
+    class Needy(cdk.SinkConfig):
+        database_url: str
+
+    class Suite(SinkTests):
+        __test__ = False
+        sink_class = ListSink
+        config_class = Needy
+
+    with pytest.raises(pytest.fail.Exception, match=r"database_url[\s\S]*never read config.yml"):
+        Suite().connector_config()

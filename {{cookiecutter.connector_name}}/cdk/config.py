@@ -7,6 +7,7 @@ Every problem becomes one line of a :class:`ConfigError` naming the field, secre
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "load_config",
     "masked_dump",
     "parse_etcd_url",
+    "parse_redis_url",
     "redact_url",
     "resolve_paths",
 ]
@@ -105,6 +107,8 @@ def redact_url(url: str) -> str:
 ETCD_SCHEMES = ("etcd://", "etcds://")
 #: Fields holding an http(s) URL: checked as one at load, credentials masked when shown.
 _URL_FIELDS = ("target", "dead_letter_target")
+#: Fields holding a URL whose credentials are masked when shown.
+_SHOWN_URL_FIELDS = (*_URL_FIELDS, "dedupe_store")
 
 
 def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
@@ -124,6 +128,33 @@ def parse_etcd_url(url: str) -> tuple[bool, list[tuple[str, int]], str]:
             raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
         endpoints.append((host.strip("[]"), int(port)))
     return scheme == "etcds", endpoints, "/" + prefix.strip("/")
+
+
+def _checked_http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    shown = redact_url(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ValueError(f"is not a valid URL (bad host or port): {shown!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
+    return value
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int]:
+    """``redis://HOST:PORT/DB`` as (host, port, db); ``ValueError`` says what is wrong."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"is not a valid URL (bad host or port): {redact_url(url)!r}") from None
+    db = parts.path.strip("/") or "0"
+    if parts.scheme != "redis" or not parts.hostname or port is None or not db.isdigit():
+        raise ValueError(f"must be redis://HOST:PORT/DB, got {redact_url(url)!r}")
+    return parts.hostname, port, int(db)
 
 
 class ConfigError(Exception):
@@ -288,17 +319,7 @@ class DeliveryConfig(ConnectorConfig):
     @field_validator(*_URL_FIELDS)
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        shown = redact_url(value)
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            raise ValueError(f"is not a valid URL (bad host or port): {shown!r}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
-        return value
+        return _checked_http_url(value)
 
 
 class SourceConfig(DeliveryConfig):
@@ -352,6 +373,47 @@ class SourceConfig(DeliveryConfig):
 
 class SinkConfig(ServerConfig):
     """Keys of a sink."""
+
+    dead_letter_target: str | None = Field(
+        None,
+        description="URL an event goes to when `arrived` refused it for good (a 4xx other "
+        "than 408 and 429) or raised, with the Knative extensions `knativeerrordest`, "
+        "`knativeerrorcode` and `knativeerrordata`; it then counts as handled.",
+    )
+    dead_letter_auth_token: BearerToken = Field(
+        None, description="Sent to `dead_letter_target` as `Authorization: Bearer <token>`."
+    )
+    dedupe_window: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds an event's (source, id) is remembered once handled: within it, "
+        "the same event is acknowledged again without calling `arrived`. 0: off.",
+    )
+    dedupe_store: str | None = Field(
+        None,
+        description="Where `dedupe_window` remembers events: unset, in memory (bounded); an "
+        "SQLite file (kept across restarts); `redis://HOST:PORT/DB` (shared by replicas; "
+        "the `redis` extra).",
+    )
+
+    @field_validator("dead_letter_target")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return _checked_http_url(value)
+
+    @field_validator("dedupe_store")
+    @classmethod
+    def _file_or_redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave the key out to remember in memory)")
+        if value is not None and "://" in value:
+            parse_redis_url(value)
+            if importlib.util.find_spec("redis") is None:
+                raise ValueError(
+                    "a redis:// store needs the redis package: install the project's "
+                    "`redis` extra (pip install '.[redis]')"
+                )
+        return value
 
 
 class WebhookSourceConfig(DeliveryConfig, ServerConfig):
@@ -552,7 +614,7 @@ def load_config(
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:
     """``config`` as JSON-ready data for logs, every secret (and URLs' credentials) masked."""
     data = config.model_dump(mode="json")
-    for key in _URL_FIELDS:
+    for key in _SHOWN_URL_FIELDS:
         if isinstance(data.get(key), str):
             data[key] = redact_url(data[key])
     return _mask_strings(data, config.redact)  # type: ignore[no-any-return]

@@ -64,6 +64,9 @@ class Result:
 
 SUCCESS = Result(0, "")
 
+#: What a sink's ``arrived`` returns (or its coroutine does).
+Arrived = Result | list[Result] | CloudEvent
+
 
 async def call(function: Callable[..., Any], *args: Any, thread: bool = False) -> Any:
     """Call a plain or ``async`` hook; ``thread=True`` runs a plain one in a worker thread."""
@@ -170,6 +173,8 @@ class Sink(Connector[KC]):
     """Base for sinks: :meth:`arrived` receives every event the server accepts, a batch in
     one call. An ``async def`` runs on the event loop, a plain ``def`` in a worker thread."""
 
-    def arrived(self, *events: CloudEvent) -> Result | Awaitable[Result]:
-        """Handle the events of one request; return ``cdk.SUCCESS`` or a failed Result."""
+    def arrived(self, *events: CloudEvent) -> Arrived | Awaitable[Arrived]:
+        """Handle the events of one request; return ``cdk.SUCCESS`` or a failed Result for
+        all of them, a list of Results (one per event, in order), or, called with one event,
+        a ``CloudEvent``: the reply the sender gets (answered 200 in binary mode)."""
         raise NotImplementedError(f"{type(self).__name__} must implement arrived(*events)")

@@ -45,6 +45,7 @@ __all__ = [
     "DeliveryQueue",
     "EncodeError",
     "ShutdownError",
+    "error_extensions",
     "parse_ce_overrides",
     "tls_context",
 ]
@@ -124,6 +125,17 @@ def _reason(error: BaseException) -> str:
     """The ``reason`` label of ``cdk_events_failed`` for ``error``."""
     error = error.original if isinstance(error, DeadLettered) else error
     return {ShutdownError: "shutdown", AttemptsExhausted: "exhausted"}.get(type(error), "rejected")
+
+
+def error_extensions(dest: str, code: int | None = None, data: bytes = b"") -> dict[str, str]:
+    """The Knative extensions of a dead letter: where it failed, the status it got, and the
+    first :data:`ERROR_DATA_BYTES` of the answer (base64)."""
+    extensions = {"knativeerrordest": dest}
+    if code is not None:
+        extensions["knativeerrorcode"] = str(code)
+        if data:
+            extensions["knativeerrordata"] = base64.b64encode(data[:ERROR_DATA_BYTES]).decode()
+    return extensions
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -593,11 +605,10 @@ class Deliverer:
             error, error.args = req.original, (f"{req.original} ({note})",)
         elif dead is not None:
             answer = error.last_error if isinstance(error, AttemptsExhausted) else error
-            extensions = {"knativeerrordest": self._shown}
             if isinstance(answer, _Answered):
-                extensions["knativeerrorcode"] = str(answer.status)
-                if answer.body:
-                    extensions["knativeerrordata"] = base64.b64encode(answer.body).decode()
+                extensions = error_extensions(self._shown, answer.status, answer.body)
+            else:
+                extensions = error_extensions(self._shown)
             (lettered, *rest) = self._encode(req.tuples, dead, extensions)
             if lettered.data and not rest:
                 if req.span is not None:

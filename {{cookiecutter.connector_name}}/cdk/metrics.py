@@ -61,6 +61,15 @@ class Metrics:
                 "Time spent in the connector's handler (arrived or make_event), per request.",
             )
             self.handler_in_flight = gauge("cdk_arrived_in_flight", "Handler calls in progress.")
+            self.duplicates = counter(
+                "cdk_sink_duplicates",
+                "Events a sink acknowledged again without calling arrived (dedupe_window).",
+            )
+            self.sink_dead_lettered = counter(
+                "cdk_sink_dead_lettered",
+                "Events a sink's dead-letter target took, by the code arrived gave them.",
+                ["code"],
+            )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every series."""

@@ -16,13 +16,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cdk import tracing
-from cdk.codec import CodecError, from_http
-from cdk.connector import Result, Sink, call
+from cdk.codec import AnyCloudEvent, CodecError, from_http, to_binary
+from cdk.connector import SUCCESS, Result, Sink, call
 from cdk.http import Handler, HTTPError, HTTPServer, Request, Response, text_answer
+from cdk.logs import one_line
 from cdk.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from cdk.config import ServerConfig
+    from cdk.deadletter import DeadLetters
+    from cdk.dedupe import Dedupe
     from cdk.metrics import Metrics
 
 __all__ = ["RETRY_AFTER", "ReadyCheck", "Receiver", "SinkHandler"]
@@ -205,19 +208,43 @@ def _ids(events: tuple[Any, ...] | list[Any]) -> str:
     return ", ".join(ids) + more
 
 
+def _retried(code: int) -> bool:
+    """Whether a sender retries a request answered ``code`` (the statuses a sink answers
+    with to have a batch sent again): 408, 429 and every 5xx."""
+    return code >= 500 or code in (408, 429)
+
+
 class SinkHandler:
     """A sink's ``POST /``: decode, call ``arrived`` (a plain ``def`` in a worker thread),
     answer: 400 or 415 (the codec's message) for what it cannot read; 202 for an empty
     batch; 200 for ``SUCCESS``; a failed Result's code and message; 500 when ``arrived``
-    raises or returns something else (details and event ids go to the log)."""
+    raises or returns something else (details and event ids go to the log).
 
-    def __init__(self, sink: Sink[Any], metrics: Metrics) -> None:
+    ``arrived`` may return one Result for all its events, a list of Results (one per event,
+    in order), or, called with one event, a CloudEvent: the reply, answered 200 in binary
+    mode. With ``dead_letters``, an event refused for good (a 4xx other than 408 and 429)
+    or whose ``arrived`` raised goes there and counts as handled; the request is answered
+    the first retryable status among its events, else 502 if the dead-letter target failed
+    for one, else 2xx. With ``dedupe``, events handled within the window skip ``arrived``."""
+
+    def __init__(
+        self,
+        sink: Sink[Any],
+        metrics: Metrics,
+        *,
+        dead_letters: DeadLetters | None = None,
+        dedupe: Dedupe | None = None,
+    ) -> None:
         self._sink = sink
         self._arrived = sink.arrived
         self._is_async = inspect.iscoroutinefunction(self._arrived)
         self._metrics = metrics
         self._log = logging.getLogger("cdk.sink")
         self._received: dict[str, Any] = {}
+        self._dead_letters = dead_letters
+        self._dedupe = dedupe
+        # Without either, a single Result is the answer: nothing else to settle.
+        self._plain = dead_letters is None and dedupe is None
         # Read by the in-flight gauge when scraped, as the delivery engine's gauges do.
         self._calls = 0
         metrics.handler_in_flight.set_function(lambda: self._calls)
@@ -242,6 +269,13 @@ class SinkHandler:
         if counter is None:
             counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
         counter.inc(len(events))
+        if self._dedupe is not None:
+            fresh = await self._dedupe.fresh(events)
+            if len(fresh) < len(events):
+                self._metrics.duplicates.inc(len(events) - len(fresh))
+                if not fresh:
+                    return _OK
+                events = fresh
         self._calls += 1
         started = time.perf_counter()
         try:
@@ -252,26 +286,91 @@ class SinkHandler:
                 result = await self._arrived(*events)  # type: ignore[misc]
             else:
                 result = await call(self._call_sync, request, events, thread=True)
-        except Exception:
+        except Exception as exc:
             self._log.exception("arrived raised; event ids: %s", _ids(events))
-            return text_answer(500, "internal error")
+            if self._dead_letters is None:
+                return text_answer(500, "internal error")
+            result = exc
         finally:
             self._calls -= 1
             self._metrics.handler_latency.observe(time.perf_counter() - started)
         if result is _GONE:
             return text_answer(499, "client closed the connection")
-        if not isinstance(result, Result):
-            self._log.error(
-                "%s.arrived returned %r, not a cdk.Result (return cdk.SUCCESS or "
-                "cdk.Result(code, message)); event ids: %s",
-                type(self._sink).__name__,
-                type(result).__name__,
-                _ids(events),
-            )
+        if self._plain and type(result) is Result:
+            return _OK if result.code == 0 else text_answer(result.code, result.message)
+        return await self._settle(events, result)
+
+    async def _settle(self, events: list[Any], result: Any) -> Response:
+        """The answer to ``events`` once each outcome ``arrived`` gave (or the exception it
+        raised) is settled: refused ones dead-lettered, handled ones remembered."""
+        outcomes, reply = self._outcomes(events, result)
+        if outcomes is None:
             return text_answer(500, "internal error")
-        if result.code == 0:
-            return _OK
-        return text_answer(result.code, result.message)
+        raised = isinstance(result, Exception)
+        retry: Result | None = None
+        refused: Result | None = None
+        handled: list[Any] = []
+        letters: list[tuple[Any, int, str]] = []
+        for event, outcome in zip(events, outcomes, strict=True):
+            code = outcome.code
+            if code == 0:
+                handled.append(event)
+            elif _retried(code) and not raised:
+                retry = retry or outcome
+            elif self._dead_letters is not None:
+                letters.append((event, code, outcome.message))
+            else:
+                refused = refused or outcome
+        lost = False
+        if letters:
+            assert self._dead_letters is not None
+            took = await self._dead_letters.send(letters)
+            handled += [event for (event, _, _), ok in zip(letters, took, strict=True) if ok]
+            lost = not all(took)
+        if self._dedupe is not None and handled:
+            await self._dedupe.remember(handled)
+        if retry is not None:
+            return text_answer(retry.code, retry.message)
+        if lost:
+            # Why is logged by the delivery engine; the sender only needs to send again.
+            return text_answer(502, "the dead-letter target failed; send the request again")
+        if refused is not None:
+            return text_answer(refused.code, refused.message)
+        return _OK if reply is None else reply
+
+    def _outcomes(self, events: list[Any], result: Any) -> tuple[list[Result] | None, Any]:
+        """(one Result per event, the reply's Response or None); (None, None) for an answer
+        ``arrived`` may not give, with a log line that says what it should have been."""
+        count = len(events)
+        if isinstance(result, Result):
+            return [result] * count, None
+        if isinstance(result, Exception):
+            return [Result(500, one_line(result))] * count, None
+        if isinstance(result, list) and all(isinstance(item, Result) for item in result):
+            if len(result) == count:
+                return result, None
+            problem = f"a list of {len(result)} Results for {count} event(s) (one per event)"
+        elif isinstance(result, AnyCloudEvent):
+            if count == 1:
+                try:
+                    headers, body = to_binary(result)
+                except CodecError as exc:
+                    problem = f"a reply that cannot be sent: {exc}"
+                else:
+                    content_type = headers.pop("content-type", None)
+                    return [SUCCESS], Response(200, body, content_type, list(headers.items()))
+            else:
+                problem = f"an event for {count} events (only a single event can be replied to)"
+        else:
+            problem = f"{type(result).__name__}, not a cdk.Result"
+        self._log.error(
+            "%s.arrived returned %s: return cdk.SUCCESS, cdk.Result(code, message), a list "
+            "of them (one per event), or a cdk.CloudEvent for one event; event ids: %s",
+            type(self._sink).__name__,
+            problem,
+            _ids(events),
+        )
+        return None, None
 
     def _call_sync(self, request: Request, events: list[Any]) -> Any:
         if request.disconnected:

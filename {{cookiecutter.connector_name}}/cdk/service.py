@@ -32,6 +32,8 @@ from cdk.config import (
     redact_url,
 )
 from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
+from cdk.deadletter import DeadLetters
+from cdk.dedupe import Dedupe, DedupeError, open_dedupe
 from cdk.delivery import Deliverer, DeliveryQueue
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
@@ -190,9 +192,31 @@ class SinkService(Service):
     kind = role = "sink"
     series: ClassVar[Mapping[str, bool]] = {"delivering": False}
     connector: Sink[Any]
+    config: SinkConfig
+    dead_letters: DeadLetters | None = None  # with a dead_letter_target, once begun
+    dedupe: Dedupe | None = None  # with a dedupe_window, once begun
 
     async def _begin(self) -> None:
-        await self._serve(SinkHandler(self.connector, self.metrics), self.config)
+        config, name = self.config, self.connector.name()
+        if config.dead_letter_target is not None:
+            self.dead_letters = DeadLetters(config, name, self.metrics)
+            self.dead_letters.start()
+        try:
+            self.dedupe = open_dedupe(config.dedupe_window, config.dedupe_store, name)
+        except DedupeError as exc:
+            raise ServiceError(str(exc)) from exc
+        handler = SinkHandler(
+            self.connector, self.metrics, dead_letters=self.dead_letters, dedupe=self.dedupe
+        )
+        await self._serve(handler, config)
+
+    async def _close_server(self, grace: float) -> None:
+        # In-flight requests wait for their dead letters: they close once those are settled.
+        await super()._close_server(grace)
+        if self.dead_letters is not None:
+            await self.dead_letters.close(0.0)
+        if self.dedupe is not None:
+            await self.dedupe.close()
 
 
 class _Chan(DeliveryQueue):

@@ -2,7 +2,9 @@
 
 Edit ``arrived``. The kit serves HTTP on ``port``, accepts binary, structured and
 batched CloudEvents, and answers each request with the ``cdk.Result`` ``arrived``
-returns: ``cdk.SUCCESS``, or ``cdk.Result(status, message)`` to refuse.
+returns: ``cdk.SUCCESS``, or ``cdk.Result(status, message)`` to refuse. A list of
+Results answers for each event in turn, and a ``cdk.CloudEvent`` replies to a single
+event (README.md, "When ``arrived`` fails").
 """
 
 import json

@@ -7,7 +7,14 @@ answers an error status, a bad config exits 2. Override ``webhook_request()`` to
 the body and headers ``make_event`` expects; add your own tests as plain pytest
 functions in other ``test_*.py`` files.
 
-Settings the tests need go in ``config`` (merged over config.yml; ``secret`` holds what
+A source that talks to a system (a database, an API) is tested against a local instance
+that a pytest fixture starts on a free port (its address in ``config``; CI runs one
+with the commented-out ``services:`` block of .github/workflows/ci.yml), or with a
+stand-in object handed to it by overriding ``make_source()``. README.md, "Testing a
+source that talks to a system", shows both.
+
+The tests never read config.yml, so they never reach the systems it names: settings
+they need go in a tests/config.yml or in ``config``, which wins (``secret`` holds what
 secret.yml would), as class variables of the class below::
 
     from collections.abc import Mapping

@@ -6,6 +6,13 @@ pytest collects the subclass. The tests check the connector contract (each test'
 says which part), not any particular output, so they keep meaning something after
 ``make_event`` or ``arrived`` is rewritten. Everything runs over real HTTP on 127.0.0.1,
 bounded in time; with ``project_dir`` set, ``python cmd/main.py`` runs too.
+
+The connector runs with the settings the tests give, never with the project's config.yml:
+``tests/config.yml`` if there is one, then the ``config`` class variable. A connector that
+talks to a system (a database, an API) is tested against a local instance that a pytest
+fixture starts, its address given in ``config``, or with a stand-in object handed to it
+by overriding ``make_sink()`` / ``make_source()`` (the process tests build the connector
+themselves: they need the local instance, or ``project_dir = None`` to skip them).
 """
 
 from __future__ import annotations
@@ -18,12 +25,13 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import orjson
 import pytest
 import yaml
 from cloudevents.core.v1.event import CloudEvent
+from pydantic import ValidationError
 
 from cdk.codec import Mode
 from cdk.config import SinkConfig, SourceConfig, WebhookSourceConfig, deep_merge
@@ -41,6 +49,10 @@ __all__ = [
     "recording_source",
     "sample_event",
 ]
+
+
+#: The settings file of the tests, relative to ``project_dir`` (optional).
+TEST_CONFIG = Path("tests") / "config.yml"
 
 
 def sample_event(index: int = 0) -> CloudEvent:
@@ -92,26 +104,25 @@ def _assert_unique(events: Sequence[CloudEvent]) -> None:
     assert len(set(keys)) == len(keys), f"duplicate source/id pairs: {keys}"
 
 
-def recording_sink(
-    sink_class: type[Sink[Any]], calls: list[tuple[CloudEvent, ...]]
-) -> type[Sink[Any]]:
-    """A subclass of ``sink_class`` whose ``arrived`` appends its events to ``calls``, then runs
-    the original; of the same kind (``async def`` or plain ``def``): the runtime runs it alike."""
-    if inspect.iscoroutinefunction(sink_class.arrived):
+def recording_sink(sink: Sink[Any], calls: list[tuple[CloudEvent, ...]]) -> Sink[Any]:
+    """``sink``, its ``arrived`` now appending its events to ``calls`` before running as it
+    did; of the same kind (``async def`` or plain ``def``): the runtime runs it alike."""
+    original = sink.arrived
+    if inspect.iscoroutinefunction(original):
 
-        class AsyncRecording(sink_class):  # type: ignore[valid-type, misc]
-            async def arrived(self, *events: CloudEvent) -> Result:
-                calls.append(events)
-                return cast(Result, await super().arrived(*events))
-
-        return AsyncRecording
-
-    class Recording(sink_class):  # type: ignore[valid-type, misc]
-        def arrived(self, *events: CloudEvent) -> Result:
+        async def recorded_async(*events: CloudEvent) -> Any:
             calls.append(events)
-            return cast(Result, super().arrived(*events))
+            return await original(*events)
 
-    return Recording
+        sink.arrived = recorded_async  # type: ignore[method-assign]
+        return sink
+
+    def recorded(*events: CloudEvent) -> Any:
+        calls.append(events)
+        return original(*events)
+
+    sink.arrived = recorded  # type: ignore[method-assign]
+    return sink
 
 
 @dataclass
@@ -176,12 +187,10 @@ class SourceRecorder:
         wait_on(self._changed, predicate, timeout, lambda: f"no {what} within {timeout:g} s")
 
 
-def recording_source(
-    source_class: type[Source[Any]], recorder: SourceRecorder
-) -> type[Source[Any]]:
-    """A subclass of ``source_class`` whose ``chan`` is ``recorder``."""
+def recording_source(source: Source[Any], recorder: SourceRecorder) -> Source[Any]:
+    """``source``, its ``chan`` now ``recorder`` (it becomes an instance of a subclass)."""
 
-    class Recording(source_class):  # type: ignore[valid-type, misc]
+    class Recording(type(source)):  # type: ignore[misc]
         @property
         def chan(self) -> Any:
             return recorder
@@ -197,7 +206,9 @@ def recording_source(
             finally:
                 recorder.finish()
 
-    return Recording
+    Recording.__name__ = Recording.__qualname__ = type(source).__name__
+    source.__class__ = Recording
+    return source
 
 
 class _ConnectorTests:
@@ -221,9 +232,10 @@ class _ConnectorTests:
             cls.__test__ = True
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        """config.yml, then ``config``, then ``overrides``; without config.yml's position
-        store, so that each run starts afresh (and alone) and the project's state is safe."""
-        path = Path(self.project_dir) / "config.yml" if self.project_dir is not None else None
+        """``tests/config.yml`` (when the project has one), then ``config``, then
+        ``overrides``; never the project's config.yml, so that no test reaches the systems
+        it names, and without a position store, so that each run starts afresh."""
+        path = Path(self.project_dir) / TEST_CONFIG if self.project_dir is not None else None
         data = yaml.safe_load(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
         state = ("position_store", "leader_election")
         data = {k: v for k, v in data.items() if k not in state} if isinstance(data, dict) else {}
@@ -232,7 +244,11 @@ class _ConnectorTests:
     def connector_config(self, **overrides: Any) -> Any:
         """The validated config of in-process runs: ``settings()``, ``secret``, ``overrides``."""
         data = deep_merge(self.settings(), self.secret or {})
-        return self.config_class.model_validate(deep_merge(data, overrides))
+        try:
+            return self.config_class.model_validate(deep_merge(data, overrides))
+        except ValidationError as exc:
+            where = "the `config` class variable or tests/config.yml"
+            pytest.fail(f"{exc}\nThe tests never read config.yml: give these in {where}.")
 
     def client(self, url: str, config: Any) -> SinkClient:
         """A client for ``url`` that sends the ``auth_token`` of ``config``, if it has one."""
@@ -304,11 +320,16 @@ class SinkTests(_ConnectorTests):
         """An event this sink accepts; override when ``arrived`` expects a particular shape."""
         return sample_event(index)
 
+    def make_sink(self) -> Sink[Any]:
+        """The sink the in-process tests serve, a new one each time: ``sink_class()``.
+        Override it to hand the sink a stand-in for the system it writes to."""
+        return self.sink_class()
+
     @contextmanager
     def recorded(self) -> Iterator[tuple[SinkClient, list[tuple[CloudEvent, ...]]]]:
         """Serve the sink, recording each call of ``arrived``; yield a client and the calls."""
         calls: list[tuple[CloudEvent, ...]] = []
-        with self.serve(recording_sink(self.sink_class, calls)()) as client:
+        with self.serve(recording_sink(self.make_sink(), calls)) as client:
             yield client, calls
 
     def _assert_arrive_in_one_call(self, events: list[CloudEvent], mode: Mode) -> None:
@@ -346,13 +367,14 @@ class SinkTests(_ConnectorTests):
     def _answer_to(self, answer: Result | BaseException) -> Reply:
         """What the sink answers when its ``arrived`` returns (or raises) ``answer``."""
 
-        class Failing(self.sink_class):  # type: ignore[name-defined, misc]
-            def arrived(self, *events: CloudEvent) -> Result:
-                if isinstance(answer, BaseException):
-                    raise answer
-                return answer
+        def arrived(*events: CloudEvent) -> Result:
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
 
-        with self.serve(Failing()) as client:
+        sink = self.make_sink()
+        sink.arrived = arrived  # type: ignore[method-assign]
+        with self.serve(sink) as client:
             return client.send(self.make_event(0))
 
     @pytest.mark.parametrize("code", [400, 503])
@@ -366,7 +388,7 @@ class SinkTests(_ConnectorTests):
         assert "Traceback" not in reply.text
 
     def test_auth_token_is_enforced(self) -> None:
-        with self.serve(self.sink_class(), auth_token="cdk-testing-token") as client:
+        with self.serve(self.make_sink(), auth_token="cdk-testing-token") as client:
             anonymous = SinkClient(client.url, timeout=self.timeout).send(self.make_event(0))
             allowed = client.send(self.make_event(1))
         assert anonymous.status == 401, f"no token answered {anonymous.status}"
@@ -434,6 +456,11 @@ class SourceTests(_ConnectorTests):
         for name in cls._POLLING_ONLY if webhook else cls._WEBHOOK_ONLY:
             setattr(cls, name, None)
 
+    def make_source(self) -> Source[Any] | WebhookSource[Any]:
+        """The source the in-process tests run, a new one each time: ``source_class()``.
+        Override it to hand the source a stand-in for the system it reads."""
+        return self.source_class()
+
     def webhook_request(self) -> tuple[bytes, dict[str, str]]:
         """Body and headers of a request ``make_event`` turns into events; override as needed."""
         body = orjson.dumps({"message": "hello from the test", "n": 1})
@@ -443,7 +470,7 @@ class SourceTests(_ConnectorTests):
         """Run the source until ``event_count`` events arrived (or it finished) and each got its
         callback; or, with every request answered ``fail_status``, until a ``failed`` callback."""
         recorder = SourceRecorder()
-        source = recording_source(self.source_class, recorder)()  # type: ignore[arg-type]
+        source = recording_source(self.make_source(), recorder)  # type: ignore[arg-type]
         captured: list[CloudEvent] = []
         with CaptureTarget.in_thread() as target:
             target.fail_with(fail_status)
@@ -514,7 +541,7 @@ class SourceTests(_ConnectorTests):
         body, headers = self.webhook_request()
         with CaptureTarget.in_thread() as target:
             target.fail_with(fail_status)
-            with self.serve(self.source_class(), target=target.url, **overrides) as client:
+            with self.serve(self.make_source(), target=target.url, **overrides) as client:
                 reply = client.post(body, headers)
             return reply, target.events
 
