@@ -370,15 +370,14 @@ class PollingSourceService(_SourceService):
         """Produce only while this replica leads; between terms, settle and campaign again."""
         description = "1 while this replica leads (leader_election)."
         leading = Gauge("cdk_leader", description, registry=self.metrics.registry)
-        first = True
         self._note(" (follower)")
         try:
             while True:
                 self.log.info("campaigning to lead (leader_election)")
                 await leadership.campaign()
-                if not first:
-                    self._new_term()  # resume where the last leader left off
-                first = False
+                # Resume where the last leader left off: the position stored now, not the
+                # one read at start-up (a follower may have waited for days).
+                self._new_term()
                 leading.set(1)
                 self._note(" (leader)")
                 self.log.info("leading: producing from position %r", self.connector.position)
