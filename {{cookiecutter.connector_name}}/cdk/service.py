@@ -330,12 +330,15 @@ class PollingSourceService(_SourceService):
             raise ServiceError("loop_produce_event must be an async def")
         source.chan = self.chan
         SUPERVISOR.set(self)
-        if self.config.leader_election:
+        # A dry run reads the positions, writes none and never takes the lead from a replica.
+        if self.config.leader_election and not self.dry_run:
             from cdk.etcd import Leadership
 
             self.leadership = Leadership.from_config(self.config, source.name())
         try:
-            self.store = PositionStore.from_config(self.config, source.name(), self.leadership)
+            self.store = PositionStore.from_config(
+                self.config, source.name(), self.leadership, read_only=self.dry_run
+            )
             self._new_term()
         except StoreError as exc:
             self._release()

@@ -111,7 +111,9 @@ class _SQLiteBackend:
 class PositionStore:
     """JSON values by key for one connector (``namespace``): in memory for ``path`` None,
     else in that SQLite file (connectors sharing it each see their own namespace) or
-    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd."""
+    ``etcd://host:2379/prefix``. Calls block: microseconds for SQLite, a round trip for etcd.
+    ``read_only`` (a dry run): reads as usual, writes change nothing, a missing SQLite file
+    is not created."""
 
     def __init__(
         self,
@@ -119,30 +121,39 @@ class PositionStore:
         path: str | os.PathLike[str] | None = None,
         *,
         backend: _Backend | None = None,
+        read_only: bool = False,
     ) -> None:
         if not namespace:
             raise ValueError("PositionStore needs a non-empty namespace (the connector's name)")
         self.namespace = namespace
+        self.read_only = read_only
         self._where = "memory" if path is None else os.fspath(path)
         if backend is None and self._where.startswith(ETCD_SCHEMES):
             from cdk.etcd import EtcdBackend  # only etcd users need its client library
 
             backend = EtcdBackend(self._where)
         self.path = None if path is None or backend else Path(path)
+        if backend is None and read_only and self.path is not None and not self.path.exists():
+            backend = _SQLiteBackend(None)  # nothing stored yet, and nothing to create
         self._backend = backend or _SQLiteBackend(self.path)
         self._closed = False
 
     @classmethod
     def from_config(
-        cls, config: SourceConfig, namespace: str, leadership: Leadership | None = None
+        cls,
+        config: SourceConfig,
+        namespace: str,
+        leadership: Leadership | None = None,
+        *,
+        read_only: bool = False,
     ) -> PositionStore:
         """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
         if not str(url := config.position_store).startswith(ETCD_SCHEMES):
-            return cls(namespace, url)
+            return cls(namespace, url, read_only=read_only)
         from cdk.etcd import Access, EtcdBackend
 
         backend = EtcdBackend(str(url), leadership, Access.from_config(config))
-        return cls(namespace, url, backend=backend)
+        return cls(namespace, url, backend=backend, read_only=read_only)
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, or ``default`` when there is none."""
@@ -157,11 +168,14 @@ class PositionStore:
 
     def set(self, key: str, value: Any) -> None:
         """Store ``value`` (JSON: None, bool, int, float, str, list, dict with str keys)."""
-        self._backend_checked().set(self.namespace, key, _dumps(value, key))
+        data = _dumps(value, key)
+        if not self.read_only:
+            self._backend_checked().set(self.namespace, key, data)
 
     def delete(self, key: str) -> None:
         """Forget ``key``; nothing happens when it is not stored."""
-        self._backend_checked().delete(self.namespace, key)
+        if not self.read_only:
+            self._backend_checked().delete(self.namespace, key)
 
     def close(self) -> None:
         """Release the store; later calls raise :class:`StoreError`. Safe to call twice."""
