@@ -145,6 +145,8 @@ class Poller:
         gone = [name for name in self.running if name not in wanted]
         for name in gone:
             await self.lose(name)
+            if name is not None:
+                self.source.positions.pop(name, None)
         new = [name for name in wanted if name not in self.running]
         for name in new:
             await self.own(name)
@@ -182,8 +184,6 @@ class Poller:
             return
         part.task.cancel()
         await asyncio.wait({part.task})
-        if name is not None:
-            self.source.positions.pop(name, None)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._fatal is None or self._fatal.done():

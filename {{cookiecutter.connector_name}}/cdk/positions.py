@@ -24,7 +24,7 @@ from cdk.store import NotLeader, PositionStore, StoreError, dumps
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
-__all__ = ["SUPERVISOR", "Checkpoint", "Supervisor"]
+__all__ = ["SUPERVISOR", "Checkpoint", "Supervisor", "Tracked"]
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
@@ -44,6 +44,13 @@ class Supervisor(Protocol):
 #: Set by the kit while a source runs, for the checkpoints made then: a failed event
 #: stops the source instead of leaving a gap, and the last position is written first.
 SUPERVISOR: ContextVar[Supervisor | None] = ContextVar("cdk_supervisor", default=None)
+
+
+@dataclass(slots=True)
+class Tracked(Tuple):
+    """A :class:`cdk.Tuple` made by :meth:`Checkpoint.tuple`: its position is recorded."""
+
+    supervised: bool = False  # its checkpoint runs under the kit: an outage holds it
 
 
 @dataclass(slots=True)
@@ -114,7 +121,15 @@ class Checkpoint:
         """A :class:`cdk.Tuple` for ``event`` whose callbacks feed the checkpoint first,
         then call the given ``success`` / ``failed``, if any."""
         entry, on_success, on_failed = self._track(position, str(event.get_id()))
-        entry.item = Tuple(event, _chain(on_success, success), _chain(on_failed, failed))
+
+        def on_fail(error: BaseException) -> Any:
+            on_failed(error)
+            if failed is not None and not entry.held:  # a held event is not failed yet
+                return failed(error)
+            return None
+
+        supervised = self._supervisor is not None
+        entry.item = Tracked(event, _chain(on_success, success), on_fail, supervised)
         return entry.item
 
     def abandon(self) -> None:

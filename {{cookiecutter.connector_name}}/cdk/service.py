@@ -37,7 +37,7 @@ from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
 from cdk.polling import Poller
-from cdk.positions import SUPERVISOR, Checkpoint
+from cdk.positions import SUPERVISOR, Checkpoint, Tracked
 from cdk.receiver import Receiver, SinkHandler
 from cdk.store import PositionStore, StoreError
 
@@ -343,7 +343,7 @@ class PollingSourceService(_SourceService):
     def hold(self, item: Tuple, message: str) -> bool:
         """An outage: pause production and send ``item`` again, with backoff, until it is
         delivered (or the source stops). Not once the source is finishing: a gap then."""
-        if self._stopping is not None or self._finished.is_set() or self.dry_run:
+        if not self._holds(item) or self.dry_run:
             return False
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -365,6 +365,11 @@ class PollingSourceService(_SourceService):
         self._resending.add(task)
         task.add_done_callback(self._resending.discard)
         return True
+
+    def _holds(self, item: Tuple) -> bool:
+        """Whether :meth:`hold` would take ``item`` if its attempts ran out now."""
+        active = self._stopping is None and not self._finished.is_set()
+        return active and isinstance(item, Tracked) and item.supervised
 
     def release(self, item: Tuple) -> None:
         self._held.pop(id(item), None)
@@ -421,6 +426,8 @@ class PollingSourceService(_SourceService):
 
     async def _begin(self) -> None:
         await super()._begin()
+        if isinstance(self.deliverer, Deliverer):
+            self.deliverer.holds = self._holds
         port = self.config.metrics_port
         if port is not None:
             settings = {"host": self.config.host, "port": port, "log_level": self.config.log_level}
