@@ -406,6 +406,7 @@ class PollingSourceService(_SourceService):
             self.store = PositionStore.from_config(
                 self.config, source.name(), self.leadership, read_only=self.dry_run
             )
+            self.store.claim()  # changes by hand are refused while this source runs
             self._new_term()
             self.poller = Poller(source, self.store, self.config, self.metrics, self.chan)
             source._kit_loop = self.poller.run
