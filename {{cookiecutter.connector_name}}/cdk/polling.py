@@ -82,9 +82,8 @@ class Poller:
         store: PositionStore,
         config: SourceConfig,
         metrics: Metrics,
-        chan: asyncio.Queue[Tuple],
     ) -> None:
-        self.source, self.store, self.config, self.chan = source, store, config, chan
+        self.source, self.store, self.config = source, store, config
         self.partitioned = has_partitions(source)
         #: Which of the names ``partitions()`` returned this replica produces.
         self.claim: Callable[[Sequence[str]], Iterable[str]] = lambda names: names
@@ -231,7 +230,7 @@ class Poller:
                         source.position = position
                     else:
                         source.positions[part.name] = position
-                await self.chan.put(item)
+                await source.chan.put(item)  # the source's: a test kit may stand in for it
             await asyncio.sleep(config.interval if page else (idle or IDLE_WAIT))
 
     def _failed(self, trouble: _Trouble, exc: Exception, name: str | None = None) -> float:

@@ -408,7 +408,7 @@ class PollingSourceService(_SourceService):
             )
             self.store.claim()  # changes by hand are refused while this source runs
             self._new_term()
-            self.poller = Poller(source, self.store, self.config, self.metrics, self.chan)
+            self.poller = Poller(source, self.store, self.config, self.metrics)
             source._kit_loop = self.poller.run
         except StoreError as exc:
             self._release()
