@@ -122,6 +122,9 @@ class Checkpoint:
         if entry.held and self._supervisor is not None and entry.item is not None:
             entry.held = False
             self._supervisor.release(entry.item)
+        # The item's callbacks refer to the entry: break the cycle, so the pair is freed
+        # now, not by the garbage collector (which a page of 500 events keeps busy).
+        entry.item = None
         self._advance()
 
     def tuple(
@@ -192,6 +195,7 @@ class Checkpoint:
             entry.held = supervisor.hold(entry.item, f"{about} was not delivered: {error}")
             if entry.held:
                 return
+        entry.item = None
         self.failed = error
         # Nothing after it may ever be written: a source producing on must not grow this.
         self._pending.clear()
