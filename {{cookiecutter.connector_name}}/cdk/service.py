@@ -331,7 +331,7 @@ class PollingSourceService(_SourceService):
         self._resending: set[asyncio.Task[None]] = set()
         self._outage: tuple[float, float, str] | None = None  # since, last warned, why
 
-    # The supervisor of the checkpoints made while this source runs (cdk.store.SUPERVISOR).
+    # The supervisor of the checkpoints made while this source runs (cdk.positions.SUPERVISOR).
     def watch(self, checkpoint: Checkpoint) -> None:
         self._checkpoints.append(checkpoint)
 
