@@ -20,7 +20,7 @@ import os
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -238,6 +238,9 @@ class Deliverer:
         self.config, self.metrics, self.log = config, metrics, _log
         self.overrides = dict(overrides) if overrides else None
         self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
+        #: Whether the source sends this tuple again when its attempts run out (an outage):
+        #: its running out is then the source's to say, once, not a failure per round.
+        self.holds: Callable[[Tuple], bool] = lambda item: False
         self._redact = config.redact
         self._shown = self._redact(redact_url(config.target))
         self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
@@ -701,8 +704,11 @@ class Deliverer:
                 req.cycling = False
                 self._cycle -= 1
                 self._admit()
-            if error is not None:
-                ids = [_event_id(t) for t in tuples[req.settled :]]
+            rest = tuples[req.settled :]
+            if isinstance(error, AttemptsExhausted) and all(map(self.holds, rest)):
+                self.log.debug("%d held event(s) out of attempts: sent again", len(rest))
+            elif error is not None:
+                ids = [_event_id(t) for t in rest]
                 why = self._redact(_describe(error))
                 if isinstance(error, ShutdownError):
                     self._shut_out += ids  # said once everything is settled (_fail_rest)
