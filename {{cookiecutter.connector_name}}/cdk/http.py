@@ -184,6 +184,12 @@ _DONE = 7  # no more requests are read: one was refused
 _EOF = 8  # no more requests are read: the client half-closed (Request.disconnected)
 _LINGER = 9  # after refusing: what the client still sends is read and dropped, briefly
 
+# Where the reading side is in a request line (``_Connection._line``), for its check.
+_LINE_NONE = 0  # past it
+_LINE_START = 1  # before it: blank lines may come first
+_LINE_IN = 2  # in it, after a byte other than a space
+_LINE_SPACE = 3  # in it, after a space
+
 # Where a connection is in its life (``_Connection.state``).
 _OPEN = 0
 _CLOSED = 1  # closed or aborted here; connection_lost is still to come
@@ -222,7 +228,13 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = False
         self._body: list[bytes] = []
         self._body_len = 0
+        self._declared = 0
         self._version = "1.1"
+        self._line = _LINE_START
+        self._tail = b""
+        #: Bytes read but not parsed yet (from ``_unparsed_at``): a request waits its turn.
+        self._unparsed = b""
+        self._unparsed_at = 0
 
     @property
     def idle(self) -> bool:
@@ -281,17 +293,56 @@ class _Connection(asyncio.Protocol):
                 else:
                     self.deadline = min(self._linger_end, self._linger_deadline())
             return
-        self._head_fresh = False
+        if self._unparsed:  # read before pause_reading took effect: after what waits
+            data = self._unparsed[self._unparsed_at :] + data
+            self._unparsed = b""
+        self._parse(data, 0)
+        if self.task is None and self.queue:
+            self._next()
+        if (
+            (self._unparsed or self.task is not None or self.write_paused)
+            and (self._unparsed or self.queue or _HEAD <= self.reading <= _UPGRADE)
+            and not self.read_paused
+            and self.state == _OPEN
+        ):
+            # Pipelining: read on once answered, so one client cannot queue unbounded work.
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _parse(self, data: bytes, pos: int) -> None:
+        """Feed ``data[pos:]`` to the parser a message at a time, and stop once a request
+        waits for its turn: the rest is kept (``_unparsed``, reading paused) until the
+        answers before are out, so a connection holds a read and a request or two, never
+        thousands of parsed pipelined requests."""
+        size = len(data)
+        view: memoryview | None = None
         try:
-            # llhttp skips repeated spaces in a request line; Go refuses them. Checked per read.
-            if self.reading <= _IDLE and data.find(b"  ", 0, data.find(b"\n")) >= 0:
-                self._stop(400, "malformed request line")
-            while True:
-                try:
-                    self.parser.feed_data(data)
+            while pos < size:
+                # A body of declared length is fed whole, up to its end.
+                in_body = _BODY <= self.reading <= _CONTINUE
+                rest = self._declared - self._body_len if in_body else 0
+                end = min(size, pos + rest) if rest > 0 else self._message_end(data, pos)
+                if self._line:
+                    self._check_request_line(data, pos, end)
+                if pos == 0 and end == size:
+                    piece: bytes | memoryview = data
+                else:
+                    view = view or memoryview(data)
+                    piece = view[pos:end]
+                self._head_fresh = False
+                self._feed(piece)
+                if _HEAD <= self.reading <= _TRAILER:
+                    if not self._head_fresh:
+                        # httptools buffers a header line until it ends: count an endless one.
+                        self._head_raw += end - pos
+                    limit = self.server.max_header_bytes
+                    if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
+                        self._stop(431, "request header fields too large")
+                # The end of a read may be the start of a CRLFCRLF: kept for the next.
+                self._tail = (self._tail + data[max(pos, size - 3) :])[-3:] if end == size else b""
+                pos = end
+                if self.queue or self.reading >= _DONE:
                     break
-                except httptools.HttpParserUpgrade as exc:
-                    data = self._without_upgrade(data[exc.args[0] :])
         except (httptools.HttpParserError, _Stop) as exc:
             # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
             cause = exc.__context__
@@ -299,25 +350,47 @@ class _Connection(asyncio.Protocol):
                 _LOG.error("failed to read a request", exc_info=cause)
                 self._reject = text_answer(500, "internal error")
             self._reject_request(self._reject or text_answer(400, "malformed HTTP request"))
+            return
+        if pos < size and self.reading < _DONE:
+            self._unparsed, self._unparsed_at = data, pos
+
+    def _message_end(self, data: bytes, pos: int) -> int:
+        """Where to stop feeding: past the first CRLFCRLF from ``pos`` (where a head, or a
+        chunked body, ends: llhttp requires CRLF), counting one begun by the last read."""
+        tail = self._tail
+        if tail and pos == 0:
+            found = (tail + data[:3]).find(b"\r\n\r\n")
+            if found >= 0:
+                return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n", pos)
+        return len(data) if found < 0 else found + 4
+
+    def _check_request_line(self, data: bytes, pos: int, end: int) -> None:
+        """llhttp skips repeated spaces in a request line; Go refuses them, and so does
+        this, on every request line, also one split across reads."""
+        if self._line == _LINE_START:
+            while pos < end and data[pos] in b"\r\n":  # blank lines may come first
+                pos += 1
+            if pos == end:
+                return
+        elif self._line == _LINE_SPACE and data[pos] == 32:
+            self._stop(400, "malformed request line")
+        newline = data.find(b"\n", pos, end)
+        stop = end if newline < 0 else newline
+        if data.find(b"  ", pos, stop) >= 0:
+            self._stop(400, "malformed request line")
+        if newline >= 0:
+            self._line = _LINE_NONE
         else:
-            if _HEAD <= self.reading <= _TRAILER:
-                if not self._head_fresh:
-                    # httptools buffers a header line until it ends: count an endless one.
-                    self._head_raw += len(data)
-                limit = self.server.max_header_bytes
-                if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                    self._reject_request(text_answer(431, "request header fields too large"))
-        if self.task is None and self.queue:
-            self._next()
-        if (
-            (self.task is not None or self.write_paused)
-            and (self.queue or _HEAD <= self.reading <= _UPGRADE)
-            and not self.read_paused
-            and self.state == _OPEN
-        ):
-            # Pipelining: read on once answered, so one client cannot queue unbounded work.
-            self.read_paused = True
-            self.transport.pause_reading()
+            self._line = _LINE_SPACE if data[end - 1] == 32 else _LINE_IN
+
+    def _feed(self, piece: bytes | memoryview) -> None:
+        while True:
+            try:
+                self.parser.feed_data(piece)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                piece = self._without_upgrade(piece[exc.args[0] :])
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
@@ -335,6 +408,7 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = True
         self._body = []
         self._body_len = 0
+        self._declared = 0
         if self.task is None and not self.queue and not self.write_paused:
             self.deadline = self.loop.time() + self.server.read_timeout
 
@@ -424,6 +498,7 @@ class _Connection(asyncio.Protocol):
             self._reject = server.check_head(request)
             if self._reject is not None:
                 raise _Stop
+        self._declared = declared
         if declared and not server.reserve(request, declared):
             self._reject = _BUSY
             raise _Stop
@@ -463,6 +538,7 @@ class _Connection(asyncio.Protocol):
         if self.reading == _UPGRADE:
             return
         self.reading = _IDLE
+        self._line = _LINE_START
         request = self._request
         assert request is not None
         self._request = None
@@ -472,7 +548,7 @@ class _Connection(asyncio.Protocol):
             self._body = []
         self.queue.append((request, self.parser.should_keep_alive(), self._version == "1.0", b""))
 
-    def _without_upgrade(self, rest: bytes) -> bytes:
+    def _without_upgrade(self, rest: bytes | memoryview) -> bytes:
         """The head that asked for an upgrade, without ``Upgrade``, and ``rest``, for a fresh
         parser: the server never switches protocols (RFC 9110, 7.8), and the body of an h2c
         request (Java's HttpClient, ``curl --http2``) must be read as usual."""
@@ -505,6 +581,9 @@ class _Connection(asyncio.Protocol):
         if self.state != _OPEN or self.task is not None or self.write_paused:
             return
         queue = self.queue
+        if not queue and self._unparsed and not self.server.draining:
+            data, self._unparsed = self._unparsed, b""
+            self._parse(data, self._unparsed_at)
         if queue:
             request, keep_alive, http10, canned = queue.popleft()
             if request is None:
@@ -521,7 +600,7 @@ class _Connection(asyncio.Protocol):
         if self.reading >= _DONE or (self.server.draining and not in_message):
             self._close()
             return
-        if self.read_paused:
+        if self.read_paused and not self._unparsed:
             self.read_paused = False
             self.transport.resume_reading()
         if in_message:
@@ -578,6 +657,7 @@ class _Connection(asyncio.Protocol):
             if request is not None:
                 self.server.release(request)
         self.queue.clear()
+        self._unparsed = b""
         if self._request is not None:
             self.server.release(self._request)
             self._request = None
