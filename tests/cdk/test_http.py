@@ -1013,6 +1013,30 @@ def test_connections_beyond_max_connections_get_503_when_none_is_idle() -> None:
     run(body())
 
 
+def test_refused_connections_linger_outside_the_connection_cap_and_are_bounded() -> None:
+    # Issue 20.9: a refused client kept its slot for as long as it lingered (up to 40 s).
+    async def body() -> None:
+        async with serving(max_connections=2) as server:
+            assert server.max_lingering == 1
+            refused = []
+            for _ in range(2):
+                client = await RawClient.connect(server.port)
+                await client.send(b"GARBAGE\r\n\r\n")
+                assert (await client.answer()).status == 400
+                refused.append(client)  # kept open: the server lingers on it
+            await until(lambda: len(server.lingering) == 1)  # the oldest made room
+            assert not server.connections
+            assert await refused[0].closed()
+            for _ in range(2):  # both slots are free for clients it serves
+                client = await RawClient.connect(server.port)
+                await client.send(request_bytes())
+                assert (await client.answer()).status == 200
+            for client in refused:
+                await client.aclose()
+
+    run(body())
+
+
 def test_requests_beyond_the_bytes_budget_get_503_and_bodyless_ones_are_served() -> None:
     release = asyncio.Event()
 

@@ -38,10 +38,12 @@ _CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
 #: After a refusal the server half-closes, then drops what the client still sends, as
-#: nginx does (30 s, 5 s between reads; 64 MiB here): closing on unread data resets the
-#: connection, losing the answer for a client writing its whole body first (http.client).
-_LINGER_SECONDS = 30.0
-_LINGER_IDLE = 5.0
+#: nginx does (nginx: 30 s, 5 s between reads; here shorter, and 64 MiB at most): closing
+#: on unread data resets the connection, losing the answer for a client writing its
+#: whole body first (http.client). Such connections leave the connection cap; at most
+#: ``HTTPServer.max_lingering`` linger at once, the oldest closed to make room.
+_LINGER_SECONDS = 10.0
+_LINGER_IDLE = 2.0
 _LINGER_BYTES = 64 << 20
 #: After a burst holding this much, free memory goes back to the system (glibc keeps it).
 _TRIM_AFTER = 16 << 20
@@ -671,6 +673,7 @@ class _Connection(asyncio.Protocol):
             return
         transport.write_eof()
         self.reading = _LINGER
+        self.server.linger(self)
         self._linger_end = self.loop.time() + _LINGER_SECONDS
         self.deadline = self._linger_deadline()
         if self.read_paused:
@@ -759,7 +762,12 @@ class HTTPServer:
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.max_connections = _fit_fd_limit(max_connections)
+        # Refused connections linger outside the cap, in file descriptors of their own:
+        # an eighth more, both shrunk alike when the open-file limit is lower.
+        lingering = max(1, max_connections // 8)
+        fitted = _fit_fd_limit(max_connections + lingering)
+        self.max_lingering = max(1, lingering * fitted // (max_connections + lingering))
+        self.max_connections = max(1, fitted - self.max_lingering)
         self.max_bytes_in_flight = max_bytes_in_flight
         #: Bytes the requests in progress hold (bodies, and what handlers reserve).
         self.held = 0
@@ -770,6 +778,8 @@ class HTTPServer:
         self._refusals_until = 0.0
         self.on_reject = on_reject
         self.connections: set[_Connection] = set()
+        #: Refused connections dropping what their client still sends, oldest first.
+        self.lingering: dict[_Connection, None] = {}
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle  # set by start()
@@ -807,7 +817,7 @@ class HTTPServer:
             return
         self.draining = True
         self._server.close()
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.lingering]:
             conn.drain()
         if self.connections:
             try:
@@ -816,7 +826,7 @@ class HTTPServer:
                 busy = len(self.connections)
                 _LOG.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.lingering]:
             conn.kill()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
@@ -830,8 +840,20 @@ class HTTPServer:
             min(idle, key=lambda conn: conn.deadline)._close()
         return bool(idle)
 
+    def linger(self, conn: _Connection) -> None:
+        """``conn`` was refused and lingers: out of the cap, the oldest closed if too many."""
+        self.connections.discard(conn)
+        if len(self.lingering) >= self.max_lingering:
+            oldest = next(iter(self.lingering))
+            del self.lingering[oldest]
+            oldest._close(abort=True)
+        self.lingering[conn] = None
+        if self.draining and not self.connections:
+            self._all_gone.set()
+
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
+        self.lingering.pop(conn, None)
         if self.draining and not self.connections:
             self._all_gone.set()
 
@@ -870,6 +892,7 @@ class HTTPServer:
         loop = self.loop
         now = loop.time()
         expired = [conn for conn in self.connections if conn.deadline <= now]
+        expired += [conn for conn in self.lingering if conn.deadline <= now]
         for conn in expired:
             conn.expire()
         if now >= self._refusals_until:
