@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cdk import tracing
-from cdk.codec import CodecError, from_http
+from cdk.codec import CodecError, decoded_size, from_http
 from cdk.connector import Result, Sink, call
 from cdk.http import Handler, HTTPError, HTTPServer, Request, Response, text_answer
 from cdk.metrics import CONTENT_TYPE
@@ -38,11 +38,9 @@ _POST_ALLOW = "POST, OPTIONS"
 _READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SERVER_KEYS = {"host", "port", "max_body_bytes", "max_header_bytes", "read_timeout"}
 _SERVER_KEYS |= {"keepalive_timeout", "max_bytes_in_flight", "access_log"}
-#: Counted against ``max_bytes_in_flight`` beside the body: about a small event's size, and
-#: (estimated before decoding a body over ``_SMALL_BODY``) JSON's size as objects per byte.
+#: Counted against ``max_bytes_in_flight`` for each event of a batch, beside the body and
+#: what decoding it may take (``codec.decoded_size``): its attributes and event object.
 _EVENT_BYTES = 1024
-_DECODED_PER_BYTE = 3
-_SMALL_BODY = 64 * 1024
 _GONE = object()  # what _call_sync returns for a sender that is gone
 
 # Shared answers of the hot path (answers are never mutated once returned).
@@ -223,20 +221,18 @@ class SinkHandler:
         metrics.handler_in_flight.set_function(lambda: self._calls)
 
     async def __call__(self, request: Request) -> Response:
-        # Decoding counts against the budget: by size before (a burst is refused without
-        # being decoded), by the events after.
-        size = len(request.body)
-        estimate = size * _DECODED_PER_BYTE if size > _SMALL_BODY else 0
-        if estimate and not request.reserve(estimate):
+        # Decoding counts against the budget: what the body may decode into, before (so a
+        # burst is refused without being decoded), and a batch's events after.
+        body = request.body
+        if not request.reserve(decoded_size(body)):
             return _BUSY
         try:
-            mode, events = from_http(request.headers, request.body)
+            mode, events = from_http(request.headers, body)
         except CodecError as exc:
             return text_answer(exc.status, str(exc))
         if not events:
             return _ACCEPTED
-        extra = len(events) * _EVENT_BYTES - estimate
-        if len(events) > 1 and extra > 0 and not request.reserve(extra):
+        if len(events) > 1 and not request.reserve(len(events) * _EVENT_BYTES):
             return _BUSY
         counter = self._received.get(mode)
         if counter is None:
