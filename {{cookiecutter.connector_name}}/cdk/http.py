@@ -317,20 +317,31 @@ class _Connection(asyncio.Protocol):
         answers before are out, so a connection holds a read and a request or two, never
         thousands of parsed pipelined requests."""
         size = len(data)
-        view: memoryview | None = None
         try:
             while pos < size:
                 # A body of declared length is fed whole, up to its end.
-                in_body = _BODY <= self.reading <= _CONTINUE
-                rest = self._declared - self._body_len if in_body else 0
-                end = min(size, pos + rest) if rest > 0 else self._message_end(data, pos)
+                if _BODY <= self.reading <= _CONTINUE and self._declared > self._body_len:
+                    end = min(size, pos + self._declared - self._body_len)
+                elif self._tail and pos == 0:
+                    end = self._message_end(data)
+                else:
+                    found = data.find(b"\r\n\r\n", pos)
+                    end = size if found < 0 else found + 4
                 if self._line:
-                    self._check_request_line(data, pos, end)
+                    newline = data.find(b"\n", pos, end)
+                    if (
+                        self._line != _LINE_START
+                        or newline < 0
+                        or data[pos] in b"\r\n"
+                        or data.find(b"  ", pos, newline) >= 0
+                    ):
+                        self._check_request_line(data, pos, end)
+                    else:  # the usual case, inline: a whole request line, well-formed
+                        self._line = _LINE_NONE
                 if pos == 0 and end == size:
                     piece: bytes | memoryview = data
-                else:
-                    view = view or memoryview(data)
-                    piece = view[pos:end]
+                else:  # a copy of a head, a view of a body
+                    piece = data[pos:end] if end - pos <= 4096 else memoryview(data)[pos:end]
                 self._head_fresh = False
                 self._feed(piece)
                 if _HEAD <= self.reading <= _TRAILER:
@@ -340,8 +351,10 @@ class _Connection(asyncio.Protocol):
                     limit = self.server.max_header_bytes
                     if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
                         self._stop(431, "request header fields too large")
-                # The end of a read may be the start of a CRLFCRLF: kept for the next.
-                self._tail = (self._tail + data[max(pos, size - 3) :])[-3:] if end == size else b""
+                    if end == size:  # the read may end inside a CRLFCRLF: kept for the next
+                        self._tail = (self._tail + data[max(pos, size - 3) :])[-3:]
+                elif self._tail:
+                    self._tail = b""
                 pos = end
                 if self.queue or self.reading >= _DONE:
                     break
@@ -356,15 +369,14 @@ class _Connection(asyncio.Protocol):
         if pos < size and self.reading < _DONE:
             self._unparsed, self._unparsed_at = data, pos
 
-    def _message_end(self, data: bytes, pos: int) -> int:
-        """Where to stop feeding: past the first CRLFCRLF from ``pos`` (where a head, or a
-        chunked body, ends: llhttp requires CRLF), counting one begun by the last read."""
+    def _message_end(self, data: bytes) -> int:
+        """Where to stop feeding a read: past the first CRLFCRLF (where a head, or a chunked
+        body, ends: llhttp requires CRLF), one begun by the last read (``_tail``) included."""
         tail = self._tail
-        if tail and pos == 0:
-            found = (tail + data[:3]).find(b"\r\n\r\n")
-            if found >= 0:
-                return found + 4 - len(tail)
-        found = data.find(b"\r\n\r\n", pos)
+        found = (tail + data[:3]).find(b"\r\n\r\n")
+        if found >= 0:
+            return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n")
         return len(data) if found < 0 else found + 4
 
     def _check_request_line(self, data: bytes, pos: int, end: int) -> None:
