@@ -19,7 +19,7 @@ from cdk import tracing
 from cdk.codec import CodecError, decoded_size, from_http
 from cdk.connector import Result, Sink, call
 from cdk.http import Handler, HTTPError, HTTPServer, Request, Response, text_answer
-from cdk.metrics import CONTENT_TYPE
+from cdk.metrics import CONTENT_TYPE, Tally
 
 if TYPE_CHECKING:
     from cdk.config import ServerConfig
@@ -75,14 +75,15 @@ class Receiver:
         secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
         self._token: bytes | None = secret.encode("utf-8") if secret else None
         self.in_flight = 0  # POST requests being handled right now
-        self._counted: dict[int, Any] = {}
+        self._counted: dict[int, Tally] = {}
 
     def record_status(self, status: int) -> None:
-        """Count an answer, with one prometheus child per status (labels() is slow)."""
-        child = self._counted.get(status)
-        if child is None:
-            child = self._counted[status] = self._metrics.responses.labels(str(status))
-        child.inc()
+        """Count an answer, in a tally per status (labels() and inc() are slow)."""
+        tally = self._counted.get(status)
+        if tally is None:
+            child = self._metrics.responses.labels(str(status))
+            tally = self._counted[status] = self._metrics.tally(child)
+        tally.count += 1
 
     def http_server(self) -> HTTPServer:
         """The server for this receiver, with the config's limits, refusing on the head."""
@@ -215,7 +216,7 @@ class SinkHandler:
         self._is_async = inspect.iscoroutinefunction(self._arrived)
         self._metrics = metrics
         self._log = logging.getLogger("cdk.sink")
-        self._received: dict[str, Any] = {}
+        self._received: dict[str, Tally] = {}
         # Read by the in-flight gauge when scraped, as the delivery engine's gauges do.
         self._calls = 0
         metrics.handler_in_flight.set_function(lambda: self._calls)
@@ -234,10 +235,10 @@ class SinkHandler:
             return _ACCEPTED
         if len(events) > 1 and not request.reserve(len(events) * _EVENT_BYTES):
             return _BUSY
-        counter = self._received.get(mode)
-        if counter is None:
-            counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
-        counter.inc(len(events))
+        tally = self._received.get(mode)
+        if tally is None:
+            tally = self._received[mode] = self._metrics.tally(self._metrics.received.labels(mode))
+        tally.count += len(events)
         self._calls += 1
         started = time.perf_counter()
         try:
