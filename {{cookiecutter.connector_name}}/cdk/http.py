@@ -317,21 +317,24 @@ class _Connection(asyncio.Protocol):
         answers before are out, so a connection holds a read and a request or two, never
         thousands of parsed pipelined requests."""
         size = len(data)
+        parser = self.parser
         try:
             while pos < size:
+                reading = self.reading
                 # A body of declared length is fed whole, up to its end.
-                if _BODY <= self.reading <= _CONTINUE and self._declared > self._body_len:
+                if _BODY <= reading <= _CONTINUE and self._declared > self._body_len:
                     end = min(size, pos + self._declared - self._body_len)
-                elif self._tail and pos == 0:
+                elif pos == 0 and self._tail:
                     end = self._message_end(data)
                 else:
-                    found = data.find(b"\r\n\r\n", pos)
-                    end = size if found < 0 else found + 4
+                    end = data.find(b"\r\n\r\n", pos) + 4
+                    if end < 4:
+                        end = size
                 if self._line:
                     newline = data.find(b"\n", pos, end)
                     if (
-                        self._line != _LINE_START
-                        or newline < 0
+                        newline < 0
+                        or self._line != _LINE_START
                         or data[pos] in b"\r\n"
                         or data.find(b"  ", pos, newline) >= 0
                     ):
@@ -343,20 +346,18 @@ class _Connection(asyncio.Protocol):
                 else:  # a copy of a head, a view of a body
                     piece = data[pos:end] if end - pos <= 4096 else memoryview(data)[pos:end]
                 self._head_fresh = False
-                self._feed(piece)
-                if _HEAD <= self.reading <= _TRAILER:
-                    if not self._head_fresh:
-                        # httptools buffers a header line until it ends: count an endless one.
-                        self._head_raw += end - pos
-                    limit = self.server.max_header_bytes
-                    if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                        self._stop(431, "request header fields too large")
-                    if end == size:  # the read may end inside a CRLFCRLF: kept for the next
-                        self._tail = (self._tail + data[max(pos, size - 3) :])[-3:]
+                try:
+                    parser.feed_data(piece)
+                except httptools.HttpParserUpgrade as exc:
+                    self._feed_without_upgrade(piece[exc.args[0] :])
+                    parser = self.parser
+                reading = self.reading
+                if _HEAD <= reading <= _TRAILER:
+                    self._head_read(data, pos, end)
                 elif self._tail:
                     self._tail = b""
                 pos = end
-                if self.queue or self.reading >= _DONE:
+                if self.queue or reading >= _DONE:
                     break
         except (httptools.HttpParserError, _Stop) as exc:
             # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
@@ -398,13 +399,26 @@ class _Connection(asyncio.Protocol):
         else:
             self._line = _LINE_SPACE if data[end - 1] == 32 else _LINE_IN
 
-    def _feed(self, piece: bytes | memoryview) -> None:
+    def _feed_without_upgrade(self, rest: bytes | memoryview) -> None:
+        piece = self._without_upgrade(rest)
         while True:
             try:
                 self.parser.feed_data(piece)
                 return
             except httptools.HttpParserUpgrade as exc:
                 piece = self._without_upgrade(piece[exc.args[0] :])
+
+    def _head_read(self, data: bytes, pos: int, end: int) -> None:
+        """After a piece of a head (or of chunk sizes and trailers): its size limit, and
+        what ``_message_end`` needs of a read that ends inside one."""
+        if not self._head_fresh:
+            # httptools buffers a header line until it ends: count an endless one.
+            self._head_raw += end - pos
+        limit = self.server.max_header_bytes
+        if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
+            self._stop(431, "request header fields too large")
+        if end == len(data):  # the read may end inside a CRLFCRLF: kept for the next
+            self._tail = (self._tail + data[max(pos, end - 3) :])[-3:]
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
