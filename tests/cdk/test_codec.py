@@ -714,6 +714,18 @@ def test_data_nested_deeper_than_the_limit_is_rejected() -> None:
     to_binary(event)
 
 
+def test_data_nested_too_deep_in_any_event_of_a_batch_is_rejected() -> None:
+    # The batch is checked in one pass: every event's data is at the depth of [[data]].
+    body = orjson.dumps(event_json(datacontenttype="application/json"))[:-1]
+    fine = body + b',"data":' + nested(MAX_DATA_DEPTH) + b"}"
+    deep = body + b',"data":' + nested(MAX_DATA_DEPTH + 1) + b"}"
+    headers = {"content-type": BATCH_CONTENT_TYPE}
+    error = rejects(InvalidEvent, from_http, headers, b"[" + fine + b"," + deep + b"]")
+    assert error.attribute == "data"
+    events = from_http(headers, b"[" + fine + b"," + fine + b"]")[1]
+    to_batch(events)
+
+
 def test_binary_json_body_nested_too_deep_is_rejected() -> None:
     error = rejects(InvalidEvent, binary, nested(MAX_DATA_DEPTH + 1), "application/json")
     assert error.attribute == "data"

@@ -460,8 +460,15 @@ def _decode_batch(body: bytes) -> list[CloudEvent]:
         raise InvalidEvent(f"a batch must be a JSON array, got {type(items).__name__}")
     first = items[0] if items else None
     spec = _spec_for(first.get("specversion")) if type(first) is dict else None
-    # A whole batch is nearly always past the bracket bound: check each event's data.
-    return [_event_from_json(item, True, spec) for item in items]
+    events = [_event_from_json(item, False, spec) for item in items]
+    if _might_be_deep(body):
+        # Each event's data is two levels down, as in _check_depth's [[data]]: one pass
+        # over the whole batch checks them all, in about half the time of one per event.
+        try:
+            orjson.dumps(items)
+        except TypeError:
+            raise _invalid("data", f"is nested deeper than {MAX_DATA_DEPTH} levels") from None
+    return events
 
 
 _QUOTED: Final = re.compile(r'"((?:[^"\\]|\\.)*)"')
