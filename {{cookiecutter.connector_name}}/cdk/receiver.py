@@ -41,6 +41,7 @@ _SERVER_KEYS |= {"keepalive_timeout", "max_bytes_in_flight", "access_log"}
 #: Counted against ``max_bytes_in_flight`` for each event of a batch, beside the body and
 #: what decoding it may take (``codec.decoded_size``): its attributes and event object.
 _EVENT_BYTES = 1024
+_LARGE_BODY = 64 * 1024
 _GONE = object()  # what _call_sync returns for a sender that is gone
 
 # Shared answers of the hot path (answers are never mutated once returned).
@@ -223,9 +224,13 @@ class SinkHandler:
 
     async def __call__(self, request: Request) -> Response:
         # Decoding counts against the budget: what the body may decode into, before (so a
-        # burst is refused without being decoded), and a batch's events after.
+        # burst is refused without being decoded), and a batch's events after. A large
+        # body's price takes a pass over it: first, does its size alone fit?
         body = request.body
-        if not request.reserve(decoded_size(body)):
+        counted = len(body) if len(body) > _LARGE_BODY else 0
+        if counted and not request.reserve(counted):
+            return _BUSY
+        if not request.reserve(decoded_size(body) - counted):
             return _BUSY
         try:
             mode, events = from_http(request.headers, body)
