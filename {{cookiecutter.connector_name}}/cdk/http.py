@@ -119,6 +119,9 @@ class HTTPError(Exception):
 Handler = Callable[[Request], Awaitable[Response]]
 
 _HEAD_CACHE: dict[tuple[int, bool, bool], bytes] = {}
+#: Header names as received -> lower-cased: clients send the same few on every request.
+_HEADER_NAMES: dict[bytes, str] = {}
+_HEADER_NAMES_KEPT = 1024
 
 
 def encode_response(
@@ -450,7 +453,11 @@ class _Connection(asyncio.Protocol):
             # A trailer, counted then dropped (RFC 9110, 6.5.1): no Authorization after the body.
             self._check_head_size()
             return
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < _HEADER_NAMES_KEPT:
+                _HEADER_NAMES[name] = key
         text = value.decode("latin-1")
         headers = self._headers
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
