@@ -420,8 +420,8 @@ class _Connection(asyncio.Protocol):
         limit = self.server.max_header_bytes
         if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
             self._stop(431, "request header fields too large")
-        if end == len(data):  # the read may end inside a CRLFCRLF: kept for the next
-            self._tail = (self._tail + data[max(pos, end - 3) :])[-3:]
+        # The read may end inside a CRLFCRLF: its last bytes are kept for the next.
+        self._tail = (self._tail + data[max(pos, end - 3) :])[-3:] if end == len(data) else b""
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
