@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import string
+import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -25,6 +26,7 @@ from cdk.codec import (
     InvalidEvent,
     UnsupportedContentType,
     UnwritableEvent,
+    decoded_size,
     encode,
     from_http,
     to_batch,
@@ -712,6 +714,18 @@ def test_data_nested_deeper_than_the_limit_is_rejected() -> None:
     to_binary(event)
 
 
+def test_data_nested_too_deep_in_any_event_of_a_batch_is_rejected() -> None:
+    # The batch is checked in one pass: every event's data is at the depth of [[data]].
+    body = orjson.dumps(event_json(datacontenttype="application/json"))[:-1]
+    fine = body + b',"data":' + nested(MAX_DATA_DEPTH) + b"}"
+    deep = body + b',"data":' + nested(MAX_DATA_DEPTH + 1) + b"}"
+    headers = {"content-type": BATCH_CONTENT_TYPE}
+    error = rejects(InvalidEvent, from_http, headers, b"[" + fine + b"," + deep + b"]")
+    assert error.attribute == "data"
+    events = from_http(headers, b"[" + fine + b"," + fine + b"]")[1]
+    to_batch(events)
+
+
 def test_binary_json_body_nested_too_deep_is_rejected() -> None:
     error = rejects(InvalidEvent, binary, nested(MAX_DATA_DEPTH + 1), "application/json")
     assert error.attribute == "data"
@@ -1107,3 +1121,48 @@ def test_data_deeper_than_a_reader_takes_is_not_written() -> None:
     for encoder in ENCODERS:
         (decoded,) = from_http(*encoder(ok))[1]
         assert decoded.get_data() == deep[0]
+
+
+# -- what decoding costs ---------------------------------------------------------------------
+
+
+def _filled(unit: bytes, size: int) -> bytes:
+    """A JSON object of about ``size`` bytes: ``{"a": [unit, unit, ...]}``."""
+    return b'{"a":[' + b",".join([unit] * max(1, (size - 8) // (len(unit) + 1))) + b"]}"
+
+
+_SHAPES = {
+    "empty arrays": b"[]",
+    "empty objects": b"{}",
+    "nested arrays": b"[" * 200 + b"]" * 200,
+    "nested one-key objects": b'{"":' * 200 + b"{}" + b"}" * 200,
+    "one-key objects": b'{"a":0}',
+    "short strings": b'"a"',
+    "floats": b"1.5",
+    "big integers": b"1234567",
+    "escaped text": b'"\\u00e9"',
+    "astral text": '"a😀"'.encode(),
+}
+
+
+@pytest.mark.parametrize("size", [1000, 60_000, 1 << 20], ids=["1k", "60k", "1M"])
+@pytest.mark.parametrize("unit", list(_SHAPES.values()), ids=list(_SHAPES))
+def test_decoded_size_bounds_what_decoding_allocates(unit: bytes, size: int) -> None:
+    # Issue 20.5: the sink's estimate (3x the body) was far below what some shapes cost.
+    body = _filled(unit, size)
+    tracemalloc.start()
+    try:
+        decoded = orjson.loads(body)
+        allocated, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoded["a"]
+    assert allocated <= decoded_size(body), f"{allocated / len(body):.1f}x the body"
+
+
+def test_decoded_size_of_an_ordinary_large_batch_is_not_the_worst_case() -> None:
+    # Small events, many keys each: the upper bound counts every key as a new string.
+    attributes = {"specversion": "1.0", "source": "/s", "type": "t", "subject": "orders/42"}
+    events = [{**attributes, "id": str(n), "data": {"order": n, "paid": True}} for n in range(9000)]
+    body = orjson.dumps(events)
+    assert len(body) < decoded_size(body) < 20 * len(body) < decoded_size(_filled(b"[]", len(body)))

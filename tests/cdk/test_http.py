@@ -21,7 +21,7 @@ import httptools
 import pytest
 from waiting import until
 
-from cdk.http import HTTPError, HTTPServer, Request, Response, encode_response
+from cdk.http import _HEAD, HTTPError, HTTPServer, Request, Response, encode_response
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -520,6 +520,77 @@ def test_many_pipelined_requests_in_one_write() -> None:
     run(body())
 
 
+def test_pipelined_requests_in_pieces_of_every_size_are_answered_in_order() -> None:
+    # Heads, declared and chunked bodies cut anywhere, CRLFCRLF split across reads.
+    requests = [
+        request_bytes("GET", "/a"),
+        request_bytes("POST", "/b", b"x\r\n\r\ny"),
+        request_bytes("POST", "/c", b"", {"Transfer-Encoding": "chunked"})
+        + b"4\r\n\r\n\r\n\r\n0\r\n\r\n",
+        request_bytes("GET", "/d"),
+        b"\r\n" + request_bytes("POST", "/e", b"eeee"),
+    ]
+    stream = b"".join(requests) * 3
+
+    async def body() -> None:
+        for size in (1, 2, 3, 5, 7, 64, len(stream)):
+            async with connected() as client:
+                for at in range(0, len(stream), size):
+                    await client.send(stream[at : at + size])
+                paths = [(await client.answer()).body.split(b"|")[0] for _ in range(15)]
+                expected = [b"GET /a q= len=0", b"POST /b q= len=6", b"POST /c q= len=4"]
+                expected += [b"GET /d q= len=0", b"POST /e q= len=4"]
+                assert paths == expected * 3, size
+                await client.aclose()
+
+    run(body())
+
+
+def test_a_connection_parses_one_request_ahead_of_the_one_being_answered() -> None:
+    async def body() -> None:
+        release = asyncio.Event()
+
+        async def handler(request: Request) -> Response:
+            await release.wait()
+            return Response(200, request.path.encode())
+
+        async with serving(handler) as server:
+            client = await RawClient.connect(server.port)
+            await client.send(b"".join(request_bytes("GET", f"/{n}") for n in range(1000)))
+            (conn,) = server.connections
+            await until(lambda: bool(conn._unparsed))  # the server stopped parsing
+            assert conn.task is not None and len(conn.queue) <= 1
+            release.set()
+            for n in range(1000):
+                assert (await client.answer()).body == f"/{n}".encode()
+            await client.aclose()
+
+    run(body())
+
+
+def test_a_slow_reader_of_pipelined_answers_gets_them_all() -> None:
+    async def body() -> None:
+        padding = b"." * 8192
+
+        async def handler(request: Request) -> Response:
+            return Response(200, request.path.encode() + padding)
+
+        async with serving(handler, read_timeout=5.0) as server:
+            client = await RawClient.connect(server.port)
+            count = 2000  # 16 MiB of answers: more than the socket buffers hold
+            await client.send(b"".join(request_bytes("GET", f"/{n}") for n in range(count)))
+            (conn,) = server.connections
+            await until(lambda: conn.write_paused)  # nobody reads: the server waits
+            for n in range(count):
+                answer = await client.answer()
+                assert answer.body == f"/{n}".encode() + padding
+                if n % 200 == 0:
+                    await asyncio.sleep(0.05)  # a reader that keeps falling behind
+            await client.aclose()
+
+    run(body(), 25)
+
+
 # -- bodies and limits --------------------------------------------------------------------
 
 
@@ -722,6 +793,34 @@ def test_malformed_requests_get_400_and_close(raw: bytes) -> None:
     run(body())
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [request_bytes("GET", "/ok") + b"GET  /healthz HTTP/1.1\r\nHost: t\r\n\r\n"],
+        [request_bytes("GET", "/ok") + b"GET ", b" /healthz HTTP/1.1\r\nHost: t\r\n\r\n"],
+        [request_bytes("GET", "/ok") + b"GET /healthz ", b" HTTP/1.1\r\nHost: t\r\n\r\n"],
+        [request_bytes("POST", "/ok", b"abc") + b"\r\nGET /x  HTTP/1.1\r\nHost: t\r\n\r\n"],
+    ],
+    ids=["pipelined", "split-after-method", "split-after-target", "after-a-body"],
+)
+def test_every_request_line_with_a_repeated_space_gets_400(pieces: list[bytes]) -> None:
+    # Issue 20.9: only the first line of each read was checked (Go answers 400 to all).
+    async def body() -> None:
+        async with serving() as server:
+            client = await RawClient.connect(server.port)
+            (conn,) = server.connections
+            for piece in pieces[:-1]:
+                await client.send(piece)
+                await until(lambda: conn.reading == _HEAD)  # read: the next is another read
+            await client.send(pieces[-1])
+            assert (await client.answer()).status == 200
+            answer = await client.answer()
+            assert answer.status == 400 and b"request line" in answer.body
+            assert await client.closed()
+
+    run(body())
+
+
 H2C = {
     "Connection": "Upgrade, HTTP2-Settings",
     "Upgrade": "h2c",
@@ -910,6 +1009,30 @@ def test_connections_beyond_max_connections_get_503_when_none_is_idle() -> None:
             await fourth.send(request_bytes())
             assert (await fourth.answer()).status == 200
         assert rejected == [503]
+
+    run(body())
+
+
+def test_refused_connections_linger_outside_the_connection_cap_and_are_bounded() -> None:
+    # Issue 20.9: a refused client kept its slot for as long as it lingered (up to 40 s).
+    async def body() -> None:
+        async with serving(max_connections=2) as server:
+            assert server.max_lingering == 1
+            refused = []
+            for _ in range(2):
+                client = await RawClient.connect(server.port)
+                await client.send(b"GARBAGE\r\n\r\n")
+                assert (await client.answer()).status == 400
+                refused.append(client)  # kept open: the server lingers on it
+            await until(lambda: len(server.lingering) == 1)  # the oldest made room
+            assert not server.connections
+            assert await refused[0].closed()
+            for _ in range(2):  # both slots are free for clients it serves
+                client = await RawClient.connect(server.port)
+                await client.send(request_bytes())
+                assert (await client.answer()).status == 200
+            for client in refused:
+                await client.aclose()
 
     run(body())
 

@@ -696,9 +696,10 @@ class Blocked(cdk.Sink):
 def test_batches_beyond_the_memory_budget_get_503_while_health_answers() -> None:
     async def body() -> None:
         sink = Blocked()
-        # 300 events: about 32 KiB of body, counted with the events as about 330 KiB.
+        # 300 events: about 32 KiB of body, counted with what it may decode into (40 times
+        # its size, at worst) and the events as about 1.6 MiB.
         batch = to_batch([event(f"b-{n}") for n in range(300)])
-        async with serving(sink, max_bytes_in_flight=512 * 1024) as s:
+        async with serving(sink, max_bytes_in_flight=2 << 20) as s:
             first = asyncio.ensure_future(s.post(*batch))
             await until(lambda: sink.entered == 1)
             held = s.server.held

@@ -38,10 +38,12 @@ _CONTINUE_ANSWER = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Statuses whose answers carry neither a body nor Content-Length (RFC 9110, 8.6).
 _NO_BODY_STATUSES = frozenset({204, 304})
 #: After a refusal the server half-closes, then drops what the client still sends, as
-#: nginx does (30 s, 5 s between reads; 64 MiB here): closing on unread data resets the
-#: connection, losing the answer for a client writing its whole body first (http.client).
-_LINGER_SECONDS = 30.0
-_LINGER_IDLE = 5.0
+#: nginx does (nginx: 30 s, 5 s between reads; here shorter, and 64 MiB at most): closing
+#: on unread data resets the connection, losing the answer for a client writing its
+#: whole body first (http.client). Such connections leave the connection cap; at most
+#: ``HTTPServer.max_lingering`` linger at once, the oldest closed to make room.
+_LINGER_SECONDS = 10.0
+_LINGER_IDLE = 2.0
 _LINGER_BYTES = 64 << 20
 #: After a burst holding this much, free memory goes back to the system (glibc keeps it).
 _TRIM_AFTER = 16 << 20
@@ -150,6 +152,9 @@ class HTTPError(Exception):
 Handler = Callable[[Request], Awaitable[Response]]
 
 _HEAD_CACHE: dict[tuple[int, bool, bool], bytes] = {}
+#: Header names as received -> lower-cased: clients send the same few on every request.
+_HEADER_NAMES: dict[bytes, str] = {}
+_HEADER_NAMES_KEPT = 1024
 
 
 def encode_response(
@@ -217,6 +222,12 @@ _DONE = 7  # no more requests are read: one was refused
 _EOF = 8  # no more requests are read: the client half-closed (Request.disconnected)
 _LINGER = 9  # after refusing: what the client still sends is read and dropped, briefly
 
+# Where the reading side is in a request line (``_Connection._line``), for its check.
+_LINE_NONE = 0  # past it
+_LINE_START = 1  # before it: blank lines may come first
+_LINE_IN = 2  # in it, after a byte other than a space
+_LINE_SPACE = 3  # in it, after a space
+
 # Where a connection is in its life (``_Connection.state``).
 _OPEN = 0
 _CLOSED = 1  # closed or aborted here; connection_lost is still to come
@@ -255,7 +266,13 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = False
         self._body: list[bytes] = []
         self._body_len = 0
+        self._declared = 0
         self._version = "1.1"
+        self._line = _LINE_START
+        self._tail = b""
+        #: Bytes read but not parsed yet (from ``_unparsed_at``): a request waits its turn.
+        self._unparsed = b""
+        self._unparsed_at = 0
 
     @property
     def idle(self) -> bool:
@@ -314,17 +331,70 @@ class _Connection(asyncio.Protocol):
                 else:
                     self.deadline = min(self._linger_end, self._linger_deadline())
             return
-        self._head_fresh = False
+        if self._unparsed:  # read before pause_reading took effect: after what waits
+            data = self._unparsed[self._unparsed_at :] + data
+            self._unparsed = b""
+        self._parse(data, 0)
+        if self.task is None and self.queue:
+            self._next()
+        if (
+            (self._unparsed or self.task is not None or self.write_paused)
+            and (self._unparsed or self.queue or _HEAD <= self.reading <= _UPGRADE)
+            and not self.read_paused
+            and self.state == _OPEN
+        ):
+            # Pipelining: read on once answered, so one client cannot queue unbounded work.
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _parse(self, data: bytes, pos: int) -> None:
+        """Feed ``data[pos:]`` to the parser a message at a time, and stop once a request
+        waits for its turn: the rest is kept (``_unparsed``, reading paused) until the
+        answers before are out, so a connection holds a read and a request or two, never
+        thousands of parsed pipelined requests."""
+        size = len(data)
+        parser = self.parser
         try:
-            # llhttp skips repeated spaces in a request line; Go refuses them. Checked per read.
-            if self.reading <= _IDLE and data.find(b"  ", 0, data.find(b"\n")) >= 0:
-                self._stop(400, "malformed request line")
-            while True:
+            while pos < size:
+                reading = self.reading
+                # A body of declared length is fed whole, up to its end.
+                if _BODY <= reading <= _CONTINUE and self._declared > self._body_len:
+                    end = min(size, pos + self._declared - self._body_len)
+                elif pos == 0 and self._tail:
+                    end = self._message_end(data)
+                else:
+                    end = data.find(b"\r\n\r\n", pos) + 4
+                    if end < 4:
+                        end = size
+                if self._line:
+                    newline = data.find(b"\n", pos, end)
+                    if (
+                        newline < 0
+                        or self._line != _LINE_START
+                        or data[pos] in b"\r\n"
+                        or data.find(b"  ", pos, newline) >= 0
+                    ):
+                        self._check_request_line(data, pos, end)
+                    else:  # the usual case, inline: a whole request line, well-formed
+                        self._line = _LINE_NONE
+                if pos == 0 and end == size:
+                    piece: bytes | memoryview = data
+                else:  # a copy of a head, a view of a body
+                    piece = data[pos:end] if end - pos <= 4096 else memoryview(data)[pos:end]
+                self._head_fresh = False
                 try:
-                    self.parser.feed_data(data)
-                    break
+                    parser.feed_data(piece)
                 except httptools.HttpParserUpgrade as exc:
-                    data = self._without_upgrade(data[exc.args[0] :])
+                    self._feed_without_upgrade(piece[exc.args[0] :])
+                    parser = self.parser
+                reading = self.reading
+                if _HEAD <= reading <= _TRAILER:
+                    self._head_read(data, pos, end)
+                elif self._tail:
+                    self._tail = b""
+                pos = end
+                if self.queue or reading >= _DONE:
+                    break
         except (httptools.HttpParserError, _Stop) as exc:
             # httptools wraps a callback's exception: unless it is a _Stop, the fault is ours.
             cause = exc.__context__
@@ -332,25 +402,59 @@ class _Connection(asyncio.Protocol):
                 _LOG.error("failed to read a request", exc_info=cause)
                 self._reject = text_answer(500, "internal error")
             self._reject_request(self._reject or text_answer(400, "malformed HTTP request"))
+            return
+        if pos < size and self.reading < _DONE:
+            self._unparsed, self._unparsed_at = data, pos
+
+    def _message_end(self, data: bytes) -> int:
+        """Where to stop feeding a read: past the first CRLFCRLF (where a head, or a chunked
+        body, ends: llhttp requires CRLF), one begun by the last read (``_tail``) included."""
+        tail = self._tail
+        found = (tail + data[:3]).find(b"\r\n\r\n")
+        if found >= 0:
+            return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n")
+        return len(data) if found < 0 else found + 4
+
+    def _check_request_line(self, data: bytes, pos: int, end: int) -> None:
+        """llhttp skips repeated spaces in a request line; Go refuses them, and so does
+        this, on every request line, also one split across reads."""
+        if self._line == _LINE_START:
+            while pos < end and data[pos] in b"\r\n":  # blank lines may come first
+                pos += 1
+            if pos == end:
+                return
+        elif self._line == _LINE_SPACE and data[pos] == 32:
+            self._stop(400, "malformed request line")
+        newline = data.find(b"\n", pos, end)
+        stop = end if newline < 0 else newline
+        if data.find(b"  ", pos, stop) >= 0:
+            self._stop(400, "malformed request line")
+        if newline >= 0:
+            self._line = _LINE_NONE
         else:
-            if _HEAD <= self.reading <= _TRAILER:
-                if not self._head_fresh:
-                    # httptools buffers a header line until it ends: count an endless one.
-                    self._head_raw += len(data)
-                limit = self.server.max_header_bytes
-                if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
-                    self._reject_request(text_answer(431, "request header fields too large"))
-        if self.task is None and self.queue:
-            self._next()
-        if (
-            (self.task is not None or self.write_paused)
-            and (self.queue or _HEAD <= self.reading <= _UPGRADE)
-            and not self.read_paused
-            and self.state == _OPEN
-        ):
-            # Pipelining: read on once answered, so one client cannot queue unbounded work.
-            self.read_paused = True
-            self.transport.pause_reading()
+            self._line = _LINE_SPACE if data[end - 1] == 32 else _LINE_IN
+
+    def _feed_without_upgrade(self, rest: bytes | memoryview) -> None:
+        piece = self._without_upgrade(rest)
+        while True:
+            try:
+                self.parser.feed_data(piece)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                piece = self._without_upgrade(piece[exc.args[0] :])
+
+    def _head_read(self, data: bytes, pos: int, end: int) -> None:
+        """After a piece of a head (or of chunk sizes and trailers): its size limit, and
+        what ``_message_end`` needs of a read that ends inside one."""
+        if not self._head_fresh:
+            # httptools buffers a header line until it ends: count an endless one.
+            self._head_raw += end - pos
+        limit = self.server.max_header_bytes
+        if self._head_raw > limit or self._head_bytes + len(self._url) > limit:
+            self._stop(431, "request header fields too large")
+        # The read may end inside a CRLFCRLF: its last bytes are kept for the next.
+        self._tail = (self._tail + data[max(pos, end - 3) :])[-3:] if end == len(data) else b""
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what was received, then close.
@@ -368,6 +472,7 @@ class _Connection(asyncio.Protocol):
         self._head_fresh = True
         self._body = []
         self._body_len = 0
+        self._declared = 0
         if self.task is None and not self.queue and not self.write_paused:
             self.deadline = self.loop.time() + self.server.read_timeout
 
@@ -381,7 +486,11 @@ class _Connection(asyncio.Protocol):
             # A trailer, counted then dropped (RFC 9110, 6.5.1): no Authorization after the body.
             self._check_head_size()
             return
-        key = name.decode("latin-1").lower()
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < _HEADER_NAMES_KEPT:
+                _HEADER_NAMES[name] = key
         text = value.decode("latin-1")
         headers = self._headers
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
@@ -457,6 +566,7 @@ class _Connection(asyncio.Protocol):
             self._reject = server.check_head(request)
             if self._reject is not None:
                 raise _Stop
+        self._declared = declared
         if declared and not server.reserve(request, declared):
             self._reject = _BUSY
             raise _Stop
@@ -496,6 +606,7 @@ class _Connection(asyncio.Protocol):
         if self.reading == _UPGRADE:
             return
         self.reading = _IDLE
+        self._line = _LINE_START
         request = self._request
         assert request is not None
         self._request = None
@@ -505,7 +616,7 @@ class _Connection(asyncio.Protocol):
             self._body = []
         self.queue.append((request, self.parser.should_keep_alive(), self._version == "1.0", b""))
 
-    def _without_upgrade(self, rest: bytes) -> bytes:
+    def _without_upgrade(self, rest: bytes | memoryview) -> bytes:
         """The head that asked for an upgrade, without ``Upgrade``, and ``rest``, for a fresh
         parser: the server never switches protocols (RFC 9110, 7.8), and the body of an h2c
         request (Java's HttpClient, ``curl --http2``) must be read as usual."""
@@ -538,6 +649,9 @@ class _Connection(asyncio.Protocol):
         if self.state != _OPEN or self.task is not None or self.write_paused:
             return
         queue = self.queue
+        if not queue and self._unparsed and not self.server.draining:
+            data, self._unparsed = self._unparsed, b""
+            self._parse(data, self._unparsed_at)
         if queue:
             request, keep_alive, http10, canned = queue.popleft()
             if request is None:
@@ -554,7 +668,7 @@ class _Connection(asyncio.Protocol):
         if self.reading >= _DONE or (self.server.draining and not in_message):
             self._close()
             return
-        if self.read_paused:
+        if self.read_paused and not self._unparsed:
             self.read_paused = False
             self.transport.resume_reading()
         if in_message:
@@ -611,6 +725,7 @@ class _Connection(asyncio.Protocol):
             if request is not None:
                 self.server.release(request)
         self.queue.clear()
+        self._unparsed = b""
         if self._request is not None:
             self.server.release(self._request)
             self._request = None
@@ -624,6 +739,7 @@ class _Connection(asyncio.Protocol):
             return
         transport.write_eof()
         self.reading = _LINGER
+        self.server.linger(self)
         self._linger_end = self.loop.time() + _LINGER_SECONDS
         self.deadline = self._linger_deadline()
         if self.read_paused:
@@ -712,7 +828,12 @@ class HTTPServer:
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.max_connections = _fit_fd_limit(max_connections)
+        # Refused connections linger outside the cap, in file descriptors of their own:
+        # an eighth more, both shrunk alike when the open-file limit is lower.
+        lingering = max(1, max_connections // 8)
+        fitted = _fit_fd_limit(max_connections + lingering)
+        self.max_lingering = max(1, lingering * fitted // (max_connections + lingering))
+        self.max_connections = max(1, fitted - self.max_lingering)
         self.max_bytes_in_flight = max_bytes_in_flight
         #: Bytes the requests in progress hold (bodies, and what handlers reserve).
         self.held = 0
@@ -723,6 +844,8 @@ class HTTPServer:
         self._refusals_until = 0.0
         self.on_reject = on_reject
         self.connections: set[_Connection] = set()
+        #: Refused connections dropping what their client still sends, oldest first.
+        self.lingering: dict[_Connection, None] = {}
         self.draining = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle  # set by start()
@@ -760,7 +883,7 @@ class HTTPServer:
             return
         self.draining = True
         self._server.close()
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.lingering]:
             conn.drain()
         if self.connections:
             try:
@@ -769,7 +892,7 @@ class HTTPServer:
                 busy = len(self.connections)
                 _LOG.warning("%d connection(s) busy after %.1f s; closing", busy, grace)
         tasks = [conn.task for conn in self.connections if conn.task is not None]
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.lingering]:
             conn.kill()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
@@ -783,8 +906,20 @@ class HTTPServer:
             min(idle, key=lambda conn: conn.deadline)._close()
         return bool(idle)
 
+    def linger(self, conn: _Connection) -> None:
+        """``conn`` was refused and lingers: out of the cap, the oldest closed if too many."""
+        self.connections.discard(conn)
+        if len(self.lingering) >= self.max_lingering:
+            oldest = next(iter(self.lingering))
+            del self.lingering[oldest]
+            oldest._close(abort=True)
+        self.lingering[conn] = None
+        if self.draining and not self.connections:
+            self._all_gone.set()
+
     def forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
+        self.lingering.pop(conn, None)
         if self.draining and not self.connections:
             self._all_gone.set()
 
@@ -823,6 +958,7 @@ class HTTPServer:
         loop = self.loop
         now = loop.time()
         expired = [conn for conn in self.connections if conn.deadline <= now]
+        expired += [conn for conn in self.lingering if conn.deadline <= now]
         for conn in expired:
             conn.expire()
         if now >= self._refusals_until:

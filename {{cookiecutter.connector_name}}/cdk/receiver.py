@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cdk import tracing
-from cdk.codec import AnyCloudEvent, CodecError, from_http, to_binary
+from cdk.codec import AnyCloudEvent, CodecError, decoded_size, from_http, to_binary
 from cdk.connector import SUCCESS, Result, Sink, call
 from cdk.http import Handler, HTTPError, HTTPServer, Request, Response, text_answer
 from cdk.logs import one_line
-from cdk.metrics import CONTENT_TYPE
+from cdk.metrics import CONTENT_TYPE, Tally
 
 if TYPE_CHECKING:
     from cdk.config import ServerConfig
@@ -41,11 +41,10 @@ _POST_ALLOW = "POST, OPTIONS"
 _READ_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 _SERVER_KEYS = {"host", "port", "max_body_bytes", "max_header_bytes", "read_timeout"}
 _SERVER_KEYS |= {"keepalive_timeout", "max_bytes_in_flight", "access_log"}
-#: Counted against ``max_bytes_in_flight`` beside the body: about a small event's size, and
-#: (estimated before decoding a body over ``_SMALL_BODY``) JSON's size as objects per byte.
+#: Counted against ``max_bytes_in_flight`` for each event of a batch, beside the body and
+#: what decoding it may take (``codec.decoded_size``): its attributes and event object.
 _EVENT_BYTES = 1024
-_DECODED_PER_BYTE = 3
-_SMALL_BODY = 64 * 1024
+_LARGE_BODY = 64 * 1024
 _GONE = object()  # what _call_sync returns for a sender that is gone
 
 # Shared answers of the hot path (answers are never mutated once returned).
@@ -82,14 +81,15 @@ class Receiver:
         secret = config.auth_token.get_secret_value() if config.auth_token is not None else ""
         self._token: bytes | None = secret.encode("utf-8") if secret else None
         self.in_flight = 0  # POST requests being handled right now
-        self._counted: dict[int, Any] = {}
+        self._counted: dict[int, Tally] = {}
 
     def record_status(self, status: int) -> None:
-        """Count an answer, with one prometheus child per status (labels() is slow)."""
-        child = self._counted.get(status)
-        if child is None:
-            child = self._counted[status] = self._metrics.responses.labels(str(status))
-        child.inc()
+        """Count an answer, in a tally per status (labels() and inc() are slow)."""
+        tally = self._counted.get(status)
+        if tally is None:
+            child = self._metrics.responses.labels(str(status))
+            tally = self._counted[status] = self._metrics.tally(child)
+        tally.count += 1
 
     def http_server(self) -> HTTPServer:
         """The server for this receiver, with the config's limits, refusing on the head."""
@@ -244,7 +244,7 @@ class SinkHandler:
         self._is_async = inspect.iscoroutinefunction(self._arrived)
         self._metrics = metrics
         self._log = logging.getLogger("cdk.sink")
-        self._received: dict[str, Any] = {}
+        self._received: dict[str, Tally] = {}
         self._dead_letters = dead_letters
         self._dedupe = dedupe
         # Without either, a single Result is the answer: nothing else to settle.
@@ -254,25 +254,27 @@ class SinkHandler:
         metrics.handler_in_flight.set_function(lambda: self._calls)
 
     async def __call__(self, request: Request) -> Response:
-        # Decoding counts against the budget: by size before (a burst is refused without
-        # being decoded), by the events after.
-        size = len(request.body)
-        estimate = size * _DECODED_PER_BYTE if size > _SMALL_BODY else 0
-        if estimate and not request.reserve(estimate):
+        # Decoding counts against the budget: what the body may decode into, before (so a
+        # burst is refused without being decoded), and a batch's events after. A large
+        # body's price takes a pass over it: first, does its size alone fit?
+        body = request.body
+        counted = len(body) if len(body) > _LARGE_BODY else 0
+        if counted and not request.reserve(counted):
+            return _BUSY
+        if not request.reserve(decoded_size(body) - counted):
             return _BUSY
         try:
-            mode, events = from_http(request.headers, request.body)
+            mode, events = from_http(request.headers, body)
         except CodecError as exc:
             return text_answer(exc.status, str(exc))
         if not events:
             return _ACCEPTED
-        extra = len(events) * _EVENT_BYTES - estimate
-        if len(events) > 1 and extra > 0 and not request.reserve(extra):
+        if len(events) > 1 and not request.reserve(len(events) * _EVENT_BYTES):
             return _BUSY
-        counter = self._received.get(mode)
-        if counter is None:
-            counter = self._received.setdefault(mode, self._metrics.received.labels(mode))
-        counter.inc(len(events))
+        tally = self._received.get(mode)
+        if tally is None:
+            tally = self._received[mode] = self._metrics.tally(self._metrics.received.labels(mode))
+        tally.count += len(events)
         if self._dedupe is not None:
             fresh = await self._dedupe.fresh(events)
             if len(fresh) < len(events):
