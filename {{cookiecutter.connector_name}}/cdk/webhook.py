@@ -24,7 +24,7 @@ a Standard Webhooks delivery seen before   as it   the first one's answer, no ne
 ``error`` is generic and the lists hold event ids: the target's answer (which may name
 hosts or echo the token) goes to the log only. Callers retry the 5xx (at-least-once).
 
-Memory: a request counts :func:`decoded_bytes` of its body against ``max_bytes_in_flight``
+Memory: a request counts :func:`cdk.codec.decoded_size` of its body against ``max_bytes_in_flight``
 before ``make_event`` decodes it, and its events keep that count until the last of them
 is settled, whether the caller still waits, got its 504 or hung up.
 """
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from cdk import signature, tracing
-from cdk.codec import AnyCloudEvent
+from cdk.codec import AnyCloudEvent, decoded_size
 from cdk.connector import Tuple, WebhookSource, call
 from cdk.delivery import AttemptsExhausted, EncodeError, ShutdownError
 from cdk.http import Hold, HTTPError, Request, Response
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from cdk.config import WebhookSourceConfig
     from cdk.metrics import Metrics
 
-__all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler", "decoded_bytes"]
+__all__ = ["RETRY_AFTER_SHUTDOWN", "WebhookHandler"]
 
 #: Seconds a caller is asked to wait after the connector shut down before delivering.
 RETRY_AFTER_SHUTDOWN = 5
@@ -60,16 +60,6 @@ RETRY_AFTER_SHUTDOWN = 5
 _EVENT_BYTES = 1024
 #: Standard Webhooks delivery ids remembered (those delivered within the tolerance).
 _RECENT_IDS = 10_000
-
-
-def decoded_bytes(body: bytes) -> int:
-    """About what ``body`` costs in memory once decoded from JSON (as ``make_event``
-    usually keeps it: the event's data), erring high: about 35x the body for many empty
-    arrays (really 21x), 10x for ordinary objects (5x), 1x for one long string. Counted
-    from the bytes, about a thousand times faster than measuring the decoded objects."""
-    count = body.count
-    containers, items = count(b"[") + count(b"{"), count(b",")
-    return len(body) + 64 * containers + 40 * items + 32 * count(b":") + 25 * count(b'"')
 
 
 class _Delivery:
@@ -183,7 +173,7 @@ class WebhookHandler:
 
     async def _answer(self, request: Request, delivery_id: str | None) -> Response:
         # Decoding counts against the budget, before make_event: a burst is refused undecoded.
-        cost = decoded_bytes(request.body) + _EVENT_BYTES
+        cost = decoded_size(request.body) + _EVENT_BYTES
         if not request.reserve(cost):
             return _MEMORY_BUSY
         try:
