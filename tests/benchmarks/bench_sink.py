@@ -1,6 +1,6 @@
 """Benchmark: the cdk sink receiver against a naive aiohttp + cloudevents-SDK receiver.
 
-Run: ``python tests/benchmarks/bench_sink.py [--seconds N] [--rounds N]`` (needs ``wrk``:
+Run: ``python tests/benchmarks/bench_sink.py [--seconds N] [--rounds N] [--json]`` (needs ``wrk``:
 ``apt-get install wrk``). Each receiver runs in its own process on uvloop, pinned to
 CPU 0; wrk runs pinned to CPU 1 with 64 connections. Two loads:
 
@@ -23,6 +23,7 @@ the load average before and after. Summary: requests/s and events/s (best round)
 latency, server CPU time per request over all rounds (barely affected by outside load,
 unlike throughput), events per CPU-second, peak RSS (``VmHWM``), and the ratios against
 the targets (>= 2.5x with one event per request, >= 15x with batches of 100).
+``--receivers cdk`` loads only the kit's receiver; ``--json`` prints the figures as one line.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.dont_write_bytecode = True  # keep __pycache__ out of the template directory
-TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
-if str(TEMPLATE_PROJECT) not in sys.path:
-    sys.path.insert(0, str(TEMPLATE_PROJECT))
+from benchkit import Figures, use_kit
+
+use_kit()
 
 BATCH = 100
 CONNECTIONS = 64
@@ -329,7 +330,15 @@ class Server:
         return rss
 
 
-def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
+def measure_load(
+    load: str,
+    script: Path,
+    seconds: int,
+    warmup: int,
+    rounds: int,
+    receivers: tuple[str, ...] = ("cdk", "naive"),
+    say: Callable[..., None] = print,
+) -> list[Run]:
     """Both receivers under one load, in alternating rounds.
 
     The two servers run side by side (only one is loaded at a time) and take turns, so
@@ -337,9 +346,9 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
     Throughput is the best round's; CPU time per request is over all rounds, which
     outside load barely changes.
     """
-    servers = [Server("cdk"), Server("naive")]
-    rounds_of: dict[str, list[Round]] = {"cdk": [], "naive": []}
-    print(f"{load}: load average before {load_average()}", flush=True)
+    servers = [Server(receiver) for receiver in receivers]
+    rounds_of: dict[str, list[Round]] = {receiver: [] for receiver in receivers}
+    say(f"{load}: load average before {load_average()}", flush=True)
     try:
         for server in servers:
             if warmup > 0:
@@ -348,7 +357,7 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
             for server in servers:
                 result = server.load(script, seconds)
                 rounds_of[server.receiver].append(result)
-                print(
+                say(
                     f"  {server.receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
                     f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
                     f"{result.cpu_share:>6.0%} of a core",
@@ -356,7 +365,7 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
                 )
     finally:
         rss = {server.receiver: server.stop() for server in servers}
-    print(f"{load}: load average after {load_average()}", flush=True)
+    say(f"{load}: load average after {load_average()}", flush=True)
     runs = []
     for name, results in rounds_of.items():
         requests = sum(result.requests for result in results)
@@ -379,19 +388,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def report(runs: list[Run]) -> None:
-    """The summary; ``core`` is the share of its core the server got in its best round."""
-    print()
-    print(
-        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'core':>5} {'events/s':>10} {'p99 ms':>8} "
-        f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
-    )
-    for run in runs:
-        print(
-            f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
-            f"{run.best.cpu_share:>5.0%} {run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
-            f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
-            f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
-        )
+    """The summary and the comparisons (both receivers measured)."""
+    report_plain(runs)
     by = {(run.receiver, run.load): run for run in runs}
     comparisons = [
         ("single: cdk vs naive, one event per request", "single", "single", TARGETS["single"]),
@@ -410,6 +408,22 @@ def report(runs: list[Run]) -> None:
         print(f"{label:<52} {ratio:>8.1f}x {cpu_ratio:>12.1f}x  >= {target:g}x {verdict}")
 
 
+def report_plain(runs: list[Run]) -> None:
+    """The summary; ``core`` is the share of its core the server got in its best round."""
+    print()
+    print(
+        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'core':>5} {'events/s':>10} {'p99 ms':>8} "
+        f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
+    )
+    for run in runs:
+        print(
+            f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
+            f"{run.best.cpu_share:>5.0%} {run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
+            f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
+            f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
+        )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", choices=["cdk", "naive"], help=argparse.SUPPRESS)
@@ -417,7 +431,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per load")
+    parser.add_argument("--receivers", default="cdk,naive", help="comma-separated: cdk, naive")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
+    receivers = tuple(args.receivers.split(","))
     if args.serve:
         (serve_cdk if args.serve == "cdk" else serve_naive)(args.port)
         return 0
@@ -428,7 +445,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    print(
+    say = print if not args.json else lambda *_, **__: None
+    say(
         f"server pinned to CPU {SERVER_CPU} (uvloop), wrk pinned to CPU {LOAD_CPU}, "
         f"{CONNECTIONS} connections; per load, {args.rounds} alternating rounds of "
         f"{args.seconds} s per receiver (best round shown) after {args.warmup} s warm-up"
@@ -437,8 +455,20 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         scripts = write_scripts(Path(tmp))
         for load in ("single", "batch"):
-            runs += measure_load(load, scripts[load], args.seconds, args.warmup, args.rounds)
-    report(runs)
+            runs += measure_load(
+                load, scripts[load], args.seconds, args.warmup, args.rounds, receivers, say
+            )
+    if args.json:
+        figures = Figures()
+        for run in runs:
+            what = f"sink: {run.receiver}, {'one event' if run.load == 'single' else 'batches'}"
+            figures.add(f"{what}, requests/s", run.best.requests_per_s, "req/s")
+            figures.add(f"{what}, CPU/request", run.cpu_us_per_request, "us", "lower")
+        figures.emit()
+    elif set(receivers) == {"cdk", "naive"}:
+        report(runs)
+    else:
+        report_plain(runs)
     return 0
 
 
