@@ -743,6 +743,66 @@ def test_a_flaky_target_gets_every_event_once(batch_size: int) -> None:
     run(main)
 
 
+def retry_waits(logged: Logged) -> list[tuple[int, float]]:
+    """(attempt, seconds) of every retry the deliverer scheduled, from its DEBUG lines."""
+    return [
+        (int(r.args[2]), float(r.args[1]))  # type: ignore[index, arg-type]
+        for r in logged.records
+        if r.msg.startswith("retrying")
+    ]
+
+
+def test_failures_scattered_among_successes_are_retried_soon() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.flaky(fail=0.2, drop=0.05, seed=7)
+            logged = Logged()
+            cfg = config(
+                target.url,
+                max_in_flight=8,
+                send_event_attempts=0,
+                retry_backoff=1.0,
+                retry_backoff_max=5.0,
+            )
+            fates, ids, _ = await deliver(cfg, 300, within=50, logger=logged.logger)
+            assert sorted(fates.ok) == sorted(ids)
+            waits = sorted(seconds for _, seconds in retry_waits(logged))
+            assert len(waits) >= 30
+            # A quarter of the attempts fail: the wait starts from about a sixteenth of
+            # retry_backoff, not from all of it (the room waiting events hold in
+            # queue_size would cap the rate).
+            assert waits[len(waits) // 2] < cfg.retry_backoff / 3, waits
+
+    run(main)
+
+
+def test_the_wait_grows_while_every_attempt_fails() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            logged = Logged()
+            cfg = config(
+                target.url,
+                max_in_flight=4,
+                send_event_attempts=0,
+                retry_backoff=0.5,
+                retry_backoff_max=5.0,
+            )
+            fates = Fates(60)
+            async with delivering(cfg, grace=0, logger=logged.logger) as (_, chan, _metrics):
+                await send(chan, fates, range(60))
+
+                def later() -> list[float]:
+                    return [seconds for attempt, seconds in retry_waits(logged) if attempt >= 3]
+
+                await logged.until(lambda: len(later()) >= 4, within=30)
+                # The first failures look like scattered ones; once every answer fails,
+                # each wait is at least about retry_backoff again, and grows from there.
+                assert min(later()) >= cfg.retry_backoff / 2, retry_waits(logged)
+
+    run(main)
+
+
 # -- shutdown and backpressure -------------------------------------------------------
 
 

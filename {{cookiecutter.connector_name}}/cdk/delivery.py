@@ -55,6 +55,8 @@ ERROR_DATA_BYTES = 1024
 #: Shortest wait between two attempts, whatever the config says: a ``retry_backoff`` of 0
 #: would otherwise stay 0 and spin on a target that refuses connections.
 _MIN_BACKOFF = 0.01
+#: Attempts the target's failing share is averaged over (the weight of an exponential average).
+_SHARE_SPAN = 32
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _log = logging.getLogger("cdk.delivery")
 
@@ -252,6 +254,7 @@ class Deliverer:
         self._cycle = 0  # requests in the retry window
         self._failing_since: float | None = None
         self._warned = 0.0
+        self._failing_share = 0.0  # of recent attempts to the target: see _next_wait
         self._draining = self._sealed = False  # sealed: too late for run() to start
         self._deadline: float | None = None
         self._deadline_set = asyncio.Event()
@@ -482,12 +485,11 @@ class Deliverer:
         return failed + [self._request(t, client, e) for _, t, e in runs]
 
     def _request(self, tuples: list[Tuple], client: Client, events: list[CloudEvent]) -> _Request:
-        backoff = self.config.retry_backoff
         if not tracing.active:
-            return _Request(tuples, client, self._wire(events, client, {}), backoff)
+            return _Request(tuples, client, self._wire(events, client, {}))
         span, events, headers = tracing.start_send(events, client.url)
         try:
-            return _Request(tuples, client, self._wire(events, client, headers), backoff, span=span)
+            return _Request(tuples, client, self._wire(events, client, headers), span=span)
         except Exception as exc:
             tracing.end_send(span, error=exc)
             raise
@@ -515,6 +517,9 @@ class Deliverer:
                 error = exc
             finally:
                 self._in_flight -= 1
+            if req.original is None:  # a dead-letter target's answers tell nothing of the target
+                failed = error is not None and not isinstance(error, TargetRejected)
+                self._failing_share += (failed - self._failing_share) / _SHARE_SPAN
             if error is None:
                 await self._succeed(req)
                 return
@@ -526,7 +531,7 @@ class Deliverer:
                 if await self._give_up(req, error):
                     continue  # on to the dead-letter target
                 return
-            req.backoff, wait = self._next_wait(req.backoff, error)
+            req.backoff, wait = self._next_wait(req, error)
             when = loop.time() + wait
             if self._deadline is None or when < self._deadline:
                 self.metrics.retries.inc()
@@ -594,7 +599,7 @@ class Deliverer:
                 if req.span is not None:
                     tracing.end_send(req.span, req.status, error)
                 req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
-                req.backoff, req.span = self.config.retry_backoff, lettered.span
+                req.backoff, req.span = 0.0, lettered.span
                 return True
         await self._settle(req, error)
         return False
@@ -660,9 +665,18 @@ class Deliverer:
         if self._deadline is None or until < self._deadline:
             await asyncio.sleep(max(0.0, until - self._loop.time()))
 
-    def _next_wait(self, previous: float, error: BaseException) -> tuple[float, float]:
-        # (new backoff state, seconds to wait): decorrelated jitter, Retry-After a floor.
-        base, cap = self.config.retry_backoff, self.config.retry_backoff_max
+    def _next_wait(self, req: _Request, error: BaseException) -> tuple[float, float]:
+        """(new backoff state, seconds to wait): decorrelated jitter, ``Retry-After`` a floor.
+
+        The jitter starts from ``retry_backoff`` times the square of the share of recent
+        attempts to the target that failed: failures scattered among successes (a quarter
+        failing: a sixteenth of it) retry soon, since the room their events hold in
+        ``queue_size`` caps the rate (Little's law); a target whose every answer fails gets
+        the whole of it, and each request's own wait still grows with its failures.
+        """
+        share = self._failing_share if req.original is None else 1.0
+        base, cap = self.config.retry_backoff * share * share, self.config.retry_backoff_max
+        previous = req.backoff or base
         backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
         if isinstance(error, TargetUnavailable) and error.retry_after is not None:
             return backoff, max(backoff, min(error.retry_after, self.config.retry_after_max))
