@@ -702,30 +702,54 @@ class Deliverer:
                 self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)
                 self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
+        # Read once per request, not per event: any later rise means this worker was
+        # cancelled, whichever callback it shows up in.
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         while req.settled < len(tuples):
             item = tuples[req.settled]
             req.settled += 1
             if chan is not None:
                 chan.task_done()
-            await self._call(item, error)
+            # Most callbacks are plain functions: no coroutine per event for them.
+            pending = self._call(item, error, task, cancelling)
+            if pending is not None:
+                await pending
 
-    async def _call(self, item: Tuple, error: BaseException | None) -> None:
-        """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
+    def _call(
+        self, item: Tuple, error: BaseException | None, task: Any, cancelling: int
+    ) -> Awaitable[None] | None:
+        """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged
+        (``task`` is the calling worker, ``cancelling`` its count of cancellations before).
+        What an ``async`` callback returned comes back, to be awaited."""
         kind, args = ("success", ()) if error is None else ("failed", (error,))
-        task = asyncio.current_task()
-        cancelling = task.cancelling() if task is not None else 0
         try:
             callback = getattr(item, kind, None)
             result = None if callback is None else callback(*args)
             if result is not None and inspect.isawaitable(result):
-                await result
+                return self._await_call(result, item, kind, task, cancelling)
         except (Exception, asyncio.CancelledError) as exc:
-            # Only a cancellation of this worker goes on; a CancelledError of the
-            # callback's own making is its failure, and must not end the worker.
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            if cancelled and (task is None or task.cancelling() > cancelling):
-                raise
-            self.log.exception("%s callback of event %s raised", kind, _event_id(item))
+            self._raised(exc, item, kind, task, cancelling)
+        return None
+
+    async def _await_call(
+        self, result: Awaitable[Any], item: Tuple, kind: str, task: Any, cancelling: int
+    ) -> None:
+        try:
+            await result
+        except (Exception, asyncio.CancelledError) as exc:
+            self._raised(exc, item, kind, task, cancelling)
+
+    def _raised(
+        self, exc: BaseException, item: Tuple, kind: str, task: Any, cancelling: int
+    ) -> None:
+        """Log what a callback raised (called while handling it), or re-raise a cancellation."""
+        # Only a cancellation of this worker goes on; a CancelledError of the
+        # callback's own making is its failure, and must not end the worker.
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        if cancelled and (task is None or task.cancelling() > cancelling):
+            raise exc
+        self.log.exception("%s callback of event %s raised", kind, _event_id(item))
 
 
 def _outbound(item: Tuple, extensions: Mapping[str, Any] | None) -> CloudEvent:
