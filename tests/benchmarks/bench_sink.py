@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +95,13 @@ def serve_cdk(port: int) -> None:
     uvloop.run(main())
 
 
-def serve_naive(port: int) -> None:
+def serve_naive(
+    port: int,
+    arrived: Callable[..., Awaitable[None]] | None = None,
+    on_cleanup: Callable[[], None] | None = None,
+) -> None:
+    """The naive receiver; ``arrived`` (async, given the events) and ``on_cleanup`` (called
+    once the server stopped) let other benchmarks watch what it takes."""
     import asyncio
     import json
 
@@ -106,8 +112,10 @@ def serve_naive(port: int) -> None:
     from cloudevents.core.v1.event import CloudEvent
     from dateutil.parser import isoparse  # type: ignore[import-untyped, unused-ignore]
 
-    async def arrived(*events: BaseCloudEvent) -> None:
+    async def ignore(*events: BaseCloudEvent) -> None:
         return None
+
+    handler = arrived or ignore
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
@@ -124,7 +132,7 @@ def serve_naive(port: int) -> None:
                 events = [from_http_event(HTTPMessage(headers, body))]
         except Exception as exc:  # what a hand-written receiver typically does
             return web.Response(status=400, text=str(exc))
-        await arrived(*events)
+        await handler(*events)
         return web.Response(status=200)
 
     async def check_loop(app: web.Application) -> None:
@@ -133,6 +141,12 @@ def serve_naive(port: int) -> None:
     app = web.Application()
     app.router.add_post("/", handle)
     app.on_startup.append(check_loop)
+    if on_cleanup is not None:
+
+        async def cleanup(app: web.Application) -> None:
+            on_cleanup()
+
+        app.on_cleanup.append(cleanup)
     web.run_app(
         app,
         host="127.0.0.1",
