@@ -370,11 +370,12 @@ def test_content_mode_on_the_wire(mode: str, content_type: str) -> None:
     run(main)
 
 
-def test_fast_producer_fills_batches() -> None:
+@pytest.mark.parametrize("queue", [asyncio.Queue, DeliveryQueue])
+def test_fast_producer_fills_batches(queue: type[asyncio.Queue[Tuple]]) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             fates = Fates(25)
-            chan: asyncio.Queue[Tuple] = asyncio.Queue(100)
+            chan: asyncio.Queue[Tuple] = queue(100)
             ids = await send(chan, fates, range(25))  # queued before delivery starts
             cfg = config(target.url, batch_size=10, max_in_flight=1, batch_linger=0.05)
             async with delivering(cfg, chan) as (_, _chan, metrics):
@@ -405,6 +406,41 @@ def test_batches_with_many_in_flight_take_from_chan_in_order() -> None:
             runs = sorted(int(r.events[0].get_id()[1:]) for r in target.requests)
             assert runs == list(range(0, 500, 50))
             assert sorted(fates.ok) == sorted(ids)
+
+    run(main)
+
+
+def test_a_batch_taken_at_once_wakes_a_producer_waiting_for_room() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(200)
+            chan = DeliveryQueue(10)  # the producer waits for room after every 10 events
+            cfg = config(target.url, batch_size=5, max_in_flight=2, queue_size=10)
+            async with delivering(cfg, chan):
+                ids = await send(chan, fates, range(200))
+                await fates.wait()
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+            runs = sorted(int(r.events[0].get_id()[1:]) for r in target.requests)
+            assert all(len(r.events) <= 5 for r in target.requests)
+            assert len(runs) < 200  # batched, not one request per event
+
+    run(main)
+
+
+def test_taking_a_batch_wakes_as_many_producers_as_it_made_room_for() -> None:
+    async def main() -> None:
+        chan = DeliveryQueue(3)
+        for i in range(3):
+            chan.put_nowait(Tuple(make_event(i)))
+        producers = [asyncio.create_task(chan.put(Tuple(make_event(i)))) for i in range(3, 6)]
+        await asyncio.sleep(0)  # let each producer find the queue full
+        assert not any(p.done() for p in producers)
+        taken = chan.take(3)
+        assert [t.event.get_id() for t in taken] == ["e0", "e1", "e2"]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*producers)
+        assert [t.event.get_id() for t in chan.take(10)] == ["e3", "e4", "e5"]
 
     run(main)
 
