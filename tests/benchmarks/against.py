@@ -157,19 +157,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def why_not(name: str, skipped: list[tuple[str, str, str]], ref: str) -> str:
-    """Why a figure (or scenario) ``name`` is missing, in words."""
+def why_not(name: str, skipped: list[tuple[str, str, str]], ref: str, missing: str = "") -> str:
+    """Why a figure (or scenario) ``name`` is missing (from the ``missing`` kit), in words."""
     for which, skipped_name, why in skipped:
         if skipped_name in name:
             kit = "the working tree's kit" if which == "new" else f"{ref}'s kit"
             return f"{kit} cannot run it: {why}"
-    return "a kit gave no figure"
+    kit = "the working tree's kit" if missing == "new" else f"{ref}'s kit"
+    return f"{kit} gave no figure (see its failed runs above)"
 
 
 def report(results: dict[str, dict[str, list[dict[str, Any]]]], ref: str, notes: list[str]) -> None:
     print()
     print(f"{'figure':<58} {'new':>10} {'old':>10} {'unit':<8} {'new vs old':>10} {'spread':>13}")
     slower: list[str] = []
+    compared = 0
     for bench, by_kit in results.items():
         for which, runs in by_kit.items():
             for run in runs:
@@ -197,8 +199,10 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], ref: str, notes:
         for name, per in values.items():
             pairs = [(n, o) for n, o in zip(per["new"], per["old"], strict=True) if n and o]
             if not pairs:
-                notes.append(f"skipped {name}: {why_not(name, skipped, ref)}")
+                missing = "old" if any(per["new"]) else "new"
+                notes.append(f"skipped {name}: {why_not(name, skipped, ref, missing)}")
                 continue
+            compared += 1
             better = meta[name]["better"]
             ratios = sorted(speed_ratio(n, o, better) for n, o in pairs)
             median = statistics.median(ratios)
@@ -220,6 +224,8 @@ def report(results: dict[str, dict[str, list[dict[str, Any]]]], ref: str, notes:
         print(note)
     if slower:
         print(f"below {SLOWER}x: " + "; ".join(slower))
+    elif not compared:
+        print("no figure could be compared")
     else:
         print(f"no figure below {SLOWER}x")
 
