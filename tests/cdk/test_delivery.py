@@ -788,18 +788,17 @@ def retry_waits(logged: Logged) -> list[tuple[int, float]]:
     ]
 
 
+def until_delivered(url: str, **overrides: Any) -> SourceConfig:
+    """Retries until delivered, with room for waits to grow (``retry_backoff_max`` 5 s)."""
+    return config(url, send_event_attempts=0, retry_backoff_max=5.0, **overrides)
+
+
 def test_failures_scattered_among_successes_are_retried_soon() -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             target.flaky(fail=0.2, drop=0.05, seed=7)
             logged = Logged()
-            cfg = config(
-                target.url,
-                max_in_flight=8,
-                send_event_attempts=0,
-                retry_backoff=1.0,
-                retry_backoff_max=5.0,
-            )
+            cfg = until_delivered(target.url, max_in_flight=8, retry_backoff=1.0)
             fates, ids, _ = await deliver(cfg, 300, within=50, logger=logged.logger)
             assert sorted(fates.ok) == sorted(ids)
             waits = sorted(seconds for _, seconds in retry_waits(logged))
@@ -817,13 +816,7 @@ def test_the_wait_grows_while_every_attempt_fails() -> None:
         async with CaptureTarget() as target:
             target.fail_with(503)
             logged = Logged()
-            cfg = config(
-                target.url,
-                max_in_flight=4,
-                send_event_attempts=0,
-                retry_backoff=0.5,
-                retry_backoff_max=5.0,
-            )
+            cfg = until_delivered(target.url, max_in_flight=4, retry_backoff=0.5)
             fates = Fates(60)
             async with delivering(cfg, grace=0, logger=logged.logger) as (_, chan, _metrics):
                 await send(chan, fates, range(60))
