@@ -820,14 +820,15 @@ def test_the_wait_grows_while_every_attempt_fails() -> None:
             fates = Fates(60)
             async with delivering(cfg, grace=0, logger=logged.logger) as (_, chan, _metrics):
                 await send(chan, fates, range(60))
-
-                def later() -> list[float]:
-                    return [seconds for attempt, seconds in retry_waits(logged) if attempt >= 3]
-
-                await logged.until(lambda: len(later()) >= 4, within=30)
-                # The first failures look like scattered ones; once every answer fails,
-                # each wait is at least about retry_backoff again, and grows from there.
-                assert min(later()) >= cfg.retry_backoff / 2, retry_waits(logged)
+                # 75 failed attempts in a row put the failing share near 0.9.
+                await target.wait_until_async(lambda: target.attempts >= 75, timeout=30)
+                seen = len(retry_waits(logged))
+                await logged.until(lambda: len(retry_waits(logged)) >= seen + 4, within=30)
+            waits = [seconds for _, seconds in retry_waits(logged)]
+            # The first failure looks like a scattered one: a short wait. Once every
+            # answer fails, each wait is about retry_backoff again, and grows from there.
+            assert waits[0] < cfg.retry_backoff / 4, waits
+            assert min(waits[seen:]) >= cfg.retry_backoff / 2, waits
 
     run(main)
 
