@@ -3,6 +3,13 @@
     python3 tests/dev.py demo     scaffold a source and a sink, run them together, show events
     python3 tests/dev.py test     the whole test suite (what CI runs); extra args go to pytest
     python3 tests/dev.py bench    the benchmarks (codec, delivery, sink receiver, store)
+    python3 tests/dev.py bench --against REF [--rounds N] [--quick] [--only codec,delivery,sink]
+                                  the codec, delivery and sink benchmarks for this working
+                                  tree's kit and REF's (a commit, tag or branch), interleaved
+                                  in one run: each figure's ratio new/old and its spread
+    python3 tests/dev.py bench --latency [--seconds 20] [--quick]
+                                  a source and a sink as processes at a steady 1,000 events/s:
+                                  latency percentiles, CPU per 1,000 events, peak RSS
 
 It needs only Python 3.10+, pip and git: the first run creates ``.venv/`` beside this
 repository and installs ``tests/requirements.txt`` into it; later runs reuse it and
@@ -66,6 +73,13 @@ def main(argv: list[str]) -> int:
     if command == "test":
         args = [python, "-m", "pytest", "tests", "-ra", "--timeout=600", *rest]
         return subprocess.run(args, cwd=REPO, env=env).returncode
+    if any(arg.split("=", 1)[0] == "--against" for arg in rest):
+        script = REPO / "tests" / "benchmarks" / "against.py"
+        return subprocess.run([python, str(script), *rest], cwd=REPO, env=env).returncode
+    if "--latency" in rest:
+        script = REPO / "tests" / "benchmarks" / "bench_latency.py"
+        rest = [arg for arg in rest if arg != "--latency"]
+        return subprocess.run([python, str(script), *rest], cwd=REPO, env=env).returncode
     status = 0
     for name in BENCHMARKS:
         print(f"\n=== {name} ===", flush=True)

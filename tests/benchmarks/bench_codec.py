@@ -1,6 +1,6 @@
 """Benchmark: cdk.codec against the cloudevents SDK's HTTP binding, in one run.
 
-Run: ``python tests/benchmarks/bench_codec.py [--quick] [--against OTHER_CODEC.py]``.
+Run: ``python tests/benchmarks/bench_codec.py [--quick] [--json] [--against OTHER_CODEC.py]``.
 Prints per-event cost in microseconds of CPU time (best of N timeit repeats) for encoding
 and decoding a small JSON event in binary, structured and batched (100 events) mode, the
 SDK's figures side by side, the ratios, and a verdict against the targets: decoding at
@@ -8,23 +8,23 @@ least 3x faster than the SDK's ``from_http_event`` in binary and structured mode
 decoding under 4 us per event. ``--against`` also times another version of the codec
 (``git show main:"{{cookiecutter.connector_name}}/cdk/codec.py" > /tmp/codec_main.py``)
 in the same run, interleaved, and prints this one's cost as a ratio of that one's.
+``--json`` times only the kit's codec (no SDK) and prints its figures as one JSON line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
 import timeit
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-sys.dont_write_bytecode = True  # keep __pycache__ out of the template directory
-TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
-if str(TEMPLATE_PROJECT) not in sys.path:
-    sys.path.insert(0, str(TEMPLATE_PROJECT))
+from benchkit import Figures, use_kit
+
+use_kit()
 
 from cloudevents.core.bindings import http as sdk_http  # noqa: E402
 from cloudevents.core.v1.event import CloudEvent  # noqa: E402
@@ -98,9 +98,42 @@ def _versus(other: Any, repeat: int, number: int) -> None:
         print(f"{name:<34}{ours:9.2f}{theirs:9.2f}{ours / theirs:11.3f}x")
 
 
+def json_figures(repeat: int, number: int) -> None:
+    """The kit's own costs, for ``--json`` (``against.py`` compares two kits with them)."""
+    figures = Figures()
+    event = _event(0)
+    events = [_event(i) for i in range(BATCH)]
+    cases: list[tuple[str, Callable[[], Callable[[], object]], int]] = [
+        ("encode binary", lambda: lambda: codec.to_binary(event), 1),
+        ("encode structured", lambda: lambda: codec.to_structured(event), 1),
+        (f"encode batch of {BATCH}", lambda: lambda: codec.to_batch(events), BATCH),
+    ]
+    for name, make, per in list(cases):
+        with contextlib.suppress(Exception):  # a codec that cannot encode has nothing to decode
+            headers, body = make()()
+            cases.append(
+                (
+                    name.replace("encode", "decode"),
+                    lambda h=headers, b=body: lambda: codec.from_http(h, b),
+                    per,
+                )
+            )
+    for name, make, per in cases:
+        try:
+            cost = _best_us(make(), per, repeat, max(1, number // per))
+        except Exception as exc:
+            figures.skip(f"codec: {name}", f"{type(exc).__name__}: {exc}")
+            continue
+        figures.add(f"codec: {name}, per event", cost, "us", "lower")
+    figures.emit()
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     repeat, number = (3, 300) if quick else (15, 2000)
+    if "--json" in argv:
+        json_figures(repeat, number)
+        return 0
     event = _event(0)
     events = [_event(i) for i in range(BATCH)]
 

@@ -1,6 +1,6 @@
 """Benchmark: the cdk sink receiver against a naive aiohttp + cloudevents-SDK receiver.
 
-Run: ``python tests/benchmarks/bench_sink.py [--seconds N] [--rounds N]`` (needs ``wrk``:
+Run: ``python tests/benchmarks/bench_sink.py [--seconds N] [--rounds N] [--json]`` (needs ``wrk``:
 ``apt-get install wrk``). Each receiver runs in its own process on uvloop, pinned to
 CPU 0; wrk runs pinned to CPU 1 with 64 connections. Two loads:
 
@@ -28,6 +28,8 @@ Then the cost of the duplicate filter (``dedupe_window``): the kit's sink withou
 it in memory and with it in an SQLite file, in turns, each event with a new id (so every
 event is looked up and remembered); events/s and CPU time per event against the sink
 without it, in the same run.
+
+``--receivers cdk`` loads only the kit's receiver; ``--json`` prints the figures as one line.
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.dont_write_bytecode = True  # keep __pycache__ out of the template directory
-TEMPLATE_PROJECT = Path(__file__).resolve().parents[2] / "{{cookiecutter.connector_name}}"
-if str(TEMPLATE_PROJECT) not in sys.path:
-    sys.path.insert(0, str(TEMPLATE_PROJECT))
+from benchkit import Figures, use_kit
+
+use_kit()
 
 BATCH = 100
 CONNECTIONS = 64
@@ -108,7 +109,13 @@ def serve_cdk(port: int, dedupe: str | None = None) -> None:
     uvloop.run(main())
 
 
-def serve_naive(port: int) -> None:
+def serve_naive(
+    port: int,
+    arrived: Callable[..., Awaitable[None]] | None = None,
+    on_cleanup: Callable[[], None] | None = None,
+) -> None:
+    """The naive receiver; ``arrived`` (async, given the events) and ``on_cleanup`` (called
+    once the server stopped) let other benchmarks watch what it takes."""
     import asyncio
     import json
 
@@ -119,8 +126,10 @@ def serve_naive(port: int) -> None:
     from cloudevents.core.v1.event import CloudEvent
     from dateutil.parser import isoparse  # type: ignore[import-untyped, unused-ignore]
 
-    async def arrived(*events: BaseCloudEvent) -> None:
+    async def ignore(*events: BaseCloudEvent) -> None:
         return None
+
+    handler = arrived or ignore
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
@@ -137,7 +146,7 @@ def serve_naive(port: int) -> None:
                 events = [from_http_event(HTTPMessage(headers, body))]
         except Exception as exc:  # what a hand-written receiver typically does
             return web.Response(status=400, text=str(exc))
-        await arrived(*events)
+        await handler(*events)
         return web.Response(status=200)
 
     async def check_loop(app: web.Application) -> None:
@@ -146,6 +155,12 @@ def serve_naive(port: int) -> None:
     app = web.Application()
     app.router.add_post("/", handle)
     app.on_startup.append(check_loop)
+    if on_cleanup is not None:
+
+        async def cleanup(app: web.Application) -> None:
+            on_cleanup()
+
+        app.on_cleanup.append(cleanup)
     web.run_app(
         app,
         host="127.0.0.1",
@@ -396,7 +411,15 @@ def take_turns(
     return rounds_of, rss
 
 
-def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int) -> list[Run]:
+def measure_load(
+    load: str,
+    script: Path,
+    seconds: int,
+    warmup: int,
+    rounds: int,
+    receivers: tuple[str, ...] = ("cdk", "naive"),
+    say: Callable[..., None] = print,
+) -> list[Run]:
     """Both receivers under one load, in alternating rounds.
 
     The two servers run side by side (only one is loaded at a time) and take turns, so
@@ -404,18 +427,18 @@ def measure_load(load: str, script: Path, seconds: int, warmup: int, rounds: int
     Throughput is the best round's; CPU time per request is over all rounds, which
     outside load barely changes.
     """
-    print(f"{load}: load average before {load_average()}", flush=True)
+    say(f"{load}: load average before {load_average()}", flush=True)
 
     def show(receiver: str, result: Round) -> None:
-        print(
+        say(
             f"  {receiver:<6} {load:<7} {result.requests_per_s:>10,.0f} req/s "
             f"{result.cpu_s * 1e6 / max(result.requests, 1):>8.1f} CPU us/request "
             f"{result.cpu_share:>6.0%} of a core",
             flush=True,
         )
 
-    rounds_of, rss = take_turns(["cdk", "naive"], script, seconds, warmup, rounds, show)
-    print(f"{load}: load average after {load_average()}", flush=True)
+    rounds_of, rss = take_turns(list(receivers), script, seconds, warmup, rounds, show)
+    say(f"{load}: load average after {load_average()}", flush=True)
     runs = []
     for name, results in rounds_of.items():
         requests = sum(result.requests for result in results)
@@ -465,19 +488,8 @@ def _ratio(a: float, b: float) -> float:
 
 
 def report(runs: list[Run]) -> None:
-    """The summary; ``core`` is the share of its core the server got in its best round."""
-    print()
-    print(
-        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'core':>5} {'events/s':>10} {'p99 ms':>8} "
-        f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
-    )
-    for run in runs:
-        print(
-            f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
-            f"{run.best.cpu_share:>5.0%} {run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
-            f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
-            f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
-        )
+    """The summary and the comparisons (both receivers measured)."""
+    report_plain(runs)
     by = {(run.receiver, run.load): run for run in runs}
     comparisons = [
         ("single: cdk vs naive, one event per request", "single", "single", TARGETS["single"]),
@@ -496,6 +508,22 @@ def report(runs: list[Run]) -> None:
         print(f"{label:<52} {ratio:>8.1f}x {cpu_ratio:>12.1f}x  >= {target:g}x {verdict}")
 
 
+def report_plain(runs: list[Run]) -> None:
+    """The summary; ``core`` is the share of its core the server got in its best round."""
+    print()
+    print(
+        f"{'receiver':<8} {'load':<7} {'req/s':>9} {'core':>5} {'events/s':>10} {'p99 ms':>8} "
+        f"{'CPU us/req':>10} {'events/CPU-s':>12} {'peak RSS MiB':>12}  non-2xx  socket errors"
+    )
+    for run in runs:
+        print(
+            f"{run.receiver:<8} {run.load:<7} {run.best.requests_per_s:>9,.0f} "
+            f"{run.best.cpu_share:>5.0%} {run.events_per_s:>10,.0f} {run.best.p99_ms:>8.2f} "
+            f"{run.cpu_us_per_request:>10.1f} {run.events_per_cpu_s:>12,.0f} "
+            f"{run.peak_rss_mib:>12.1f}  {run.bad_answers:>7}  {run.best.socket_errors}"
+        )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", choices=["naive", *DEDUPE_RECEIVERS], help=argparse.SUPPRESS)
@@ -503,7 +531,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=int, default=2, help="seconds of load per round")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per server")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per load")
+    parser.add_argument("--receivers", default="cdk,naive", help="comma-separated: cdk, naive")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     args = parser.parse_args(argv)
+    receivers = tuple(args.receivers.split(","))
     if args.serve:
         if args.serve == "naive":
             serve_naive(args.port)
@@ -517,7 +548,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    print(
+    say = print if not args.json else lambda *_, **__: None
+    say(
         f"server pinned to CPU {SERVER_CPU} (uvloop), wrk pinned to CPU {LOAD_CPU}, "
         f"{CONNECTIONS} connections; per load, {args.rounds} alternating rounds of "
         f"{args.seconds} s per receiver (best round shown) after {args.warmup} s warm-up"
@@ -526,11 +558,25 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         scripts = write_scripts(Path(tmp))
         for load in ("single", "batch"):
-            runs += measure_load(load, scripts[load], args.seconds, args.warmup, args.rounds)
+            runs += measure_load(
+                load, scripts[load], args.seconds, args.warmup, args.rounds, receivers, say
+            )
+    if args.json:
+        figures = Figures()
+        for run in runs:
+            what = f"sink: {run.receiver}, {'one event' if run.load == 'single' else 'batches'}"
+            figures.add(f"{what}, requests/s", run.best.requests_per_s, "req/s")
+            figures.add(f"{what}, CPU/request", run.cpu_us_per_request, "us", "lower")
+        figures.emit()
+    elif set(receivers) == {"cdk", "naive"}:
         report(runs)
-        for load in ("single", "batch"):
-            script = scripts[f"{load}-unique"]
-            measure_dedupe(load, script, args.seconds, args.warmup, args.rounds)
+        with tempfile.TemporaryDirectory() as tmp:
+            scripts = write_scripts(Path(tmp))
+            for load in ("single", "batch"):
+                script = scripts[f"{load}-unique"]
+                measure_dedupe(load, script, args.seconds, args.warmup, args.rounds)
+    else:
+        report_plain(runs)
     return 0
 
 

@@ -371,11 +371,12 @@ def test_content_mode_on_the_wire(mode: str, content_type: str) -> None:
     run(main)
 
 
-def test_fast_producer_fills_batches() -> None:
+@pytest.mark.parametrize("queue", [asyncio.Queue, DeliveryQueue])
+def test_fast_producer_fills_batches(queue: type[asyncio.Queue[Tuple]]) -> None:
     async def main() -> None:
         async with CaptureTarget() as target:
             fates = Fates(25)
-            chan: asyncio.Queue[Tuple] = asyncio.Queue(100)
+            chan: asyncio.Queue[Tuple] = queue(100)
             ids = await send(chan, fates, range(25))  # queued before delivery starts
             cfg = config(target.url, batch_size=10, max_in_flight=1, batch_linger=0.05)
             async with delivering(cfg, chan) as (_, _chan, metrics):
@@ -406,6 +407,41 @@ def test_batches_with_many_in_flight_take_from_chan_in_order() -> None:
             runs = sorted(int(r.events[0].get_id()[1:]) for r in target.requests)
             assert runs == list(range(0, 500, 50))
             assert sorted(fates.ok) == sorted(ids)
+
+    run(main)
+
+
+def test_a_batch_taken_at_once_wakes_a_producer_waiting_for_room() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            fates = Fates(200)
+            chan = DeliveryQueue(10)  # the producer waits for room after every 10 events
+            cfg = config(target.url, batch_size=5, max_in_flight=2, queue_size=10)
+            async with delivering(cfg, chan):
+                ids = await send(chan, fates, range(200))
+                await fates.wait()
+            assert sorted(fates.ok) == sorted(ids)
+            assert sorted(e.get_id() for e in target.events) == sorted(ids)
+            runs = sorted(int(r.events[0].get_id()[1:]) for r in target.requests)
+            assert all(len(r.events) <= 5 for r in target.requests)
+            assert len(runs) < 200  # batched, not one request per event
+
+    run(main)
+
+
+def test_taking_a_batch_wakes_as_many_producers_as_it_made_room_for() -> None:
+    async def main() -> None:
+        chan = DeliveryQueue(3)
+        for i in range(3):
+            chan.put_nowait(Tuple(make_event(i)))
+        producers = [asyncio.create_task(chan.put(Tuple(make_event(i)))) for i in range(3, 6)]
+        await asyncio.sleep(0)  # let each producer find the queue full
+        assert not any(p.done() for p in producers)
+        taken = chan.take(3)
+        assert [t.event.get_id() for t in taken] == ["e0", "e1", "e2"]
+        async with asyncio.timeout(5):
+            await asyncio.gather(*producers)
+        assert [t.event.get_id() for t in chan.take(10)] == ["e3", "e4", "e5"]
 
     run(main)
 
@@ -740,6 +776,60 @@ def test_a_flaky_target_gets_every_event_once(batch_size: int) -> None:
             assert set(failed) == {503, None}
             # A connection dropped while reused is sent again at once by the client.
             assert value(metrics, "cdk_delivery_retries_total") >= failed[503]
+
+    run(main)
+
+
+def retry_waits(logged: Logged) -> list[tuple[int, float]]:
+    """(attempt, seconds) of every retry the deliverer scheduled, from its DEBUG lines."""
+    return [
+        (int(r.args[2]), float(r.args[1]))  # type: ignore[index, arg-type]
+        for r in logged.records
+        if r.msg.startswith("retrying")
+    ]
+
+
+def until_delivered(url: str, **overrides: Any) -> SourceConfig:
+    """Retries until delivered, with room for waits to grow (``retry_backoff_max`` 5 s)."""
+    return config(url, send_event_attempts=0, retry_backoff_max=5.0, **overrides)
+
+
+def test_failures_scattered_among_successes_are_retried_soon() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.flaky(fail=0.2, drop=0.05, seed=7)
+            logged = Logged()
+            cfg = until_delivered(target.url, max_in_flight=8, retry_backoff=1.0)
+            fates, ids, _ = await deliver(cfg, 300, within=50, logger=logged.logger)
+            assert sorted(fates.ok) == sorted(ids)
+            waits = sorted(seconds for _, seconds in retry_waits(logged))
+            assert len(waits) >= 30
+            # A quarter of the attempts fail: the wait starts from about a sixteenth of
+            # retry_backoff, not from all of it (the room waiting events hold in
+            # queue_size would cap the rate).
+            assert waits[len(waits) // 2] < cfg.retry_backoff / 3, waits
+
+    run(main)
+
+
+def test_the_wait_grows_while_every_attempt_fails() -> None:
+    async def main() -> None:
+        async with CaptureTarget() as target:
+            target.fail_with(503)
+            logged = Logged()
+            cfg = until_delivered(target.url, max_in_flight=4, retry_backoff=0.5)
+            fates = Fates(60)
+            async with delivering(cfg, grace=0, logger=logged.logger) as (_, chan, _metrics):
+                await send(chan, fates, range(60))
+                # 75 failed attempts in a row put the failing share near 0.9.
+                await target.wait_until_async(lambda: target.attempts >= 75, timeout=30)
+                seen = len(retry_waits(logged))
+                await logged.until(lambda: len(retry_waits(logged)) >= seen + 4, within=30)
+            waits = [seconds for _, seconds in retry_waits(logged)]
+            # The first failure looks like a scattered one: a short wait. Once every
+            # answer fails, each wait is about retry_backoff again, and grows from there.
+            assert waits[0] < cfg.retry_backoff / 4, waits
+            assert min(waits[seen:]) >= cfg.retry_backoff / 2, waits
 
     run(main)
 

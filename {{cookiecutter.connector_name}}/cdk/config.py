@@ -285,7 +285,10 @@ class DeliveryConfig(ConnectorConfig):
     )
     attempt_timeout: float = Field(5.0, gt=0, description="Seconds one delivery attempt may take.")
     retry_backoff: float = Field(
-        0.5, ge=0, description="Seconds before the first retry; doubles each time, with jitter."
+        0.5,
+        ge=0,
+        description="Seconds before the first retry while every attempt fails (times the "
+        "square of the failing share: scattered failures wait less); grows with jitter.",
     )
     retry_backoff_max: float = Field(5.0, ge=0, description="Longest wait between two attempts.")
     retry_after_max: float = Field(

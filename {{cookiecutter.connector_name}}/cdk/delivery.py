@@ -56,6 +56,8 @@ ERROR_DATA_BYTES = 1024
 #: Shortest wait between two attempts, whatever the config says: a ``retry_backoff`` of 0
 #: would otherwise stay 0 and spin on a target that refuses connections.
 _MIN_BACKOFF = 0.01
+#: Attempts the target's failing share is averaged over (the weight of an exponential average).
+_SHARE_SPAN = 32
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _log = logging.getLogger("cdk.delivery")
 
@@ -206,6 +208,15 @@ class DeliveryQueue(asyncio.Queue[Tuple]):
         for _ in range(-count):  # room freed: wake producers waiting in put(), as get() does
             self._wakeup_next(self._putters)  # type: ignore[attr-defined]
 
+    def take(self, count: int) -> list[Tuple]:
+        """Up to ``count`` queued tuples, as that many ``get_nowait()`` calls would return
+        them, for a batch: one call instead of two checks and a call per tuple."""
+        items = [self._get() for _ in range(min(count, self.qsize()))]
+        if self._putters:  # type: ignore[attr-defined]
+            for _ in items:
+                self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+        return items
+
 
 @dataclass(slots=True, eq=False)
 class _Request:
@@ -267,6 +278,7 @@ class Deliverer:
         self._cycle = 0  # requests in the retry window
         self._failing_since: float | None = None
         self._warned = 0.0
+        self._failing_share = 0.0  # of recent attempts to the target: see _next_wait
         self._draining = self._sealed = False  # sealed: too late for run() to start
         self._deadline: float | None = None
         self._deadline_set = asyncio.Event()
@@ -436,7 +448,10 @@ class Deliverer:
         try:
             while len(tuples) < self._batch_size:
                 if not chan.empty():
-                    tuples.append(chan.get_nowait())
+                    if isinstance(chan, DeliveryQueue):
+                        tuples += chan.take(self._batch_size - len(tuples))
+                    else:
+                        tuples.append(chan.get_nowait())
                     continue
                 remaining = until - self._loop.time()
                 if self._draining or remaining <= 0:
@@ -506,12 +521,11 @@ class Deliverer:
         return failed + [self._request(t, client, e) for _, t, e in runs]
 
     def _request(self, tuples: list[Tuple], client: Client, events: list[CloudEvent]) -> _Request:
-        backoff = self.config.retry_backoff
         if not tracing.active:
-            return _Request(tuples, client, self._wire(events, client, {}), backoff)
+            return _Request(tuples, client, self._wire(events, client, {}))
         span, events, headers = tracing.start_send(events, client.url)
         try:
-            return _Request(tuples, client, self._wire(events, client, headers), backoff, span=span)
+            return _Request(tuples, client, self._wire(events, client, headers), span=span)
         except Exception as exc:
             tracing.end_send(span, error=exc)
             raise
@@ -539,6 +553,9 @@ class Deliverer:
                 error = exc
             finally:
                 self._in_flight -= 1
+            if req.original is None:  # a dead-letter target's answers tell nothing of the target
+                failed = error is not None and not isinstance(error, TargetRejected)
+                self._failing_share += (failed - self._failing_share) / _SHARE_SPAN
             if error is None:
                 await self._succeed(req)
                 return
@@ -550,7 +567,7 @@ class Deliverer:
                 if await self._give_up(req, error):
                     continue  # on to the dead-letter target
                 return
-            req.backoff, wait = self._next_wait(req.backoff, error)
+            req.backoff, wait = self._next_wait(req, error)
             when = loop.time() + wait
             if self._deadline is None or when < self._deadline:
                 self.metrics.retries.inc()
@@ -617,7 +634,7 @@ class Deliverer:
                 if req.span is not None:
                     tracing.end_send(req.span, req.status, error)
                 req.data, req.client, req.original, req.attempt = lettered.data, dead, error, 0
-                req.backoff, req.span = self.config.retry_backoff, lettered.span
+                req.backoff, req.span = 0.0, lettered.span
                 return True
         await self._settle(req, error)
         return False
@@ -683,9 +700,18 @@ class Deliverer:
         if self._deadline is None or until < self._deadline:
             await asyncio.sleep(max(0.0, until - self._loop.time()))
 
-    def _next_wait(self, previous: float, error: BaseException) -> tuple[float, float]:
-        # (new backoff state, seconds to wait): decorrelated jitter, Retry-After a floor.
-        base, cap = self.config.retry_backoff, self.config.retry_backoff_max
+    def _next_wait(self, req: _Request, error: BaseException) -> tuple[float, float]:
+        """(new backoff state, seconds to wait): decorrelated jitter, ``Retry-After`` a floor.
+
+        The jitter starts from ``retry_backoff`` times the square of the share of recent
+        attempts to the target that failed: failures scattered among successes (a quarter
+        failing: a sixteenth of it) retry soon, since the room their events hold in
+        ``queue_size`` caps the rate (Little's law); a target whose every answer fails gets
+        the whole of it, and each request's own wait still grows with its failures.
+        """
+        share = self._failing_share if req.original is None else 1.0
+        base, cap = self.config.retry_backoff * share * share, self.config.retry_backoff_max
+        previous = req.backoff or base
         backoff = max(_MIN_BACKOFF, min(cap, random.uniform(base, max(base, previous * 3))))
         if isinstance(error, TargetUnavailable) and error.retry_after is not None:
             return backoff, max(backoff, min(error.retry_after, self.config.retry_after_max))
@@ -719,30 +745,54 @@ class Deliverer:
                     self.log.warning(text, len(ids), ", ".join(ids[:20]) + more, why)
                 self.metrics.failed.labels(_reason(error)).inc(len(ids))
         chan = self._chan
+        # Read once per request, not per event: any later rise means this worker was
+        # cancelled, whichever callback it shows up in.
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         while req.settled < len(tuples):
             item = tuples[req.settled]
             req.settled += 1
             if chan is not None:
                 chan.task_done()
-            await self._call(item, error)
+            # Most callbacks are plain functions: no coroutine per event for them.
+            pending = self._call(item, error, task, cancelling)
+            if pending is not None:
+                await pending
 
-    async def _call(self, item: Tuple, error: BaseException | None) -> None:
-        """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged."""
+    def _call(
+        self, item: Tuple, error: BaseException | None, task: Any, cancelling: int
+    ) -> Awaitable[None] | None:
+        """Run the ``success`` or ``failed`` callback of ``item``; what it raises is logged
+        (``task`` is the calling worker, ``cancelling`` its count of cancellations before).
+        What an ``async`` callback returned comes back, to be awaited."""
         kind, args = ("success", ()) if error is None else ("failed", (error,))
-        task = asyncio.current_task()
-        cancelling = task.cancelling() if task is not None else 0
         try:
             callback = getattr(item, kind, None)
             result = None if callback is None else callback(*args)
             if result is not None and inspect.isawaitable(result):
-                await result
+                return self._await_call(result, item, kind, task, cancelling)
         except (Exception, asyncio.CancelledError) as exc:
-            # Only a cancellation of this worker goes on; a CancelledError of the
-            # callback's own making is its failure, and must not end the worker.
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            if cancelled and (task is None or task.cancelling() > cancelling):
-                raise
-            self.log.exception("%s callback of event %s raised", kind, _event_id(item))
+            self._raised(exc, item, kind, task, cancelling)
+        return None
+
+    async def _await_call(
+        self, result: Awaitable[Any], item: Tuple, kind: str, task: Any, cancelling: int
+    ) -> None:
+        try:
+            await result
+        except (Exception, asyncio.CancelledError) as exc:
+            self._raised(exc, item, kind, task, cancelling)
+
+    def _raised(
+        self, exc: BaseException, item: Tuple, kind: str, task: Any, cancelling: int
+    ) -> None:
+        """Log what a callback raised (called while handling it), or re-raise a cancellation."""
+        # Only a cancellation of this worker goes on; a CancelledError of the
+        # callback's own making is its failure, and must not end the worker.
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        if cancelled and (task is None or task.cancelling() > cancelling):
+            raise exc
+        self.log.exception("%s callback of event %s raised", kind, _event_id(item))
 
 
 def _outbound(item: Tuple, extensions: Mapping[str, Any] | None) -> CloudEvent:
