@@ -44,13 +44,14 @@ _EXIT_HELP = (
     (
         EXIT_OK,
         "clean stop: after SIGTERM/SIGINT, or the source finished (--max-events, the"
-        " producer returned) and everything was settled; --check-config/--about succeeded",
+        " producer returned) and everything was settled; --check-config/--about/--check"
+        " succeeded",
     ),
     (
         EXIT_FAILURE,
         "runtime failure: initialize/loop_produce_event/destroy raised, an event a"
         " checkpoint tracks failed for good, the port cannot be bound, a second signal forced"
-        f" the stop, or a stop overran grace_period + {SHUTDOWN_ALLOWANCE:g} s",
+        f" the stop, or a stop overran grace_period + {SHUTDOWN_ALLOWANCE:g} s; --check failed",
     ),
     (EXIT_CONFIG, "bad configuration or command line: one line per problem on stderr"),
 )
@@ -174,6 +175,11 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
         "--check-config",
         help='validate the configuration, print "config OK: FILE" and exit 0,'
         " or print each problem and exit 2",
+    )
+    flag(
+        "--check",
+        help="run the connector's check() (and ask whether the target answers); print"
+        ' {"status": "ok"} and exit 0, or what failed as one JSON line and exit 1',
     )
     flag("--about", help="print name, kind, versions, config schema and environment as JSON")
     add(
