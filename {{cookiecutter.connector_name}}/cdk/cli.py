@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cdk.config import ENVIRONMENT
+from cdk.config import ENVIRONMENT, redact_url
 from cdk.logs import LEVELS
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "about",
     "build_parser",
     "project_metadata",
+    "resolved",
     "settings",
 ]
 
@@ -123,6 +124,17 @@ def about(config_cls: type[BaseModel], kind: str, connector: str) -> dict[str, A
             {"name": name, "key": key, "description": text} for name, key, text in ENVIRONMENT
         ],
     }
+
+
+def resolved(config: Any) -> list[str]:
+    """``--check-config``'s lines on where ``target`` (masked) and ``port`` came from."""
+    lines = []
+    for key in ("target", "port"):
+        value = getattr(config, key, None)
+        if key in type(config).model_fields and value is not None:
+            shown = redact_url(value) if isinstance(value, str) else value
+            lines.append(f"{key}: {config.redact(str(shown))} (from {config.origin(key)})")
+    return lines
 
 
 def _entries(rows: Sequence[tuple[object, str]]) -> list[str]:

@@ -209,9 +209,15 @@ def _main(
             print(problem, file=sys.stderr)
         return cli.EXIT_CONFIG
     if args.check_config:
+        for warning in config.load_warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
         print(f"config OK: {resolve_paths(args.config, args.secret)[0]}")
+        for line in cli.resolved(config):
+            print(line)
         return cli.EXIT_OK
     configure_logging(config.log_level, config.log_format)
+    for warning in config.load_warnings:
+        _log.warning("%s", warning)
     if args.check:
         return _check(connector_cls, config)
     tracing.setup(service_name=cli.project_metadata().get("name", name))
