@@ -7,22 +7,28 @@ binary), ``kubernetes-validate --strict`` with its offline schemas, and
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from etcd_support import EtcdCluster, b64, gateway
 from image import instructions, parse_dockerfile
 from packaging.requirements import Requirement
 from template_support import VARIANTS, run_in, tool
 
 from cdk.config import SourceConfig
+from cdk.testing.target import CaptureTarget
 from hooks.variants import SERVES_HTTP
 
 
@@ -334,3 +340,54 @@ def test_the_dockerfile_says_where_its_healthcheck_is_lost(
     note = " ".join(above)
     for needed in ("podman", "buildah", "OCI", "--format docker", "probes"):
         assert needed in note, f"the comment above HEALTHCHECK does not mention {needed!r}"
+
+
+def test_the_etcd_configmap_names_the_keys_the_kit_writes(
+    rendered: dict[str, Path], etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """The etcd mode's ConfigMap, run against a real etcd: every key the running source
+    writes there is one its comment names (under the test's own prefix)."""
+    project = rendered["source-poll"]
+    text = load(project / "deploy" / "kubernetes-etcd" / "configmap.yaml")["data"]["config.yml"]
+    named = set(re.findall(r"^ *#.*?(/connectors/[^\s:,<]+)", text, re.M))
+    config = yaml.safe_load(text)
+    prefix = config["position_store"].rsplit("/", 1)[1]
+    test_prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    config.update(position_store=etcd.url(test_prefix), interval=0.01, metrics_port=None)
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    endpoint = etcd.members[0].endpoint
+    with CaptureTarget.in_thread() as target:
+        source = subprocess.Popen(
+            [sys.executable, "cmd/main.py", "--config", str(tmp_path / "config.yml")],
+            cwd=project,
+            env={**os.environ, "CONNECTOR_TARGET": target.url, "PYTHONDONTWRITEBYTECODE": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            target.wait_until(lambda: len(target.events) >= 3, timeout=30)
+            written = wait_for_keys(endpoint, f"/{test_prefix}/", count=2)
+        finally:
+            source.terminate()
+            _, errors = source.communicate(timeout=30)
+    assert source.returncode == 0, errors
+    found = {key.replace(f"/{test_prefix}/", "/connectors/", 1) for key in written}
+    assert found <= named, f"keys written but not named in the ConfigMap: {found - named}"
+    assert any(key.endswith("/position") for key in found) and any(
+        key.endswith(".leader") for key in found
+    ), found
+
+
+def wait_for_keys(endpoint: str, prefix: str, count: int, timeout: float = 20.0) -> set[str]:
+    """The keys from ``prefix`` on once there are ``count`` of them; checked every 50 ms,
+    for at most ``timeout`` seconds (then what there is)."""
+    # The range ends past the prefix's last character: /<prefix>/<name>.leader is in it.
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = gateway(endpoint, "kv/range", {"key": b64(prefix), "range_end": b64(end)})
+        keys = {base64.b64decode(kv["key"]).decode() for kv in answer.get("kvs", [])}
+        if len(keys) >= count or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.05)
