@@ -30,6 +30,7 @@ from image import (
     parse_docker_run,
     parse_dockerfile,
 )
+from packaging.utils import canonicalize_name
 from template_support import VARIANTS
 
 from cdk.testing.target import CaptureTarget, free_port
@@ -353,3 +354,46 @@ def test_the_image_builds_without_warnings(variant: str, built: tuple[str, str])
     log = built[1]
     for warning in ("Running pip as the 'root' user", "useradd warning", "groupadd warning"):
         assert warning not in log, f"{warning!r} in the build log:\n{log}"
+
+
+def pinned(project: Path) -> set[str]:
+    """``name==version`` of each pin in constraints.txt, names normalised."""
+    lines = (project / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    return {normal_pin(line) for line in lines if line and not line.startswith("#")}
+
+
+def normal_pin(line: str) -> str:
+    name, _, version = line.partition("==")
+    return f"{canonicalize_name(name)}=={version}"
+
+
+def installed(tag: str) -> set[str]:
+    freeze = docker("run", "--rm", "--network", "none", tag, "python", "-m", "pip", "freeze")
+    return {normal_pin(line) for line in freeze.splitlines() if line}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_installs_the_pinned_versions(
+    rendered: dict[str, Path], variant: str, built: tuple[str, str]
+) -> None:
+    unpinned = installed(built[0]) - pinned(rendered[variant])
+    assert not unpinned, f"installed, but not as constraints.txt pins them: {sorted(unpinned)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sink"])
+def test_the_otel_extra_is_a_build_argument(
+    rendered: dict[str, Path], variant: str, built: tuple[str, str]
+) -> None:
+    project = rendered[variant]
+    tag = f"{built[0]}-otel"
+    try:
+        build_image(project, tag, "EXTRAS=otel")
+        packages = installed(tag)
+    finally:
+        subprocess.run(["docker", "rmi", "--force", tag], capture_output=True, check=False)
+    names = {pin.partition("==")[0] for pin in packages}
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= names
+    assert packages <= pinned(project)
+    assert "opentelemetry-sdk" not in {p.partition("==")[0] for p in installed(built[0])}

@@ -21,9 +21,12 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from cdk.config import ENVIRONMENT
 from internal.config import Config
+from tools.requirements import requirements
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEPLOY = PROJECT_DIR / "deploy"
@@ -220,3 +223,21 @@ def test_every_pod_is_restricted_and_has_no_service_account_token(
         # A Knative Service runs the same container as the Deployment: the same settings.
         deployment = load(DEPLOY / "kubernetes" / "deployment.yaml")["spec"]["template"]["spec"]
         assert settings == effective_security(deployment), f"{shown(path)} differs"
+
+
+def test_constraints_pin_every_dependency_of_the_image() -> None:
+    """constraints.txt, under which the Dockerfile installs, pins each dependency (and the
+    etcd and otel extras) within pyproject.toml's bounds: a new or changed dependency
+    needs a refresh of it (README.md, "Pinned versions")."""
+    lines = (PROJECT_DIR / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    pins = dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
+    pinned = {canonicalize_name(name): version for name, version in pins.items()}
+    problems = []
+    for line in requirements(["etcd", "otel"]):
+        requirement = Requirement(line)
+        version = pinned.get(canonicalize_name(requirement.name))
+        if version is None or not requirement.specifier.contains(version):
+            problems.append(f"{line} (constraints.txt: {version or 'no pin'})")
+    assert not problems, "refresh constraints.txt (README.md, Pinned versions): " + ", ".join(
+        problems
+    )
