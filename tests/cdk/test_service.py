@@ -462,3 +462,15 @@ def test_a_webhook_with_a_secret_takes_only_signed_requests() -> None:
     with CaptureTarget.in_thread() as target:
         asyncio.run(scenario(target))
         assert [e.get_data() for e in target.events] == ["hi"]
+
+
+def test_connector_info_carries_the_connector_and_kit_versions() -> None:
+    from prometheus_client import generate_latest
+
+    from cdk.metrics import Metrics
+
+    text = generate_latest(Metrics("Mine", version="2.3.4").registry).decode()
+    labels = f'connector="Mine",kit_version="{cdk.__version__}",version="2.3.4"'
+    assert f"cdk_connector_info{{{labels}}} 1.0" in text
+    # Without one, the project's pyproject.toml says (the template has none: "unknown").
+    assert 'version="unknown"' in generate_latest(Metrics("Mine").registry).decode()

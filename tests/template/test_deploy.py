@@ -262,6 +262,11 @@ def test_ci_workflow_matches_the_github_schema(rendered: dict[str, Path], varian
     )
     for command in ("ruff check", "mypy", "pytest", "docker build"):
         assert command in steps
+    all_steps = [step for job in load(workflow)["jobs"].values() for step in job["steps"]]
+    for step in (step for step in all_steps if "uses" in step):
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+        if step["uses"].startswith("actions/checkout@"):
+            assert step["with"]["persist-credentials"] is False
 
 
 def test_generated_tests_name_the_deploy_file_to_change_when_config_drifts(

@@ -10,6 +10,7 @@ and a capture target on loopback.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -295,6 +296,9 @@ def test_the_built_image_runs_read_only_as_its_user(
                 assert container.process_ids()[0] == int(image.user), "not the image's user"
                 if variant in SERVES_HTTP:
                     assert get(f"http://127.0.0.1:{port}/healthz") == 200
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+                        metrics = answer.read().decode()
+                    assert re.search(r'cdk_connector_info\{.*[{,]version="0.1.0"', metrics), metrics
                     assert image.healthcheck is not None
                     healthy = container.exec(image.healthcheck)
                     assert (healthy.returncode, healthy.stdout + healthy.stderr) == (0, "")

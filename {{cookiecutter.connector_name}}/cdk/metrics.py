@@ -11,6 +11,8 @@ from functools import partial
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from cdk.cli import project_metadata
+
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -22,13 +24,25 @@ class Metrics:
     """The series of one connector process. Cheap to update (well under 1 us each)."""
 
     def __init__(
-        self, connector: str = "connector", *, receiving: bool = True, delivering: bool = True
+        self,
+        connector: str = "connector",
+        *,
+        version: str | None = None,
+        receiving: bool = True,
+        delivering: bool = True,
     ) -> None:
+        """``version``: the connector's (default: its pyproject.toml's, else "unknown")."""
+        from cdk import __version__ as kit_version  # not at import: cdk imports this first
+
         self.registry = CollectorRegistry(auto_describe=True)
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
         histogram = partial(Histogram, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        gauge("cdk_connector_info", "Connector identity.", ["connector"]).labels(connector).set(1)
+        version = version or project_metadata().get("version", "unknown")
+        info = gauge(
+            "cdk_connector_info", "Connector identity.", ["connector", "version", "kit_version"]
+        )
+        info.labels(connector, version, kit_version).set(1)
         if delivering:
             self.delivered = counter("cdk_events_delivered", "Events the target accepted.")
             self.failed = counter("cdk_events_failed", "Events given up on, by reason.", ["reason"])
