@@ -24,21 +24,16 @@ class Metrics:
     """The series of one connector process. Cheap to update (well under 1 us each)."""
 
     def __init__(
-        self,
-        connector: str = "connector",
-        *,
-        version: str | None = None,
-        receiving: bool = True,
-        delivering: bool = True,
+        self, connector: str = "connector", *, receiving: bool = True, delivering: bool = True
     ) -> None:
-        """``version``: the connector's (default: its pyproject.toml's, else "unknown")."""
         from cdk import __version__ as kit_version  # not at import: cdk imports this first
 
         self.registry = CollectorRegistry(auto_describe=True)
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
         histogram = partial(Histogram, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        version = version or project_metadata().get("version", "unknown")
+        # The connector's version is its pyproject.toml's, so a dashboard shows the release.
+        version = project_metadata().get("version", "unknown")
         info = gauge(
             "cdk_connector_info", "Connector identity.", ["connector", "version", "kit_version"]
         )
