@@ -66,6 +66,25 @@ def published_template(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
     return template, commit_all(template, env, "template")
 
 
+def plain_render(template: Path, out: Path, env: dict[str, str], *answers: str) -> Path:
+    """``cookiecutter --no-input`` of ``template`` with ``answers``: the project made."""
+    made = run(
+        sys.executable,
+        "-m",
+        "cookiecutter",
+        "--no-input",
+        "--output-dir",
+        str(out),
+        str(template),
+        *answers,
+        cwd=out.parent,
+        env=env,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    (project,) = out.iterdir()
+    return project
+
+
 def test_cruft_create_check_and_update(tmp_path: Path) -> None:
     env = git_env(tmp_path)
     template, first = published_template(tmp_path, env)
@@ -110,24 +129,8 @@ def test_cruft_create_check_and_update(tmp_path: Path) -> None:
 def test_a_plain_cookiecutter_project_links_with_its_recorded_answers(tmp_path: Path) -> None:
     env = git_env(tmp_path)
     template, commit = published_template(tmp_path, env)
-    out = tmp_path / "out"
-    made = run(
-        sys.executable,
-        "-m",
-        "cookiecutter",
-        "--no-input",
-        "--output-dir",
-        str(out),
-        str(template),
-        "connector_type=source",
-        "source_style=webhook",
-        "connector_name=source-hook",
-        "license=MIT",
-        cwd=tmp_path,
-        env=env,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    project = out / "source-hook"
+    answers = ("connector_type=source", "source_style=webhook", "connector_name=source-hook")
+    project = plain_render(template, tmp_path / "out", env, *answers, "license=MIT")
     run("git", "init", "-q", cwd=project, env=env)
     commit_all(project, env, "generated")
     answers = (project / ".cookiecutter.json").read_text(encoding="utf-8")
@@ -172,21 +175,7 @@ def test_a_plain_cookiecutter_project_linked_later_gets_the_changes_since(
     project is out of date, and cruft update brings the change in."""
     env = git_env(tmp_path)
     template, first = published_template(tmp_path, env)
-    out = tmp_path / "out"
-    made = run(
-        sys.executable,
-        "-m",
-        "cookiecutter",
-        "--no-input",
-        "--output-dir",
-        str(out),
-        str(template),
-        "connector_type=sink",
-        cwd=tmp_path,
-        env=env,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    project = out / "sink-example"
+    project = plain_render(template, tmp_path / "out", env, "connector_type=sink")
     assert json.loads((project / ".cookiecutter.json").read_text("utf-8"))["_commit"] == first
     run("git", "init", "-q", cwd=project, env=env)
     commit_all(project, env, "generated")
