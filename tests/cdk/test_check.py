@@ -34,6 +34,9 @@ class Checked(cdk.Source[Config]):
     def answer(self):
         if self.config.answer == "raise":
             raise ConnectionError("database refused the credentials")
+        if self.config.answer == "leak":
+            token = self.config.target_auth_token.get_secret_value()
+            raise PermissionError(f"token {token} refused")
         return {"nothing": None, "pass": True, "fail": False}[self.config.answer]
 {check}
 
@@ -140,3 +143,19 @@ def test_a_sink_runs_its_check_only(tmp_path: Path) -> None:
     (tmp_path / "config.yml").write_text("port: 0\nhealthy: true\n", encoding="utf-8")
     result = run(tmp_path, CHECKED_SINK, "--check")
     assert (result.returncode, json.loads(result.stdout)) == (0, {"status": "ok"})
+
+
+def test_a_secret_in_the_message_is_masked(tmp_path: Path, target: Target) -> None:
+    token = "tok-5ecret-check-91"
+    config = f"target: {target.url}\ntarget_auth_token: {token}\nanswer: leak\n"
+    code, outcome, errors = check(tmp_path, script("sync"), config)
+    assert (code, outcome["part"]) == (1, "check")
+    assert outcome["message"] == "PermissionError: token ********** refused"
+    assert token not in errors
+
+
+def test_credentials_in_a_dead_target_s_url_are_masked(tmp_path: Path) -> None:
+    url = dead_url().replace("http://", "http://user:pw-5ecret-77@")
+    code, outcome, _ = check(tmp_path, script("none"), f"target: {url}\n")
+    assert (code, outcome["part"]) == (1, "target")
+    assert "pw-5ecret-77" not in outcome["message"] and "user:**********@" in outcome["message"]

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from cdk.client import Client
-from cdk.config import DeliveryConfig
+from cdk.config import ConnectorConfig, DeliveryConfig, redact_url
 from cdk.connector import Connector, call
 from cdk.delivery import tls_context
 from cdk.logs import one_line
@@ -23,29 +23,36 @@ __all__ = ["run_check"]
 _log = logging.getLogger("cdk.check")
 
 
-async def run_check(connector: Connector[Any], config: Any) -> dict[str, str]:
+async def run_check(connector: Connector[Any], config: ConnectorConfig) -> dict[str, str]:
     """``{"status": "ok"}``, or ``{"status": "failed", "part": ..., "message": ...}``
-    naming the first part that failed (``check``, ``target``, ``dead_letter_target``)."""
+    naming the first part that failed (``check``, ``target``, ``dead_letter_target``);
+    configured secrets are masked in the message."""
+    problem = await _first_problem(connector, config)
+    if problem is None:
+        return {"status": "ok"}
+    part, message = problem
+    return {"status": "failed", "part": part, "message": config.redact(message)}
+
+
+async def _first_problem(
+    connector: Connector[Any], config: ConnectorConfig
+) -> tuple[str, str] | None:
     connector.config = config
     try:
         answer = await call(connector.check, thread=True)
     except Exception as exc:
         _log.debug("check() raised", exc_info=True)
-        return _failed("check", one_line(exc))
+        return "check", one_line(exc)
     if answer is False:
-        return _failed("check", "check() returned False")
+        return "check", "check() returned False"
     if isinstance(config, DeliveryConfig):
         for part in ("target", "dead_letter_target"):
             url = getattr(config, part)
             if url is not None:
                 problem = await _unreachable(str(url), config)
                 if problem is not None:
-                    return _failed(part, problem)
-    return {"status": "ok"}
-
-
-def _failed(part: str, message: str) -> dict[str, str]:
-    return {"status": "failed", "part": part, "message": message}
+                    return part, problem
+    return None
 
 
 async def _unreachable(url: str, config: DeliveryConfig) -> str | None:
@@ -61,7 +68,7 @@ async def _unreachable(url: str, config: DeliveryConfig) -> str | None:
     try:
         response = await client.send(request)
     except Exception as exc:
-        return f"{url}: {one_line(exc)}"
+        return f"{redact_url(url)}: {one_line(exc)}"
     finally:
         await client.close()
     _log.debug("%s answered the check with %d", url, response.status)
