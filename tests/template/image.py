@@ -294,7 +294,31 @@ class ImageRoot:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class Container:
+class _Lines:
+    """A process whose output (stdout and stderr) is read line by line as it comes."""
+
+    def _read(self, words: list[str], **popen: Any) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            words,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **popen,
+        )
+        assert process.stdout is not None
+        self._output = OutputLines(process.stdout)
+        return process
+
+    @property
+    def output(self) -> str:
+        return self._output.text
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        return self._output.wait_for(pattern, timeout)
+
+
+class Container(_Lines):
     """The image's CMD running under an :class:`ImageRoot`; output gathered line by line."""
 
     def __init__(
@@ -303,24 +327,8 @@ class Container:
         self.root = root
         self.env = env
         self.python = python
-        self.process = subprocess.Popen(
-            root.command([*root.image.cmd, *(args or [])], python),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            **root.popen_args(),
-        )
-        assert self.process.stdout is not None
-        self._output = OutputLines(self.process.stdout)
-
-    @property
-    def output(self) -> str:
-        return self._output.text
-
-    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        return self._output.wait_for(pattern, timeout)
+        command = root.command([*root.image.cmd, *(args or [])], python)
+        self.process = self._read(command, env=env, **root.popen_args())
 
     def exec(self, words: list[str]) -> subprocess.CompletedProcess[str]:
         """Run ``words`` (the HEALTHCHECK, say) in the container, beside its process."""
@@ -412,27 +420,12 @@ def build_image(project: Path, tag: str, *build_args: str) -> str:
     return log
 
 
-class EngineContainer:
+class EngineContainer(_Lines):
     """A container of a built image (``docker run -d``); its log read line by line."""
 
     def __init__(self, image: str, options: list[str], args: list[str] | None = None) -> None:
         self.id = docker("run", "-d", *options, image, *(args or []))
-        self._logs = subprocess.Popen(
-            ["docker", "logs", "--follow", self.id],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self._logs.stdout is not None
-        self._output = OutputLines(self._logs.stdout)
-
-    @property
-    def output(self) -> str:
-        return self._output.text
-
-    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        return self._output.wait_for(pattern, timeout)
+        self._logs = self._read(["docker", "logs", "--follow", self.id])
 
     def inspect(self, template: str) -> str:
         return docker("inspect", "--format", template, self.id)
