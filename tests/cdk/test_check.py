@@ -159,3 +159,8 @@ def test_credentials_in_a_dead_target_s_url_are_masked(tmp_path: Path) -> None:
     code, outcome, _ = check(tmp_path, script("none"), f"target: {url}\n")
     assert (code, outcome["part"]) == (1, "target")
     assert "pw-5ecret-77" not in outcome["message"] and "user:**********@" in outcome["message"]
+
+
+def test_help_names_the_flag(tmp_path: Path) -> None:
+    result = run(tmp_path, CHECKED_SINK, "--help")
+    assert result.returncode == 0 and "--check " in result.stdout and "check()" in result.stdout
