@@ -5,10 +5,13 @@ Runs in the new project's directory. Removes the files that belong to another va
 cache directory, and writes README.md's configuration table, the one
 ``python tests/template/template_support.py`` made from the variant's config model
 (``hooks/config_tables/<variant>.md``), with the project's own
-``tools/config_table.py``. Then it checks that every ``.py`` file compiles and that no
-template marker was left in a text file outside the vendored ``cdk/``. On a problem it
-prints one line and exits 1. Answers arrive as JSON text, so no answer can change this
-script.
+``tools/config_table.py``. It records the template's commit, when the template is a git
+checkout, in ``.cookiecutter.json`` (``_commit``) and in README.md's ``cruft link``
+command, so a project rendered with plain cookiecutter links to the commit it came from
+and ``cruft update`` brings in what came since. Then it checks that every ``.py`` file
+compiles and that no template marker was left in a text file outside the vendored
+``cdk/``. On a problem it prints one line and exits 1. Answers arrive as JSON text, so
+no answer can change this script.
 """
 
 # The Jinja expressions below read as Python sets of undefined names until rendered.
@@ -19,7 +22,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +45,10 @@ VERBATIM = ("cdk",)
 CACHE_DIRS = ("__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis")
 # Spelled with escapes: the literal markers would be read by Jinja when the hook is rendered.
 MARKERS = ("\x7b\x7b", "\x7b%")
+#: What README.md's ``cruft link`` command holds in place of the template's commit.
+COMMIT_PLACEHOLDER = "TEMPLATE-COMMIT"
+#: What it says instead when the template was no git checkout (a zip, a copy).
+UNKNOWN_COMMIT = "<the template commit or release tag this project was made from>"
 
 
 def remove_paths(root: Path, paths: Iterable[str]) -> None:
@@ -80,6 +89,41 @@ def fill_config_table(root: Path, tables: Path, variant: str) -> str | None:
     except (OSError, ValueError) as exc:
         return f"README.md: no configuration table for {variant} from {tables.name}/: {exc!r}"
     return None
+
+
+def template_commit(template: Path) -> str | None:
+    """The commit ``template`` is checked out at, or None: not the top of a git checkout
+    (a copy inside another repository does not count), or no git at hand."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=template,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = found.stdout.split()
+    if found.returncode != 0 or len(lines) != 2 or not re.fullmatch(r"[0-9a-f]{40}", lines[1]):
+        return None
+    return lines[1] if Path(lines[0]).resolve() == template.resolve() else None
+
+
+def record_commit(root: Path, commit: str | None) -> None:
+    """Write ``commit`` into ``.cookiecutter.json`` and README.md's ``cruft link`` line."""
+    answers_path = root / ".cookiecutter.json"
+    if commit is not None and answers_path.exists():
+        text = answers_path.read_text(encoding="utf-8")
+        answers = json.loads(text)
+        answers["_commit"] = commit
+        ending = "\n" if text.endswith("\n") else ""
+        answers_path.write_text(json.dumps(answers, indent=2, ensure_ascii=True) + ending, "utf-8")
+    readme = root / "README.md"
+    if readme.exists():
+        text = readme.read_text(encoding="utf-8")
+        readme.write_text(text.replace(COMMIT_PLACEHOLDER, commit or UNKNOWN_COMMIT), "utf-8")
 
 
 def syntax_error(path: Path) -> str | None:
@@ -154,6 +198,7 @@ def main(root: Path | None = None) -> int:
     remove_paths(project, load_hook_module(HOOKS_DIR, "variants").files_to_remove(VARIANT))
     remove_caches(project)
     problem = fill_config_table(project, Path(HOOKS_DIR) / "config_tables", VARIANT)
+    record_commit(project, template_commit(Path(HOOKS_DIR).parent))
     problems = [problem] if problem else []
     problems += check_project(project, FREE_TEXT, load_hook_module(HOOKS_DIR, "naming"))
     if problems:

@@ -26,6 +26,9 @@ ONLY_IN: Mapping[str, frozenset[str]] = {
     "internal/sink.py": frozenset({"sink"}),
     "deploy/kubernetes/service.yaml": SERVES_HTTP,
     "deploy/kubernetes/state.yaml": frozenset({"source-poll"}),
+    # A PodDisruptionBudget only beside a Deployment of more than one replica.
+    "deploy/kubernetes/pdb.yaml": SERVES_HTTP,
+    "deploy/kubernetes-etcd/pdb.yaml": frozenset({"source-poll"}),
     "deploy/kubernetes-etcd/configmap.yaml": frozenset({"source-poll"}),
     "deploy/kubernetes-etcd/deployment.yaml": frozenset({"source-poll"}),
     "deploy/knative/service.yaml": frozenset({"sink"}),

@@ -12,6 +12,7 @@ from processes import (
     POLL_SCRIPT,
     SINK_SCRIPT,
     SOURCE_SCRIPT,
+    TOKEN,
     Target,
     markers,
     run,
@@ -105,19 +106,48 @@ def test_check_config_ok_starts_nothing(tmp_path: Path) -> None:
     sink_dir(tmp_path)
     result = run(tmp_path, SINK_SCRIPT, "--check-config")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["config OK: config.yml"]
+    assert result.stdout.splitlines() == ["config OK: config.yml", "port: 0 (from config.yml)"]
     assert markers(tmp_path) == []
+
+
+def test_check_config_says_where_target_and_port_came_from(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text(f"marker: {tmp_path / 'm'}\n")
+    url = "http://user:pw-5ecret@127.0.0.1:9/"
+    result = run(tmp_path, SOURCE_SCRIPT, "--check-config", CONNECTOR_TARGET=url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == [
+        "target: http://user:**********@127.0.0.1:9/ (from $CONNECTOR_TARGET)"
+    ]
+    sink_dir(tmp_path)
+    (tmp_path / "config.yml").write_text(f"marker: {tmp_path / 'm'}\n")
+    result = run(tmp_path, SINK_SCRIPT, "--check-config", CONNECTOR_PORT="9123")
+    assert result.stdout.splitlines()[1:] == ["port: 9123 (from $CONNECTOR_PORT)"]
+    result = run(tmp_path, SINK_SCRIPT, "--check-config")
+    assert result.stdout.splitlines()[1:] == ["port: 8080 (from default)"]
+
+
+def test_a_secret_in_config_yml_gets_one_warning(tmp_path: Path) -> None:
+    (tmp_path / "config.yml").write_text(f"interval: 0\ntarget_auth_token: {TOKEN}\n")
+    result = run(tmp_path, POLL_SCRIPT, "--dry-run", "--max-events", "1")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.stderr
+    assert "target_auth_token" in warnings[0] and "secret.yml" in warnings[0]
+    assert TOKEN not in result.stderr + result.stdout
 
 
 def test_check_config_uses_config_flag(tmp_path: Path) -> None:
     sink_dir(tmp_path)
     (tmp_path / "config.yml").rename(tmp_path / "other.yml")
     result = run(tmp_path, SINK_SCRIPT, "--check-config", "--config", "other.yml")
-    assert (result.returncode, result.stdout.strip()) == (0, "config OK: other.yml")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0] == "config OK: other.yml"
 
 
 def test_check_config_bad_exits_2(tmp_path: Path) -> None:
-    sink_dir(tmp_path, "port: 99999\n")
+    sink_dir(tmp_path)
+    config = tmp_path / "config.yml"
+    config.write_text(config.read_text().replace("port: 0", "port: 99999"))
     result = run(tmp_path, SINK_SCRIPT, "--check-config")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [

@@ -512,3 +512,58 @@ def test_redact_masks_every_value_of_secret_yml(tmp_path: Path) -> None:
     (tmp_path / "secret.yml").write_text("target_auth_token: tok-123456\n")
     config = load_config(SourceConfig, tmp_path / "config.yml", tmp_path / "secret.yml")
     assert config.redact("echo: tok-123456") == "echo: **********"
+
+
+# -- strictness: keys given twice, secrets in config.yml, where values came from ------
+
+
+@pytest.mark.parametrize("what", ["config", "secret"])
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path: Path, what: str) -> None:
+    config = write(tmp_path / "config.yml", f"target: http://t/\napi_key: {TOKEN}\n")
+    twice = "region: eu\ninterval: 0\noptions: {}\ninterval: 5\n"
+    secret = write(tmp_path / "secret.yml", twice if what == "secret" else "")
+    if what == "config":
+        write(config, f"target: http://t/\napi_key: {TOKEN}\n{twice}")
+    lines = problems(MySource, config, secret)
+    assert len(lines) == 1
+    first, second = (4, 6) if what == "config" else (2, 4)
+    assert f"key 'interval' is given twice, at lines {first} and {second}" in lines[0]
+    assert lines[0].startswith(f"{what} file ")
+
+
+def test_a_key_given_twice_in_a_nested_mapping_is_refused(tmp_path: Path) -> None:
+    text = f"target: http://t/\napi_key: {TOKEN}\noptions:\n  a: 1\n  b: 2\n  a: 3\n"
+    lines = problems(MySource, write(tmp_path / "config.yml", text))
+    assert "key 'a' is given twice, at lines 4 and 6" in lines[0]
+
+
+def test_a_merge_key_override_is_no_duplicate(tmp_path: Path) -> None:
+    text = (
+        f"target: http://t/\napi_key: {TOKEN}\nbase: &base {{a: 1, b: 2}}\n"
+        "options:\n  <<: *base\n  a: 3\n"
+    )
+    with pytest.raises(ConfigError) as info:  # `base` is no key of the model
+        load_config(MySource, write(tmp_path / "config.yml", text), environ={})
+    assert info.value.problems == [
+        "config: base: unknown key (check the spelling; the config model does not define it)"
+    ]
+
+
+def test_a_secret_in_config_yml_is_one_warning_naming_secret_yml(tmp_path: Path) -> None:
+    config = write(tmp_path / "config.yml", f"target: http://t/\napi_key: {TOKEN}\n")
+    loaded = load_config(MySource, config, environ={})
+    assert len(loaded.load_warnings) == 1
+    assert "api_key" in loaded.load_warnings[0] and "secret.yml" in loaded.load_warnings[0]
+    assert TOKEN not in loaded.load_warnings[0]
+    write(config, "target: http://t/\n")
+    write(tmp_path / "secret.yml", f"api_key: {TOKEN}\n")
+    assert load_config(MySource, config, tmp_path / "secret.yml", environ={}).load_warnings == []
+
+
+def test_origin_names_the_file_the_variable_or_the_default(tmp_path: Path) -> None:
+    config = write(tmp_path / "config.yml", "port: 9000\n")
+    loaded = load_config(WebhookSourceConfig, config, environ={"K_SINK": "http://k/"})
+    assert (loaded.origin("port"), loaded.origin("target")) == ("config.yml", "$K_SINK")
+    write(tmp_path / "secret.yml", "target: http://s/\n")
+    loaded = load_config(WebhookSourceConfig, write(config, ""), tmp_path / "secret.yml", {})
+    assert (loaded.origin("port"), loaded.origin("target")) == ("default", "secret.yml")

@@ -462,3 +462,17 @@ def test_a_webhook_with_a_secret_takes_only_signed_requests() -> None:
     with CaptureTarget.in_thread() as target:
         asyncio.run(scenario(target))
         assert [e.get_data() for e in target.events] == ["hi"]
+
+
+def test_connector_info_carries_the_connector_and_kit_versions() -> None:
+    from prometheus_client import generate_latest
+
+    from cdk.cli import project_metadata
+    from cdk.metrics import Metrics
+
+    # The template has no pyproject.toml ("unknown"); a generated project its version
+    # (tests/template/test_image.py reads it from a running image).
+    version = project_metadata().get("version", "unknown")
+    text = generate_latest(Metrics("Mine").registry).decode()
+    labels = f'connector="Mine",kit_version="{cdk.__version__}",version="{version}"'
+    assert f"cdk_connector_info{{{labels}}} 1.0" in text

@@ -10,6 +10,7 @@ both processes exited 0. The generated projects' own test suites run here too.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,28 @@ def test_generated_tests_pass(projects: dict[str, Path], variant: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout, result.stdout
+
+
+def test_the_readme_shows_what_the_demo_prints() -> None:
+    """The template README's demo excerpt: each line of it (times aside) is in the output."""
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```\n[sink]")
+    excerpt = readme[start + 4 : readme.index("```", start + 4)].splitlines()
+    demo = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("demo.py"))],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+
+    def plain(line: str) -> str:
+        line = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", line)
+        return re.sub(r"\(\d+(\.\d+)? s\)", "(SECONDS)", line)
+
+    printed = {plain(line) for line in demo.stdout.splitlines()}
+    missing = [line for line in excerpt if line != "..." and plain(line) not in printed]
+    assert not missing, f"README lines the demo does not print: {missing}\n{demo.stdout}"

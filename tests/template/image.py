@@ -294,7 +294,31 @@ class ImageRoot:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-class Container:
+class _Lines:
+    """A process whose output (stdout and stderr) is read line by line as it comes."""
+
+    def _read(self, words: list[str], **popen: Any) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            words,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **popen,
+        )
+        assert process.stdout is not None
+        self._output = OutputLines(process.stdout)
+        return process
+
+    @property
+    def output(self) -> str:
+        return self._output.text
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        return self._output.wait_for(pattern, timeout)
+
+
+class Container(_Lines):
     """The image's CMD running under an :class:`ImageRoot`; output gathered line by line."""
 
     def __init__(
@@ -303,24 +327,8 @@ class Container:
         self.root = root
         self.env = env
         self.python = python
-        self.process = subprocess.Popen(
-            root.command([*root.image.cmd, *(args or [])], python),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            **root.popen_args(),
-        )
-        assert self.process.stdout is not None
-        self._output = OutputLines(self.process.stdout)
-
-    @property
-    def output(self) -> str:
-        return self._output.text
-
-    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        return self._output.wait_for(pattern, timeout)
+        command = root.command([*root.image.cmd, *(args or [])], python)
+        self.process = self._read(command, env=env, **root.popen_args())
 
     def exec(self, words: list[str]) -> subprocess.CompletedProcess[str]:
         """Run ``words`` (the HEALTHCHECK, say) in the container, beside its process."""
@@ -351,3 +359,100 @@ class Container:
             code = self.process.wait(10)
         self._output.join(10)
         return code
+
+
+# --- The image itself, built and run by a container engine ------------------------------
+
+
+def engine_missing(dockerfile: str) -> str | None:
+    """Why the image of ``dockerfile`` cannot be built here, or None when it can.
+
+    No image registry may be reachable, so the ``FROM`` image must be present already
+    (``.ci/engine`` makes ``python:3.11-slim`` from Debian packages).
+    """
+    if shutil.which("docker") is None:
+        return "no container engine: no docker command (.ci/engine installs one as root)"
+    try:
+        info = _docker("info", "--format", "{{.ServerVersion}}", timeout=20)
+    except subprocess.TimeoutExpired:
+        return "no container engine: `docker info` did not answer within 20 s"
+    if info.returncode != 0:
+        first = (info.stderr.strip().splitlines() or ["no message"])[0]
+        return f"no container engine: `docker info` failed: {first}"
+    base = next(args for keyword, args in instructions(dockerfile) if keyword == "FROM")
+    if _docker("image", "inspect", base).returncode != 0:
+        return f"no base image {base} for the Dockerfile's FROM (.ci/engine makes one)"
+    return None
+
+
+def _docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def docker(*args: str, timeout: float = 120) -> str:
+    """``docker args``' output; fails the test, with docker's message, on an error."""
+    done = _docker(*args, timeout=timeout)
+    assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
+    return done.stdout.strip()
+
+
+def build_image(project: Path, tag: str, *build_args: str) -> str:
+    """Build ``project``'s Dockerfile as ``tag``; the build's log.
+
+    The build shares the host's network: pip in a ``RUN`` reaches the package index as
+    pip on this machine does.
+    """
+    args = [f"--build-arg={arg}" for arg in build_args]
+    done = subprocess.run(
+        ["docker", "build", "--network", "host", "--force-rm", "-t", tag, *args, str(project)],
+        # The classic builder: BuildKit would fetch the `# syntax=` frontend image from a
+        # registry, and none is reachable.
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, f"docker build {project.name} failed:\n{log}"
+    return log
+
+
+class EngineContainer(_Lines):
+    """A container of a built image (``docker run -d``); its log read line by line."""
+
+    def __init__(self, image: str, options: list[str], args: list[str] | None = None) -> None:
+        self.id = docker("run", "-d", *options, image, *(args or []))
+        self._logs = self._read(["docker", "logs", "--follow", self.id])
+
+    def inspect(self, template: str) -> str:
+        return docker("inspect", "--format", template, self.id)
+
+    def process_ids(self) -> tuple[int, int]:
+        """(uid, gid) of the container's main process, read from the host's /proc."""
+        status = Path(f"/proc/{self.inspect('{{.State.Pid}}')}/status").read_text("utf-8")
+        ids = {k: v.split()[0] for k, _, v in (ln.partition(":\t") for ln in status.splitlines())}
+        return int(ids["Uid"]), int(ids["Gid"])
+
+    def exec(self, words: list[str], *options: str) -> subprocess.CompletedProcess[str]:
+        """Run ``words`` (the HEALTHCHECK, say) in the container, beside its process."""
+        return _docker("exec", *options, self.id, *words, timeout=60)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """The exit status of a container that ends by itself."""
+        code = int(docker("wait", self.id, timeout=timeout))
+        self._output.join(10)
+        return code
+
+    def stop(self, grace: int = 20) -> int:
+        """``docker stop`` (SIGTERM, SIGKILL after ``grace`` seconds); the exit status."""
+        docker("stop", "--time", str(grace), self.id, timeout=grace + 30)
+        return self.wait()
+
+    def remove(self) -> None:
+        _docker("rm", "--force", self.id)
+        if self._logs.poll() is None:
+            self._logs.kill()
+        self._logs.wait(10)

@@ -66,6 +66,25 @@ def published_template(tmp_path: Path, env: dict[str, str]) -> tuple[Path, str]:
     return template, commit_all(template, env, "template")
 
 
+def plain_render(template: Path, out: Path, env: dict[str, str], *answers: str) -> Path:
+    """``cookiecutter --no-input`` of ``template`` with ``answers``: the project made."""
+    made = run(
+        sys.executable,
+        "-m",
+        "cookiecutter",
+        "--no-input",
+        "--output-dir",
+        str(out),
+        str(template),
+        *answers,
+        cwd=out.parent,
+        env=env,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    (project,) = out.iterdir()
+    return project
+
+
 def test_cruft_create_check_and_update(tmp_path: Path) -> None:
     env = git_env(tmp_path)
     template, first = published_template(tmp_path, env)
@@ -110,24 +129,8 @@ def test_cruft_create_check_and_update(tmp_path: Path) -> None:
 def test_a_plain_cookiecutter_project_links_with_its_recorded_answers(tmp_path: Path) -> None:
     env = git_env(tmp_path)
     template, commit = published_template(tmp_path, env)
-    out = tmp_path / "out"
-    made = run(
-        sys.executable,
-        "-m",
-        "cookiecutter",
-        "--no-input",
-        "--output-dir",
-        str(out),
-        str(template),
-        "connector_type=source",
-        "source_style=webhook",
-        "connector_name=source-hook",
-        "license=MIT",
-        cwd=tmp_path,
-        env=env,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    project = out / "source-hook"
+    answers = ("connector_type=source", "source_style=webhook", "connector_name=source-hook")
+    project = plain_render(template, tmp_path / "out", env, *answers, "license=MIT")
     run("git", "init", "-q", cwd=project, env=env)
     commit_all(project, env, "generated")
     answers = (project / ".cookiecutter.json").read_text(encoding="utf-8")
@@ -153,3 +156,41 @@ def test_a_plain_cookiecutter_project_links_with_its_recorded_answers(tmp_path: 
     readme = project / "README.md"
     readme.write_text(readme.read_text(encoding="utf-8") + "local change\n", encoding="utf-8")
     assert run(cruft, "diff", "--exit-code", cwd=project, env=env).returncode != 0
+
+
+def readme_link_command(project: Path, template: Path) -> list[str]:
+    """README.md's ``cruft link`` line, for ``template``, run as the README's shell would."""
+    readme = (project / "README.md").read_text(encoding="utf-8")
+    (line,) = [line for line in readme.splitlines() if line.startswith("cruft link ")]
+    answers = (project / ".cookiecutter.json").read_text(encoding="utf-8")
+    line = line.replace("<template-url>", shlex.quote(str(template)))
+    line = line.replace('"$(cat .cookiecutter.json)"', shlex.quote(answers))
+    return [tool("cruft"), *shlex.split(line)[1:], "--no-input"]
+
+
+def test_a_plain_cookiecutter_project_linked_later_gets_the_changes_since(
+    tmp_path: Path,
+) -> None:
+    """Rendered at one commit, linked after the template moved on: cruft check says the
+    project is out of date, and cruft update brings the change in."""
+    env = git_env(tmp_path)
+    template, first = published_template(tmp_path, env)
+    project = plain_render(template, tmp_path / "out", env, "connector_type=sink")
+    assert json.loads((project / ".cookiecutter.json").read_text("utf-8"))["_commit"] == first
+    run("git", "init", "-q", cwd=project, env=env)
+    commit_all(project, env, "generated")
+
+    gitignore = template / "{{cookiecutter.connector_name}}" / ".gitignore"
+    gitignore.write_text(gitignore.read_text(encoding="utf-8") + "# since the render\n")
+    commit_all(template, env, "a change after the render")
+
+    linked = run(*readme_link_command(project, template), cwd=project, env=env)
+    assert linked.returncode == 0, linked.stdout + linked.stderr
+    assert json.loads((project / ".cruft.json").read_text("utf-8"))["commit"] == first
+    commit_all(project, env, "linked")
+    checked = run(*ci_cruft_check(project), cwd=project, env=env)
+    assert checked.returncode != 0, "cruft check calls a project lacking a change up to date"
+    updated = run(tool("cruft"), "update", "--skip-apply-ask", cwd=project, env=env)
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    assert "# since the render" in (project / ".gitignore").read_text(encoding="utf-8")
+    assert run(*ci_cruft_check(project), cwd=project, env=env).returncode == 0

@@ -7,22 +7,28 @@ binary), ``kubernetes-validate --strict`` with its offline schemas, and
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from etcd_support import EtcdCluster, b64, gateway
 from image import instructions, parse_dockerfile
 from packaging.requirements import Requirement
 from template_support import VARIANTS, run_in, tool
 
 from cdk.config import SourceConfig
+from cdk.testing.target import CaptureTarget
 from hooks.variants import SERVES_HTTP
 
 
@@ -64,7 +70,7 @@ def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], vari
     assert image.env["CONNECTOR_SECRET"] == "/vanus-connect/secret/secret.yml"
     assert image.user == "10001"
     # The state directory is the working directory, and the only one the user owns.
-    assert image.chowned == {image.workdir: "10001:10001"}
+    assert image.chowned == {image.workdir: "10001:0"}  # group 0: OpenShift's arbitrary uids
     # The dependency layer comes before the code, so code changes reuse it.
     assert text.index("COPY pyproject.toml") < text.index("pip install") < text.index("COPY cdk/")
     serves = variant in SERVES_HTTP
@@ -76,16 +82,20 @@ def test_dockerfile_runs_as_the_vanus_image_does(rendered: dict[str, Path], vari
 def test_the_image_installs_what_each_deploy_mode_needs(
     rendered: dict[str, Path], variant: str
 ) -> None:
-    """The RUN that lists the image's requirements: the runtime ones, and for a polling
-    source the etcd extra its deploy/kubernetes-etcd/ mode needs."""
+    """The RUN that lists the image's requirements, run with the EXTRAS argument's default:
+    the runtime ones, and for a polling source the etcd extra deploy/kubernetes-etcd/ needs,
+    installed under constraints.txt (whose pins the generated tests check)."""
     project = rendered[variant]
     text = (project / "Dockerfile").read_text(encoding="utf-8")
-    (run,) = [args for key, args in instructions(text) if key == "RUN" and "tomllib" in args]
-    words = shlex.split(run)
-    listed = run_in(project, sys.executable, "-c", words[words.index("-c") + 1], check=True)
+    (arg,) = [args for key, args in instructions(text) if key == "ARG"]
+    name, _, default = arg.partition("=")
+    (run,) = [args for key, args in instructions(text) if key == "RUN" and "pip install" in args]
+    words = shlex.split(run.replace(f"${name}", shlex.split(default)[0]))
+    listed = run_in(project, sys.executable, *words[1 : words.index(">")], check=True)
     meta = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     extra = meta["optional-dependencies"]["etcd"] if variant == "source-poll" else []
     assert listed.stdout.splitlines() == meta["dependencies"] + extra
+    assert words[words.index("-c") + 1] == "constraints.txt"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -252,6 +262,11 @@ def test_ci_workflow_matches_the_github_schema(rendered: dict[str, Path], varian
     )
     for command in ("ruff check", "mypy", "pytest", "docker build"):
         assert command in steps
+    all_steps = [step for job in load(workflow)["jobs"].values() for step in job["steps"]]
+    for step in (step for step in all_steps if "uses" in step):
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+        if step["uses"].startswith("actions/checkout@"):
+            assert step["with"]["persist-credentials"] is False
 
 
 def test_generated_tests_name_the_deploy_file_to_change_when_config_drifts(
@@ -334,3 +349,54 @@ def test_the_dockerfile_says_where_its_healthcheck_is_lost(
     note = " ".join(above)
     for needed in ("podman", "buildah", "OCI", "--format docker", "probes"):
         assert needed in note, f"the comment above HEALTHCHECK does not mention {needed!r}"
+
+
+def test_the_etcd_configmap_names_the_keys_the_kit_writes(
+    rendered: dict[str, Path], etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """The etcd mode's ConfigMap, run against a real etcd: every key the running source
+    writes there is one its comment names (under the test's own prefix)."""
+    project = rendered["source-poll"]
+    text = load(project / "deploy" / "kubernetes-etcd" / "configmap.yaml")["data"]["config.yml"]
+    named = set(re.findall(r"^ *#.*?(/connectors/[^\s:,<]+)", text, re.M))
+    config = yaml.safe_load(text)
+    prefix = config["position_store"].rsplit("/", 1)[1]
+    test_prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    config.update(position_store=etcd.url(test_prefix), interval=0.01, metrics_port=None)
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    endpoint = etcd.members[0].endpoint
+    with CaptureTarget.in_thread() as target:
+        source = subprocess.Popen(
+            [sys.executable, "cmd/main.py", "--config", str(tmp_path / "config.yml")],
+            cwd=project,
+            env={**os.environ, "CONNECTOR_TARGET": target.url, "PYTHONDONTWRITEBYTECODE": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            target.wait_until(lambda: len(target.events) >= 3, timeout=30)
+            written = wait_for_keys(endpoint, f"/{test_prefix}/", count=2)
+        finally:
+            source.terminate()
+            _, errors = source.communicate(timeout=30)
+    assert source.returncode == 0, errors
+    found = {key.replace(f"/{test_prefix}/", "/connectors/", 1) for key in written}
+    assert found <= named, f"keys written but not named in the ConfigMap: {found - named}"
+    assert any(key.endswith("/position") for key in found) and any(
+        key.endswith(".leader") for key in found
+    ), found
+
+
+def wait_for_keys(endpoint: str, prefix: str, count: int, timeout: float = 20.0) -> set[str]:
+    """The keys from ``prefix`` on once there are ``count`` of them; checked every 50 ms,
+    for at most ``timeout`` seconds (then what there is)."""
+    # The range ends past the prefix's last character: /<prefix>/<name>.leader is in it.
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = gateway(endpoint, "kv/range", {"key": b64(prefix), "range_end": b64(end)})
+        keys = {base64.b64decode(kv["key"]).decode() for kv in answer.get("kvs", [])}
+        if len(keys) >= count or time.monotonic() > deadline:
+            return keys
+        time.sleep(0.05)

@@ -255,3 +255,35 @@ def test_post_gen_main_fails_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert len(result.stderr.splitlines()) == 1
     assert "a.py" in result.stderr and "b.txt" in result.stderr
+
+
+def test_template_commit_only_of_the_top_of_a_git_checkout(
+    tmp_path: Path, post_gen: ModuleType
+) -> None:
+    repo = tmp_path / "template"
+    touch(repo, "cookiecutter.json", "inner/cookiecutter.json", text="{}\n")
+    assert post_gen.template_commit(repo) is None  # not a git checkout
+    env = {**clean_env(), "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], [*identity, "commit", "-q", "-m", "t"]):
+        subprocess.run(["git", *command], cwd=repo, env=env, check=True, capture_output=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert post_gen.template_commit(repo) == head
+    assert post_gen.template_commit(repo / "inner") is None  # a copy inside another repository
+
+
+def test_record_commit_fills_the_readme_and_the_answers(
+    tmp_path: Path, post_gen: ModuleType
+) -> None:
+    line = f"cruft link <template-url> --checkout {post_gen.COMMIT_PLACEHOLDER} --extra-context x"
+    touch(tmp_path, "README.md", text=line + "\n")
+    touch(tmp_path, ".cookiecutter.json", text='{"connector_type": "sink"}\n')
+    post_gen.record_commit(tmp_path, "a" * 40)
+    assert f"--checkout {'a' * 40} " in (tmp_path / "README.md").read_text()
+    answers = (tmp_path / ".cookiecutter.json").read_text()
+    assert answers.endswith("}\n") and '"_commit": "' + "a" * 40 in answers
+    touch(tmp_path, "README.md", text=line + "\n")
+    post_gen.record_commit(tmp_path, None)
+    assert post_gen.UNKNOWN_COMMIT in (tmp_path / "README.md").read_text()

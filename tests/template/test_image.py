@@ -9,6 +9,10 @@ and a capture target on loopback.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +20,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from image import Container, ImageRoot, interpreter_for, parse_docker_run, parse_dockerfile
+from image import (
+    Container,
+    EngineContainer,
+    ImageRoot,
+    build_image,
+    docker,
+    engine_missing,
+    interpreter_for,
+    parse_docker_run,
+    parse_dockerfile,
+)
+from packaging.utils import canonicalize_name
 from template_support import VARIANTS
 
 from cdk.testing.target import CaptureTarget, free_port
@@ -63,7 +78,9 @@ def start(root: ImageRoot, target: CaptureTarget, *args: str) -> Container:
     return Container(root, root.environment(python_env, **overrides), python, list(args))
 
 
-def wait_for_events(container: Container, target: CaptureTarget, count: int) -> None:
+def wait_for_events(
+    container: Container | EngineContainer, target: CaptureTarget, count: int
+) -> None:
     try:
         target.wait_until(lambda: len(target.events) >= count, timeout=30)
     except TimeoutError:
@@ -160,3 +177,227 @@ def test_a_polling_source_keeps_its_positions_on_the_state_volume(
     if image_root.uid is not None:
         assert store.stat().st_uid == image_root.uid
     assert first_ids[0] != first_ids[1], "the second container started again from the start"
+
+
+# --- The image itself, built by a container engine and run ------------------------------
+#
+# Each variant's Dockerfile is built for real when an engine answers and the FROM image is
+# present (.ci/engine provides both on a fresh machine); otherwise these tests skip,
+# naming why. Containers share the host's network, so a capture target on loopback
+# receives what a source delivers.
+
+UNIQUE = f"{os.getpid()}-{int(time.time())}"
+
+
+@pytest.fixture(scope="session")
+def image_builds() -> Iterator[dict[str, tuple[str, str]]]:
+    """variant -> (image tag, build log), each variant built at most once per session."""
+    builds: dict[str, tuple[str, str]] = {}
+    yield builds
+    for tag, _ in builds.values():
+        subprocess.run(["docker", "rmi", "--force", tag], capture_output=True, check=False)
+
+
+@pytest.fixture
+def built(
+    rendered: dict[str, Path], variant: str, image_builds: dict[str, tuple[str, str]]
+) -> tuple[str, str]:
+    """The image of ``variant`` (tag, build log); skips when no engine can build it."""
+    if variant not in image_builds:
+        project = rendered[variant]
+        missing = engine_missing((project / "Dockerfile").read_text(encoding="utf-8"))
+        if missing:
+            pytest.skip(missing)
+        tag = f"{project.name}:test-{variant}-{UNIQUE}"
+        image_builds[variant] = (tag, build_image(project, tag))
+    return image_builds[variant]
+
+
+@pytest.fixture
+def volumes() -> Iterator[list[str]]:
+    """Named volumes a test creates (by naming them in ``docker run``); removed after."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(
+            ["docker", "volume", "rm", "--force", name], capture_output=True, check=False
+        )
+
+
+def run_built(
+    project: Path,
+    tag: str,
+    tmp_path: Path,
+    target: CaptureTarget,
+    volumes: list[str],
+    options: tuple[str, ...] = (),
+    **config: object,
+) -> EngineContainer:
+    """The README's ``docker run`` of the built image: read-only, on the host's network.
+
+    config.yml (the project's, with ``config`` over it) is the only file mounted; a
+    named volume of the README gets a fresh name (kept in ``volumes``), as does the port.
+    """
+    image = parse_dockerfile((project / "Dockerfile").read_text(encoding="utf-8"))
+    run = parse_docker_run((project / "README.md").read_text(encoding="utf-8"))
+    base = yaml.safe_load((project / "config.yml").read_text("utf-8")) or {}
+    config_file = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yml"
+    config_file.write_text(yaml.safe_dump({**base, **config}, sort_keys=False), "utf-8")
+    config_file.chmod(0o644)
+    args = ["--network", "host", "--read-only", *options]
+    for source, container_path in run.mounts:
+        if source.endswith("/config.yml"):
+            args += ["-v", f"{config_file}:{container_path}:ro"]
+        else:
+            if not volumes:
+                volumes.append(f"{source}-{UNIQUE}-{len(volumes)}")
+            args += ["-v", f"{volumes[0]}:{container_path}"]
+    env = dict(run.env)
+    if "CONNECTOR_PORT" in {**image.env, **env}:
+        env["CONNECTOR_PORT"] = str(free_port())
+    if "CONNECTOR_TARGET" in env:
+        env["CONNECTOR_TARGET"] = target.url
+    for name, value in env.items():
+        args += ["-e", f"{name}={value}"]
+    return EngineContainer(tag, args)
+
+
+def stopped(container: EngineContainer) -> int:
+    try:
+        return container.stop()
+    finally:
+        container.remove()
+
+
+def volume_path(name: str) -> Path:
+    return Path(docker("volume", "inspect", "--format", "{{.Mountpoint}}", name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_built_image_runs_read_only_as_its_user(
+    rendered: dict[str, Path],
+    variant: str,
+    built: tuple[str, str],
+    tmp_path: Path,
+    volumes: list[str],
+) -> None:
+    project, (tag, _) = rendered[variant], built
+    image = parse_dockerfile((project / "Dockerfile").read_text(encoding="utf-8"))
+    config: dict[str, object] = {"host": "127.0.0.1"} if variant in SERVES_HTTP else {}
+    if variant == "source-poll":
+        config.update(position_store="positions.db", interval=0.01)
+    first_ids = []
+    for _ in range(2 if variant == "source-poll" else 1):
+        with CaptureTarget.in_thread() as target:
+            container = run_built(project, tag, tmp_path, target, volumes, **config)
+            try:
+                port = container.wait_for_line(READY).group(1)
+                assert container.process_ids()[0] == int(image.user), "not the image's user"
+                if variant in SERVES_HTTP:
+                    assert get(f"http://127.0.0.1:{port}/healthz") == 200
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+                        metrics = answer.read().decode()
+                    assert re.search(r'cdk_connector_info\{.*[{,]version="0.1.0"', metrics), metrics
+                    assert image.healthcheck is not None
+                    healthy = container.exec(image.healthcheck)
+                    assert (healthy.returncode, healthy.stdout + healthy.stderr) == (0, "")
+                    # What `docker inspect` shows of a failing check: one line, no traceback.
+                    sick = container.exec(image.healthcheck, "-e", "CONNECTOR_PORT=1")
+                    assert sick.returncode != 0
+                    assert "Traceback" not in sick.stdout + sick.stderr, sick.stderr
+                else:
+                    wait_for_events(container, target, 3)
+                    first_ids.append(target.events[0].get_id())
+            finally:
+                code = stopped(container)
+        assert code == 0, f"exit status {code} after SIGTERM:\n{container.output}"
+        assert "Traceback" not in container.output, container.output
+    if variant == "source-poll":
+        store = volume_path(volumes[0]) / "positions.db"
+        assert store.is_file(), "no positions.db on the state volume"
+        assert store.stat().st_uid == int(image.user)
+        assert first_ids[0] != first_ids[1], "the second container started again from the start"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["source-poll"])
+def test_the_built_image_runs_as_an_arbitrary_user_of_group_0(
+    rendered: dict[str, Path],
+    variant: str,
+    built: tuple[str, str],
+    tmp_path: Path,
+    volumes: list[str],
+) -> None:
+    """OpenShift's way: a uid the image does not know, in group 0; the state directory
+    must still take the positions."""
+    uid = 1000770000
+    with CaptureTarget.in_thread() as target:
+        container = run_built(
+            rendered[variant],
+            built[0],
+            tmp_path,
+            target,
+            volumes,
+            ("--user", f"{uid}:0"),
+            position_store="positions.db",
+            interval=0.01,
+        )
+        try:
+            wait_for_events(container, target, 2)
+            assert container.process_ids() == (uid, 0)
+        finally:
+            code = stopped(container)
+    assert code == 0, f"exit status {code} after SIGTERM:\n{container.output}"
+    assert (volume_path(volumes[0]) / "positions.db").stat().st_uid == uid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_builds_without_warnings(variant: str, built: tuple[str, str]) -> None:
+    log = built[1]
+    for warning in ("Running pip as the 'root' user", "useradd warning", "groupadd warning"):
+        assert warning not in log, f"{warning!r} in the build log:\n{log}"
+
+
+def pinned(project: Path) -> set[str]:
+    """``name==version`` of each pin in constraints.txt, names normalised."""
+    lines = (project / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    return {normal_pin(line) for line in lines if line and not line.startswith("#")}
+
+
+def normal_pin(line: str) -> str:
+    name, _, version = line.partition("==")
+    return f"{canonicalize_name(name)}=={version}"
+
+
+def installed(tag: str) -> set[str]:
+    freeze = docker("run", "--rm", "--network", "none", tag, "python", "-m", "pip", "freeze")
+    return {normal_pin(line) for line in freeze.splitlines() if line}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_image_installs_the_pinned_versions(
+    rendered: dict[str, Path], variant: str, built: tuple[str, str]
+) -> None:
+    unpinned = installed(built[0]) - pinned(rendered[variant])
+    assert not unpinned, f"installed, but not as constraints.txt pins them: {sorted(unpinned)}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sink"])
+def test_the_otel_extra_is_a_build_argument(
+    rendered: dict[str, Path], variant: str, built: tuple[str, str]
+) -> None:
+    project = rendered[variant]
+    tag = f"{built[0]}-otel"
+    try:
+        build_image(project, tag, "EXTRAS=otel")
+        packages = installed(tag)
+    finally:
+        subprocess.run(["docker", "rmi", "--force", tag], capture_output=True, check=False)
+    names = {pin.partition("==")[0] for pin in packages}
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"} <= names
+    assert packages <= pinned(project)
+    assert "opentelemetry-sdk" not in {p.partition("==")[0] for p in installed(built[0])}

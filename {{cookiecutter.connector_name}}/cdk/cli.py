@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cdk.config import ENVIRONMENT
+from cdk.config import ENVIRONMENT, redact_url
 from cdk.logs import LEVELS
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "about",
     "build_parser",
     "project_metadata",
+    "resolved",
     "settings",
 ]
 
@@ -45,13 +46,14 @@ _EXIT_HELP = (
     (
         EXIT_OK,
         "clean stop: after SIGTERM/SIGINT, or the source finished (--max-events, the"
-        " producer returned) and everything was settled; --check-config/--about succeeded",
+        " producer returned) and everything was settled; --check-config/--about/--check"
+        " succeeded",
     ),
     (
         EXIT_FAILURE,
         "runtime failure: initialize/loop_produce_event/destroy raised, an event a"
         " checkpoint tracks failed for good, the port cannot be bound, a second signal forced"
-        f" the stop, or a stop overran grace_period + {SHUTDOWN_ALLOWANCE:g} s",
+        f" the stop, or a stop overran grace_period + {SHUTDOWN_ALLOWANCE:g} s; --check failed",
     ),
     (
         EXIT_CONFIG,
@@ -131,6 +133,17 @@ def about(config_cls: type[BaseModel], kind: str, connector: str) -> dict[str, A
     }
 
 
+def resolved(config: Any) -> list[str]:
+    """``--check-config``'s lines on where ``target`` (masked) and ``port`` came from."""
+    lines = []
+    for key in ("target", "port"):
+        value = getattr(config, key, None)
+        if key in type(config).model_fields and value is not None:
+            shown = redact_url(value) if isinstance(value, str) else value
+            lines.append(f"{key}: {config.redact(str(shown))} (from {config.origin(key)})")
+    return lines
+
+
 def _entries(rows: Sequence[tuple[object, str]]) -> list[str]:
     width = max(len(str(key)) for key, _ in rows)
     return [
@@ -181,6 +194,11 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
         "--check-config",
         help='validate the configuration, print "config OK: FILE" and exit 0,'
         " or print each problem and exit 2",
+    )
+    flag(
+        "--check",
+        help="run the connector's check() (and ask whether the target answers); print"
+        ' {"status": "ok"} and exit 0, or what failed as one JSON line and exit 1',
     )
     flag("--about", help="print name, kind, versions, config schema and environment as JSON")
     add(

@@ -190,6 +190,19 @@ class ConnectorConfig(BaseModel):
 
     #: What secret.yml held and secret-typed fields hold: masked wherever shown.
     _masked_values: list[str] | None = PrivateAttr(default=None)
+    #: Where each key with an environment fallback came from (set by ``load_config``).
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    #: What ``load_config`` found worth a WARNING once logging is set up.
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    def origin(self, key: str) -> str:
+        """Where ``key``'s value came from: the file's name, ``$VARIABLE``, or ``default``."""
+        return self._origins.get(key, "default")
+
+    @property
+    def load_warnings(self) -> list[str]:
+        """Lines worth a WARNING about how the configuration was written."""
+        return list(self._warnings)
 
     def redact(self, text: str) -> str:
         """``text`` with every configured secret masked: for logs, errors and answers (a
@@ -464,6 +477,30 @@ def resolve_paths(
     return Path(config_path), Path(secret_path), bool(secret)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` refusing a key given twice in one mapping, which PyYAML would
+    resolve silently in favour of the last: ``interval: 0`` then ``interval: 5`` is a
+    mistake to show, not a choice to make."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then a key of base: an override YAML allows
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: the constructor below reports it
+            if first != line:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice, at lines {first} and {line}",
+                    problem_mark=key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -474,7 +511,7 @@ def _read_yaml(path: Path, what: str, required: bool) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{what} file {path} cannot be read: {exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -606,6 +643,11 @@ def load_config(
     for key, value in (defaults or {}).items():
         if data.get(key) is None:
             data[key] = value
+    origins = {key: f"${name}" for key, name in from_env.items()}
+    for key in ENV_FALLBACKS:
+        for path, layer in ((secret_path, secret_data), (config_path, config_data)):
+            if key not in origins and layer.get(key) is not None:
+                origins[key] = path.name
     secrets = _secret_values(model, config_data, secret_data)
     try:
         loaded = model.model_validate(data)
@@ -620,7 +662,28 @@ def load_config(
         line = f"config: {model.__name__} rejected the configuration: {detail}"
         raise ConfigError([_one_line(_redact(line, secrets))]) from None
     loaded._masked_values = secrets
+    loaded._origins = origins
+    loaded._warnings = _secrets_in_config(model, config_data, config_path, secret_path)
     return loaded
+
+
+def _secrets_in_config(
+    model: type[BaseModel], config_data: Mapping[str, Any], config_path: Path, secret_path: Path
+) -> list[str]:
+    """One line when config.yml holds secret-typed keys: they belong in secret.yml, which
+    is kept apart (a Kubernetes Secret, not a ConfigMap; never in git)."""
+    keys = [
+        key
+        for key, info in model.model_fields.items()
+        if key in config_data and _secret_leaves(info.annotation, config_data[key])
+    ]
+    if not keys:
+        return []
+    names = ", ".join(keys)
+    return [
+        f"{config_path.name} holds the secret key(s) {names}: move them to {secret_path.name}"
+        " (a Kubernetes Secret, kept out of git), which is merged over it"
+    ]
 
 
 def masked_dump(config: ConnectorConfig) -> dict[str, Any]:

@@ -116,6 +116,13 @@ class Connector(Generic[C]):
         Return False (or raise) while a dependency is down, e.g. a sink's database."""
         return True
 
+    def check(self) -> bool | Awaitable[bool | None] | None:
+        """Whether the connector can reach what it needs with this config (``--check``): its
+        database, its API, with these credentials. May be ``async def``. True or None: yes;
+        False, or raise with the reason: no. It runs on its own, with ``self.config`` set
+        and without :meth:`initialize`, so open and close what it tries here."""
+        return None
+
 
 class Source(Connector[SC]):
     """Base for polling sources: implement :meth:`make_event` (and, to read several

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
+from cdk.cli import project_metadata
+
 __all__ = ["CONTENT_TYPE", "LoopHistogram", "Metrics", "Tally"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -86,13 +88,20 @@ class Metrics:
     def __init__(
         self, connector: str = "connector", *, receiving: bool = True, delivering: bool = True
     ) -> None:
+        from cdk import __version__ as kit_version  # not at import: cdk imports this first
+
         self.registry = CollectorRegistry(auto_describe=True)
         self._tallies: list[Tally] = []
         self.registry.register(_Flush(self._tallies))
         counter = partial(Counter, registry=self.registry)
         gauge = partial(Gauge, registry=self.registry)
         histogram = partial(Histogram, buckets=_LATENCY_BUCKETS, registry=self.registry)
-        gauge("cdk_connector_info", "Connector identity.", ["connector"]).labels(connector).set(1)
+        # The connector's version is its pyproject.toml's, so a dashboard shows the release.
+        version = project_metadata().get("version", "unknown")
+        info = gauge(
+            "cdk_connector_info", "Connector identity.", ["connector", "version", "kit_version"]
+        )
+        info.labels(connector, version, kit_version).set(1)
         if delivering:
             self.delivered = counter("cdk_events_delivered", "Events the target accepted.")
             self.failed = counter("cdk_events_failed", "Events given up on, by reason.", ["reason"])

@@ -19,11 +19,12 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 
 from cdk import cli, positions, tracing
+from cdk.check import run_check
 from cdk.cli import SHUTDOWN_ALLOWANCE
 from cdk.config import (
     ConfigError,
@@ -46,6 +47,7 @@ from cdk.store import InUse, PositionStore, StoreError
 __all__ = ["run", "run_sink", "run_source"]
 
 _log = logging.getLogger("cdk.runtime")
+T = TypeVar("T")
 
 
 class _Signals:
@@ -162,7 +164,7 @@ async def _run_service(
     return cli.EXIT_FAILURE if service.error is not None else cli.EXIT_OK
 
 
-def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -217,9 +219,17 @@ def _main(
             print(problem, file=sys.stderr)
         return cli.EXIT_CONFIG
     if args.check_config:
+        for warning in config.load_warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
         print(f"config OK: {resolve_paths(args.config, args.secret)[0]}")
+        for line in cli.resolved(config):
+            print(line)
         return cli.EXIT_OK
     configure_logging(config.log_level, config.log_format)
+    for warning in config.load_warnings:
+        _log.warning("%s", warning)
+    if args.check:
+        return _check(connector_cls, config)
     tracing.setup(service_name=cli.project_metadata().get("name", name))
     effective = orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode()
     _log.debug("effective config: %s", effective)
@@ -284,6 +294,18 @@ def _manage_positions(
         return cli.EXIT_FAILURE
     _log.info("%s changed by hand: %s", namespace, change)
     return cli.EXIT_OK
+
+
+def _check(connector_cls: type[Any], config: ConnectorConfig) -> int:
+    """``--check``: one JSON line on stdout; exit 0 when everything answered, else 1."""
+    try:
+        connector = connector_cls()
+    except Exception as exc:
+        outcome = {"status": "failed", "part": "connector", "message": one_line(exc)}
+    else:
+        outcome = _run_loop(run_check(connector, config))
+    print(orjson.dumps(outcome).decode(), flush=True)
+    return cli.EXIT_OK if outcome["status"] == "ok" else cli.EXIT_FAILURE
 
 
 def run(
