@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -34,6 +34,8 @@ from cdk.delivery import (
     DeliveryError,
     DeliveryQueue,
     EncodeError,
+    Fenced,
+    Gate,
     ShutdownError,
     TargetRejected,
     TargetUnavailable,
@@ -133,10 +135,11 @@ async def delivering(
     overrides: dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
     reminder: float = 30.0,
+    gate: Gate | None = None,
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
     chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
-    deliverer = Deliverer(cfg, metrics, overrides=overrides)
+    deliverer = Deliverer(cfg, metrics, overrides=overrides, gate=gate)
     deliverer.log, deliverer.reminder = logger or deliverer.log, reminder
     task = asyncio.create_task(deliverer.run(chan))
     try:
@@ -503,6 +506,36 @@ def test_a_batch_of_two_specversions_goes_in_order_one_request_per_run() -> None
                 ["e2", "e3"],
                 ["e4"],
             ]
+
+    run(main)
+
+
+def test_a_closed_gate_stops_every_write_after_it_retries_included() -> None:
+    """The gate (a lease under leader election) is asked before each write, a retry's too;
+    once it says no, what is held fails with Fenced, and nothing more reaches the target."""
+
+    async def main() -> None:
+        asked: list[list[str]] = []
+
+        def gate(tuples: Sequence[Tuple]) -> str | None:
+            asked.append([t.event.get_id() for t in tuples])
+            return None if len(asked) <= 5 else "the lease may have expired"
+
+        logged = Logged()
+        async with CaptureTarget() as target:
+            target.fail_next(1, status=503)  # e0's first attempt: its retry asks again
+            cfg = config(target.url, max_in_flight=1, send_event_attempts=10)
+            fates, ids, metrics = await deliver(cfg, 10, gate=gate, logger=logged.logger)
+            assert [e.get_id() for e in target.events] == ids[:4]
+            assert target.attempts == 5
+        assert asked[:6] == [["e0"], ["e0"], ["e1"], ["e2"], ["e3"], ["e4"]]
+        assert fates.ok == ids[:4]
+        assert sorted(fates.failed) == sorted(ids[4:])
+        assert all(isinstance(error, Fenced) for error in fates.failed.values())
+        assert "the lease may have expired" in str(fates.failed["e4"])
+        assert value(metrics, "cdk_events_failed_total", {"reason": "fenced"}) == 6
+        # A deposed leader's events are no failed deliveries: no warning per event.
+        assert not logged.lines(logging.WARNING, "delivery failed")
 
     run(main)
 

@@ -7,6 +7,8 @@ callback: ``success()`` or ``failed(error)``, an error defined here. Retries fol
 with backoff, jitter and ``Retry-After``; a request waiting for one holds no worker unless
 ``max_in_flight`` is 1 (strict order). The retry window (:meth:`Deliverer._park`) bounds their load
 on a failing target; a :class:`DeliveryQueue` counts waiting events against ``queue_size``.
+A ``gate`` (:data:`Gate`), asked right before each request is written, keeps a replica whose lease
+may have expired from sending: what it holds then fails with :class:`Fenced`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -44,6 +46,8 @@ __all__ = [
     "Deliverer",
     "DeliveryQueue",
     "EncodeError",
+    "Fenced",
+    "Gate",
     "ShutdownError",
     "parse_ce_overrides",
     "tls_context",
@@ -57,6 +61,10 @@ ERROR_DATA_BYTES = 1024
 _MIN_BACKOFF = 0.01
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _log = logging.getLogger("cdk.delivery")
+
+#: Asked right before a request of ``tuples`` is written: ``None`` lets it go, a reason stops it
+#: (:class:`Fenced`). A replica under leader election closes it once its lease may have expired.
+Gate = Callable[[Sequence[Tuple]], str | None]
 
 
 class DeliveryError(Exception):
@@ -116,6 +124,11 @@ class EncodeError(DeliveryError):
     """The event cannot be written on the wire (it is not a valid CloudEvent)."""
 
 
+class Fenced(DeliveryError):
+    """Not sent by this replica: its lease may have expired, so another one sends the event
+    (from the position stored last). Not a loss: a checkpoint treats it as the end of a term."""
+
+
 def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, DeliveryError) else one_line(error)
 
@@ -123,7 +136,8 @@ def _describe(error: BaseException) -> str:
 def _reason(error: BaseException) -> str:
     """The ``reason`` label of ``cdk_events_failed`` for ``error``."""
     error = error.original if isinstance(error, DeadLettered) else error
-    return {ShutdownError: "shutdown", AttemptsExhausted: "exhausted"}.get(type(error), "rejected")
+    reasons = {ShutdownError: "shutdown", AttemptsExhausted: "exhausted", Fenced: "fenced"}
+    return reasons.get(type(error), "rejected")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -221,9 +235,14 @@ class Deliverer:
     """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`)."""
 
     def __init__(
-        self, config: DeliveryConfig, metrics: Metrics, overrides: Mapping[str, Any] | None = None
+        self,
+        config: DeliveryConfig,
+        metrics: Metrics,
+        overrides: Mapping[str, Any] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config, self.metrics, self.log = config, metrics, _log
+        self.gate = gate
         self.overrides = dict(overrides) if overrides else None
         self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
         self._redact = config.redact
@@ -508,11 +527,14 @@ class Deliverer:
             req.attempt += 1
             self._in_flight += 1
             try:
-                response = await req.client.send(req.data)
+                response = await req.client.send(req.data, self._check(req))
                 req.status = response.status
                 error = None if 200 <= response.status < 300 else self._answer_error(response)
             except (ClientError, OSError, TimeoutError) as exc:
                 error = exc
+            except Fenced as exc:
+                await self._settle(req, exc)
+                return
             finally:
                 self._in_flight -= 1
             if error is None:
@@ -545,6 +567,19 @@ class Deliverer:
             if self._deadline is not None and when >= self._deadline:
                 await self._settle(req, self._stopped(req))
                 return
+
+    def _check(self, req: _Request) -> Callable[[], None] | None:
+        """What the client calls right before writing ``req``: the gate, raising :class:`Fenced`."""
+        gate = self.gate
+        if gate is None:
+            return None
+
+        def check() -> None:
+            reason = gate(req.tuples)
+            if reason is not None:
+                raise Fenced(f"not sent: {reason}")
+
+        return check
 
     def _answer_error(self, response: ClientResponse) -> DeliveryError:
         data, escape = response.body, "surrogateescape"
@@ -681,7 +716,11 @@ class Deliverer:
                 req.cycling = False
                 self._cycle -= 1
                 self._admit()
-            if error is not None:
+            if isinstance(error, Fenced):
+                self.metrics.failed.labels(_reason(error)).inc(len(tuples) - req.settled)
+                if self.log.isEnabledFor(logging.DEBUG):  # the service says it once, not per event
+                    self.log.debug("%d event(s) %s", len(tuples) - req.settled, error)
+            elif error is not None:
                 ids = [_event_id(t) for t in tuples[req.settled :]]
                 shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if ids[20:] else "")
                 why = self._redact(_describe(error))

@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
@@ -199,6 +199,18 @@ class Leadership:
     @property
     def is_leader(self) -> bool:
         return self._lease_id is not None and time.monotonic() < self._deadline
+
+    @property
+    def deadline(self) -> float:
+        """The ``time.monotonic()`` from which this replica's lease may be gone on etcd: 3/4 of a
+        lease after its last successful renewal (or grant) was sent; 0 when not leading."""
+        return self._deadline if self._lease_id is not None else 0.0
+
+    def gate(self, tuples: Sequence[object] = ()) -> str | None:
+        """:data:`cdk.delivery.Gate`: nothing may be sent once the lease may have expired."""
+        if self.is_leader:
+            return None
+        return f"the lease of {self.identity} on {self.key} may have expired"
 
     async def campaign(self) -> None:
         while not self.is_leader and not await self._try_to_lead():

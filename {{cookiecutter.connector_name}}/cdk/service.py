@@ -32,7 +32,7 @@ from cdk.config import (
     redact_url,
 )
 from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
-from cdk.delivery import Deliverer, DeliveryQueue
+from cdk.delivery import Deliverer, DeliveryQueue, Gate
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
@@ -259,6 +259,8 @@ class _SourceService(Service):
         self.dry_run = dry_run
         self.chan: asyncio.Queue[Tuple] = _Chan(config.queue_size, max_events, self._limit_reached)
         self.deliverer: Any = None
+        #: Asked before each delivery (leader election: closed once the lease may be gone).
+        self.gate: Gate | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._hurrying: asyncio.Future[None] | None = None
 
@@ -270,7 +272,7 @@ class _SourceService(Service):
         if self.dry_run:
             self.deliverer = _Printer(self.overrides)
         else:
-            self.deliverer = Deliverer(self.config, self.metrics, overrides=self.overrides)
+            self.deliverer = Deliverer(self.config, self.metrics, self.overrides, self.gate)
         self._delivering = asyncio.create_task(self._deliver(), name="cdk-deliver")
 
     def _started(self) -> None:
@@ -334,6 +336,7 @@ class PollingSourceService(_SourceService):
             from cdk.etcd import Leadership
 
             self.leadership = Leadership.from_config(self.config, source.name())
+            self.gate = self.leadership.gate
         try:
             self.store = PositionStore.from_config(self.config, source.name(), self.leadership)
             self._new_term()

@@ -25,7 +25,7 @@ from orjson import OPT_PASSTHROUGH_DATACLASS, OPT_PASSTHROUGH_DATETIME, OPT_PASS
 
 from cdk.config import ETCD_SCHEMES
 from cdk.connector import Tuple
-from cdk.delivery import DeadLettered
+from cdk.delivery import DeadLettered, Fenced
 
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
@@ -305,6 +305,19 @@ class Checkpoint:
             self._advance()
             return
         if self.failed is not None:
+            return
+        if isinstance(error, Fenced):
+            # This replica's lease may be gone: the leader now resends from the position it
+            # finds stored. Nothing is lost, nothing more is written: the term is over.
+            self.log.warning(
+                "checkpoint %r: event %s and those after it are left to the replica that "
+                "leads now (%s)",
+                self.key,
+                entry.event_id or "?",
+                error,
+            )
+            self._pending.clear()
+            self._void()
             return
         self.failed = error
         # Nothing after it may ever be written: a source producing on must not grow this.
