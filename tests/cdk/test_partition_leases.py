@@ -18,7 +18,8 @@ import pytest
 from etcd_support import b64, gateway
 from waiting import until
 
-from cdk.etcd import PartitionLeases
+from cdk.etcd import EtcdBackend, PartitionLeases
+from cdk.store import NotLeader, PositionStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,5 +162,30 @@ def test_a_stopping_replica_hands_its_partitions_over_at_once(etcd_url: str) -> 
             taken = max(when for when, name, what, _ in journal if name == "b" and what == "gain")
             assert taken - stopped < LEASE / 2
         assert_one_leader_at_a_time(journal)
+
+    asyncio.run(main())
+
+
+def test_position_writes_are_fenced_by_their_partitions_leader_key(etcd_url: str) -> None:
+    async def main() -> None:
+        async with replicas(etcd_url, "a", ["p0", "p1"]) as (group, journal):
+            (a,) = group
+            await until(lambda: a.leases.owned == {"p0", "p1"}, 20)
+            store = PositionStore("src", backend=EtcdBackend(etcd_url, a.leases))
+            await asyncio.to_thread(store.set, "p0", 7)
+            with pytest.raises(NotLeader):
+                await asyncio.to_thread(store.set, "p9", 1)  # not a partition it leads
+            # Its key deleted behind its back (as if its lease had gone): etcd refuses the
+            # write, and the replica stops leading the partition at once.
+            endpoint, _, prefix = etcd_url.removeprefix("etcd://").partition("/")
+            gateway(endpoint, "kv/deleterange", {"key": b64(f"/{prefix}/src.partitions/p1")})
+            with pytest.raises(NotLeader):
+                await asyncio.to_thread(store.set, "p1", 3)
+            # (It may take p1 again afterwards, vacant as it is, under a key of its own.)
+            await until(lambda: (a.name, "lost", "p1") in [j[1:] for j in journal], 5)
+            assert a.leases.gate("p0") is None
+            assert await asyncio.to_thread(store.get, "p1") is None
+            assert await asyncio.to_thread(store.get, "p0") == 7
+            store.close()
 
     asyncio.run(main())

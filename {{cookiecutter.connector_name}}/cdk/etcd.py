@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 import requests
@@ -132,11 +132,21 @@ class _Cluster:
             client.session.close()
 
 
+class Fence(Protocol):
+    """What fences a store's writes: :class:`Leadership`, or :class:`PartitionLeases` (where the
+    key written is the partition's name)."""
+
+    identity: str
+
+    def fence(self, key: str) -> list[dict[str, Any]]: ...  # raises NotLeader when not leading
+    def deposed(self, reason: str, key: str) -> None: ...  # etcd refused a fenced write
+
+
 class EtcdBackend:
     """:class:`cdk.PositionStore`'s etcd backend; with ``leadership``, writes are fenced."""
 
     def __init__(
-        self, url: str, leadership: Leadership | None = None, access: Access | None = None
+        self, url: str, leadership: Fence | None = None, access: Access | None = None
     ) -> None:
         self._cluster = _Cluster(url, access, REQUEST_TIMEOUT)
         self.leadership = leadership
@@ -148,10 +158,11 @@ class EtcdBackend:
         return values[0] if values else None
 
     def set(self, namespace: str, key: str, value: bytes) -> None:
-        self._write({"request_put": {"key": _b64(self._key(namespace, key)), "value": _b64(value)}})
+        put = {"key": _b64(self._key(namespace, key)), "value": _b64(value)}
+        self._write({"request_put": put}, key)
 
     def delete(self, namespace: str, key: str) -> None:
-        self._write({"request_delete_range": {"key": _b64(self._key(namespace, key))}})
+        self._write({"request_delete_range": {"key": _b64(self._key(namespace, key))}}, key)
 
     def close(self) -> None:
         self._cluster.close()
@@ -159,12 +170,12 @@ class EtcdBackend:
     def _key(self, namespace: str, key: str) -> bytes:
         return f"{self._cluster.prefix}/{namespace}/{key}".encode()
 
-    def _write(self, operation: dict[str, Any]) -> None:
-        compare = [] if self.leadership is None else self.leadership.fence()
+    def _write(self, operation: dict[str, Any], key: str) -> None:
+        compare = [] if self.leadership is None else self.leadership.fence(key)
         txn = {"compare": compare, "success": [operation], "failure": []}
         answer = self._cluster.call(lambda client: client.transaction(txn))
         if self.leadership is not None and not answer.get("succeeded"):
-            self.leadership.deposed("etcd refused a fenced write: another replica leads")
+            self.leadership.deposed("etcd refused a fenced write: another replica leads", key)
             raise NotLeader(f"position not written: {self.leadership.identity} no longer leads")
 
 
@@ -299,13 +310,14 @@ class Leadership(_Leased):
         self._lose("resigned", logging.INFO)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def fence(self) -> list[dict[str, Any]]:
-        """The comparison a fenced etcd write carries; raises NotLeader when not leading."""
+    def fence(self, key: str = "") -> list[dict[str, Any]]:
+        """The comparison a fenced etcd write (of any ``key``) carries; raises NotLeader when
+        not leading."""
         if not self.is_leader:
             raise NotLeader(f"position not written: {self.identity} does not lead {self.key}")
         return _fence(self.key, self._revision)
 
-    def deposed(self, reason: str) -> None:
+    def deposed(self, reason: str, key: str = "") -> None:
         """etcd says another replica leads; safe to call from any thread."""
         if self._term is not None:
             self._term.get_loop().call_soon_threadsafe(self._lose, reason)
@@ -431,6 +443,12 @@ class PartitionLeases(_Leased):
         if reason is not None:
             raise NotLeader(f"position not written: {reason}")
         return _fence(self.partitions_prefix + partition, self._owned[partition])
+
+    def deposed(self, reason: str, partition: str) -> None:
+        """etcd refused a write fenced by ``partition``: another replica leads it now; safe to
+        call from any thread."""
+        if self._balancer is not None:
+            self._balancer.get_loop().call_soon_threadsafe(self._end, partition, reason)
 
     def assign(self, partitions: Iterable[str]) -> None:
         """The source's partitions now (in order); those no longer listed are released."""

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
     from cdk.config import SourceConfig
-    from cdk.etcd import Leadership
+    from cdk.etcd import Fence
 
 __all__ = ["SUPERVISOR", "Checkpoint", "NotLeader", "PositionStore", "StoreError"]
 
@@ -134,7 +134,7 @@ class PositionStore:
 
     @classmethod
     def from_config(
-        cls, config: SourceConfig, namespace: str, leadership: Leadership | None = None
+        cls, config: SourceConfig, namespace: str, leadership: Fence | None = None
     ) -> PositionStore:
         """The store ``config.position_store`` names; ``leadership`` fences etcd writes."""
         if not str(url := config.position_store).startswith(ETCD_SCHEMES):
