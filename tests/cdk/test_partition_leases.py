@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from etcd_support import b64, gateway
+from processes import Process, start
 from waiting import until
 
 from cdk.etcd import EtcdBackend, PartitionLeases
 from cdk.store import NotLeader, PositionStore
+from cdk.testing import CaptureTarget
+from cdk.testing.runner import wait_on as _wait_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,3 +196,181 @@ def test_position_writes_are_fenced_by_their_partitions_leader_key(etcd_url: str
             store.close()
 
     asyncio.run(main())
+
+
+# -- replica processes ---------------------------------------------------------------------
+
+#: A replica: PartitionLeases starts and stops a producer per partition it leads (resuming from
+#: the partition's stored position); a Deliverer gated per partition sends their events.
+PARTITION_SCRIPT = """
+import asyncio, os, signal, sys, time
+from cloudevents.core.v1.event import CloudEvent
+from cdk.config import SourceConfig
+from cdk.delivery import Deliverer, DeliveryQueue
+from cdk.etcd import EtcdBackend, PartitionLeases
+from cdk.metrics import Metrics
+from cdk.store import Checkpoint, PositionStore
+
+NAME, URL = os.environ["REPLICA"], os.environ["PARTS_STORE"]
+LEASE = float(os.environ["PARTS_LEASE"])
+PARTITIONS = [f"p{i}" for i in range(6)]
+
+
+def say(*words):
+    print(f"{time.monotonic():.6f}", *words, file=sys.stderr, flush=True)
+
+
+async def main():
+    chan = DeliveryQueue(1000)
+    running = {}
+
+    async def produce(partition, checkpoint):
+        n = checkpoint.position or 0
+        while True:
+            n += 1
+            attributes = {"id": f"{partition}-{n}", "source": "/p", "type": "t"}
+            attributes.update(partition=partition, replica=NAME)
+            await chan.put(checkpoint.tuple(CloudEvent(attributes, {"n": n}), n))
+            await asyncio.sleep(0.05)
+
+    async def gain(partition):
+        checkpoint = await asyncio.to_thread(Checkpoint, store, partition)
+        say("gain", partition, checkpoint.position)
+        running[partition] = (asyncio.create_task(produce(partition, checkpoint)), checkpoint)
+
+    async def loss(partition):
+        task, checkpoint = running.pop(partition)
+        task.cancel()
+        await asyncio.wait({task})
+        await checkpoint.flush()
+        checkpoint.abandon()
+        say("lost", partition)
+
+    leases = PartitionLeases(URL, "src", LEASE, identity=NAME, on_gain=gain, on_loss=loss)
+    store = PositionStore("src", backend=EtcdBackend(URL, leases))
+    gate = lambda tuples: leases.gate(str(tuples[0].event.get_extension("partition")))
+    config = SourceConfig(target=os.environ["PARTS_TARGET"], max_in_flight=1, retry_backoff=0.05)
+    deliverer = Deliverer(config, Metrics(), gate=gate)
+    delivering = asyncio.create_task(deliverer.run(chan))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    leases.assign(PARTITIONS)
+    await leases.start()
+    say("started")
+    await stop.wait()
+    await leases.stop()
+    await deliverer.stop(2.0)
+    await delivering
+    store.close()
+
+
+asyncio.run(main())
+"""
+
+Journal = list[tuple[float, str, str, str]]
+
+
+def wait_on(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll ``predicate`` (every 50 ms) until it holds; fail after ``timeout`` seconds."""
+    _wait_on(threading.Condition(), predicate, timeout, lambda: "condition not met in time")
+
+
+def journal(processes: dict[str, Process]) -> Journal:
+    """Every replica's ``gain``/``lost`` lines so far, in time order (one monotonic clock)."""
+    found = []
+    for name, process in processes.items():
+        for line in process.lines:
+            words = line.split()
+            if len(words) >= 3 and words[1] in ("gain", "lost"):
+                found.append((float(words[0]), name, words[1], words[2]))
+    return sorted(found)
+
+
+def owners(processes: dict[str, Process]) -> dict[str, str]:
+    """Who leads each partition, by the lines so far (a killed replica's last gains stand
+    until another gains the partition)."""
+    led: dict[str, str] = {}
+    for _, name, what, partition in journal(processes):
+        if what == "gain":
+            led[partition] = name
+        elif led.get(partition) == name:
+            del led[partition]
+    return led
+
+
+def spread(processes: dict[str, Process]) -> list[tuple[str, int]]:
+    led = list(owners(processes).values())
+    return sorted((name, led.count(name)) for name in set(led))
+
+
+def start_replicas(
+    started: list[Process], tmp_path: Path, names: str, target: str, store: str
+) -> dict[str, Process]:
+    running = {}
+    for name in names:
+        directory = tmp_path / name
+        directory.mkdir()
+        env = {"REPLICA": name, "PARTS_STORE": store, "PARTS_TARGET": target}
+        running[name] = start(started, directory, PARTITION_SCRIPT, PARTS_LEASE=str(LEASE), **env)
+    return running
+
+
+def test_a_killed_and_a_frozen_replica_hand_their_partitions_over_within_a_lease(
+    tmp_path: Path, etcd_url: str, started: list[Process]
+) -> None:
+    with CaptureTarget.in_thread() as target:
+        replicas = start_replicas(started, tmp_path, "abc", target.url, etcd_url)
+        wait_on(lambda: spread(replicas) == [("a", 2), ("b", 2), ("c", 2)], 30)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+
+        killed = time.monotonic()
+        replicas["b"].kill()
+        wait_on(lambda: spread(replicas) == [("a", 3), ("c", 3)], LEASE * 4)
+        taken = [when for when, name, what, _ in journal(replicas) if when > killed]
+        assert max(taken) - killed < LEASE * 2, "b's partitions moved too late"
+
+        # c gets held up (every answer 503) so that it holds events, then freezes.
+        target.fail_with(503)
+        wait_on(lambda: any(r.headers.get("ce-replica") == "c" for r in target.all_requests), 10)
+        frozen = time.monotonic()
+        replicas["c"].send(signal.SIGSTOP)
+        target.fail_with(None)
+        wait_on(lambda: spread(replicas) == [("a", 6)], LEASE * 4)
+        moved = {p: when for when, name, what, p in journal(replicas) if when > frozen}
+        assert max(moved.values()) - frozen < LEASE * 2, "c's partitions moved too late"
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+
+        resumed = time.monotonic()
+        replicas["c"].send(signal.SIGCONT)
+        wait_on(lambda: spread(replicas) == [("a", 3), ("c", 3)], LEASE * 6)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+        for name in "ac":
+            replicas[name].send(signal.SIGTERM)
+        for name in "ac":
+            assert replicas[name].wait() == 0, replicas[name].stderr
+        records = target.requests
+        lines = journal(replicas)
+
+    arrivals = [(r.arrived, e) for r in records for e in r.events]
+    regained: dict[str, float] = {}
+    for when, name, what, partition in lines:
+        if name == "c" and what == "gain" and when > resumed:
+            regained.setdefault(partition, when)
+    for when, event in arrivals:
+        partition, replica = event.get_extension("partition"), event.get_extension("replica")
+        if replica != "c" or when < frozen:
+            continue
+        # What c held when it froze never went out after its lease could expire: before a
+        # took the partition over, or once c led it again.
+        assert when < moved.get(partition, frozen) or regained.get(partition, math.inf) <= when, (
+            f"c sent an event of {partition} {when - frozen:.3f} s after it froze, "
+            f"{when - resumed:.3f} s after it resumed"
+        )
+    for partition in (f"p{i}" for i in range(6)):
+        mine = [e for _, e in arrivals if e.get_extension("partition") == partition]
+        numbers = {int(e.get_data()["n"]) for e in mine}
+        missing = set(range(1, max(numbers) + 1)) - numbers
+        assert not missing, f"{partition}: never delivered: {sorted(missing)[:20]}"
