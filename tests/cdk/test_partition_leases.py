@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from etcd_support import b64, gateway
+from etcd_support import EtcdCluster, b64, gateway
 from processes import Process, start
 from waiting import until
 
@@ -374,3 +374,48 @@ def test_a_killed_and_a_frozen_replica_hand_their_partitions_over_within_a_lease
         numbers = {int(e.get_data()["n"]) for e in mine}
         missing = set(range(1, max(numbers) + 1)) - numbers
         assert not missing, f"{partition}: never delivered: {sorted(missing)[:20]}"
+
+
+def test_a_replica_cut_off_from_etcd_leads_nothing_before_the_others_take_over(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    """c reaches etcd only through member 0, which stops: c's gate closes at its own deadline,
+    before a or b can gain any of its partitions (etcd expires its lease later still)."""
+    members = etcd_cluster.members
+    partitions = [f"p{i}" for i in range(6)]
+
+    async def main() -> None:
+        journal: Journal = []
+        a, b = (Replica(etcd_cluster.url("cut", members[1:]), n, journal) for n in "ab")
+        c = Replica(etcd_cluster.url("cut", [members[0]]), "c", journal)
+        closed: dict[str, float] = {}
+
+        async def watch_gates() -> None:  # when c's gate closed, by the clock everyone shares
+            while len(closed) < 2:
+                for partition in c.running:
+                    if c.leases.gate(partition) is not None:
+                        closed.setdefault(partition, time.monotonic())
+                await asyncio.sleep(0.005)
+
+        group = [a, b, c]
+        for replica in group:
+            replica.leases.assign(partitions)
+            await replica.leases.start()
+        try:
+            await until(lambda: shares(group) == [2, 2, 2] and covered(group, partitions), 20)
+            held = set(c.leases.owned)
+            watcher = asyncio.create_task(watch_gates())
+            cut = time.monotonic()
+            await asyncio.to_thread(members[0].stop)
+            await until(lambda: covered([a, b], partitions), LEASE * 4)
+            await asyncio.wait_for(watcher, LEASE)
+            assert set(closed) == held
+            for when, name, what, partition in journal:
+                if partition in held and name != "c" and what == "gain" and when > cut:
+                    assert closed[partition] < when, f"{name} gained {partition} first"
+            assert shares([a, b]) == [3, 3]
+        finally:
+            for replica in group:
+                await replica.leases.stop()
+
+    asyncio.run(main())
