@@ -72,6 +72,27 @@ def test_dry_run_prints_events_without_a_target(tmp_path: Path) -> None:
     assert "--max-events reached" in result.stderr
 
 
+def test_dry_run_reads_positions_and_never_writes_them(tmp_path: Path) -> None:
+    """Issue 21.5: a dry run moved the stored position on, and the next real run skipped
+    the events it had only printed."""
+    (tmp_path / "config.yml").write_text("interval: 0\nposition_store: state/positions.db\n")
+    first = run(tmp_path, POLL_SCRIPT, "--dry-run", "--max-events", "3")
+    assert first.returncode == 0, first.stderr
+    assert not (tmp_path / "state").exists()  # nothing stored, nothing created
+    with cdk.PositionStore("Numbers", tmp_path / "state" / "positions.db") as store:
+        store.set("position", 7)
+    for _ in range(2):  # what a real run would send next, twice: the store is unchanged
+        result = run(tmp_path, POLL_SCRIPT, "--dry-run", "--max-events", "3")
+        assert result.returncode == 0, result.stderr
+        assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [
+            "n8",
+            "n9",
+            "n10",
+        ]
+    with cdk.PositionStore("Numbers", tmp_path / "state" / "positions.db") as store:
+        assert store.get("position") == 7
+
+
 def test_max_events_delivers_that_many_and_exits_0(tmp_path: Path, target: Target) -> None:
     (tmp_path / "config.yml").write_text(f"target: {target.url}\ninterval: 0\n")
     result = run(tmp_path, POLL_SCRIPT, "--max-events", "4")

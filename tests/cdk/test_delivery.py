@@ -43,7 +43,8 @@ from cdk.delivery import (
     retry_after_seconds,
 )
 from cdk.metrics import Metrics
-from cdk.store import Checkpoint, PositionStore
+from cdk.positions import Checkpoint
+from cdk.store import PositionStore
 from cdk.testing import CaptureTarget, free_port
 
 pytestmark = pytest.mark.timeout(60)

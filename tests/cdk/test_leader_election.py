@@ -12,10 +12,12 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from etcd_support import EtcdCluster
+import pytest
+from etcd_support import EtcdCluster, read_key
 from processes import POLL_SCRIPT, Process, start
 
 from cdk.testing import CaptureTarget
@@ -58,6 +60,68 @@ def assert_no_gap(ids: list[str]) -> None:
     numbers = {int(event_id[1:]) for event_id in ids}
     missing = set(range(1, max(numbers) + 1)) - numbers
     assert not missing, f"events never delivered: {sorted(missing)[:20]}"
+
+
+def stored_position(store: str) -> int | None:
+    """The position POLL_SCRIPT's replicas keep under ``store``, read from etcd directly."""
+    endpoint, _, prefix = store.removeprefix("etcd://").partition("/")
+    record = read_key(endpoint, f"/{prefix}/Numbers/position")
+    return None if record is None else int(record["value"])
+
+
+@contextmanager
+def stored_positions(store: str) -> Iterator[list[int]]:
+    """Every value the position takes while the block runs, read every few ms from etcd."""
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.005):
+            value = stored_position(store)
+            if value is not None and (not seen or seen[-1] != value):
+                seen.append(value)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        thread.join(10)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_follower_takes_over_from_the_position_stored_when_it_leads(
+    tmp_path: Path, etcd_url: str, started: list[Process], stop: signal.Signals
+) -> None:
+    """The follower started long before the takeover: it must not resume from the position
+    it read at start-up (issue 20.1: it re-sent everything and moved the position back)."""
+    with CaptureTarget.in_thread() as target, stored_positions(etcd_url) as seen:
+        a = start_replica(started, tmp_path, "a", target.url, etcd_url)
+        a.wait_for("leading: producing")
+        b = start_replica(started, tmp_path, "b", target.url, etcd_url)
+        b.wait_for("campaigning to lead")
+        following = len(target.events)  # b follows while a makes 100 more
+        target.wait_until(lambda: len(target.events) >= following + 100, timeout=30)
+        a.send(stop)
+        a.wait()
+        stored = stored_position(etcd_url)
+        resumed = b.wait_for(r"leading: producing from position (\d+)", timeout=LEASE * 3)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 20, timeout=30)
+        b.send(signal.SIGTERM)
+        assert b.wait() == 0, b.stderr
+        events = list(target.events)
+    assert stored is not None and stored >= 50
+    assert int(resumed.group(1)) == stored
+    if stop == signal.SIGTERM:  # a clean stop wrote the position of its last delivered event
+        assert stored == max(
+            int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "a"
+        )
+    first_of_b = next(int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "b")
+    assert first_of_b == stored + 1
+    assert seen == sorted(seen), f"the stored position moved backwards: {seen}"
+    assert_no_gap([e.get_id() for e in events])
 
 
 def test_a_killed_leader_is_replaced_within_the_lease_and_nothing_is_missing(

@@ -209,7 +209,8 @@ from cdk.config import SourceConfig
 from cdk.delivery import Deliverer, DeliveryQueue
 from cdk.etcd import EtcdBackend, PartitionLeases
 from cdk.metrics import Metrics
-from cdk.store import Checkpoint, PositionStore
+from cdk.positions import Checkpoint
+from cdk.store import PositionStore
 
 NAME, URL = os.environ["REPLICA"], os.environ["PARTS_STORE"]
 LEASE = float(os.environ["PARTS_LEASE"])

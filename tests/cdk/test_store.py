@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cdk.store import Checkpoint, NotLeader, PositionStore, StoreError
+from cdk.positions import Checkpoint
+from cdk.store import NotLeader, PositionStore, StoreError
 
 Factory = Callable[[str], PositionStore]
 
@@ -354,7 +355,7 @@ NUMBERS_SOURCE = '''
 import os
 
 import cdk
-from cdk.store import Checkpoint
+from cdk.positions import Checkpoint
 
 COUNT = int(os.environ["NUMBERS_COUNT"])
 RUN = os.environ["NUMBERS_RUN"]

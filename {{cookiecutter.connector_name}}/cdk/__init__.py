@@ -7,16 +7,18 @@ modules); everything else is private and may change.
 from cloudevents.core.v1.event import CloudEvent
 
 from cdk.config import ConfigError, SinkConfig, SourceConfig, WebhookSourceConfig
-from cdk.connector import SUCCESS, Result, Sink, Source, Tuple, WebhookSource
+from cdk.connector import SUCCESS, FatalError, Result, Sink, Source, Tuple, WebhookSource
 from cdk.http import HTTPError, Request
+from cdk.positions import Checkpoint
 from cdk.runtime import run_sink, run_source
-from cdk.store import Checkpoint, PositionStore, StoreError
+from cdk.store import PositionStore, StoreError
 
 __all__ = [
     "SUCCESS",
     "Checkpoint",
     "CloudEvent",
     "ConfigError",
+    "FatalError",
     "HTTPError",
     "PositionStore",
     "Request",

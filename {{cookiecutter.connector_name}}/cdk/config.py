@@ -295,6 +295,15 @@ class SourceConfig(DeliveryConfig):
     interval: float = Field(
         1.0, ge=0, description="Seconds between two calls of `make_event` (the kit's loop)."
     )
+    idle_interval: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds after a call of `make_event` that returned nothing (None or `[]`);"
+        " unset: `interval`.",
+    )
+    partition_refresh: float = Field(
+        60.0, gt=0, description="Seconds between two calls of `partitions()` (when defined)."
+    )
     host: str = Field("0.0.0.0", description="Address `metrics_port` listens on.")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /metrics, /healthz and /readyz on this port."

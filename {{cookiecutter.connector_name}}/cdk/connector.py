@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -19,21 +18,32 @@ if TYPE_CHECKING:
     from cdk.config import ConnectorConfig, SinkConfig, SourceConfig, WebhookSourceConfig
     from cdk.http import Request
     from cdk.metrics import Metrics
-    from cdk.store import Checkpoint
 
-__all__ = ["SUCCESS", "Connector", "Result", "Sink", "Source", "Tuple", "WebhookSource"]
+__all__ = [
+    "SUCCESS",
+    "Connector",
+    "FatalError",
+    "Result",
+    "Sink",
+    "Source",
+    "Tuple",
+    "WebhookSource",
+]
 
 C = TypeVar("C", bound="ConnectorConfig")
 SC = TypeVar("SC", bound="SourceConfig")
 WC = TypeVar("WC", bound="WebhookSourceConfig")
 KC = TypeVar("KC", bound="SinkConfig")
 
-#: Seconds the default loop waits after a None when ``interval`` is 0, so it does not spin.
-IDLE_WAIT = 0.1
+#: What a polling source's ``make_event`` returns (or its coroutine does): nothing now
+#: (None or ``[]``), an event, ``(event, position)``, or a page: a list of either.
+Made = CloudEvent | tuple[CloudEvent, Any] | Sequence[CloudEvent | tuple[CloudEvent, Any]] | None
 
-_log = logging.getLogger("cdk.source")
-#: What a polling source's ``make_event`` returns (or its coroutine does).
-Made = CloudEvent | tuple[CloudEvent, Any] | None
+
+class FatalError(Exception):
+    """Raise it in a polling source's ``make_event`` or ``partitions`` when retrying cannot
+    help: the source settles the events in flight and exits 1 with this one line. Any
+    other exception there is logged and the call retried with backoff."""
 
 
 @dataclass(slots=True)
@@ -105,53 +115,50 @@ class Connector(Generic[C]):
 
 
 class Source(Connector[SC]):
-    """Base for polling sources: implement :meth:`make_event`, or override
-    :meth:`loop_produce_event` (``await self.chan.put(cdk.Tuple(event, success, failed))``);
-    once the loop returns, the kit delivers what is queued and the process exits 0."""
+    """Base for polling sources: implement :meth:`make_event` (and, to read several
+    partitions, :meth:`partitions`), or override :meth:`loop_produce_event`
+    (``await self.chan.put(cdk.Tuple(event, success, failed))``); once that loop returns,
+    the kit delivers what is queued and the process exits 0."""
 
     chan: asyncio.Queue[Tuple]
-    #: The position to resume after: the last one ``make_event`` returned, or, at start,
-    #: the last one whose events were all acknowledged (None on the very first run).
+    #: The position to resume after (a source without partitions): the last one
+    #: ``make_event`` returned, or, at start, the last one whose events were all
+    #: acknowledged (None on the very first run).
     position: Any = None
-    #: Set by the kit: where the positions ``make_event`` returns are recorded.
-    checkpoint: Checkpoint | None = None
+    #: The same for each partition (a source with :meth:`partitions`): name -> position.
+    #: Set by the kit before ``initialize``.
+    positions: dict[str, Any]
+    #: Set by the kit: the ``cdk.Checkpoint`` that records the positions of a source
+    #: without partitions (for a hand-written ``loop_produce_event``).
+    checkpoint: Any = None
+    #: Set by the kit: its own loop, which the default ``loop_produce_event`` runs.
+    _kit_loop: Callable[[], Awaitable[None]] | None = None
 
-    def make_event(self) -> Made | Awaitable[Made]:
-        """The next event, ``(event, position)`` to resume after it, or None for nothing now.
+    def make_event(self, *args: Any, **kwargs: Any) -> Made | Awaitable[Made]:
+        """What to send next: None or ``[]`` for nothing now, an event, ``(event,
+        position)`` to resume after it, or a page: a list of events or pairs, sent in order.
 
-        A plain ``def`` runs in a worker thread (blocking reads are fine), an ``async def``
-        on the event loop. A position is saved once the event and every one before it were
-        acknowledged, so a restarted source resumes after it (``self.position``).
+        Called as ``make_event()``, or ``make_event(partition)`` when :meth:`partitions` is
+        defined. A plain ``def`` runs in a worker thread (blocking reads are fine), an
+        ``async def`` on the event loop. A position is saved once its event and every one
+        before it were acknowledged, so a restart resumes after it (``self.position``,
+        ``self.positions[partition]``). An exception is retried with backoff;
+        ``raise cdk.FatalError("why")`` stops the source.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement make_event()")
 
+    def partitions(self) -> Sequence[str] | Awaitable[Sequence[str]] | None:
+        """Optional (plain or ``async def``): the names of the partitions this source reads
+        (tables, shards, accounts). Each keeps its own position; the kit calls
+        ``make_event(partition)`` for each, and asks again every ``partition_refresh`` s."""
+        return None
+
     async def loop_produce_event(self) -> None:
-        """Call :meth:`make_event` every ``config.interval`` seconds until stopped."""
-        interval = self.config.interval
-        while True:
-            made = await call(self.make_event, thread=True)
-            if made is None:
-                await asyncio.sleep(interval or IDLE_WAIT)
-                continue
-            tracked = isinstance(made, tuple)
-            event, position = made if tracked else (made, None)
-            item = _logged(event)
-            if tracked and self.checkpoint is not None:
-                self.position = position
-                item = self.checkpoint.tuple(event, position, item.success, item.failed)
-            await self.chan.put(item)
-            await asyncio.sleep(interval)
-
-
-def _logged(event: CloudEvent) -> Tuple:
-    """A Tuple whose callbacks log the outcome (the article's "send event success: id")."""
-    event_id = event.get_id()
-    ids = {"event_ids": [event_id]}
-    return Tuple(
-        event,
-        lambda: _log.info("send event success: %s", event_id, extra=ids),
-        lambda error: _log.warning("send event failed: %s: %s", event_id, error, extra=ids),
-    )
+        """The kit's loop: call :meth:`make_event` (per partition), every ``interval``
+        seconds, or ``idle_interval`` after a call that returned nothing, until stopped."""
+        if self._kit_loop is None:
+            raise RuntimeError("the kit runs loop_produce_event: see cdk.run_source")
+        await self._kit_loop()
 
 
 class WebhookSource(Connector[WC]):

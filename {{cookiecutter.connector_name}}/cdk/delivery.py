@@ -245,6 +245,9 @@ class Deliverer:
         self.gate = gate
         self.overrides = dict(overrides) if overrides else None
         self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
+        #: Whether the source sends this tuple again when its attempts run out (an outage):
+        #: its running out is then the source's to say, once, not a failure per round.
+        self.holds: Callable[[Tuple], bool] = lambda item: False
         self._redact = config.redact
         self._shown = self._redact(redact_url(config.target))
         self._dead_shown = self._redact(redact_url(config.dead_letter_target or ""))
@@ -716,12 +719,15 @@ class Deliverer:
                 req.cycling = False
                 self._cycle -= 1
                 self._admit()
+            rest = tuples[req.settled :]
             if isinstance(error, Fenced):
-                self.metrics.failed.labels(_reason(error)).inc(len(tuples) - req.settled)
+                self.metrics.failed.labels(_reason(error)).inc(len(rest))
                 if self.log.isEnabledFor(logging.DEBUG):  # the service says it once, not per event
-                    self.log.debug("%d event(s) %s", len(tuples) - req.settled, error)
+                    self.log.debug("%d event(s) %s", len(rest), error)
+            elif isinstance(error, AttemptsExhausted) and all(map(self.holds, rest)):
+                self.log.debug("%d held event(s) out of attempts: sent again", len(rest))
             elif error is not None:
-                ids = [_event_id(t) for t in tuples[req.settled :]]
+                ids = [_event_id(t) for t in rest]
                 shown = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if ids[20:] else "")
                 why = self._redact(_describe(error))
                 self.log.warning("delivery failed for %d event(s) [%s]: %s", len(ids), shown, why)

@@ -66,6 +66,8 @@ class Receiver:
         self.ready = False
         #: Said after "ready" on ``/readyz`` (a replica's role under leader election).
         self.note = ""
+        #: Why the connector cannot work now ("" when it can): ``/readyz`` answers 503 and it.
+        self.trouble: Callable[[], str] | None = None
         self._config = config
         self._post = post
         self._any_path = any_path
@@ -154,6 +156,8 @@ class Receiver:
         if path == "/readyz":
             if not self.ready:
                 return text_answer(503, "not ready")
+            if self.trouble is not None and (why := self.trouble()):
+                return text_answer(503, f"not ready: {why}")
             if self._ready_check is None:
                 return text_answer(200, f"ready{self.note}")
             if self._checking is None or self._checking.done():

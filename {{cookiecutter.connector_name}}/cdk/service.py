@@ -31,18 +31,24 @@ from cdk.config import (
     WebhookSourceConfig,
     redact_url,
 )
-from cdk.connector import Connector, Sink, Source, Tuple, WebhookSource, call
+from cdk.connector import Connector, FatalError, Sink, Source, Tuple, WebhookSource, call
 from cdk.delivery import Deliverer, DeliveryQueue, Gate
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
+from cdk.polling import Poller
+from cdk.positions import SUPERVISOR, Checkpoint, Tracked
 from cdk.receiver import Receiver, SinkHandler
-from cdk.store import SUPERVISOR, Checkpoint, PositionStore, StoreError
+from cdk.store import PositionStore, StoreError
 
 if TYPE_CHECKING:
     from cdk.etcd import Leadership
 
 __all__ = ["Service", "ServiceError", "check_classes", "service_for"]
+
+
+#: The fewest seconds between two warnings that production is still paused.
+REMINDER = 30.0
 
 
 class ServiceError(Exception):
@@ -204,6 +210,12 @@ class _Chan(DeliveryQueue):
             if self._left == 0:
                 self._on_limit()
 
+    async def put_back(self, item: Tuple) -> None:
+        """Queue ``item`` again (an outage): it does not count against the limit."""
+        if self._left is not None:
+            self._left += 1
+        await self.put(item)
+
 
 class _Printer:
     """Stands in for the delivery engine in a dry run: one structured JSON line per event."""
@@ -313,8 +325,13 @@ class PollingSourceService(_SourceService):
         super().__init__(*args, **kw)
         self.store: PositionStore | None = None
         self.leadership: Leadership | None = None
+        self.poller: Poller | None = None
         self._producing: asyncio.Task[None] | None = None
         self._checkpoints: list[Checkpoint] = []
+        # Tracked events sent again until delivered (an outage), and their next waits.
+        self._held: dict[int, float] = {}
+        self._resending: set[asyncio.Task[None]] = set()
+        self._outage: tuple[float, float, str] | None = None  # since, last warned, why
 
     # The supervisor of the checkpoints made while this source runs (cdk.store.SUPERVISOR).
     def watch(self, checkpoint: Checkpoint) -> None:
@@ -325,21 +342,76 @@ class PollingSourceService(_SourceService):
             self.log.error("stopping so no event is skipped: %s", message)
         self._fail(ServiceError(message))
 
+    def hold(self, item: Tuple, message: str) -> bool:
+        """An outage: pause production and send ``item`` again, with backoff, until it is
+        delivered (or the source stops). Not once the source is finishing: a gap then."""
+        if not self._holds(item) or self.dry_run:
+            return False
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._outage is None:
+            self._outage = (now, now, message)
+            self.log.warning(
+                "production paused: %s; sending it again until the target takes it", message
+            )
+            if self.poller is not None:
+                self.poller.pause("production paused: tracked events are not delivered")
+        elif now - self._outage[1] >= REMINDER:
+            since = self._outage[0]
+            self._outage = (since, now, message)
+            self.log.warning("production still paused, for %.0f s: %s", now - since, message)
+        config = self.config
+        wait = self._held.get(id(item), max(config.retry_backoff, 0.01))
+        self._held[id(item)] = min(config.retry_backoff_max, wait * 2) or wait
+        task = loop.create_task(self._resend(item, wait), name="cdk-resend")
+        self._resending.add(task)
+        task.add_done_callback(self._resending.discard)
+        return True
+
+    def _holds(self, item: Tuple) -> bool:
+        """Whether :meth:`hold` would take ``item`` if its attempts ran out now."""
+        active = self._stopping is None and not self._finished.is_set()
+        return active and isinstance(item, Tracked) and item.supervised
+
+    def release(self, item: Tuple) -> None:
+        self._held.pop(id(item), None)
+        if not self._held and self._outage is not None:
+            seconds = asyncio.get_running_loop().time() - self._outage[0]
+            self._outage = None
+            text = "production resumes: the target took the held events, after %.1f s"
+            self.log.info(text, seconds)
+            if self.poller is not None:
+                self.poller.resume()
+
+    async def _resend(self, item: Tuple, wait: float) -> None:
+        await asyncio.sleep(wait)
+        assert isinstance(self.chan, _Chan)
+        await self.chan.put_back(item)
+
+    def _trouble(self) -> str:
+        return "" if self.poller is None else self.poller.trouble()
+
     def _prepare(self) -> None:
         source = self.connector
         if not inspect.iscoroutinefunction(source.loop_produce_event):
             # A plain def would block the event loop, and with it all delivery.
             raise ServiceError("loop_produce_event must be an async def")
         source.chan = self.chan
+        source.positions = {}
         SUPERVISOR.set(self)
-        if self.config.leader_election:
+        # A dry run reads the positions, writes none and never takes the lead from a replica.
+        if self.config.leader_election and not self.dry_run:
             from cdk.etcd import Leadership
 
             self.leadership = Leadership.from_config(self.config, source.name())
             self.gate = self.leadership.gate
         try:
-            self.store = PositionStore.from_config(self.config, source.name(), self.leadership)
+            self.store = PositionStore.from_config(
+                self.config, source.name(), self.leadership, read_only=self.dry_run
+            )
             self._new_term()
+            self.poller = Poller(source, self.store, self.config, self.metrics, self.chan)
+            source._kit_loop = self.poller.run
         except StoreError as exc:
             self._release()
             raise ServiceError(str(exc)) from None
@@ -357,11 +429,15 @@ class PollingSourceService(_SourceService):
 
     async def _begin(self) -> None:
         await super()._begin()
+        if isinstance(self.deliverer, Deliverer):
+            self.deliverer.holds = self._holds
         port = self.config.metrics_port
         if port is not None:
             settings = {"host": self.config.host, "port": port, "log_level": self.config.log_level}
             server_config = ServerConfig.model_validate(settings)
             await self._serve(_metrics_only, server_config)
+            assert self.receiver is not None
+            self.receiver.trouble = self._trouble
         produce = self._produce() if self.leadership is None else self._lead(self.leadership)
         self._producing = asyncio.create_task(produce, name="cdk-produce")
 
@@ -373,15 +449,14 @@ class PollingSourceService(_SourceService):
         """Produce only while this replica leads; between terms, settle and campaign again."""
         description = "1 while this replica leads (leader_election)."
         leading = Gauge("cdk_leader", description, registry=self.metrics.registry)
-        first = True
         self._note(" (follower)")
         try:
             while True:
                 self.log.info("campaigning to lead (leader_election)")
                 await leadership.campaign()
-                if not first:
-                    self._new_term()  # resume where the last leader left off
-                first = False
+                # Resume where the last leader left off: the position stored now, not the
+                # one read at start-up (a follower may have waited for days).
+                self._new_term()
                 leading.set(1)
                 self._note(" (leader)")
                 self.log.info("leading: producing from position %r", self.connector.position)
@@ -397,14 +472,17 @@ class PollingSourceService(_SourceService):
                 self._note(" (follower)")
                 self.log.warning("lost the lead; settling the events in flight, then campaigning")
                 await self.chan.join()
-                assert self.connector.checkpoint is not None
-                self.connector.checkpoint.abandon()
+                for checkpoint in self._checkpoints:  # this term's, of each partition
+                    checkpoint.abandon()
         finally:
             leading.set(0)
 
     async def _produce(self) -> None:
         try:
             await self.connector.loop_produce_event()
+        except FatalError as exc:
+            self.log.error("%s", exc)
+            self._fail(exc)
         except Exception as exc:  # a cancellation is no Exception: it goes on
             self.log.exception(
                 "loop_produce_event raised; delivering what is queued, then stopping"
@@ -418,6 +496,8 @@ class PollingSourceService(_SourceService):
         loop = asyncio.get_running_loop()
         deadline = None if grace is None else loop.time() + grace
         task = self._producing
+        for resend in list(self._resending):  # held events stay unacknowledged: no gap
+            resend.cancel()
         if task is not None and not task.done():
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=1.0)
