@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
+import re
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from cloudevents.core.v1.event import CloudEvent
 from etcd_support import EtcdCluster, b64, gateway
 from processes import Process, start
 from waiting import until
@@ -276,6 +279,13 @@ def wait_on(predicate: Callable[[], bool], timeout: float) -> None:
     _wait_on(threading.Condition(), predicate, timeout, lambda: "condition not met in time")
 
 
+def refused(target: CaptureTarget, replica: str) -> bool:
+    """Whether the target answered one of ``replica``'s requests 503 (fail_with(503))."""
+    return any(
+        r.status == 503 and r.headers.get("ce-replica") == replica for r in target.all_requests
+    )
+
+
 def journal(processes: dict[str, Process]) -> Journal:
     """Every replica's ``gain``/``lost`` lines so far, in time order (one monotonic clock)."""
     found = []
@@ -333,7 +343,7 @@ def test_a_killed_and_a_frozen_replica_hand_their_partitions_over_within_a_lease
 
         # c gets held up (every answer 503) so that it holds events, then freezes.
         target.fail_with(503)
-        wait_on(lambda: any(r.headers.get("ce-replica") == "c" for r in target.all_requests), 10)
+        wait_on(lambda: refused(target, "c"), 10)
         frozen = time.monotonic()
         replicas["c"].send(signal.SIGSTOP)
         target.fail_with(None)
@@ -420,3 +430,110 @@ def test_a_replica_cut_off_from_etcd_leads_nothing_before_the_others_take_over(
                 await replica.leases.stop()
 
     asyncio.run(main())
+
+
+# -- the kit: a source with partitions, three replicas -----------------------------------------
+
+PARTS_SOURCE = """
+import os, time
+import cdk
+
+
+class Config(cdk.SourceConfig):
+    pass
+
+
+class Parts(cdk.Source[Config]):
+    def partitions(self):
+        return [f"p{i}" for i in range(6)]
+
+    def make_event(self, partition):
+        n = (self.positions.get(partition) or 0) + 1
+        attributes = {"id": f"{partition}-{n}", "source": "/p", "type": "t"}
+        attributes.update(partition=partition, replica=os.environ["REPLICA"])
+        return cdk.CloudEvent(attributes, {"n": n, "made": time.monotonic()}), n
+
+
+cdk.run_source(Config, Parts)
+"""
+
+
+def led(process: Process) -> int:
+    """``cdk_partitions_led`` of a running replica; -1 when it does not answer."""
+    port = process.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)").group(1)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return -1
+    found = re.search(r"^cdk_partitions_led (\S+)$", text, re.MULTILINE)
+    return -1 if found is None else int(float(found.group(1)))
+
+
+def test_the_kit_shares_a_sources_partitions_among_three_replicas_one_killed_one_frozen(
+    tmp_path: Path, etcd_url: str, started: list[Process]
+) -> None:
+    def shares(*names: str) -> list[int]:
+        return [led(replicas[name]) for name in names]
+
+    with CaptureTarget.in_thread() as target:
+        replicas = {}
+        for name in "abc":
+            directory = tmp_path / name
+            directory.mkdir()
+            (directory / "config.yml").write_text(
+                f"target: {target.url}\nposition_store: {etcd_url}\nleader_election: true\n"
+                f"leader_lease: {LEASE}\ninterval: 0.05\nmax_in_flight: 1\n"
+                "host: 127.0.0.1\nmetrics_port: 0\n",
+                encoding="utf-8",
+            )
+            replicas[name] = start(started, directory, PARTS_SOURCE, REPLICA=name)
+        wait_on(lambda: shares("a", "b", "c") == [2, 2, 2], 30)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+
+        killed = time.monotonic()
+        replicas["b"].kill()
+        wait_on(lambda: shares("a", "c") == [3, 3], LEASE * 4)
+        assert time.monotonic() - killed < LEASE * 2.5, "b's partitions moved too late"
+
+        target.fail_with(503)  # c holds events it could not deliver yet when it freezes
+        wait_on(lambda: refused(target, "c"), 10)
+        frozen = time.monotonic()
+        replicas["c"].send(signal.SIGSTOP)
+        target.fail_with(None)
+        wait_on(lambda: shares("a") == [6], LEASE * 4)
+        assert time.monotonic() - frozen < LEASE * 2.5, "c's partitions moved too late"
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+
+        resumed = time.monotonic()
+        replicas["c"].send(signal.SIGCONT)
+        wait_on(lambda: shares("a", "c") == [3, 3], LEASE * 6)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+        for name in "ac":
+            replicas[name].send(signal.SIGTERM)
+        for name in "ac":
+            assert replicas[name].wait() == 0, replicas[name].stderr
+        arrivals = [(r.arrived, e) for r in target.requests for e in r.events]
+
+    def made(event: CloudEvent) -> float:
+        return float(event.get_data()["made"])
+
+    taken = {}  # each partition's first event from a made after c froze: a took it over
+    for when, event in arrivals:
+        if event.get_extension("replica") == "a" and made(event) > frozen:
+            taken.setdefault(event.get_extension("partition"), when)
+    for when, event in arrivals:
+        if event.get_extension("replica") == "c" and made(event) < frozen:
+            partition = event.get_extension("partition")
+            assert when < resumed, f"c sent {event.get_id()} {when - resumed:.3f} s after SIGCONT"
+            assert when < taken.get(partition, math.inf), f"{event.get_id()} after a took over"
+    for partition in (f"p{i}" for i in range(6)):
+        numbers = {
+            int(e.get_data()["n"]) for _, e in arrivals if e.get_extension("partition") == partition
+        }
+        missing = set(range(1, max(numbers) + 1)) - numbers
+        assert not missing, f"{partition}: never delivered: {sorted(missing)[:20]}"

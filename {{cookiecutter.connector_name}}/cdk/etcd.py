@@ -415,6 +415,8 @@ class PartitionLeases(_Leased):
         self._balancer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._warned = ""
+        #: What the store keys of the partitions' positions start with (fenced by :meth:`fence`).
+        self.key_prefix = ""
 
     @classmethod
     def from_config(cls, config: SourceConfig, namespace: str) -> PartitionLeases:
@@ -431,23 +433,28 @@ class PartitionLeases(_Leased):
         this replica does not lead it."""
         return self.deadline if partition in self._owned else 0.0
 
-    def gate(self, partition: str) -> str | None:
-        """None while this replica may send events of ``partition``; else why not."""
-        if partition in self._owned and self._holding():
+    def gate(self, partition: str | None) -> str | None:
+        """None while this replica may send events of ``partition`` (None: of a partition not
+        known, so while it holds its lease at all); else why not."""
+        if self._holding() and (partition is None or partition in self._owned):
             return None
-        return f"{self.identity} does not lead partition {partition!r} (its lease may be gone)"
+        what = "its lease" if partition is None else f"partition {partition!r}"
+        return f"{self.identity} does not lead {what} (its lease may be gone)"
 
-    def fence(self, partition: str) -> list[dict[str, Any]]:
-        """The comparison of an etcd write fenced by ``partition``'s leader key."""
+    def fence(self, key: str) -> list[dict[str, Any]]:
+        """The comparison of an etcd write of the position ``key`` (:attr:`key_prefix` and a
+        partition's name), fenced by that partition's leader key."""
+        partition = key.removeprefix(self.key_prefix)
         reason = self.gate(partition)
         if reason is not None:
             raise NotLeader(f"position not written: {reason}")
         return _fence(self.partitions_prefix + partition, self._owned[partition])
 
-    def deposed(self, reason: str, partition: str) -> None:
-        """etcd refused a write fenced by ``partition``: another replica leads it now; safe to
-        call from any thread."""
+    def deposed(self, reason: str, key: str) -> None:
+        """etcd refused a write fenced by the partition of ``key``: another replica leads it
+        now; safe to call from any thread."""
         if self._balancer is not None:
+            partition = key.removeprefix(self.key_prefix)
             self._balancer.get_loop().call_soon_threadsafe(self._end, partition, reason)
 
     def assign(self, partitions: Iterable[str]) -> None:

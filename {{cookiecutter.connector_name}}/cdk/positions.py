@@ -51,6 +51,7 @@ class Tracked(Tuple):
     """A :class:`cdk.Tuple` made by :meth:`Checkpoint.tuple`: its position is recorded."""
 
     supervised: bool = False  # its checkpoint runs under the kit: an outage holds it
+    key: str = ""  # its checkpoint's: which partition it is of (the delivery gate asks)
 
 
 @dataclass(slots=True)
@@ -129,8 +130,13 @@ class Checkpoint:
             return None
 
         supervised = self._supervisor is not None
-        entry.item = Tracked(event, _chain(on_success, success), on_fail, supervised)
+        entry.item = Tracked(event, _chain(on_success, success), on_fail, supervised, self.key)
         return entry.item
+
+    @property
+    def waiting(self) -> int:
+        """How many events tracked so far are not settled yet."""
+        return len(self._pending)
 
     def abandon(self) -> None:
         """Write nothing more: this replica's term as leader ended (or the source stops)."""

@@ -13,11 +13,12 @@ by itself) settles every event first, and a later ``stop(grace)`` hurries it up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import Gauge
@@ -36,13 +37,13 @@ from cdk.delivery import Deliverer, DeliveryQueue, Gate
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
-from cdk.polling import Poller
+from cdk.polling import Poller, has_partitions, partition_key
 from cdk.positions import SUPERVISOR, Checkpoint, Tracked
 from cdk.receiver import Receiver, SinkHandler
 from cdk.store import PositionStore, StoreError
 
 if TYPE_CHECKING:
-    from cdk.etcd import Leadership
+    from cdk.etcd import Leadership, PartitionLeases
 
 __all__ = ["Service", "ServiceError", "check_classes", "service_for"]
 
@@ -325,6 +326,8 @@ class PollingSourceService(_SourceService):
         super().__init__(*args, **kw)
         self.store: PositionStore | None = None
         self.leadership: Leadership | None = None
+        #: Under leader election, a source with partitions shares them out instead.
+        self.partition_leases: PartitionLeases | None = None
         self.poller: Poller | None = None
         self._producing: asyncio.Task[None] | None = None
         self._checkpoints: list[Checkpoint] = []
@@ -400,21 +403,77 @@ class PollingSourceService(_SourceService):
         source.positions = {}
         SUPERVISOR.set(self)
         # A dry run reads the positions, writes none and never takes the lead from a replica.
-        if self.config.leader_election and not self.dry_run:
+        if self.config.leader_election and not self.dry_run and has_partitions(source):
+            from cdk.etcd import PartitionLeases
+
+            leases = PartitionLeases.from_config(self.config, source.name())
+            leases.key_prefix = partition_key("")
+            self.partition_leases = leases
+            self.gate = self._partition_gate
+        elif self.config.leader_election and not self.dry_run:
             from cdk.etcd import Leadership
 
             self.leadership = Leadership.from_config(self.config, source.name())
             self.gate = self.leadership.gate
         try:
+            fence = self.leadership or self.partition_leases
             self.store = PositionStore.from_config(
-                self.config, source.name(), self.leadership, read_only=self.dry_run
+                self.config, source.name(), fence, read_only=self.dry_run
             )
             self._new_term()
             self.poller = Poller(source, self.store, self.config, self.metrics, self.chan)
             source._kit_loop = self.poller.run
+            if self.partition_leases is not None:
+                self._share(self.partition_leases, self.poller)
         except StoreError as exc:
             self._release()
             raise ServiceError(str(exc)) from None
+
+    def _share(self, leases: PartitionLeases, poller: Poller) -> None:
+        """Run the partitions the leases give this replica: ``partitions()`` feeds them the
+        list, and each partition's producer starts when its lease is won (from the position
+        stored then) and stops when it is lost, once its events are settled if it still leads."""
+
+        def claim(names: Sequence[str]) -> list[str]:
+            leases.assign(names)
+            return [name for name in names if name in poller.running]  # the leases start more
+
+        async def gained(name: str) -> None:
+            await poller.own(name)
+            position = poller.running[name].checkpoint.position
+            where = "the start" if position is None else f"position {position!r}"
+            self.log.info("partition %r: leading, producing from %s", name, where)
+
+        async def lost(name: str) -> None:
+            part = poller.running.get(name)
+            await poller.lose(name)
+            if part is None:
+                return
+            checkpoint, loop = part.checkpoint, asyncio.get_running_loop()
+            # Still leading (a hand-over), what it queued is delivered and its position written
+            # before the key goes; after a lost lease the gate fails them at once.
+            until = loop.time() + leases.lease / 2
+            while checkpoint.waiting and checkpoint.failed is None and loop.time() < until:
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(checkpoint.flush(), max(0.0, until - loop.time()))
+            checkpoint.abandon()
+            self.log.info("partition %r: no longer led here", name)
+
+        poller.claim = claim
+        leases.on_gain, leases.on_loss = gained, lost
+
+    def _partition_gate(self, tuples: Sequence[Tuple]) -> str | None:
+        """The delivery gate with partition leases: each event's partition must be led here."""
+        assert self.partition_leases is not None
+        prefix = partition_key("")
+        for item in tuples:
+            key = item.key if isinstance(item, Tracked) else ""
+            partition = key[len(prefix) :] if key.startswith(prefix) else None
+            reason = self.partition_leases.gate(partition)
+            if reason is not None:
+                return reason
+        return None
 
     def _new_term(self) -> None:
         """A fresh checkpoint, starting from the position stored now."""
@@ -438,6 +497,12 @@ class PollingSourceService(_SourceService):
             await self._serve(_metrics_only, server_config)
             assert self.receiver is not None
             self.receiver.trouble = self._trouble
+        if self.partition_leases is not None:
+            leases = self.partition_leases
+            description = "Partitions this replica leads (leader_election)."
+            led = Gauge("cdk_partitions_led", description, registry=self.metrics.registry)
+            led.set_function(lambda: len(leases.owned))
+            await leases.start()
         produce = self._produce() if self.leadership is None else self._lead(self.leadership)
         self._producing = asyncio.create_task(produce, name="cdk-produce")
 
@@ -514,6 +579,8 @@ class PollingSourceService(_SourceService):
                 )
         if self.leadership is not None:
             await self.leadership.resign()  # after the last position was written
+        if self.partition_leases is not None:
+            await self.partition_leases.stop()  # the same, for each partition
         await self._end(min(1.0, grace or 1.0))
         self.log.info("source stopped")
 
