@@ -541,6 +541,35 @@ def test_a_closed_gate_stops_every_write_after_it_retries_included() -> None:
     run(main)
 
 
+def test_a_batch_the_gate_refuses_fails_only_the_events_it_refuses_one_by_one() -> None:
+    """A partition released while its events wait in a batch with others': only those fail
+    (Fenced); the rest of the batch goes, so no other partition's checkpoint ends."""
+
+    async def main() -> None:
+        def gate(tuples: Sequence[Tuple]) -> str | None:
+            odd = [t for t in tuples if int(t.event.get_id()[1:]) % 2]
+            return "partition odd is led elsewhere" if odd else None
+
+        async with CaptureTarget() as target:
+            cfg = config(target.url, batch_size=4, batch_linger=0.5, max_in_flight=1)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            fates = Fates(12)
+            for i in range(12):  # queued before delivery starts: three full batches
+                chan.put_nowait(fates.tuple(make_event(i)))
+            async with delivering(cfg, chan, gate=gate) as (_, _, metrics):
+                await fates.wait()
+            even = sorted(f"e{i}" for i in range(0, 12, 2))
+            assert sorted(e.get_id() for e in target.events) == even
+            assert target.attempts == 3  # one request per batch, with what it may send
+        assert sorted(fates.ok) == even
+        assert sorted(fates.failed) == sorted(f"e{i}" for i in range(1, 12, 2))
+        assert all(isinstance(error, Fenced) for error in fates.failed.values())
+        assert value(metrics, "cdk_events_failed_total", {"reason": "fenced"}) == 6
+        assert value(metrics, "cdk_delivery_waiting") == 0
+
+    run(main)
+
+
 # -- retries -------------------------------------------------------------------------
 
 

@@ -536,6 +536,9 @@ class Deliverer:
             except (ClientError, OSError, TimeoutError) as exc:
                 error = exc
             except Fenced as exc:
+                if await self._split(req, exc):
+                    req.attempt -= 1  # nothing was written
+                    continue  # with the events it may still send
                 await self._settle(req, exc)
                 return
             finally:
@@ -570,6 +573,28 @@ class Deliverer:
             if self._deadline is not None and when >= self._deadline:
                 await self._settle(req, self._stopped(req))
                 return
+
+    async def _split(self, req: _Request, error: Fenced) -> bool:
+        """A batch the gate refused: fail only its events the gate refuses one by one (a
+        partition this replica no longer leads) and keep ``req`` for the rest, re-encoded.
+        False when that leaves nothing to send (or it is on its way to the dead-letter target)."""
+        gate, rest = self.gate, req.tuples[req.settled :]
+        if gate is None or len(rest) < 2 or req.original is not None:
+            return False
+        keep = [item for item in rest if gate([item]) is None]
+        if not keep or len(keep) == len(rest):
+            return False
+        (again, *more) = self._encode(keep, req.client, {})
+        if more or not again.data:
+            return False
+        if again.span is not None:
+            tracing.end_send(again.span)
+        drop = [item for item in rest if all(item is not kept for kept in keep)]
+        if req.retry_at:
+            self._count_waiting(-len(drop))  # counted as waiting with req: not any more
+        await self._settle(_Request(drop, req.client), error)
+        req.tuples, req.settled, req.data = keep, 0, again.data
+        return True
 
     def _check(self, req: _Request) -> Callable[[], None] | None:
         """What the client calls right before writing ``req``: the gate, raising :class:`Fenced`."""
