@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, TypeVar
 
 import orjson
 import requests
@@ -188,14 +188,26 @@ class _Leased:
     replica in. The quarter lease left covers clocks that drift and requests on their way.
     """
 
-    def __init__(self, url: str, lease: float, access: Access | None, identity: str | None) -> None:
-        self.lease = lease
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        lease: float = 10.0,
+        access: Access | None = None,
+        identity: str | None = None,
+    ) -> None:
+        self.namespace, self.lease = namespace, lease
         self._cluster = _Cluster(url, access, min(lease / 4, REQUEST_TIMEOUT))
         #: What this replica's keys hold, for people looking.
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self._lease_id: int | None = None
         self._deadline = 0.0  # monotonic time from which the lease may be gone on etcd
         self._tasks: set[asyncio.Task[None]] = set()  # the renewal, revocations
+
+    @classmethod
+    def from_config(cls, config: SourceConfig, namespace: str) -> Self:
+        access = Access.from_config(config)
+        return cls(str(config.position_store), namespace, config.leader_lease, access)
 
     @property
     def deadline(self) -> float:
@@ -278,15 +290,10 @@ class Leadership(_Leased):
         access: Access | None = None,
         identity: str | None = None,
     ) -> None:
-        super().__init__(url, lease, access, identity)
+        super().__init__(url, namespace, lease, access, identity)
         self.key = f"{self._cluster.prefix}/{namespace}.leader"
         self._revision = 0  # the leader key's create revision in this replica's term
         self._term: asyncio.Future[None] | None = None
-
-    @classmethod
-    def from_config(cls, config: SourceConfig, namespace: str) -> Leadership:
-        access = Access.from_config(config)
-        return cls(str(config.position_store), namespace, config.leader_lease, access)
 
     @property
     def is_leader(self) -> bool:
@@ -402,7 +409,7 @@ class PartitionLeases(_Leased):
         on_gain: Hook | None = None,
         on_loss: Hook | None = None,
     ) -> None:
-        super().__init__(url, lease, access, identity)
+        super().__init__(url, namespace, lease, access, identity)
         base = f"{self._cluster.prefix}/{namespace}"
         self.members_prefix, self.partitions_prefix = f"{base}.members/", f"{base}.partitions/"
         #: Awaited once this replica leads a partition: start producing it (from its position
@@ -417,11 +424,6 @@ class PartitionLeases(_Leased):
         self._warned = ""
         #: What the store keys of the partitions' positions start with (fenced by :meth:`fence`).
         self.key_prefix = ""
-
-    @classmethod
-    def from_config(cls, config: SourceConfig, namespace: str) -> PartitionLeases:
-        access = Access.from_config(config)
-        return cls(str(config.position_store), namespace, config.leader_lease, access)
 
     @property
     def owned(self) -> frozenset[str]:
