@@ -105,15 +105,16 @@ def test_a_follower_takes_over_from_the_position_stored_when_it_leads(
         target.wait_until(lambda: len(target.events) >= following + 100, timeout=30)
         a.send(stop)
         a.wait()
-        stored = stored_position(etcd_url)
         resumed = b.wait_for(r"leading: producing from position (\d+)", timeout=LEASE * 3)
         count = len(target.events)
         target.wait_until(lambda: len(target.events) >= count + 20, timeout=30)
         b.send(signal.SIGTERM)
         assert b.wait() == 0, b.stderr
         events = list(target.events)
-    assert stored is not None and stored >= 50
-    assert int(resumed.group(1)) == stored
+    # b resumed from a position a stored (b takes over within lease/8 of a clean stop and
+    # writes its own at once: the store, read after a exits, may hold b's already).
+    stored = int(resumed.group(1))
+    assert stored in seen and stored >= 50, (stored, seen)
     if stop == signal.SIGTERM:  # a clean stop wrote the position of its last delivered event
         assert stored == max(
             int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "a"
