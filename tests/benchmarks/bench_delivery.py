@@ -13,6 +13,8 @@ one event per request, binary mode (the cdk-go pattern). The Deliverer sends wit
 kit's own client (``cdk.client``); the "aiohttp, 16 in flight" row shows what the same
 concurrency gets from aiohttp's client, for reference. The faulty scenario retries until
 delivered and is compared with the healthy binary one (``--only faulty`` runs just those).
+``--pages`` measures instead a polling source through the whole kit: ``make_event`` pages
+against the same source's hand-written ``loop_produce_event``.
 """
 
 from __future__ import annotations
@@ -282,6 +284,9 @@ def run_scenario(name: str, url: str, seconds: float) -> None:
 
 
 def main() -> None:
+    if "--pages" in sys.argv:  # a figure of its own: see pages_against_a_hand_written_loop
+        pages_against_a_hand_written_loop()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.5, help="measured time per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per scenario (best kept)")
@@ -352,6 +357,86 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> None:
             f"faulty receiver ({FAULTY_503:.0%} 503, {FAULTY_DROP:.0%} dropped): "
             f"{share:.0%} of the healthy rate"
         )
+
+
+# -- a source returning pages, against the same source with its own loop ------------------
+
+#: Rows per page: what a ``SELECT ... WHERE id > :position ORDER BY id LIMIT 500`` returns.
+PAGE = 500
+
+
+async def _source_rate(url: str, hand_written: bool, seconds: float) -> float:
+    """Events/s that a polling source delivers through the whole kit (its service, the
+    queue, the Deliverer, positions in SQLite in memory), fed by ``make_event`` pages of
+    PAGE ``(event, position)`` pairs, or by a ``loop_produce_event`` putting the same
+    pairs into ``chan`` itself through ``self.checkpoint``."""
+    import cdk
+    from cdk.service import service_for
+
+    events = _events(PAGE)
+
+    class Pages(cdk.Source[cdk.SourceConfig]):
+        def make_event(self) -> list[tuple[Any, int]]:
+            first = self.position or 0
+            return [(events[i], first + i + 1) for i in range(PAGE)]
+
+    class HandWritten(cdk.Source[cdk.SourceConfig]):
+        async def loop_produce_event(self) -> None:
+            n = self.checkpoint.position or 0
+            while True:
+                for event in events:
+                    n += 1
+                    await self.chan.put(self.checkpoint.tuple(event, n))
+
+    config = cdk.SourceConfig(target=url, interval=0, batch_linger=0.002)
+    service = service_for(HandWritten() if hand_written else Pages(), config)
+    delivered = service.metrics.delivered._value  # read twice, outside the measured path
+    await service.start()
+    await asyncio.sleep(WARMUP)
+    start_count, started = delivered.get(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    rate = (delivered.get() - start_count) / (time.perf_counter() - started)
+    await service.stop(grace=2.0)
+    return rate
+
+
+def pages_against_a_hand_written_loop() -> None:
+    """``--pages [--seconds S] [--rounds N]``: the rates of the two sources, interleaved
+    rounds in one process pinned to the sender core, best kept; the ratio is the figure."""
+    parser = argparse.ArgumentParser(description=_source_rate.__doc__)
+    parser.add_argument("--pages", action="store_true")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    me = [sys.executable, "-B", __file__]
+    receiver = subprocess.Popen(
+        [*me, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        assert receiver.stdout is not None
+        url = f"http://127.0.0.1:{receiver.stdout.readline().split()[0]}/"
+        pin(SENDER_CORE)
+        loop_name = install_uvloop()
+        for _ in range(args.rounds):
+            for hand_written in (True, False):
+                rates[hand_written].append(
+                    asyncio.run(_source_rate(url, hand_written, args.seconds))
+                )
+    finally:
+        if receiver.stdin is not None:
+            receiver.stdin.close()
+        receiver.wait(timeout=10)
+    loop_rate, page_rate = max(rates[True]), max(rates[False])
+    print(f"sender loop: {loop_name}; {args.rounds} rounds of {args.seconds:g} s, best kept")
+    print(f"{'source':<46} {'events/s':>9} {'all rounds (events/s)':>24}")
+    for name, hand_written in (
+        ("hand-written loop_produce_event (baseline)", True),
+        (f"make_event pages of {PAGE}", False),
+    ):
+        rounds = "/".join(f"{r / 1000:.1f}k" for r in rates[hand_written])
+        print(f"{name:<46} {max(rates[hand_written]):>9,.0f} {rounds:>24}")
+    print(f"pages / hand-written loop: {page_rate / loop_rate:.2f}x")
 
 
 if __name__ == "__main__":

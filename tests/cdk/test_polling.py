@@ -18,7 +18,7 @@ import pytest
 from processes import Process, start
 
 import cdk
-from cdk.polling import partition_key
+from cdk.positions import partition_key
 from cdk.testing import CaptureTarget
 from cdk.testing.runner import run_in_thread
 

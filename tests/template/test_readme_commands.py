@@ -122,8 +122,11 @@ def test_readme_ports_and_targets_agree(rendered: dict[str, Path], variant: str)
     """A source's target is where a local sink listens; curl goes where the connector does."""
     project = rendered[variant]
     readme = (project / "README.md").read_text(encoding="utf-8")
-    # The last command that runs the connector for real (a dry run needs no target).
-    variables, _ = [c for c in run_commands(project) if "--dry-run" not in c[1]][-1]
+    # The last command that runs the connector for real (a dry run, or a look at the
+    # positions, needs no target).
+    offline = ("--dry-run", "--positions", "--set-position", "--reset-positions")
+    runs = [c for c in run_commands(project) if not set(offline) & set(c[1])]
+    variables, _ = runs[-1]
     config = effective_config(project, variables)
     if variant in SOURCES:
         assert config["target"] == f"http://127.0.0.1:{SINK_DEFAULT_PORT}"

@@ -22,6 +22,7 @@ from cdk.config import ENVIRONMENT
 from cdk.logs import LEVELS
 
 __all__ = [
+    "ALL_PARTITIONS",
     "EXIT_CONFIG",
     "EXIT_FAILURE",
     "EXIT_OK",
@@ -52,8 +53,14 @@ _EXIT_HELP = (
         " checkpoint tracks failed for good, the port cannot be bound, a second signal forced"
         f" the stop, or a stop overran grace_period + {SHUTDOWN_ALLOWANCE:g} s",
     ),
-    (EXIT_CONFIG, "bad configuration or command line: one line per problem on stderr"),
+    (
+        EXIT_CONFIG,
+        "bad configuration or command line: one line per problem on stderr; a position"
+        " change refused (the connector runs against the same store)",
+    ),
 )
+#: ``--reset-positions`` without a PARTITION.
+ALL_PARTITIONS = "\0all"
 _WIDTH = 92
 #: Where the project's pyproject.toml is: the directory above the vendored kit.
 _PROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -183,4 +190,19 @@ def build_parser(kind: str, name: str, config_cls: type[BaseModel]) -> argparse.
     if kind == "source":
         flag("--dry-run", help="print each event on stdout as a structured JSON line; send nothing")
         add("--max-events", type=int, metavar="N", help="stop after N events (then exit 0)")
+        flag("--positions", help="print the stored positions as one JSON object, then exit 0")
+        add(
+            "--set-position",
+            metavar="[PARTITION=]VALUE",
+            help="store VALUE (JSON, else a string) as the position (of PARTITION), then exit 0;"
+            " refused (exit 2) while the connector runs against the same store",
+        )
+        add(
+            "--reset-positions",
+            nargs="?",
+            const=ALL_PARTITIONS,
+            metavar="PARTITION",
+            help="forget the stored position(s) (of PARTITION only, if given), then exit 0;"
+            " refused (exit 2) while the connector runs against the same store",
+        )
     return parser

@@ -29,7 +29,7 @@ from etcd3gw.client import Etcd3Client
 from etcd3gw.lease import Lease
 
 from cdk.config import parse_etcd_url
-from cdk.store import NotLeader, StoreError
+from cdk.store import InUse, NotLeader, StoreError
 
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
@@ -42,6 +42,8 @@ log = logging.getLogger("cdk.etcd")
 
 #: Seconds one store request to one endpoint may take before the next one is tried.
 REQUEST_TIMEOUT = 5.0
+#: Seconds a killed connector's "running" key outlives it (changes by hand wait that long).
+CLAIM_LEASE = 10
 #: "This endpoint cannot serve now", so the next one is tried: no connection, a timeout,
 #: a 5xx (its member has no quorum or no leader). Other errors are etcd refusing the request.
 _UNREACHABLE = (
@@ -150,6 +152,7 @@ class EtcdBackend:
     ) -> None:
         self._cluster = _Cluster(url, access, REQUEST_TIMEOUT)
         self.leadership = leadership
+        self._claim: int | None = None  # the lease of this connector's "running" key
         # A wrong address or password fails now, at start, not at the first write.
         self._cluster.call(lambda client: client.get(self._cluster.prefix + "/"))
 
@@ -164,7 +167,39 @@ class EtcdBackend:
     def delete(self, namespace: str, key: str) -> None:
         self._write({"request_delete_range": {"key": _b64(self._key(namespace, key))}}, key)
 
+    def keys(self, namespace: str) -> list[str]:
+        start = self._key(namespace, "")
+        found = self._cluster.call(lambda client: client.get_prefix(start.decode()))
+        return [meta["key"].decode()[len(start) :] for _, meta in found]
+
+    # A running connector keeps ``PREFIX/<namespace>.running/<identity>`` alive on a lease
+    # (renewed by a thread of its own); a change by hand is refused while any such key stands.
+    def claim(self, namespace: str) -> None:
+        key = f"{self._cluster.prefix}/{namespace}.running/{socket.gethostname()}:{os.getpid()}"
+        lease = self._cluster.call(lambda client: client.lease(CLAIM_LEASE).id)
+        self._cluster.call(lambda client: client.put(key, "running", Lease(lease, client)))
+        self._claim = lease
+        threading.Thread(target=self._keep_claim, args=(lease,), daemon=True).start()
+
+    def exclusive(self, namespace: str) -> None:
+        start = f"{self._cluster.prefix}/{namespace}.running/"
+        running = self._cluster.call(lambda client: client.get_prefix(start))
+        if running:
+            who = ", ".join(meta["key"].decode()[len(start) :] for _, meta in running)
+            raise InUse(f"{self._cluster.url}: a connector runs against it ({who}): stop it first")
+
+    def _keep_claim(self, lease: int) -> None:
+        while self._claim == lease:
+            time.sleep(CLAIM_LEASE / 3)
+            with contextlib.suppress(StoreError):
+                if self._claim == lease:
+                    self._cluster.call(lambda client: Lease(lease, client).refresh())
+
     def close(self) -> None:
+        lease, self._claim = self._claim, None
+        if lease is not None:  # the key goes now, not when the lease runs out
+            with contextlib.suppress(StoreError):
+                self._cluster.call(lambda client: Lease(lease, client).revoke())
         self._cluster.close()
 
     def _key(self, namespace: str, key: str) -> bytes:

@@ -29,14 +29,14 @@ from prometheus_client import Counter
 
 from cdk.connector import FatalError, Source, Tuple, call
 from cdk.logs import one_line
-from cdk.positions import Checkpoint
+from cdk.positions import KEY, Checkpoint, partition_key
 
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
     from cdk.metrics import Metrics
     from cdk.store import PositionStore
 
-__all__ = ["Poller", "partition_key"]
+__all__ = ["Poller", "has_partitions"]
 
 #: Seconds a producer waits after a call that returned nothing when that pause is 0.
 IDLE_WAIT = 0.1
@@ -48,11 +48,6 @@ REMINDER = 30.0
 _SHOWN = 20
 _log = logging.getLogger("cdk.source")
 _UNTRACKED = object()
-
-
-def partition_key(name: str) -> str:
-    """The store key of partition ``name``'s position (a source without partitions: "position")."""
-    return f"partition/{name}"
 
 
 def has_partitions(source: Source[Any]) -> bool:
@@ -87,9 +82,8 @@ class Poller:
         store: PositionStore,
         config: SourceConfig,
         metrics: Metrics,
-        chan: asyncio.Queue[Tuple],
     ) -> None:
-        self.source, self.store, self.config, self.chan = source, store, config, chan
+        self.source, self.store, self.config = source, store, config
         self.partitioned = has_partitions(source)
         #: Which of the names ``partitions()`` returned this replica produces.
         self.claim: Callable[[Sequence[str]], Iterable[str]] = lambda names: names
@@ -165,7 +159,7 @@ class Poller:
         if name is None:
             checkpoint = self.source.checkpoint
             if checkpoint is None:  # made by the service; a Poller on its own makes its own
-                checkpoint = await asyncio.to_thread(Checkpoint, self.store, "position")
+                checkpoint = await asyncio.to_thread(Checkpoint, self.store, KEY)
             self.source.position = checkpoint.position
             _log.info("producing from %s", _where(checkpoint.position))
         else:
@@ -236,7 +230,7 @@ class Poller:
                         source.position = position
                     else:
                         source.positions[part.name] = position
-                await self.chan.put(item)
+                await source.chan.put(item)  # the source's: a test kit may stand in for it
             await asyncio.sleep(config.interval if page else (idle or IDLE_WAIT))
 
     def _failed(self, trouble: _Trouble, exc: Exception, name: str | None = None) -> float:

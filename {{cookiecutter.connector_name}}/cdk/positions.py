@@ -17,6 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from cdk.connector import Tuple
 from cdk.delivery import AttemptsExhausted, DeadLettered, Fenced
 from cdk.store import NotLeader, PositionStore, StoreError, dumps
@@ -24,7 +26,18 @@ from cdk.store import NotLeader, PositionStore, StoreError, dumps
 if TYPE_CHECKING:
     from cloudevents.core.v1.event import CloudEvent
 
-__all__ = ["SUPERVISOR", "Checkpoint", "Supervisor", "Tracked"]
+__all__ = [
+    "KEY",
+    "SUPERVISOR",
+    "Checkpoint",
+    "Refused",
+    "Supervisor",
+    "Tracked",
+    "partition_key",
+    "reset_positions",
+    "set_position",
+    "stored",
+]
 
 #: Stands for "no event waiting"; equal to no position a source could give.
 _NOTHING = object()
@@ -110,6 +123,9 @@ class Checkpoint:
         if entry.held and self._supervisor is not None and entry.item is not None:
             entry.held = False
             self._supervisor.release(entry.item)
+        # The item's callbacks refer to the entry: break the cycle, so the pair is freed
+        # now, not by the garbage collector (which a page of 500 events keeps busy).
+        entry.item = None
         self._advance()
 
     def tuple(
@@ -198,6 +214,7 @@ class Checkpoint:
             entry.held = supervisor.hold(entry.item, f"{about} was not delivered: {error}")
             if entry.held:
                 return
+        entry.item = None
         self.failed = error
         # Nothing after it may ever be written: a source producing on must not grow this.
         self._pending.clear()
@@ -258,3 +275,61 @@ def _chain(first: Callable[..., None], then: Callable[..., Any] | None) -> Calla
         return then(*args)  # an awaitable, from an async def, is awaited by delivery
 
     return both
+
+
+# -- positions by hand: cmd/main.py --positions, --set-position, --reset-positions ------------
+
+#: The store key of a source without partitions.
+KEY = "position"
+_PARTITION = "partition/"
+
+
+def partition_key(name: str) -> str:
+    """The store key of partition ``name``'s position."""
+    return _PARTITION + name
+
+
+class Refused(Exception):
+    """A change by hand that cannot be made; ``str()`` is one line (the process exits 2)."""
+
+
+def stored(store: PositionStore, partitioned: bool) -> dict[str, Any]:
+    """The stored positions: partition name -> position, or ``{"position": ...}``."""
+    if not partitioned:
+        return {KEY: store.get(KEY)}
+    names = [
+        key.removeprefix(_PARTITION) for key in store.stored_keys() if key.startswith(_PARTITION)
+    ]
+    return {name: store.get(partition_key(name)) for name in names}
+
+
+def set_position(store: PositionStore, partitioned: bool, spec: str) -> str:
+    """``[PARTITION=]VALUE`` (VALUE as JSON, else a string); the line saying what changed."""
+    if partitioned:
+        name, equals, text = spec.partition("=")
+        if not equals or not name:
+            raise Refused("this source has partitions: --set-position PARTITION=VALUE")
+        key, what = partition_key(name), f"partition {name!r}"
+    else:
+        key, what, text = KEY, "position", spec
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = text
+    before = store.get(key)
+    store.set(key, value)
+    return f"{what}: {before!r} -> {value!r}"
+
+
+def reset_positions(store: PositionStore, partitioned: bool, partition: str | None) -> str:
+    """Forget ``partition``'s position (None: every one); the line saying what changed."""
+    if partition is not None and not partitioned:
+        raise Refused("this source has no partitions: --reset-positions takes no PARTITION")
+    old = stored(store, partitioned)
+    names = list(old) if partition is None else [partition]
+    for name in names:
+        store.delete(partition_key(name) if partitioned else KEY)
+    if not partitioned:
+        return f"position: {old[KEY]!r} -> None (the next run starts from the beginning)"
+    changes = ", ".join(f"{name!r}: {old.get(name)!r} -> None" for name in names)
+    return f"partitions reset ({changes or 'none stored'})"

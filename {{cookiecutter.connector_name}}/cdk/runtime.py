@@ -22,13 +22,14 @@ from typing import Any, NoReturn
 
 import orjson
 
-from cdk import cli, tracing
+from cdk import cli, positions, tracing
 from cdk.cli import SHUTDOWN_ALLOWANCE
 from cdk.config import (
     ConfigError,
     ConnectorConfig,
     DeliveryConfig,
     SinkConfig,
+    SourceConfig,
     load_config,
     masked_dump,
     resolve_paths,
@@ -36,7 +37,9 @@ from cdk.config import (
 from cdk.connector import Connector, Sink, Source, WebhookSource
 from cdk.delivery import parse_ce_overrides, tls_context
 from cdk.logs import configure_logging, format_now, one_line
+from cdk.polling import has_partitions
 from cdk.service import Service, ServiceError, check_classes, service_for
+from cdk.store import InUse, PositionStore, StoreError
 
 __all__ = ["run", "run_sink", "run_source"]
 
@@ -168,7 +171,10 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _load(config_cls: type[ConnectorConfig], args: argparse.Namespace) -> ConnectorConfig:
-    defaults = {"target": "http://dry-run.invalid/"} if getattr(args, "dry_run", False) else None
+    # A dry run, or a look at the positions, sends nothing: no target needed.
+    admin = ("dry_run", "positions", "set_position", "reset_positions")
+    offline = any(getattr(args, flag, None) for flag in admin)
+    defaults = {"target": "http://dry-run.invalid/"} if offline else None
     config = load_config(config_cls, args.config, args.secret, defaults=defaults)
     flags = {"log_level": args.log_level, "log_format": args.log_format}
     update = {key: value for key, value in flags.items() if value is not None}
@@ -213,6 +219,8 @@ def _main(
     tracing.setup(service_name=cli.project_metadata().get("name", name))
     effective = orjson.dumps(masked_dump(config), option=orjson.OPT_SORT_KEYS).decode()
     _log.debug("effective config: %s", effective)
+    if kind == "source" and (args.positions or args.set_position or args.reset_positions):
+        return _manage_positions(config, connector_cls, args)
     options: dict[str, Any] = {}
     if kind == "source":
         options = {"overrides": overrides, "dry_run": args.dry_run, "max_events": args.max_events}
@@ -234,6 +242,43 @@ def _main(
         return cli.EXIT_FAILURE
     finally:
         watchdog.disarm()
+
+
+def _manage_positions(
+    config: ConnectorConfig, connector_cls: type[Connector[Any]], args: argparse.Namespace
+) -> int:
+    """``--positions``, ``--set-position``, ``--reset-positions``: one look or change, by hand."""
+    if not isinstance(config, SourceConfig) or not issubclass(connector_cls, Source):
+        _log.error("a webhook source keeps no positions")
+        return cli.EXIT_CONFIG
+    if config.position_store is None:
+        _log.error("position_store is not set: positions live only in a running connector")
+        return cli.EXIT_CONFIG
+    try:
+        connector = connector_cls()
+        namespace, partitioned = connector.name(), has_partitions(connector)
+    except Exception as exc:
+        _log.error("cannot create %s: %s", connector_cls.__name__, one_line(exc))
+        return cli.EXIT_FAILURE
+    try:
+        with PositionStore.from_config(config, namespace) as store:
+            if args.positions:
+                print(orjson.dumps(positions.stored(store, partitioned)).decode())
+                return cli.EXIT_OK
+            store.exclusive()
+            if args.set_position:
+                change = positions.set_position(store, partitioned, args.set_position)
+            else:
+                only = None if args.reset_positions == cli.ALL_PARTITIONS else args.reset_positions
+                change = positions.reset_positions(store, partitioned, only)
+    except (positions.Refused, InUse) as exc:
+        _log.error("%s", exc)
+        return cli.EXIT_CONFIG
+    except (StoreError, TypeError) as exc:
+        _log.error("%s", exc)
+        return cli.EXIT_FAILURE
+    _log.info("%s changed by hand: %s", namespace, change)
+    return cli.EXIT_OK
 
 
 def run(

@@ -37,8 +37,8 @@ from cdk.delivery import Deliverer, DeliveryQueue, Gate
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
-from cdk.polling import Poller, has_partitions, partition_key
-from cdk.positions import SUPERVISOR, Checkpoint, Tracked
+from cdk.polling import Poller, has_partitions
+from cdk.positions import SUPERVISOR, Checkpoint, Tracked, partition_key
 from cdk.receiver import Receiver, SinkHandler
 from cdk.store import PositionStore, StoreError
 
@@ -336,7 +336,7 @@ class PollingSourceService(_SourceService):
         self._resending: set[asyncio.Task[None]] = set()
         self._outage: tuple[float, float, str] | None = None  # since, last warned, why
 
-    # The supervisor of the checkpoints made while this source runs (cdk.store.SUPERVISOR).
+    # The supervisor of the checkpoints made while this source runs (cdk.positions.SUPERVISOR).
     def watch(self, checkpoint: Checkpoint) -> None:
         self._checkpoints.append(checkpoint)
 
@@ -420,8 +420,9 @@ class PollingSourceService(_SourceService):
             self.store = PositionStore.from_config(
                 self.config, source.name(), fence, read_only=self.dry_run
             )
+            self.store.claim()  # changes by hand are refused while this source runs
             self._new_term()
-            self.poller = Poller(source, self.store, self.config, self.metrics, self.chan)
+            self.poller = Poller(source, self.store, self.config, self.metrics)
             source._kit_loop = self.poller.run
             if self.partition_leases is not None:
                 self._share(self.partition_leases, self.poller)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a change by hand is not guarded there
+    fcntl = None  # type: ignore[assignment]
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +26,7 @@ if TYPE_CHECKING:
     from cdk.config import SourceConfig
     from cdk.etcd import Fence
 
-__all__ = ["NotLeader", "PositionStore", "StoreError", "dumps"]
+__all__ = ["InUse", "NotLeader", "PositionStore", "StoreError", "dumps"]
 
 # Values must round-trip: a datetime or dataclass is refused, not turned into a str or dict.
 _DUMP_OPTIONS = OPT_PASSTHROUGH_DATETIME | OPT_PASSTHROUGH_DATACLASS | OPT_PASSTHROUGH_SUBCLASS
@@ -40,10 +45,18 @@ class NotLeader(StoreError):
     """A write fenced by leader election was refused: this replica does not lead (now)."""
 
 
+class InUse(StoreError):
+    """The store cannot be changed by hand: a connector runs against it now."""
+
+
 class _Backend(Protocol):
     def get(self, namespace: str, key: str) -> bytes | None: ...
     def set(self, namespace: str, key: str, value: bytes) -> None: ...
     def delete(self, namespace: str, key: str) -> None: ...
+    def keys(self, namespace: str) -> list[str]: ...
+    # A running connector claims the store until close; ``exclusive`` raises InUse meanwhile.
+    def claim(self, namespace: str) -> None: ...
+    def exclusive(self, namespace: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -57,6 +70,7 @@ class _SQLiteBackend:
         self.path = path
         # Callbacks run on the event loop and in worker threads: one lock, one connection.
         self._lock = threading.Lock()
+        self._flocked: int | None = None  # a descriptor of the file holding a flock
         try:
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,9 +98,43 @@ class _SQLiteBackend:
     def delete(self, namespace: str, key: str) -> None:
         self._run("DELETE FROM positions WHERE namespace = ? AND key = ?", (namespace, key))
 
+    def keys(self, namespace: str) -> list[str]:
+        with self._lock:
+            sql = "SELECT key FROM positions WHERE namespace = ? ORDER BY key"
+            return [str(row[0]) for row in self._db.execute(sql, (namespace,))]
+
+    # flock, not fcntl locks: those are SQLite's own, and closing any descriptor of the
+    # file would drop them. A shared flock per running connector, an exclusive one for a
+    # change by hand; the kernel drops them when the process dies, even by kill -9.
+    def claim(self, namespace: str) -> None:
+        if fcntl is not None:
+            self._flock(fcntl.LOCK_SH)
+
+    def exclusive(self, namespace: str) -> None:
+        if fcntl is None:
+            return
+        try:
+            self._flock(fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUse(f"{self.path} is in use by a running connector: stop it first") from None
+
+    def _flock(self, operation: int) -> None:
+        if self.path is None or self._flocked is not None or fcntl is None:
+            return
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, operation)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        self._flocked = descriptor
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._flocked is not None:
+                os.close(self._flocked)  # releases the flock
+                self._flocked = None
 
     def _run(self, sql: str, params: tuple[str, ...]) -> Any:
         with self._lock:  # fetchone() too steps the statement on the shared connection
@@ -164,6 +212,21 @@ class PositionStore:
         """Forget ``key``; nothing happens when it is not stored."""
         if not self.read_only:
             self._backend_checked().delete(self.namespace, key)
+
+    def stored_keys(self) -> list[str]:
+        """The keys stored in this namespace, sorted."""
+        return sorted(self._backend_checked().keys(self.namespace))
+
+    def claim(self) -> None:
+        """Say that a connector runs against this store, until :meth:`close`: changes by
+        hand (:meth:`exclusive`) are refused meanwhile. Memory: nothing to say."""
+        if not self.read_only:
+            self._backend_checked().claim(self.namespace)
+
+    def exclusive(self) -> None:
+        """Make sure no connector runs against this store (and, for SQLite, none starts
+        until :meth:`close`); :class:`InUse` when one does."""
+        self._backend_checked().exclusive(self.namespace)
 
     def close(self) -> None:
         """Release the store; later calls raise :class:`StoreError`. Safe to call twice."""

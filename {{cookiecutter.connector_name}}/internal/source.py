@@ -43,8 +43,11 @@ class {{ cookiecutter.__class_prefix }}Source(cdk.WebhookSource[Config]):
 Edit ``make_event``. The kit calls it every ``interval`` seconds (config.yml), in a
 worker thread so blocking reads are fine, delivers what it returns to ``target`` and
 logs each outcome. Return the event, ``(event, position)`` to resume after that
-position when the source restarts (``position_store`` in config.yml keeps it), or
-None when there is nothing to send this time.
+position when the source restarts (``position_store`` in config.yml keeps it), a page
+(a list of either, e.g. the next 500 rows after ``self.position``), or None / ``[]``
+when there is nothing to send this time. An exception is retried with backoff;
+``raise cdk.FatalError("why")`` stops the source. The README shows how to read several
+partitions (tables, shards) with ``partitions()``.
 """
 
 import cdk
