@@ -531,6 +531,22 @@ def test_the_kit_shares_a_sources_partitions_among_three_replicas_one_killed_one
             partition = event.get_extension("partition")
             assert when < resumed, f"c sent {event.get_id()} {when - resumed:.3f} s after SIGCONT"
             assert when < taken.get(partition, math.inf), f"{event.get_id()} after a took over"
+    # a handed three partitions back to c on its own will: c resumed each right after a's
+    # last event, whose position a wrote before it let go (nothing sent twice).
+    handed = 0
+    for partition in (f"p{i}" for i in range(6)):
+        mine = [(w, e) for w, e in arrivals if e.get_extension("partition") == partition]
+        back = [(w, e) for w, e in mine if e.get_extension("replica") == "c" and made(e) > resumed]
+        if not back:
+            continue
+        handed += 1
+        first_when, first = back[0]
+        before = [e for w, e in mine if w < first_when and e.get_extension("replica") == "a"]
+        assert before, partition
+        assert int(first.get_data()["n"]) == int(before[-1].get_data()["n"]) + 1, partition
+        later = [e for w, e in mine if w > first_when and e.get_extension("replica") == "a"]
+        assert not later, f"a sent {partition} after handing it over"
+    assert handed == 3
     for partition in (f"p{i}" for i in range(6)):
         numbers = {
             int(e.get_data()["n"]) for _, e in arrivals if e.get_extension("partition") == partition
