@@ -48,8 +48,12 @@ class Replica:
         self.gate_open_in_loss: list[bool] = []
         self.hold = asyncio.Event()
         self.hold.set()
+        self.starting = asyncio.Event()  # cleared: a producer that takes its time to start
+        self.starting.set()
 
     async def gained(self, partition: str) -> None:
+        self.journal.append((time.monotonic(), self.name, "gaining", partition))
+        await self.starting.wait()
         assert partition not in self.running
         self.running.add(partition)
         self.journal.append((time.monotonic(), self.name, "gain", partition))
@@ -153,6 +157,30 @@ def test_a_joining_replica_gets_a_partition_only_once_its_leader_let_go(etcd_url
         # While a settled what it held, it still led those partitions: its gate was open.
         assert a.gate_open_in_loss[:3] == [True, True, True]
         assert_one_leader_at_a_time(journal)
+
+    asyncio.run(main())
+
+
+def test_a_partition_lost_while_its_producer_starts_is_stopped_once_it_has_started(
+    etcd_url: str,
+) -> None:
+    """on_loss never overlaps on_gain of the same partition: a runner stopping a producer
+    that is not there yet would leave it running."""
+
+    async def main() -> None:
+        async with replicas(etcd_url, "a", []) as (group, journal):
+            (a,) = group
+            a.starting.clear()
+            a.leases.assign(["p0"])
+            await until(lambda: (a.name, "gaining", "p0") in [j[1:] for j in journal], 20)
+            endpoint = etcd_url.removeprefix("etcd://").partition("/")[0]
+            gateway(endpoint, "lease/revoke", {"ID": a.leases._lease_id})  # as if it expired
+            await until(lambda: a.leases.gate("p0") is not None, LEASE * 2)
+            a.starting.set()
+            await until(lambda: (a.name, "lost", "p0") in [j[1:] for j in journal], 10)
+            steps = [what for _, name, what, p in sorted(journal) if p == "p0"]
+            assert steps[:4] == ["gaining", "gain", "losing", "lost"], steps
+            await until(lambda: a.running == set(a.leases.owned), 10)
 
     asyncio.run(main())
 

@@ -454,6 +454,7 @@ class PartitionLeases(_Leased):
         self._owned: dict[str, int] = {}  # partition -> its key's create revision
         self._releasing: set[str] = set()
         self._ending: dict[str, asyncio.Task[None]] = {}  # on_loss (and release) under way
+        self._starting: dict[str, asyncio.Future[None]] = {}  # on_gain under way
         self._balancer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._warned = ""
@@ -577,12 +578,17 @@ class PartitionLeases(_Leased):
             return  # another replica was quicker, or this lease is gone meanwhile
         self._owned[partition] = int(answer["header"]["revision"])
         log.info("%s leads partition %r", self.identity, partition)
-        if self.on_gain is not None:
-            try:
-                await self.on_gain(partition)
-            except Exception:
-                log.exception("starting partition %r failed; releasing it", partition)
-                self._release(partition)
+        if self.on_gain is None:
+            return
+        starting = self._starting[partition] = asyncio.get_running_loop().create_future()
+        try:
+            await self.on_gain(partition)
+        except Exception:
+            log.exception("starting partition %r failed; releasing it", partition)
+            self._release(partition)
+        finally:
+            del self._starting[partition]
+            starting.set_result(None)
 
     def _release(self, partition: str) -> None:
         """Stop leading ``partition`` of this replica's own will: ``on_loss``, then the key."""
@@ -593,7 +599,7 @@ class PartitionLeases(_Leased):
 
     async def _hand_over(self, partition: str) -> None:
         try:
-            await self._call(self.on_loss, partition)  # it still leads: what is held is sent
+            await self._stop_partition(partition)  # it still leads: what is held is sent
         finally:
             revision = self._owned.pop(partition, None)  # the gate closes before the key goes
             self._releasing.discard(partition)
@@ -613,15 +619,19 @@ class PartitionLeases(_Leased):
             return
         log.warning("%s no longer leads partition %r: %s", self.identity, partition, reason)
         if partition not in self._releasing:
-            task = asyncio.create_task(self._call(self.on_loss, partition))
+            task = asyncio.create_task(self._stop_partition(partition))
             self._ending[partition] = task
             task.add_done_callback(lambda _: self._ending.pop(partition, None))
 
-    async def _call(self, hook: Hook | None, partition: str) -> None:
-        if hook is None:
+    async def _stop_partition(self, partition: str) -> None:
+        """``on_loss``, once the ``on_gain`` of the same partition, if under way, returned."""
+        starting = self._starting.get(partition)
+        if starting is not None:
+            await asyncio.shield(starting)
+        if self.on_loss is None:
             return
         try:
-            await hook(partition)
+            await self.on_loss(partition)
         except Exception:
             log.exception("stopping partition %r failed", partition)
 
