@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cloudevents.core.v1.event import CloudEvent
-from etcd_support import EtcdCluster, b64, gateway
+from etcd_support import EtcdCluster, b64, gateway, read_key
 from processes import Process, start
 from waiting import until
 
@@ -173,8 +173,10 @@ def test_a_partition_lost_while_its_producer_starts_is_stopped_once_it_has_start
             a.starting.clear()
             a.leases.assign(["p0"])
             await until(lambda: (a.name, "gaining", "p0") in [j[1:] for j in journal], 20)
-            endpoint = etcd_url.removeprefix("etcd://").partition("/")[0]
-            gateway(endpoint, "lease/revoke", {"ID": a.leases._lease_id})  # as if it expired
+            endpoint, _, prefix = etcd_url.removeprefix("etcd://").partition("/")
+            member = read_key(endpoint, f"/{prefix}/src.members/a")
+            assert member is not None
+            gateway(endpoint, "lease/revoke", {"ID": member["lease"]})  # as if it expired
             await until(lambda: a.leases.gate("p0") is not None, LEASE * 2)
             a.starting.set()
             await until(lambda: (a.name, "lost", "p0") in [j[1:] for j in journal], 10)
