@@ -1,9 +1,10 @@
 """Partitions shared out among replicas on a real etcd (:class:`cdk.etcd.PartitionLeases`).
 
 In-process replicas (each its own identity and lease) show the sharing rules: fair shares,
-one leader per partition, hand-overs that wait for the old leader to let go. Replica
-processes killed (SIGKILL) and frozen (SIGSTOP) show what a crash and a pause do, on a
-capture target that records which replica sent which partition's events when.
+one leader per partition, hand-overs that wait for the old leader to let go, a replica cut
+off from etcd (a 3-member cluster). Three processes of a source with partitions, one
+killed (SIGKILL) and one frozen (SIGSTOP), show what a crash and a pause do, on a capture
+target that records which replica sent which partition's events when.
 """
 
 from __future__ import annotations
@@ -231,192 +232,6 @@ def test_position_writes_are_fenced_by_their_partitions_leader_key(etcd_url: str
     asyncio.run(main())
 
 
-# -- replica processes ---------------------------------------------------------------------
-
-#: A replica: PartitionLeases starts and stops a producer per partition it leads (resuming from
-#: the partition's stored position); a Deliverer gated per partition sends their events.
-PARTITION_SCRIPT = """
-import asyncio, os, signal, sys, time
-from cloudevents.core.v1.event import CloudEvent
-from cdk.config import SourceConfig
-from cdk.delivery import Deliverer, DeliveryQueue
-from cdk.etcd import EtcdBackend, PartitionLeases
-from cdk.metrics import Metrics
-from cdk.positions import Checkpoint
-from cdk.store import PositionStore
-
-NAME, URL = os.environ["REPLICA"], os.environ["PARTS_STORE"]
-LEASE = float(os.environ["PARTS_LEASE"])
-PARTITIONS = [f"p{i}" for i in range(6)]
-
-
-def say(*words):
-    print(f"{time.monotonic():.6f}", *words, file=sys.stderr, flush=True)
-
-
-async def main():
-    chan = DeliveryQueue(1000)
-    running = {}
-
-    async def produce(partition, checkpoint):
-        n = checkpoint.position or 0
-        while True:
-            n += 1
-            attributes = {"id": f"{partition}-{n}", "source": "/p", "type": "t"}
-            attributes.update(partition=partition, replica=NAME)
-            await chan.put(checkpoint.tuple(CloudEvent(attributes, {"n": n}), n))
-            await asyncio.sleep(0.05)
-
-    async def gain(partition):
-        checkpoint = await asyncio.to_thread(Checkpoint, store, partition)
-        say("gain", partition, checkpoint.position)
-        running[partition] = (asyncio.create_task(produce(partition, checkpoint)), checkpoint)
-
-    async def loss(partition):
-        task, checkpoint = running.pop(partition)
-        task.cancel()
-        await asyncio.wait({task})
-        await checkpoint.flush()
-        checkpoint.abandon()
-        say("lost", partition)
-
-    leases = PartitionLeases(URL, "src", LEASE, identity=NAME, on_gain=gain, on_loss=loss)
-    store = PositionStore("src", backend=EtcdBackend(URL, leases))
-    gate = lambda tuples: leases.gate(str(tuples[0].event.get_extension("partition")))
-    config = SourceConfig(target=os.environ["PARTS_TARGET"], max_in_flight=1, retry_backoff=0.05)
-    deliverer = Deliverer(config, Metrics(), gate=gate)
-    delivering = asyncio.create_task(deliverer.run(chan))
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    leases.assign(PARTITIONS)
-    await leases.start()
-    say("started")
-    await stop.wait()
-    await leases.stop()
-    await deliverer.stop(2.0)
-    await delivering
-    store.close()
-
-
-asyncio.run(main())
-"""
-
-Journal = list[tuple[float, str, str, str]]
-
-
-def wait_on(predicate: Callable[[], bool], timeout: float) -> None:
-    """Poll ``predicate`` (every 50 ms) until it holds; fail after ``timeout`` seconds."""
-    _wait_on(threading.Condition(), predicate, timeout, lambda: "condition not met in time")
-
-
-def refused(target: CaptureTarget, replica: str) -> bool:
-    """Whether the target answered one of ``replica``'s requests 503 (fail_with(503))."""
-    return any(
-        r.status == 503 and r.headers.get("ce-replica") == replica for r in target.all_requests
-    )
-
-
-def journal(processes: dict[str, Process]) -> Journal:
-    """Every replica's ``gain``/``lost`` lines so far, in time order (one monotonic clock)."""
-    found = []
-    for name, process in processes.items():
-        for line in process.lines:
-            words = line.split()
-            if len(words) >= 3 and words[1] in ("gain", "lost"):
-                found.append((float(words[0]), name, words[1], words[2]))
-    return sorted(found)
-
-
-def owners(processes: dict[str, Process]) -> dict[str, str]:
-    """Who leads each partition, by the lines so far (a killed replica's last gains stand
-    until another gains the partition)."""
-    led: dict[str, str] = {}
-    for _, name, what, partition in journal(processes):
-        if what == "gain":
-            led[partition] = name
-        elif led.get(partition) == name:
-            del led[partition]
-    return led
-
-
-def spread(processes: dict[str, Process]) -> list[tuple[str, int]]:
-    led = list(owners(processes).values())
-    return sorted((name, led.count(name)) for name in set(led))
-
-
-def start_replicas(
-    started: list[Process], tmp_path: Path, names: str, target: str, store: str
-) -> dict[str, Process]:
-    running = {}
-    for name in names:
-        directory = tmp_path / name
-        directory.mkdir()
-        env = {"REPLICA": name, "PARTS_STORE": store, "PARTS_TARGET": target}
-        running[name] = start(started, directory, PARTITION_SCRIPT, PARTS_LEASE=str(LEASE), **env)
-    return running
-
-
-def test_a_killed_and_a_frozen_replica_hand_their_partitions_over_within_a_lease(
-    tmp_path: Path, etcd_url: str, started: list[Process]
-) -> None:
-    with CaptureTarget.in_thread() as target:
-        replicas = start_replicas(started, tmp_path, "abc", target.url, etcd_url)
-        wait_on(lambda: spread(replicas) == [("a", 2), ("b", 2), ("c", 2)], 30)
-        count = len(target.events)
-        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
-
-        killed = time.monotonic()
-        replicas["b"].kill()
-        wait_on(lambda: spread(replicas) == [("a", 3), ("c", 3)], LEASE * 4)
-        taken = [when for when, name, what, _ in journal(replicas) if when > killed]
-        assert max(taken) - killed < LEASE * 2, "b's partitions moved too late"
-
-        # c gets held up (every answer 503) so that it holds events, then freezes.
-        target.fail_with(503)
-        wait_on(lambda: refused(target, "c"), 10)
-        frozen = time.monotonic()
-        replicas["c"].send(signal.SIGSTOP)
-        target.fail_with(None)
-        wait_on(lambda: spread(replicas) == [("a", 6)], LEASE * 4)
-        moved = {p: when for when, name, what, p in journal(replicas) if when > frozen}
-        assert max(moved.values()) - frozen < LEASE * 2, "c's partitions moved too late"
-        count = len(target.events)
-        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
-
-        resumed = time.monotonic()
-        replicas["c"].send(signal.SIGCONT)
-        wait_on(lambda: spread(replicas) == [("a", 3), ("c", 3)], LEASE * 6)
-        count = len(target.events)
-        target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
-        for name in "ac":
-            replicas[name].send(signal.SIGTERM)
-        for name in "ac":
-            assert replicas[name].wait() == 0, replicas[name].stderr
-        records = target.requests
-        lines = journal(replicas)
-
-    arrivals = [(r.arrived, e) for r in records for e in r.events]
-    regained: dict[str, float] = {}
-    for when, name, what, partition in lines:
-        if name == "c" and what == "gain" and when > resumed:
-            regained.setdefault(partition, when)
-    for when, event in arrivals:
-        partition, replica = event.get_extension("partition"), event.get_extension("replica")
-        if replica != "c" or when < frozen:
-            continue
-        # What c held when it froze never went out after its lease could expire: before a
-        # took the partition over, or once c led it again.
-        assert when < moved.get(partition, frozen) or regained.get(partition, math.inf) <= when, (
-            f"c sent an event of {partition} {when - frozen:.3f} s after it froze, "
-            f"{when - resumed:.3f} s after it resumed"
-        )
-    for partition in (f"p{i}" for i in range(6)):
-        mine = [e for _, e in arrivals if e.get_extension("partition") == partition]
-        numbers = {int(e.get_data()["n"]) for e in mine}
-        missing = set(range(1, max(numbers) + 1)) - numbers
-        assert not missing, f"{partition}: never delivered: {sorted(missing)[:20]}"
-
-
 def test_a_replica_cut_off_from_etcd_leads_nothing_before_the_others_take_over(
     etcd_cluster: EtcdCluster,
 ) -> None:
@@ -426,7 +241,7 @@ def test_a_replica_cut_off_from_etcd_leads_nothing_before_the_others_take_over(
     partitions = [f"p{i}" for i in range(6)]
 
     async def main() -> None:
-        journal: Journal = []
+        journal: list[tuple[float, str, str, str]] = []
         a, b = (Replica(etcd_cluster.url("cut", members[1:]), n, journal) for n in "ab")
         c = Replica(etcd_cluster.url("cut", [members[0]]), "c", journal)
         closed: dict[str, float] = {}
@@ -462,7 +277,20 @@ def test_a_replica_cut_off_from_etcd_leads_nothing_before_the_others_take_over(
     asyncio.run(main())
 
 
-# -- the kit: a source with partitions, three replicas -----------------------------------------
+# -- the kit: a source with partitions, three replica processes -----------------------------
+
+
+def wait_on(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll ``predicate`` (every 50 ms) until it holds; fail after ``timeout`` seconds."""
+    _wait_on(threading.Condition(), predicate, timeout, lambda: "condition not met in time")
+
+
+def refused(target: CaptureTarget, replica: str) -> bool:
+    """Whether the target answered one of ``replica``'s requests 503 (fail_with(503))."""
+    return any(
+        r.status == 503 and r.headers.get("ce-replica") == replica for r in target.all_requests
+    )
+
 
 PARTS_SOURCE = """
 import os, time
