@@ -103,6 +103,7 @@ def test_a_follower_takes_over_from_the_position_stored_when_it_leads(
         b.wait_for("campaigning to lead")
         following = len(target.events)  # b follows while a makes 100 more
         target.wait_until(lambda: len(target.events) >= following + 100, timeout=30)
+        before = stored_position(etcd_url)  # positions only grow: the takeover's is as far
         a.send(stop)
         a.wait()
         resumed = b.wait_for(r"leading: producing from position (\d+)", timeout=LEASE * 3)
@@ -111,16 +112,13 @@ def test_a_follower_takes_over_from_the_position_stored_when_it_leads(
         b.send(signal.SIGTERM)
         assert b.wait() == 0, b.stderr
         events = list(target.events)
-    # b resumed from a position a stored (b takes over within lease/8 of a clean stop and
-    # writes its own at once: the store, read after a exits, may hold b's already).
-    stored = int(resumed.group(1))
-    assert stored in seen and stored >= 50, (stored, seen)
-    if stop == signal.SIGTERM:  # a clean stop wrote the position of its last delivered event
-        assert stored == max(
-            int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "a"
-        )
+    position = int(resumed.group(1))
+    assert before is not None and before >= 50
+    # Not the position b read when it started, 100 events back: the one stored when it led
+    # (a loaded machine may hand b the lead a little before a stops: never before `before`).
+    assert position >= before and position in seen, (position, before, seen)
     first_of_b = next(int(e.get_id()[1:]) for e in events if e.get_extension("replica") == "b")
-    assert first_of_b == stored + 1
+    assert first_of_b == position + 1
     assert seen == sorted(seen), f"the stored position moved backwards: {seen}"
     assert_no_gap([e.get_id() for e in events])
 

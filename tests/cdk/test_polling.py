@@ -164,6 +164,31 @@ def test_a_failing_partition_does_not_hold_up_the_others_and_refresh_starts_and_
     assert by_partition(target.events) == {"a": [1, 2, 3], "b": [1, 2, 3]}
 
 
+def test_async_partitions_and_a_fatal_error_there_stop_the_source() -> None:
+    class Accounts(cdk.Source[cdk.SourceConfig]):
+        asked = 0
+
+        async def partitions(self) -> list[str]:
+            self.asked += 1
+            if self.asked > 1:
+                raise cdk.FatalError("the accounts table is gone")
+            return ["acme"]
+
+        async def make_event(self, partition: str) -> list[tuple[cdk.CloudEvent, int]]:
+            n = (self.positions[partition] or 0) + 1
+            return [(row_event(partition, n), n)] if n <= 2 else []
+
+    with CaptureTarget.in_thread() as target:
+        source = Accounts()
+        settings = {"partition_refresh": 0.5, "idle_interval": 0.01}
+        with run_in_thread(source, config(target.url, **settings)) as running:
+            running.call(running.service.wait(), 10)
+            error = running.service.error
+        assert isinstance(error, cdk.FatalError) and str(error) == "the accounts table is gone"
+        assert source.positions == {"acme": 2}
+    assert [e.get_id() for e in target.events] == ["acme-1", "acme-2"]
+
+
 @pytest.mark.parametrize("made", ["text", ["text"], (1, 2)])
 def test_make_event_returning_something_else_stops_with_one_line(made: object) -> None:
     class Wrong(cdk.Source[cdk.SourceConfig]):

@@ -374,7 +374,18 @@ class PollingSourceService(_SourceService):
     def _holds(self, item: Tuple) -> bool:
         """Whether :meth:`hold` would take ``item`` if its attempts ran out now."""
         active = self._stopping is None and not self._finished.is_set()
-        return active and isinstance(item, Tracked) and item.supervised
+        leads = self.leadership is None or self.leadership.is_leader  # a deposed one lets go
+        return active and leads and isinstance(item, Tracked) and item.supervised
+
+    def _let_go(self) -> None:
+        """Stop sending held events again (the source stops, or lost the lead): they stay
+        unacknowledged, so their positions are never written, and nothing is skipped."""
+        for resend in list(self._resending):
+            resend.cancel()
+        self._held.clear()
+        self._outage = None
+        if self.poller is not None:
+            self.poller.resume()
 
     def release(self, item: Tuple) -> None:
         self._held.pop(id(item), None)
@@ -537,6 +548,7 @@ class PollingSourceService(_SourceService):
                 leading.set(0)
                 self._note(" (follower)")
                 self.log.warning("lost the lead; settling the events in flight, then campaigning")
+                self._let_go()
                 await self.chan.join()
                 for checkpoint in self._checkpoints:  # this term's, of each partition
                     checkpoint.abandon()
@@ -562,8 +574,7 @@ class PollingSourceService(_SourceService):
         loop = asyncio.get_running_loop()
         deadline = None if grace is None else loop.time() + grace
         task = self._producing
-        for resend in list(self._resending):  # held events stay unacknowledged: no gap
-            resend.cancel()
+        self._let_go()
         if task is not None and not task.done():
             task.cancel()
             done, _ = await asyncio.wait({task}, timeout=1.0)
