@@ -529,6 +529,8 @@ class PartitionLeases(_Leased):
                 if str(exc) != self._warned:  # once per cause, not every eighth of a lease
                     log.warning("partitions of %s: %s", self.partitions_prefix, exc)
                     self._warned = str(exc)
+            except Exception:  # a bug (or an answer etcd never gives): balance again later
+                log.exception("balancing the partitions of %s failed", self.partitions_prefix)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.lease / 8)
