@@ -316,6 +316,12 @@ cdk.run_source(Config, Parts)
 """
 
 
+def readyz(process: Process) -> str:
+    port = process.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)").group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
 def led(process: Process) -> int:
     """``cdk_partitions_led`` of a running replica; -1 when it does not answer."""
     port = process.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)").group(1)
@@ -371,6 +377,7 @@ def test_the_kit_shares_a_sources_partitions_among_three_replicas_one_killed_one
         wait_on(lambda: shares("a", "c") == [3, 3], LEASE * 6)
         count = len(target.events)
         target.wait_until(lambda: len(target.events) >= count + 60, timeout=30)
+        assert readyz(replicas["a"]) == "ready (leads 3 partitions)"
         for name in "ac":
             replicas[name].send(signal.SIGTERM)
         for name in "ac":

@@ -450,8 +450,13 @@ class PollingSourceService(_SourceService):
             leases.assign(names)
             return [name for name in names if name in poller.running]  # the leases start more
 
+        def note() -> None:  # on /readyz: the partitions producing here
+            count = len(poller.running)
+            self._note(f" (leads {count} partition{'' if count == 1 else 's'})")
+
         async def gained(name: str) -> None:
             await poller.own(name)
+            note()
             position = poller.running[name].checkpoint.position
             where = "the start" if position is None else f"position {position!r}"
             self.log.info("partition %r: leading, producing from %s", name, where)
@@ -459,6 +464,7 @@ class PollingSourceService(_SourceService):
         async def lost(name: str) -> None:
             part = poller.running.get(name)
             await poller.lose(name)
+            note()
             if part is None:
                 return
             checkpoint, loop = part.checkpoint, asyncio.get_running_loop()
