@@ -476,6 +476,8 @@ class PollingSourceService(_SourceService):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(checkpoint.flush(), max(0.0, until - loop.time()))
             checkpoint.abandon()
+            with contextlib.suppress(ValueError):  # partitions come and go: no list that grows
+                self._checkpoints.remove(checkpoint)
             self.log.info("partition %r: no longer led here", name)
 
         poller.claim = claim
