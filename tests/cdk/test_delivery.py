@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -34,6 +34,8 @@ from cdk.delivery import (
     DeliveryError,
     DeliveryQueue,
     EncodeError,
+    Fenced,
+    Gate,
     ShutdownError,
     TargetRejected,
     TargetUnavailable,
@@ -134,10 +136,11 @@ async def delivering(
     overrides: dict[str, Any] | None = None,
     logger: logging.Logger | None = None,
     reminder: float = 30.0,
+    gate: Gate | None = None,
 ) -> AsyncIterator[tuple[Deliverer, asyncio.Queue[Tuple], Metrics]]:
     chan = chan if chan is not None else DeliveryQueue(cfg.queue_size)
     metrics = Metrics()
-    deliverer = Deliverer(cfg, metrics, overrides=overrides)
+    deliverer = Deliverer(cfg, metrics, overrides=overrides, gate=gate)
     deliverer.log, deliverer.reminder = logger or deliverer.log, reminder
     task = asyncio.create_task(deliverer.run(chan))
     try:
@@ -540,6 +543,65 @@ def test_a_batch_of_two_specversions_goes_in_order_one_request_per_run() -> None
                 ["e2", "e3"],
                 ["e4"],
             ]
+
+    run(main)
+
+
+def test_a_closed_gate_stops_every_write_after_it_retries_included() -> None:
+    """The gate (a lease under leader election) is asked before each write, a retry's too;
+    once it says no, what is held fails with Fenced, and nothing more reaches the target."""
+
+    async def main() -> None:
+        asked: list[list[str]] = []
+
+        def gate(tuples: Sequence[Tuple]) -> str | None:
+            asked.append([t.event.get_id() for t in tuples])
+            return None if len(asked) <= 5 else "the lease may have expired"
+
+        logged = Logged()
+        async with CaptureTarget() as target:
+            target.fail_next(1, status=503)  # e0's first attempt: its retry asks again
+            cfg = config(target.url, max_in_flight=1, send_event_attempts=10)
+            fates, ids, metrics = await deliver(cfg, 10, gate=gate, logger=logged.logger)
+            assert [e.get_id() for e in target.events] == ids[:4]
+            assert target.attempts == 5
+        assert asked[:6] == [["e0"], ["e0"], ["e1"], ["e2"], ["e3"], ["e4"]]
+        assert fates.ok == ids[:4]
+        assert sorted(fates.failed) == sorted(ids[4:])
+        assert all(isinstance(error, Fenced) for error in fates.failed.values())
+        assert "the lease may have expired" in str(fates.failed["e4"])
+        assert value(metrics, "cdk_events_failed_total", {"reason": "fenced"}) == 6
+        # A deposed leader's events are no failed deliveries: no warning per event.
+        assert not logged.lines(logging.WARNING, "delivery failed")
+
+    run(main)
+
+
+def test_a_batch_the_gate_refuses_fails_only_the_events_it_refuses_one_by_one() -> None:
+    """A partition released while its events wait in a batch with others': only those fail
+    (Fenced); the rest of the batch goes, so no other partition's checkpoint ends."""
+
+    async def main() -> None:
+        def gate(tuples: Sequence[Tuple]) -> str | None:
+            odd = [t for t in tuples if int(t.event.get_id()[1:]) % 2]
+            return "partition odd is led elsewhere" if odd else None
+
+        async with CaptureTarget() as target:
+            cfg = config(target.url, batch_size=4, batch_linger=0.5, max_in_flight=1)
+            chan: DeliveryQueue = DeliveryQueue(100)
+            fates = Fates(12)
+            for i in range(12):  # queued before delivery starts: three full batches
+                chan.put_nowait(fates.tuple(make_event(i)))
+            async with delivering(cfg, chan, gate=gate) as (_, _, metrics):
+                await fates.wait()
+            even = sorted(f"e{i}" for i in range(0, 12, 2))
+            assert sorted(e.get_id() for e in target.events) == even
+            assert target.attempts == 3  # one request per batch, with what it may send
+        assert sorted(fates.ok) == even
+        assert sorted(fates.failed) == sorted(f"e{i}" for i in range(1, 12, 2))
+        assert all(isinstance(error, Fenced) for error in fates.failed.values())
+        assert value(metrics, "cdk_events_failed_total", {"reason": "fenced"}) == 6
+        assert value(metrics, "cdk_delivery_waiting") == 0
 
     run(main)
 

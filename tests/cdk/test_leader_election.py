@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from etcd_support import EtcdCluster, read_key
 from processes import POLL_SCRIPT, Process, start
 
 from cdk.testing import CaptureTarget
+from cdk.testing.runner import wait_on
 
 LEASE = 2.0
 
@@ -193,3 +195,66 @@ def test_only_one_of_three_replicas_produces(
         events = list(target.events)
     assert len(leaders) == 1
     assert len({e.get_extension("replica") for e in events}) == 1
+
+
+def metric(process: Process, sample: str) -> float:
+    """The value of one ``/metrics`` sample of ``process`` (``name{labels}``), 0 when absent."""
+    port = process.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)").group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+    return 0.0
+
+
+def until(predicate: Callable[[], bool], timeout: float) -> None:
+    """Poll ``predicate`` (every 50 ms) until it holds; fail after ``timeout`` seconds."""
+    wait_on(threading.Condition(), predicate, timeout, lambda: "condition not met in time")
+
+
+def test_a_frozen_leader_sends_nothing_once_its_lease_may_have_expired(
+    tmp_path: Path, etcd_url: str, started: list[Process]
+) -> None:
+    """Issue 20.2: a leader frozen past its lease, then resumed, delivered the events it held
+    after the new leader had delivered them. It must settle them unsent and lead no more."""
+    with CaptureTarget.in_thread() as target:
+        a = start_replica(started, tmp_path, "a", target.url, etcd_url)
+        a.wait_for("leading: producing")
+        b = start_replica(started, tmp_path, "b", target.url, etcd_url)
+        b.wait_for("campaigning to lead")
+        target.wait_until(lambda: len(target.events) >= 30, timeout=30)
+        # One answer held back: a's events queue up behind it, and it holds them when frozen.
+        target.delay_next(1, LEASE / 2)
+        depth = "cdk_source_queue_depth"
+        until(lambda: metric(a, depth) >= 20, timeout=10)
+        frozen = time.monotonic()
+        a.send(signal.SIGSTOP)
+        b.wait_for("leading: producing", timeout=LEASE * 5)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 20, timeout=30)
+        resumed = time.monotonic()
+        a.send(signal.SIGCONT)
+        a.wait_for("lost the lead", timeout=10)
+        count = len(target.events)
+        target.wait_until(lambda: len(target.events) >= count + 20, timeout=30)
+        fenced = metric(a, 'cdk_events_failed_total{reason="fenced"}')
+        alive = a.process.poll() is None
+        for process in (a, b):
+            process.send(signal.SIGTERM)
+        assert b.wait() == 0, b.stderr
+        a.wait()
+        records = target.requests
+    arrivals = [(r.arrived, str(e.get_extension("replica"))) for r in records for e in r.events]
+    takeover = min(when for when, replica in arrivals if replica == "b")
+    last_of_a = max(when for when, replica in arrivals if replica == "a")
+    # Its lease may be gone from the moment it was frozen plus a lease at the latest (its last
+    # renewal came before); nothing of a's may arrive then, nor after b took over.
+    assert last_of_a < min(takeover, frozen + LEASE), (last_of_a - frozen, takeover - frozen)
+    assert last_of_a < resumed
+    assert_no_gap([e.get_id() for e in (e for r in records for e in r.events)])
+    # What a held was settled unsent, as no gap that stops it: it lived on as a follower.
+    assert fenced >= 20, a.stderr
+    assert "left to the replica that leads now" in a.stderr
+    assert "send event failed" not in a.stderr  # said once, not per event
+    assert alive and a.process.returncode == 0, a.stderr

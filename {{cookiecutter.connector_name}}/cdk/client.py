@@ -15,7 +15,7 @@ import asyncio
 import base64
 import ssl as _ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import SplitResult, quote, unquote, urlsplit
@@ -322,19 +322,23 @@ class Client:
         if len(self._known_names) < 1024:
             self._known_names.add(name)
 
-    async def send(self, data: bytes) -> ClientResponse:
-        """Send what :meth:`encode_request` made (once or many times): the answer, any status."""
+    async def send(
+        self, data: bytes, before_write: Callable[[], None] | None = None
+    ) -> ClientResponse:
+        """Send what :meth:`encode_request` made (once or many times): the answer, any status.
+        ``before_write`` is called right before the bytes are written (each time they are):
+        what it raises ends the send with nothing written."""
         self.loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._send(data)
+                return await self._send(data, before_write)
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self.timeout:g} s") from None
 
-    async def _send(self, data: bytes) -> ClientResponse:
+    async def _send(self, data: bytes, before_write: Callable[[], None] | None) -> ClientResponse:
         conn, reused = await self._acquire(fresh=False)
         try:
-            return await self._exchange(conn, data)
+            return await self._exchange(conn, data, before_write)
         except ConnectionClosed as exc:
             if not reused or exc.received:
                 raise
@@ -342,9 +346,18 @@ class Client:
         # keep-alive race): it closed without reading it, as a rule, so send it once more.
         # Rarely it was read and then the server died; a sender must expect duplicates.
         conn, _ = await self._acquire(fresh=True)
-        return await self._exchange(conn, data)
+        return await self._exchange(conn, data, before_write)
 
-    async def _exchange(self, conn: _Connection, data: bytes) -> ClientResponse:
+    async def _exchange(
+        self, conn: _Connection, data: bytes, before_write: Callable[[], None] | None = None
+    ) -> ClientResponse:
+        if before_write is not None:
+            try:  # no await between this and the write: the check holds when the bytes leave
+                before_write()
+            except BaseException:
+                if not conn.closed:
+                    self._release(conn)  # untouched: it may serve the next request
+                raise
         try:
             response = await conn.send(data)
         except BaseException:

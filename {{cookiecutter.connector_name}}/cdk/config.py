@@ -370,7 +370,9 @@ class SourceConfig(DeliveryConfig):
         None, description="PEM file of CAs an `etcds://` store's certificate is checked against."
     )
     leader_election: bool = Field(
-        False, description="Replicas campaign for one etcd lease; only the leader produces events."
+        False,
+        description="Replicas campaign for one etcd lease; only the leader produces events. "
+        "With `partitions()`, each partition has one leader, a fair share each.",
     )
     leader_lease: float = Field(
         10.0,

@@ -7,6 +7,8 @@ callback: ``success()`` or ``failed(error)``, an error defined here. Retries fol
 with backoff, jitter and ``Retry-After``; a request waiting for one holds no worker unless
 ``max_in_flight`` is 1 (strict order). The retry window (:meth:`Deliverer._park`) bounds their load
 on a failing target; a :class:`DeliveryQueue` counts waiting events against ``queue_size``.
+A ``gate`` (:data:`Gate`), asked right before each request is written, keeps a replica whose lease
+may have expired from sending: what it holds then fails with :class:`Fenced`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -44,6 +46,8 @@ __all__ = [
     "Deliverer",
     "DeliveryQueue",
     "EncodeError",
+    "Fenced",
+    "Gate",
     "ShutdownError",
     "error_extensions",
     "parse_ce_overrides",
@@ -60,6 +64,10 @@ _MIN_BACKOFF = 0.01
 _SHARE_SPAN = 32
 _PROBE = CloudEvent({"id": "probe", "source": "/", "type": "probe", "specversion": "1.0"})
 _log = logging.getLogger("cdk.delivery")
+
+#: Asked right before a request of ``tuples`` is written: ``None`` lets it go, a reason stops it
+#: (:class:`Fenced`). A replica under leader election closes it once its lease may have expired.
+Gate = Callable[[Sequence[Tuple]], str | None]
 
 
 class DeliveryError(Exception):
@@ -119,6 +127,11 @@ class EncodeError(DeliveryError):
     """The event cannot be written on the wire (it is not a valid CloudEvent)."""
 
 
+class Fenced(DeliveryError):
+    """Not sent by this replica: its lease may have expired, so another one sends the event
+    (from the position stored last). Not a loss: a checkpoint treats it as the end of a term."""
+
+
 def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, DeliveryError) else one_line(error)
 
@@ -126,7 +139,8 @@ def _describe(error: BaseException) -> str:
 def _reason(error: BaseException) -> str:
     """The ``reason`` label of ``cdk_events_failed`` for ``error``."""
     error = error.original if isinstance(error, DeadLettered) else error
-    return {ShutdownError: "shutdown", AttemptsExhausted: "exhausted"}.get(type(error), "rejected")
+    reasons = {ShutdownError: "shutdown", AttemptsExhausted: "exhausted", Fenced: "fenced"}
+    return reasons.get(type(error), "rejected")
 
 
 def error_extensions(dest: str, code: int | None = None, data: bytes = b"") -> dict[str, str]:
@@ -244,9 +258,14 @@ class Deliverer:
     """Delivers the tuples of a source's ``chan`` to ``config.target`` (see :meth:`run`)."""
 
     def __init__(
-        self, config: DeliveryConfig, metrics: Metrics, overrides: Mapping[str, Any] | None = None
+        self,
+        config: DeliveryConfig,
+        metrics: Metrics,
+        overrides: Mapping[str, Any] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config, self.metrics, self.log = config, metrics, _log
+        self.gate = gate
         self.overrides = dict(overrides) if overrides else None
         self.reminder = 30.0  # the fewest seconds between two warnings that deliveries still fail
         #: Whether the source sends this tuple again when its attempts run out (an outage):
@@ -546,11 +565,17 @@ class Deliverer:
             req.attempt += 1
             self._in_flight += 1
             try:
-                response = await req.client.send(req.data)
+                response = await req.client.send(req.data, self._check(req))
                 req.status = response.status
                 error = None if 200 <= response.status < 300 else self._answer_error(response)
             except (ClientError, OSError, TimeoutError) as exc:
                 error = exc
+            except Fenced as exc:
+                if await self._split(req, exc):
+                    req.attempt -= 1  # nothing was written
+                    continue  # with the events it may still send
+                await self._settle(req, exc)
+                return
             finally:
                 self._in_flight -= 1
             if req.original is None:  # a dead-letter target's answers tell nothing of the target
@@ -586,6 +611,41 @@ class Deliverer:
             if self._deadline is not None and when >= self._deadline:
                 await self._settle(req, self._stopped(req))
                 return
+
+    async def _split(self, req: _Request, error: Fenced) -> bool:
+        """A batch the gate refused: fail only its events the gate refuses one by one (a
+        partition this replica no longer leads) and keep ``req`` for the rest, re-encoded.
+        False when that leaves nothing to send (or it is on its way to the dead-letter target)."""
+        gate, rest = self.gate, req.tuples[req.settled :]
+        if gate is None or len(rest) < 2 or req.original is not None:
+            return False
+        keep = [item for item in rest if gate([item]) is None]
+        if not keep or len(keep) == len(rest):
+            return False
+        (again, *more) = self._encode(keep, req.client, {})
+        if more or not again.data:
+            return False
+        if again.span is not None:
+            tracing.end_send(again.span)
+        drop = [item for item in rest if all(item is not kept for kept in keep)]
+        if req.retry_at:
+            self._count_waiting(-len(drop))  # counted as waiting with req: not any more
+        await self._settle(_Request(drop, req.client), error)
+        req.tuples, req.settled, req.data = keep, 0, again.data
+        return True
+
+    def _check(self, req: _Request) -> Callable[[], None] | None:
+        """What the client calls right before writing ``req``: the gate, raising :class:`Fenced`."""
+        gate = self.gate
+        if gate is None:
+            return None
+
+        def check() -> None:
+            reason = gate(req.tuples)
+            if reason is not None:
+                raise Fenced(f"not sent: {reason}")
+
+        return check
 
     def _answer_error(self, response: ClientResponse) -> DeliveryError:
         data, escape = response.body, "surrogateescape"
@@ -731,7 +791,11 @@ class Deliverer:
                 self._cycle -= 1
                 self._admit()
             rest = tuples[req.settled :]
-            if isinstance(error, AttemptsExhausted) and all(map(self.holds, rest)):
+            if isinstance(error, Fenced):
+                self.metrics.failed.labels(_reason(error)).inc(len(rest))
+                if self.log.isEnabledFor(logging.DEBUG):  # the service says it once, not per event
+                    self.log.debug("%d event(s) %s", len(rest), error)
+            elif isinstance(error, AttemptsExhausted) and all(map(self.holds, rest)):
                 self.log.debug("%d held event(s) out of attempts: sent again", len(rest))
             elif error is not None:
                 ids = [_event_id(t) for t in rest]

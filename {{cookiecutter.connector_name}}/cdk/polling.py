@@ -28,6 +28,7 @@ from cloudevents.core.v1.event import CloudEvent
 from prometheus_client import Counter
 
 from cdk.connector import FatalError, Source, Tuple, call
+from cdk.delivery import Fenced
 from cdk.logs import one_line
 from cdk.positions import KEY, Checkpoint, partition_key
 
@@ -284,8 +285,16 @@ def _logged(event: CloudEvent) -> Tuple:
     return Tuple(
         event,
         lambda: _log.info("send event success: %s", event_id, extra=ids),
-        lambda error: _log.warning("send event failed: %s: %s", event_id, error, extra=ids),
+        lambda error: _log.log(
+            _level(error), "send event failed: %s: %s", event_id, error, extra=ids
+        ),
     )
+
+
+def _level(error: BaseException) -> int:
+    # An event fenced off (another replica leads now and sends it) is no failure to warn of
+    # once per event: the checkpoint says so once.
+    return logging.DEBUG if isinstance(error, Fenced) else logging.WARNING
 
 
 def _label(what: str, name: str | None) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from cdk.connector import Tuple
-from cdk.delivery import AttemptsExhausted, DeadLettered
+from cdk.delivery import AttemptsExhausted, DeadLettered, Fenced
 from cdk.store import NotLeader, PositionStore, StoreError, dumps
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Tracked(Tuple):
     """A :class:`cdk.Tuple` made by :meth:`Checkpoint.tuple`: its position is recorded."""
 
     supervised: bool = False  # its checkpoint runs under the kit: an outage holds it
+    key: str = ""  # its checkpoint's: which partition it is of (the delivery gate asks)
 
 
 @dataclass(slots=True)
@@ -145,8 +146,13 @@ class Checkpoint:
             return None
 
         supervised = self._supervisor is not None
-        entry.item = Tracked(event, _chain(on_success, success), on_fail, supervised)
+        entry.item = Tracked(event, _chain(on_success, success), on_fail, supervised, self.key)
         return entry.item
+
+    @property
+    def waiting(self) -> int:
+        """How many events tracked so far are not settled yet."""
+        return len(self._pending)
 
     def abandon(self) -> None:
         """Write nothing more: this replica's term as leader ended (or the source stops)."""
@@ -185,6 +191,19 @@ class Checkpoint:
             self._acked(entry)
             return
         if self.failed is not None:
+            return
+        if isinstance(error, Fenced):
+            # This replica's lease may be gone: the leader now resends from the position it
+            # finds stored. Nothing is lost, nothing more is written: the term is over.
+            self.log.warning(
+                "checkpoint %r: event %s and those after it are left to the replica that "
+                "leads now (%s)",
+                self.key,
+                entry.event_id or "?",
+                error,
+            )
+            self._pending.clear()
+            self._void()
             return
         resume = self.position if self._unwritten is _NOTHING else self._unwritten
         where = "its start" if resume is None else f"after position {resume!r}"

@@ -13,11 +13,12 @@ by itself) settles every event first, and a later ``stop(grace)`` hurries it up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import Gauge
@@ -34,17 +35,17 @@ from cdk.config import (
 from cdk.connector import Connector, FatalError, Sink, Source, Tuple, WebhookSource, call
 from cdk.deadletter import DeadLetters
 from cdk.dedupe import Dedupe, DedupeError, open_dedupe
-from cdk.delivery import Deliverer, DeliveryQueue
+from cdk.delivery import Deliverer, DeliveryQueue, Gate
 from cdk.http import Handler, HTTPServer, Request, Response
 from cdk.logs import one_line
 from cdk.metrics import Metrics
-from cdk.polling import Poller
-from cdk.positions import SUPERVISOR, Checkpoint, Tracked
+from cdk.polling import Poller, has_partitions
+from cdk.positions import SUPERVISOR, Checkpoint, Tracked, partition_key
 from cdk.receiver import Receiver, SinkHandler
 from cdk.store import PositionStore, StoreError
 
 if TYPE_CHECKING:
-    from cdk.etcd import Leadership
+    from cdk.etcd import Leadership, PartitionLeases
 
 __all__ = ["Service", "ServiceError", "check_classes", "service_for"]
 
@@ -304,6 +305,8 @@ class _SourceService(Service):
         self.dry_run = dry_run
         self.chan: asyncio.Queue[Tuple] = _Chan(config.queue_size, max_events, self._limit_reached)
         self.deliverer: Any = None
+        #: Asked before each delivery (leader election: closed once the lease may be gone).
+        self.gate: Gate | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._hurrying: asyncio.Future[None] | None = None
 
@@ -315,7 +318,7 @@ class _SourceService(Service):
         if self.dry_run:
             self.deliverer = _Printer(self.overrides)
         else:
-            self.deliverer = Deliverer(self.config, self.metrics, overrides=self.overrides)
+            self.deliverer = Deliverer(self.config, self.metrics, self.overrides, self.gate)
         self._delivering = asyncio.create_task(self._deliver(), name="cdk-deliver")
 
     def _started(self) -> None:
@@ -356,6 +359,8 @@ class PollingSourceService(_SourceService):
         super().__init__(*args, **kw)
         self.store: PositionStore | None = None
         self.leadership: Leadership | None = None
+        #: Under leader election, a source with partitions shares them out instead.
+        self.partition_leases: PartitionLeases | None = None
         self.poller: Poller | None = None
         self._producing: asyncio.Task[None] | None = None
         self._checkpoints: list[Checkpoint] = []
@@ -442,21 +447,86 @@ class PollingSourceService(_SourceService):
         source.positions = {}
         SUPERVISOR.set(self)
         # A dry run reads the positions, writes none and never takes the lead from a replica.
-        if self.config.leader_election and not self.dry_run:
+        if self.config.leader_election and not self.dry_run and has_partitions(source):
+            from cdk.etcd import PartitionLeases
+
+            leases = PartitionLeases.from_config(self.config, source.name())
+            leases.key_prefix = partition_key("")
+            self.partition_leases = leases
+            self.gate = self._partition_gate
+        elif self.config.leader_election and not self.dry_run:
             from cdk.etcd import Leadership
 
             self.leadership = Leadership.from_config(self.config, source.name())
+            self.gate = self.leadership.gate
         try:
+            fence = self.leadership or self.partition_leases
             self.store = PositionStore.from_config(
-                self.config, source.name(), self.leadership, read_only=self.dry_run
+                self.config, source.name(), fence, read_only=self.dry_run
             )
             self.store.claim()  # changes by hand are refused while this source runs
             self._new_term()
             self.poller = Poller(source, self.store, self.config, self.metrics)
             source._kit_loop = self.poller.run
+            if self.partition_leases is not None:
+                self._share(self.partition_leases, self.poller)
         except StoreError as exc:
             self._release()
             raise ServiceError(str(exc)) from None
+
+    def _share(self, leases: PartitionLeases, poller: Poller) -> None:
+        """Run the partitions the leases give this replica: ``partitions()`` feeds them the
+        list, and each partition's producer starts when its lease is won (from the position
+        stored then) and stops when it is lost, once its events are settled if it still leads."""
+
+        def claim(names: Sequence[str]) -> list[str]:
+            leases.assign(names)
+            return [name for name in names if name in poller.running]  # the leases start more
+
+        def note() -> None:  # on /readyz: the partitions producing here
+            count = len(poller.running)
+            self._note(f" (leads {count} partition{'' if count == 1 else 's'})")
+
+        async def gained(name: str) -> None:
+            await poller.own(name)
+            note()
+            position = poller.running[name].checkpoint.position
+            where = "the start" if position is None else f"position {position!r}"
+            self.log.info("partition %r: leading, producing from %s", name, where)
+
+        async def lost(name: str) -> None:
+            part = poller.running.get(name)
+            await poller.lose(name)
+            note()
+            if part is None:
+                return
+            checkpoint, loop = part.checkpoint, asyncio.get_running_loop()
+            # Still leading (a hand-over), what it queued is delivered and its position written
+            # before the key goes; after a lost lease the gate fails them at once.
+            until = loop.time() + leases.lease / 2
+            while checkpoint.waiting and checkpoint.failed is None and loop.time() < until:
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(checkpoint.flush(), max(0.0, until - loop.time()))
+            checkpoint.abandon()
+            with contextlib.suppress(ValueError):  # partitions come and go: no list that grows
+                self._checkpoints.remove(checkpoint)
+            self.log.info("partition %r: no longer led here", name)
+
+        poller.claim = claim
+        leases.on_gain, leases.on_loss = gained, lost
+
+    def _partition_gate(self, tuples: Sequence[Tuple]) -> str | None:
+        """The delivery gate with partition leases: each event's partition must be led here."""
+        assert self.partition_leases is not None
+        prefix = partition_key("")
+        for item in tuples:
+            key = item.key if isinstance(item, Tracked) else ""
+            partition = key[len(prefix) :] if key.startswith(prefix) else None
+            reason = self.partition_leases.gate(partition)
+            if reason is not None:
+                return reason
+        return None
 
     def _new_term(self) -> None:
         """A fresh checkpoint, starting from the position stored now."""
@@ -480,6 +550,12 @@ class PollingSourceService(_SourceService):
             await self._serve(_metrics_only, server_config)
             assert self.receiver is not None
             self.receiver.trouble = self._trouble
+        if self.partition_leases is not None:
+            leases = self.partition_leases
+            description = "Partitions this replica leads (leader_election)."
+            led = Gauge("cdk_partitions_led", description, registry=self.metrics.registry)
+            led.set_function(lambda: len(leases.owned))
+            await leases.start()
         produce = self._produce() if self.leadership is None else self._lead(self.leadership)
         self._producing = asyncio.create_task(produce, name="cdk-produce")
 
@@ -556,6 +632,8 @@ class PollingSourceService(_SourceService):
                 )
         if self.leadership is not None:
             await self.leadership.resign()  # after the last position was written
+        if self.partition_leases is not None:
+            await self.partition_leases.stop()  # the same, for each partition
         await self._end(min(1.0, grace or 1.0))
         self.log.info("source stopped")
 

@@ -24,7 +24,7 @@ from cdk.config import ETCD_SCHEMES
 
 if TYPE_CHECKING:
     from cdk.config import SourceConfig
-    from cdk.etcd import Leadership
+    from cdk.etcd import Fence
 
 __all__ = ["InUse", "NotLeader", "PositionStore", "StoreError", "dumps"]
 
@@ -179,7 +179,7 @@ class PositionStore:
         cls,
         config: SourceConfig,
         namespace: str,
-        leadership: Leadership | None = None,
+        leadership: Fence | None = None,
         *,
         read_only: bool = False,
     ) -> PositionStore:
