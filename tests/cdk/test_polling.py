@@ -352,7 +352,8 @@ def test_sigterm_during_an_outage_stops_within_the_grace_period(
         source = start(started, tmp_path, ROWS_SCRIPT)
         source.wait_for("production paused")
         source.send(signal.SIGTERM)
-        source.wait(timeout=2 + 5)  # grace_period, and a margin for the interpreter's exit
+        # grace_period, and a margin for the interpreter's exit; a stop asked for is no gap
+        assert source.wait(timeout=2 + 5) == 0, source.stderr
         assert "source stopped" in source.stderr
         assert target.events == []
     assert stored(tmp_path) is None  # nothing was acknowledged: nothing may be skipped

@@ -247,6 +247,29 @@ def test_a_stop_while_the_target_is_down_says_what_was_not_delivered_in_one_line
     assert "Connection refused" in undelivered[0]
 
 
+def test_a_stop_that_leaves_tracked_events_unsent_exits_0_and_the_next_run_sends_them(
+    tmp_path: Path, hanging: HangingTarget, target: Target, started: list[Process]
+) -> None:
+    """SIGTERM while the target hangs: the events a checkpoint tracks and the stop left
+    unsent are no gap (the stop was asked for, the position stayed behind them). The
+    process exits 0 with one summary line, none per event, and the next run sends them."""
+    config = tmp_path / "config.yml"
+    settings = f"position_store: {tmp_path / 'positions.db'}\ninterval: 0.01\ngrace_period: 1\n"
+    config.write_text(f"target: {hanging.url}\n{settings}", encoding="utf-8")
+    source = start(started, tmp_path, POLL_SCRIPT)
+    assert hanging.requested.wait(timeout=30)  # n1 is in flight and stays there
+    source.send(signal.SIGTERM)
+    assert source.wait(timeout=30) == 0, source.stderr
+    assert "send event failed" not in source.stderr
+    assert "so no event is skipped" not in source.stderr
+    assert "a restart resumes from its start" in source.stderr
+    assert len([line for line in source.lines if "WARNING" in line and "shut down" in line]) == 1
+    config.write_text(f"target: {target.url}\n{settings}", encoding="utf-8")
+    again = start(started, tmp_path, POLL_SCRIPT, "--max-events", "2")
+    assert again.wait(timeout=30) == 0, again.stderr
+    assert [headers["ce-id"] for headers, _ in target.requests] == ["n1", "n2"]
+
+
 def test_a_source_whose_target_hangs_stops_inside_dockers_stop_timeout(
     tmp_path: Path, hanging: HangingTarget, started: list[Process]
 ) -> None:

@@ -28,7 +28,7 @@ from cloudevents.core.v1.event import CloudEvent
 from prometheus_client import Counter
 
 from cdk.connector import FatalError, Source, Tuple, call
-from cdk.delivery import Fenced
+from cdk.delivery import Fenced, ShutdownError
 from cdk.logs import one_line
 from cdk.positions import KEY, Checkpoint, partition_key
 
@@ -292,9 +292,9 @@ def _logged(event: CloudEvent) -> Tuple:
 
 
 def _level(error: BaseException) -> int:
-    # An event fenced off (another replica leads now and sends it) is no failure to warn of
-    # once per event: the checkpoint says so once.
-    return logging.DEBUG if isinstance(error, Fenced) else logging.WARNING
+    # An event fenced off (another replica leads now and sends it) or left unsent by a stop
+    # is no failure to warn of once per event: the checkpoint and delivery say so once.
+    return logging.DEBUG if isinstance(error, Fenced | ShutdownError) else logging.WARNING
 
 
 def _label(what: str, name: str | None) -> str:

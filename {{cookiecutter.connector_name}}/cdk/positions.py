@@ -47,7 +47,8 @@ class Supervisor(Protocol):
     """What a running source offers the checkpoints made while it runs (see ``SUPERVISOR``)."""
 
     def watch(self, checkpoint: Checkpoint) -> None: ...  # flush it before ``destroy`` runs
-    def gap(self, message: str) -> None: ...  # an event failed for good: stop, settle, exit 1
+    # An event failed for good: stop, settle, exit 1 (a stop asked for only says so).
+    def gap(self, message: str) -> None: ...
     # The target is out (attempts ran out): True when the supervisor sends ``item`` again
     # until it is delivered, and calls ``release`` then; False: a gap after all.
     def hold(self, item: Tuple, message: str) -> bool: ...
