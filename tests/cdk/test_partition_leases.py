@@ -411,7 +411,7 @@ def test_the_kit_shares_a_sources_partitions_among_three_replicas_one_killed_one
         assert int(first.get_data()["n"]) == int(before[-1].get_data()["n"]) + 1, partition
         later = [e for w, e in mine if w > first_when and e.get_extension("replica") == "a"]
         assert not later, f"a sent {partition} after handing it over"
-    assert handed == 3
+    assert handed == 3, replicas["c"].stderr[-6000:]
     for partition in (f"p{i}" for i in range(6)):
         numbers = {
             int(e.get_data()["n"]) for _, e in arrivals if e.get_extension("partition") == partition

@@ -259,7 +259,7 @@ class _Leased:
     async def _grant(self) -> int:
         """A new lease (its deadline counted from now); renew it until :meth:`_lose`."""
         sent = time.monotonic()
-        lease = await self._run(lambda client: client.lease(math.ceil(self.lease)).id)
+        lease: int = await self._run(lambda client: client.lease(math.ceil(self.lease)).id)
         self._deadline = sent + self.lease * 3 / 4
         return lease
 

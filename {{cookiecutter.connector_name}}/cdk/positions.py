@@ -50,9 +50,9 @@ class Supervisor(Protocol):
     # An event failed for good: stop, settle, exit 1 (a stop asked for only says so).
     def gap(self, message: str) -> None: ...
     # The target is out (attempts ran out): True when the supervisor sends ``item`` again
-    # until it is delivered, and calls ``release`` then; False: a gap after all.
+    # until it is delivered or let go (``release`` says which); False: a gap after all.
     def hold(self, item: Tuple, message: str) -> bool: ...
-    def release(self, item: Tuple) -> None: ...
+    def release(self, item: Tuple, delivered: bool) -> None: ...
 
 
 #: Set by the kit while a source runs, for the checkpoints made then: a failed event
@@ -119,11 +119,15 @@ class Checkpoint:
 
         return entry, functools.partial(self._acked, entry), functools.partial(self._fail, entry)
 
-    def _acked(self, entry: _Pending) -> None:
-        entry.acked = True
+    def _unhold(self, entry: _Pending, delivered: bool) -> None:
+        """The supervisor sends ``entry``'s event again no more: it was delivered, or let go."""
         if entry.held and self._supervisor is not None and entry.item is not None:
             entry.held = False
-            self._supervisor.release(entry.item)
+            self._supervisor.release(entry.item, delivered)
+
+    def _acked(self, entry: _Pending) -> None:
+        entry.acked = True
+        self._unhold(entry, delivered=True)
         # The item's callbacks refer to the entry: break the cycle, so the pair is freed
         # now, not by the garbage collector (which a page of 500 events keeps busy).
         entry.item = None
@@ -191,6 +195,10 @@ class Checkpoint:
             # The dead-letter target holds the event: nothing is lost by moving on.
             self._acked(entry)
             return
+        if not isinstance(error, AttemptsExhausted) or self.failed is not None:
+            # Fenced off, cut short by a stop, refused: a held event waits for no resend now,
+            # and production must not stay paused for it.
+            self._unhold(entry, delivered=False)
         if self.failed is not None:
             return
         if isinstance(error, Fenced):
@@ -212,9 +220,10 @@ class Checkpoint:
         supervisor = self._supervisor
         if isinstance(error, AttemptsExhausted) and entry.item is not None and supervisor:
             # An outage, not a bad event: production pauses while this one is sent again.
-            entry.held = supervisor.hold(entry.item, f"{about} was not delivered: {error}")
-            if entry.held:
+            if supervisor.hold(entry.item, f"{about} was not delivered: {error}"):
+                entry.held = True
                 return
+            self._unhold(entry, delivered=False)  # held before, not any more: a gap after all
         entry.item = None
         self.failed = error
         # Nothing after it may ever be written: a source producing on must not grow this.

@@ -429,12 +429,15 @@ class PollingSourceService(_SourceService):
         if self.poller is not None:
             self.poller.resume()
 
-    def release(self, item: Tuple) -> None:
+    def release(self, item: Tuple, delivered: bool) -> None:
         self._held.pop(id(item), None)
         if not self._held and self._outage is not None:
             seconds = asyncio.get_running_loop().time() - self._outage[0]
             self._outage = None
-            text = "production resumes: the target took the held events, after %.1f s"
+            if delivered:
+                text = "production resumes: the target took the held events, after %.1f s"
+            else:  # fenced off (another replica sends them now) or given up
+                text = "production resumes: no held event waits to be sent again, after %.1f s"
             self.log.info(text, seconds)
             if self.poller is not None:
                 self.poller.resume()
