@@ -86,7 +86,6 @@ def serve_cdk(port: int, dedupe: str | None = None) -> None:
 
     import cdk
     from cdk.config import SinkConfig
-    from cdk.dedupe import open_dedupe
     from cdk.metrics import Metrics
     from cdk.receiver import Receiver, SinkHandler
 
@@ -98,9 +97,13 @@ def serve_cdk(port: int, dedupe: str | None = None) -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         config = SinkConfig.model_validate({"port": port, "host": "127.0.0.1"})
         metrics = Metrics("bench")
-        store = None if dedupe != "sqlite" else str(Path(tempfile.mkdtemp()) / "dedupe.db")
-        filtering = open_dedupe(DEDUPE_WINDOW if dedupe else 0, store, "bench")
-        receiver = Receiver(SinkHandler(Bench(), metrics, dedupe=filtering), config, metrics)
+        options = {}
+        if dedupe:  # only then: a kit from before the duplicate filter runs the plain sink
+            from cdk.dedupe import open_dedupe
+
+            store = None if dedupe != "sqlite" else str(Path(tempfile.mkdtemp()) / "dedupe.db")
+            options["dedupe"] = open_dedupe(DEDUPE_WINDOW, store, "bench")
+        receiver = Receiver(SinkHandler(Bench(), metrics, **options), config, metrics)
         server = receiver.http_server()
         await server.start()
         receiver.ready = True
