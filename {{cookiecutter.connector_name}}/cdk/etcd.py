@@ -317,18 +317,13 @@ class Leadership(_Leased):
     :meth:`gate` closes deliveries at that moment.
     """
 
-    def __init__(
-        self,
-        url: str,
-        namespace: str,
-        lease: float = 10.0,
-        access: Access | None = None,
-        identity: str | None = None,
-    ) -> None:
-        super().__init__(url, namespace, lease, access, identity)
-        self.key = f"{self._cluster.prefix}/{namespace}.leader"
-        self._revision = 0  # the leader key's create revision in this replica's term
-        self._term: asyncio.Future[None] | None = None
+    _revision = 0  # the leader key's create revision in this replica's term
+    _term: asyncio.Future[None] | None = None
+
+    @property
+    def key(self) -> str:
+        """The leader key: ``PREFIX/<namespace>.leader``."""
+        return f"{self._cluster.prefix}/{self.namespace}.leader"
 
     @property
     def is_leader(self) -> bool:
